@@ -1,0 +1,46 @@
+# xencbt: the two commands a user needs are `make demo` and `make check`.
+# Both start with `make deps`, which is idempotent and takes seconds once done.
+
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.deps-stamp
+DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils \
+            python3-cryptography python3-venv python3-pip e2fsprogs openssl
+
+.PHONY: deps demo check lint test bench clean
+
+deps: $(STAMP)
+
+# Debian packages are checked with dpkg-query first so a second run does not
+# touch apt at all; the venv is rebuilt only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	@missing=$$(for p in $(DEB_PKGS); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$sudo apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
+	fi
+	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
+	@touch $@
+
+demo: deps
+	$(PY) -m xensim.demo
+
+lint: deps
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: deps
+	$(VENV)/bin/pytest
+
+check: lint test
+
+bench: deps
+	$(PY) bench/run.py
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
