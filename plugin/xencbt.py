@@ -1,0 +1,146 @@
+#!/usr/sbin/nbdkit python
+"""nbdkit-xencbt-plugin: a XenServer VDI snapshot over pinned TLS NBD, with its CBT
+bitmap as block status.
+
+    nbdkit python plugin/xencbt.py xapi=https://POOL password=+FILE vdi=SNAP [since=BASE]
+    nbdkit xencbt ...                 (once installed)
+    nbdkit xencbt --dump-plugin       (versions, capabilities, every parameter)
+
+Only glue lives here: each callback hands over to xencbt_core.backend.
+"""
+
+import builtins
+import errno
+import logging
+import os
+import sys
+
+import nbdkit
+
+# From a checkout the core sits next to this file; once installed it is on sys.path.
+_here = os.path.dirname(os.path.realpath(__file__))
+if os.path.isdir(os.path.join(_here, "xencbt_core")):
+    sys.path.insert(0, _here)
+
+from xencbt_core.backend import Backend, dump  # noqa: E402
+from xencbt_core.errors import XencbtError  # noqa: E402
+from xencbt_core.params import Params  # noqa: E402
+from xencbt_core.secret import ScrubFilter, scrub  # noqa: E402
+
+API_VERSION = 2
+
+_params = Params()
+_backend = None
+_export = None
+
+
+class _NbdkitLog(logging.Handler):
+    """Debug to nbdkit -v; warnings and errors always to stderr, like nbdkit's own."""
+
+    def emit(self, record):
+        text = self.format(record)
+        if record.levelno < logging.WARNING:
+            nbdkit.debug(text)
+        else:
+            sys.stderr.write("nbdkit: xencbt: %s: %s\n" % (record.levelname.lower(), text))
+
+
+def _setup_logging():
+    handler = _NbdkitLog()
+    handler.addFilter(ScrubFilter())
+    root = logging.getLogger("xencbt_core")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    root.propagate = False
+
+
+_setup_logging()
+
+
+def _fail(e):
+    """Re-raise as one short, scrubbed exception so nbdkit prints a readable error."""
+    nbdkit.set_error(getattr(e, "errno", errno.EIO))
+    raise RuntimeError(scrub(str(e))) from None
+
+
+def dump_plugin():
+    for key, value in dump().items():
+        print("%s=%s" % (key, value))
+
+
+def thread_model():
+    return nbdkit.THREAD_MODEL_PARALLEL
+
+
+def config(key, value):
+    try:
+        _params.set(key, value)
+    except XencbtError as e:
+        _fail(e)
+
+
+def config_complete():
+    global _backend
+    try:
+        _backend = Backend(_params)
+    except XencbtError as e:
+        _fail(e)
+
+
+def get_ready():
+    global _export
+    try:
+        _export = _backend.start()
+    except XencbtError as e:
+        _backend.close()
+        _fail(e)
+
+
+def after_fork():
+    _backend.after_fork()
+
+
+def cleanup():
+    if _backend is not None:
+        _backend.close()
+
+
+def open(readonly):
+    return builtins.object()
+
+
+def get_size(h):
+    return _export.size
+
+
+def block_size(h):
+    # Any alignment is accepted (the pool widens reads to the host's 512 bytes);
+    # 64 KiB is the CBT block, so the preferred unit.
+    return (1, 64 * 1024, 32 * 1024 * 1024)
+
+
+def can_write(h):
+    return False
+
+
+def can_multi_conn(h):
+    return True
+
+
+def can_extents(h):
+    return True
+
+
+def can_cache(h):
+    return nbdkit.CACHE_NONE
+
+
+def pread(h, buf, offset, flags):
+    try:
+        _export.pread(buf, offset)
+    except XencbtError as e:
+        _fail(e)
+
+
+def extents(h, count, offset, flags):
+    return _export.extents(count, offset, bool(flags & nbdkit.FLAG_REQ_ONE))

@@ -1,0 +1,160 @@
+"""The plugin's parameters: parsed, checked together, explained.
+
+Kept apart from the nbdkit adapter so the rules are testable without nbdkit.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, fields
+
+from .errors import ConfigError
+from .pool import MAX_CONNECTIONS
+from .secret import Secret, read_file, read_password
+from .trust import MODES
+
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+
+HELP = {
+    "xapi": "URL of the pool API (https://HOST); a pool member redirects to its master",
+    "user": "XAPI user name (default root)",
+    "password": "SECRET, '-' to ask, or +FILE to read it from FILE (recommended)",
+    "session": "+FILE holding a logged-in session ref to reuse (never logged out)",
+    "xapi-cafile": "CA or certificate file to verify the API's HTTPS certificate",
+    "thumbprint": "pin the API certificate by its SHA-256 fingerprint instead",
+    "xapi-insecure": "true to skip verifying the API certificate (not recommended)",
+    "vdi": "UUID of the VDI snapshot to export (required with xapi=)",
+    "since": "UUID of an older snapshot (or cbt_metadata VDI): export only changes since it",
+    "unchanged": "hole (default): unchanged blocks reported as holes, reads return real "
+    "data; zero: reported as zero, reads return zeros without touching the host",
+    "verify": "cert (default): server cert must equal get_nbd_info's; pubkey: same public "
+    "key; ca: chain to cafile= and match get_nbd_info's subject",
+    "cafile": "CA bundle for verify=ca",
+    "connections": "upstream NBD connections, 1..%d (default 4)" % MAX_CONNECTIONS,
+    "tls": "require (default) or off: off accepts a host whose NBD network is insecure_nbd",
+    "nbd-info": "+FILE with a get_nbd_info record (JSON object or list): no XAPI needed",
+    "changed": "+FILE with a base64 bitmap as list_changed_blocks returns (with nbd-info=)",
+    "timeout": "seconds to wait for the NBD server on each operation (default 60)",
+    "retry-timeout": "seconds to keep reconnecting after a dropped connection (default 60)",
+}
+
+
+@dataclass
+class Params:
+    xapi: str = ""
+    user: str = "root"
+    password: Secret | None = field(default=None, repr=False)
+    session: Secret | None = field(default=None, repr=False)
+    xapi_cafile: str = ""
+    thumbprint: str = ""
+    xapi_insecure: bool = False
+    vdi: str = ""
+    since: str = ""
+    unchanged: str = "hole"
+    verify: str = "cert"
+    cafile: str = ""
+    connections: int = 4
+    tls: str = "require"
+    nbd_info: str = ""
+    changed: str = ""
+    timeout: float = 60.0
+    retry_timeout: float = 60.0
+
+    def set(self, key: str, value: str) -> None:
+        """One key=value from the command line."""
+        name = key.replace("-", "_")
+        if key not in HELP:
+            raise ConfigError("unknown parameter %r; known: %s" % (key, ", ".join(sorted(HELP))))
+        setter = getattr(self, "_set_" + name, None)
+        if setter:
+            setter(key, value)
+            return
+        kind = {f.name: f.type for f in fields(self)}[name]
+        setattr(self, name, _convert(key, value, kind))
+
+    def _set_password(self, key: str, value: str) -> None:
+        self.password = read_password(value)
+
+    def _set_session(self, key: str, value: str) -> None:
+        if not value.startswith("+"):
+            raise ConfigError("session= takes +FILE (a session ref on the command line leaks)")
+        self.session = Secret(read_file(value[1:], "session"))
+
+    def _set_nbd_info(self, key: str, value: str) -> None:
+        self.nbd_info = _plus_file(key, value)
+
+    def _set_changed(self, key: str, value: str) -> None:
+        self.changed = _plus_file(key, value)
+
+    def check(self) -> None:
+        """Rules that involve several parameters; call once all are set."""
+        self._check_source()
+        self._check_choice("unchanged", ("hole", "zero"))
+        self._check_choice("verify", MODES)
+        self._check_choice("tls", ("require", "off"))
+        if (self.verify == "ca") != bool(self.cafile):
+            raise ConfigError("verify=ca and cafile= go together")
+        if not 1 <= self.connections <= MAX_CONNECTIONS:
+            raise ConfigError(
+                "connections=%d: a XenServer host serves at most %d NBD connections"
+                % (self.connections, MAX_CONNECTIONS)
+            )
+
+    def _check_source(self) -> None:
+        if self.nbd_info:
+            extra = [k for k in ("xapi", "vdi", "since", "session") if getattr(self, k)]
+            if extra or self.password:
+                raise ConfigError(
+                    "nbd-info= replaces XAPI: drop %s" % ", ".join(extra or ["password"])
+                )
+            return
+        if self.changed:
+            raise ConfigError("changed= goes with nbd-info=; with xapi= use since=")
+        if not self.xapi or not self.vdi:
+            raise ConfigError(
+                "give xapi=URL and vdi=UUID (or nbd-info=+FILE); see "
+                "`nbdkit xencbt --dump-plugin` for every parameter"
+            )
+        for key in ("vdi", "since"):
+            value = getattr(self, key)
+            if value and not UUID.match(value):
+                raise ConfigError("%s=%s is not a UUID (like 0d1a...-...-...)" % (key, value))
+        if self.since and self.since.lower() == self.vdi.lower():
+            raise ConfigError("since= must be an older snapshot than vdi=, not the same one")
+        if not (self.password or self.session):
+            raise ConfigError("xapi= needs password=+FILE (or password=-) or session=+FILE")
+
+    def _check_choice(self, key: str, choices: tuple[str, ...]) -> None:
+        if getattr(self, key) not in choices:
+            raise ConfigError("%s= must be one of %s" % (key, ", ".join(choices)))
+
+
+def _plus_file(key: str, value: str) -> str:
+    if not value.startswith("+"):
+        raise ConfigError("%s= takes +FILE" % key)
+    return value[1:]
+
+
+def _convert(key: str, value: str, kind: str):
+    try:
+        if kind == "bool":
+            return _bool(value)
+        if kind == "int":
+            return int(value)
+        if kind == "float":
+            number = float(value)
+            if number <= 0:
+                raise ValueError
+            return number
+    except ValueError:
+        raise ConfigError("%s=%s is not a valid %s" % (key, value, kind)) from None
+    return value
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(value)

@@ -1,0 +1,219 @@
+"""A pool of upstream connections with retries: the data path the plugin reads through.
+
+Connections are opened lazily and strictly one after another (each one plugs a VBD in
+dom0 on a real host), up to ``size``.  A read that loses its connection is retried on a
+fresh one after a pause that doubles (1 s, 2 s, 4 s, 8 s…) until ``retry_timeout``.  An
+export name the server refuses means the session died: the source is asked to refresh
+(log in again, call get_nbd_info again) before reconnecting.  When the host closes a new
+connection while we already hold others, it is most likely at its 16-connection limit:
+the pool shrinks to what it has and carries on.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from .errors import (
+    ConnectionDead,
+    ExportRefused,
+    ProtocolError,
+    RequestFailed,
+    RetriesExhausted,
+    UpstreamError,
+)
+from .nbdproto import SECTOR
+from .trust import Expectation
+from .upstream import MAX_REQUEST, Connection, Target
+
+log = logging.getLogger(__name__)
+
+MAX_CONNECTIONS = 16  # the host's limit (REFERENCE §2)
+
+
+class TargetSource(Protocol):
+    def targets(self) -> list[Target]: ...
+
+    def refresh(self) -> list[Target]: ...
+
+
+class Pool:
+    def __init__(
+        self,
+        source: TargetSource,
+        expectation: Callable[[Target], Expectation | None],
+        size: int = 4,
+        timeout: float = 60.0,
+        retry_timeout: float = 60.0,
+    ):
+        if not 1 <= size <= MAX_CONNECTIONS:
+            raise ValueError("connections must be 1..%d" % MAX_CONNECTIONS)
+        self.source = source
+        self.expectation = expectation
+        self.timeout = timeout
+        self.retry_timeout = retry_timeout
+        self.size: int | None = None  # the export's size, from the first handshake
+        self.reconnects = 0
+        self._limit = size
+        self._live = 0
+        self._idle: list[Connection] = []
+        self._cond = threading.Condition()
+        self._open_lock = threading.Lock()
+        self._preferred = 0
+        self._closed = False
+
+    def start(self) -> int:
+        """Open the first connection now, so that every setup error shows at start-up."""
+        conn = self._acquire()
+        self._release(conn, healthy=True)
+        assert self.size is not None
+        return self.size
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        """Fill ``buf`` from ``offset``; unaligned requests are widened to 512 bytes."""
+        end = offset + len(buf)
+        lo, hi = offset - offset % SECTOR, -(-end // SECTOR) * SECTOR
+        if lo == offset and hi == end:
+            self._read_aligned(buf, offset)
+            return
+        tmp = bytearray(hi - lo)
+        self._read_aligned(memoryview(tmp), lo)
+        buf[:] = memoryview(tmp)[offset - lo : offset - lo + len(buf)]
+
+    def _read_aligned(self, view: memoryview, offset: int) -> None:
+        for pos in range(0, len(view), MAX_REQUEST):
+            self._read_chunk(view[pos : pos + MAX_REQUEST], offset + pos)
+
+    def _read_chunk(self, view: memoryview, offset: int) -> None:
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 1.0
+        while True:
+            try:
+                conn = self._acquire()
+            except ConnectionDead as e:
+                delay = self._backoff(e, delay, deadline)
+                continue
+            try:
+                conn.pread_into(view, offset)
+            except RequestFailed:
+                self._release(conn, healthy=True)
+                raise
+            except (ConnectionDead, ProtocolError) as e:
+                self._release(conn, healthy=False)
+                delay = self._backoff(e, delay, deadline)
+                continue
+            except BaseException:
+                self._release(conn, healthy=False)
+                raise
+            self._release(conn, healthy=True)
+            return
+
+    def _backoff(self, error: UpstreamError, delay: float, deadline: float) -> float:
+        if time.monotonic() + delay > deadline:
+            raise RetriesExhausted(
+                "giving up on the NBD server after retrying for %.0f s: %s"
+                % (self.retry_timeout, error)
+            ) from error
+        log.warning("%s; reconnecting in %.0f s", error, delay)
+        self.reconnects += 1
+        time.sleep(delay)
+        return min(delay * 2, 8.0)
+
+    def _acquire(self) -> Connection:
+        with self._cond:
+            while True:
+                if self._closed:
+                    raise UpstreamError("the connection pool is closed")
+                if self._idle:
+                    return self._idle.pop()
+                if self._live < self._limit:
+                    self._live += 1
+                    break
+                self._cond.wait()
+        try:
+            return self._open()
+        except BaseException as e:
+            with self._cond:
+                self._live -= 1
+                if isinstance(e, ConnectionDead) and self._live > 0:
+                    self._shrink(e)
+                    self._cond.notify_all()
+                    return self._wait_idle()
+                self._cond.notify_all()
+            raise
+
+    def _shrink(self, error: Exception) -> None:
+        log.warning(
+            "the host refused connection %d (%s); continuing with %d connection(s) — "
+            "it may be serving other clients up to its limit of %d",
+            self._live + 1,
+            error,
+            self._live,
+            MAX_CONNECTIONS,
+        )
+        self._limit = self._live
+
+    def _wait_idle(self) -> Connection:
+        # Called with self._cond held.
+        while not self._idle:
+            if self._closed:
+                raise UpstreamError("the connection pool is closed")
+            if self._live < self._limit:
+                raise ConnectionDead("a connection slot freed up; reconnecting")
+            self._cond.wait()
+        return self._idle.pop()
+
+    def _release(self, conn: Connection, healthy: bool) -> None:
+        with self._cond:
+            if healthy and not self._closed:
+                self._idle.append(conn)
+            else:
+                self._live -= 1
+                conn.close(polite=healthy)
+            self._cond.notify()
+
+    def _open(self) -> Connection:
+        with self._open_lock:
+            try:
+                return self._open_any(self.source.targets())
+            except ExportRefused as e:
+                log.info("%s; refreshing the session and NBD info", e)
+                return self._open_any(self.source.refresh())
+
+    def _open_any(self, targets: list[Target]) -> Connection:
+        """Try every address of the export, starting with the one that last worked."""
+        errors = []
+        order = list(range(len(targets)))
+        order = order[self._preferred :] + order[: self._preferred]
+        for i in order:
+            try:
+                conn = Connection.open(targets[i], self.expectation(targets[i]), self.timeout)
+            except ConnectionDead as e:
+                errors.append(str(e))
+                continue
+            self._check_size(conn)
+            self._preferred = i
+            return conn
+        raise ConnectionDead("; ".join(errors) or "no NBD address to connect to")
+
+    def _check_size(self, conn: Connection) -> None:
+        if self.size is None:
+            self.size = conn.size
+        elif conn.size != self.size:
+            conn.close()
+            raise ProtocolError(
+                "the export's size changed from %d to %d between connections"
+                % (self.size, conn.size)
+            )
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            idle, self._idle = self._idle, []
+            self._live -= len(idle)
+            self._cond.notify_all()
+        for conn in idle:
+            conn.close()

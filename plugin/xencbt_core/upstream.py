@@ -1,0 +1,215 @@
+"""The upstream NBD client: the host's NBD server, read over (pinned) TLS.
+
+REFERENCE §2 and §5: fixed newstyle, STARTTLS, NBD_OPT_EXPORT_NAME, simple replies,
+512-byte aligned reads, one request at a time per connection, at most 16 connections
+per host, opened one after another.  libnbd cannot pin certificates, so this is ours.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import ssl
+from dataclasses import dataclass, field
+
+from . import nbdproto as P
+from .errors import (
+    ConnectionDead,
+    ExportRefused,
+    ProtocolError,
+    RequestFailed,
+    TrustError,
+    UpstreamError,
+)
+from .secret import Secret
+from .trust import Expectation
+
+log = logging.getLogger(__name__)
+
+MAX_REQUEST = 2 * 1024 * 1024  # per NBD_CMD_READ; what Xen Orchestra uses against real hosts
+
+
+@dataclass(frozen=True)
+class Target:
+    """One get_nbd_info record.  The export name is a Secret: it carries a live session."""
+
+    address: str
+    port: int
+    exportname: Secret = field(repr=False)
+    cert: str = field(default="", repr=False)
+    subject: str = ""
+
+    @classmethod
+    def from_record(cls, record: dict) -> Target:
+        try:
+            name = record["exportname"]
+            return cls(
+                address=str(record["address"]),
+                port=int(record["port"]),
+                exportname=name if isinstance(name, Secret) else Secret(str(name)),
+                cert=str(record.get("cert") or ""),
+                subject=str(record.get("subject") or ""),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            from .errors import ConfigError
+
+            raise ConfigError("an NBD info record lacks a valid %s" % e) from None
+
+    def __str__(self) -> str:
+        host = "[%s]" % self.address if ":" in self.address else self.address
+        return "%s:%d" % (host, self.port)
+
+
+class Connection:
+    """One handshaken connection to an export.  Not thread-safe: the pool lends it out."""
+
+    def __init__(self, sock: socket.socket, size: int, flags: int, target: Target):
+        self.sock = sock
+        self.size = size
+        self.flags = flags
+        self.target = target
+        self._handle = 0
+
+    @classmethod
+    def open(cls, target: Target, expect: Expectation | None, timeout: float) -> Connection:
+        """Connect, upgrade to TLS unless ``expect`` is None, verify, send the export name."""
+        try:
+            sock = socket.create_connection((target.address, target.port), timeout=timeout)
+        except OSError as e:
+            raise ConnectionDead(
+                "cannot connect to the NBD server %s: %s" % (target, _why(e))
+            ) from None
+        try:
+            return cls._handshake(sock, target, expect)
+        except BaseException:
+            sock.close()
+            raise
+
+    @classmethod
+    def _handshake(cls, sock, target: Target, expect: Expectation | None) -> Connection:
+        magic, opt, flags = P.GREETING.unpack(_recv_greeting(sock, target))
+        if magic != P.NBDMAGIC or opt != P.IHAVEOPT:
+            raise ProtocolError("%s is not a newstyle NBD server (bad greeting magic)" % target)
+        if not flags & P.FLAG_FIXED_NEWSTYLE:
+            raise ProtocolError("%s does not speak fixed newstyle NBD" % target)
+        no_zeroes = flags & P.FLAG_NO_ZEROES
+        _send(sock, (P.FLAG_FIXED_NEWSTYLE | no_zeroes).to_bytes(4, "big"))
+        if expect is not None:
+            sock = _starttls(sock, target, expect)
+        name = target.exportname.reveal().encode("utf-8")
+        _send(sock, P.OPTION.pack(P.IHAVEOPT, P.OPT_EXPORT_NAME, len(name)) + name)
+        try:
+            info = _recv_exact(sock, P.EXPORT_INFO.size + (0 if no_zeroes else P.ZERO_PAD))
+        except ConnectionDead:
+            raise ExportRefused(
+                "the NBD server %s closed the connection when given the export name: the "
+                "XAPI session behind it has expired or was logged out, or the VDI can no "
+                "longer be exported" % target
+            ) from None
+        size, tflags = P.EXPORT_INFO.unpack_from(info)
+        log.debug("connected to %s: size=%d flags=0x%x", target, size, tflags)
+        return cls(sock, size, tflags, target)
+
+    def pread_into(self, buf: memoryview, offset: int) -> None:
+        """Read len(buf) bytes at ``offset`` (aligned, <= MAX_REQUEST) straight into buf."""
+        self._handle += 1
+        handle = self._handle
+        _send(self.sock, P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_READ, handle, offset, len(buf)))
+        magic, error, got = P.SIMPLE_REPLY.unpack(_recv_exact(self.sock, P.SIMPLE_REPLY.size))
+        if magic != P.SIMPLE_REPLY_MAGIC:
+            raise ProtocolError("bad reply magic 0x%x from %s" % (magic, self.target))
+        if got != handle:
+            raise ProtocolError(
+                "reply for handle %d, expected %d, from %s" % (got, handle, self.target)
+            )
+        if error:
+            raise RequestFailed(
+                "the NBD server %s refused a read of %d bytes at %d (errno %d)"
+                % (self.target, len(buf), offset, error),
+                error,
+            )
+        _recv_into(self.sock, buf)
+
+    def close(self, polite: bool = True) -> None:
+        try:
+            if polite:
+                self._handle += 1
+                _send(self.sock, P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, self._handle, 0, 0))
+        except UpstreamError:
+            pass
+        finally:
+            try:
+                self.sock.close()
+            except OSError:
+                pass
+
+
+def _starttls(sock: socket.socket, target: Target, expect: Expectation) -> ssl.SSLSocket:
+    _send(sock, P.OPTION.pack(P.IHAVEOPT, P.OPT_STARTTLS, 0))
+    magic, opt, rtype, length = P.OPTION_REPLY.unpack(_recv_exact(sock, P.OPTION_REPLY.size))
+    if magic != P.OPT_REPLY_MAGIC or opt != P.OPT_STARTTLS:
+        raise ProtocolError("bad option reply from %s" % target)
+    if length > 65536:
+        raise ProtocolError("oversized option reply (%d bytes) from %s" % (length, target))
+    _recv_exact(sock, length)
+    if rtype != P.REP_ACK:
+        raise TrustError(
+            "the NBD server %s refused TLS (%s); refusing to continue without it: the "
+            "network may be set to insecure_nbd (see `xencbt nbd status`), or something "
+            "between us is stripping TLS" % (target, P.REP_NAMES.get(rtype, hex(rtype)))
+        )
+    try:
+        tls = expect.context().wrap_socket(sock, server_hostname=None)
+    except ssl.SSLCertVerificationError as e:
+        raise TrustError(
+            "the NBD server %s certificate does not chain to cafile=%s (verify=ca): %s"
+            % (target, expect.cafile, e.verify_message)
+        ) from None
+    except ssl.SSLError as e:
+        raise TrustError("TLS handshake with the NBD server %s failed: %s" % (target, e)) from None
+    except OSError as e:
+        raise ConnectionDead("TLS handshake with %s broke off: %s" % (target, _why(e))) from None
+    expect.check(tls.getpeercert(binary_form=True))
+    return tls
+
+
+def _recv_greeting(sock, target: Target) -> bytes:
+    try:
+        return _recv_exact(sock, P.GREETING.size)
+    except ConnectionDead:
+        raise ConnectionDead(
+            "the NBD server %s closed the connection before greeting us: the host may "
+            "already serve its limit of 16 NBD connections, or NBD was enabled on this "
+            "network less than ~10 s ago" % target
+        ) from None
+
+
+def _why(e: OSError) -> str:
+    if isinstance(e, socket.timeout):
+        return "timed out"
+    return e.strerror or str(e) or type(e).__name__
+
+
+def _send(sock, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+    except OSError as e:
+        raise ConnectionDead("connection lost while sending: %s" % _why(e)) from None
+
+
+def _recv_exact(sock, n: int) -> bytes:
+    buf = bytearray(n)
+    _recv_into(sock, memoryview(buf))
+    return bytes(buf)
+
+
+def _recv_into(sock, view: memoryview) -> None:
+    got, n = 0, len(view)
+    try:
+        while got < n:
+            r = sock.recv_into(view[got:], n - got)
+            if r == 0:
+                raise ConnectionDead("the NBD server closed the connection")
+            got += r
+    except OSError as e:
+        raise ConnectionDead("connection lost while receiving: %s" % _why(e)) from None

@@ -1,0 +1,262 @@
+"""A XAPI session over XML-RPC (standard library only, so it also runs inside nbdkit).
+
+REFERENCE §3: login follows HOST_IS_SLAVE to the master; SESSION_INVALID means log in
+again, which yields a *new* session ref — ``generation`` counts logins so that users of
+export names built from the old ref (get_nbd_info) know to fetch new ones.
+The API's HTTPS certificate is verified: a CA file, a pinned SHA-256 thumbprint, or the
+system CAs; never skipped unless ``insecure`` is asked for explicitly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import http.client
+import logging
+import socket
+import ssl
+import threading
+import urllib.parse
+import xmlrpc.client
+from dataclasses import dataclass
+
+from .errors import ConfigError, SessionInvalid, TrustError, XapiError, XencbtError
+from .secret import Secret, register
+from .trust import fingerprint
+
+log = logging.getLogger(__name__)
+
+ORIGINATOR = "xencbt"
+API_VERSION = "1.1"
+
+
+@dataclass(frozen=True)
+class ApiTrust:
+    """How to verify the API's certificate."""
+
+    cafile: str = ""
+    thumbprint: str = ""
+    insecure: bool = False
+
+    def __post_init__(self):
+        if sum(map(bool, (self.cafile, self.thumbprint, self.insecure))) > 1:
+            raise ConfigError("give at most one of xapi-cafile=, thumbprint=, xapi-insecure=")
+        if self.thumbprint and len(self.normalized()) != 64:
+            raise ConfigError(
+                "thumbprint= must be a SHA-256 fingerprint (64 hex digits, colons allowed), "
+                "e.g. from: openssl x509 -in /etc/xensource/xapi-ssl.pem -noout "
+                "-fingerprint -sha256"
+            )
+
+    def normalized(self) -> str:
+        return self.thumbprint.replace(":", "").strip().upper()
+
+    def context(self) -> ssl.SSLContext:
+        if self.thumbprint or self.insecure:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            try:
+                ctx = ssl.create_default_context(cafile=self.cafile or None)
+            except (OSError, ssl.SSLError) as e:
+                raise ConfigError("cannot load xapi-cafile=%s: %s" % (self.cafile, e)) from None
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        return ctx
+
+    def check(self, sock: ssl.SSLSocket, host: str) -> None:
+        if not self.thumbprint:
+            return
+        der = sock.getpeercert(binary_form=True) or b""
+        if hashlib.sha256(der).hexdigest().upper() != self.normalized():
+            raise TrustError(
+                "the XAPI server %s presented a certificate with SHA256 fingerprint %s, "
+                "not the pinned thumbprint=%s" % (host, fingerprint(der), self.thumbprint)
+            )
+
+
+class _PinnedHTTPSConnection(http.client.HTTPSConnection):
+    def __init__(self, host, trust: ApiTrust, timeout: float):
+        super().__init__(host, context=trust.context(), timeout=timeout)
+        self._trust = trust
+
+    def connect(self):
+        try:
+            super().connect()
+        except ssl.SSLCertVerificationError as e:
+            raise TrustError(
+                "cannot verify the XAPI server %s certificate: %s. Pass xapi-cafile= (the "
+                "pool master's certificate) or thumbprint= (its SHA-256 fingerprint)"
+                % (self.host, e.verify_message)
+            ) from None
+        self._trust.check(self.sock, self.host)
+
+
+def https_connection(netloc: str, trust: ApiTrust, timeout: float = 60.0):
+    """An HTTPSConnection verified like the API (for /import_raw_vdi and friends)."""
+    return _PinnedHTTPSConnection(netloc, trust, timeout)
+
+
+class _Transport(xmlrpc.client.SafeTransport):
+    def __init__(self, trust: ApiTrust, timeout: float):
+        super().__init__()
+        self._trust = trust
+        self._timeout = timeout
+
+    def make_connection(self, host):
+        if self._connection and host == self._connection[0]:
+            return self._connection[1]
+        chost, self._extra_headers, _x509 = self.get_host_info(host)
+        self._connection = host, _PinnedHTTPSConnection(chost, self._trust, self._timeout)
+        return self._connection[1]
+
+
+class Session:
+    """A logged-in XAPI session.  Thread-safe: calls are serialised."""
+
+    def __init__(
+        self,
+        url: str,
+        trust: ApiTrust,
+        user: str = "root",
+        password: Secret | None = None,
+        session_ref: Secret | None = None,
+        timeout: float = 60.0,
+    ):
+        if not (password or session_ref):
+            raise ConfigError("XAPI needs password= or session=")
+        self.url = _normalise_url(url)
+        self.trust = trust
+        self.user = user
+        self._password = password
+        self._ref = session_ref
+        self.owned = session_ref is None  # we log out only what we logged in
+        self.timeout = timeout
+        self.generation = 0 if session_ref is None else 1
+        self._lock = threading.RLock()
+        self._proxy = self._make_proxy()
+
+    def _make_proxy(self) -> xmlrpc.client.ServerProxy:
+        return xmlrpc.client.ServerProxy(
+            self.url, transport=_Transport(self.trust, self.timeout), allow_none=True
+        )
+
+    @property
+    def netloc(self) -> str:
+        return urllib.parse.urlsplit(self.url).netloc
+
+    def ref(self) -> Secret:
+        with self._lock:
+            if self._ref is None:
+                self.login()
+            assert self._ref is not None
+            return self._ref
+
+    def login(self) -> None:
+        """Log in, following HOST_IS_SLAVE to the master once."""
+        if self._password is None:
+            raise SessionInvalid(
+                "SESSION_INVALID",
+                hint="the session given with session= is no longer valid and there is no "
+                "password to log in again",
+            )
+        with self._lock:
+            for _ in range(2):
+                try:
+                    ref = self._raw_call(
+                        "session.login_with_password",
+                        self.user,
+                        self._password.reveal(),
+                        API_VERSION,
+                        ORIGINATOR,
+                    )
+                except XapiError as e:
+                    if e.code == "HOST_IS_SLAVE" and e.params:
+                        self._move_to(e.params[0])
+                        continue
+                    if e.code == "SESSION_AUTHENTICATION_FAILED":
+                        raise XapiError(
+                            e.code, [self.user], hint="wrong user name or password"
+                        ) from None
+                    raise
+                self._ref = Secret(register(ref))
+                self.generation += 1
+                log.debug("logged in to %s as %s", self.url, self.user)
+                return
+            raise XapiError("HOST_IS_SLAVE", hint="the master kept redirecting")
+
+    def _move_to(self, master: str) -> None:
+        parts = urllib.parse.urlsplit(self.url)
+        host = "[%s]" % master if ":" in master else master
+        netloc = host + (":%d" % parts.port if parts.port else "")
+        self.url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+        log.info("%s is a pool member; logging in to the master %s", parts.netloc, netloc)
+        self._proxy = self._make_proxy()
+
+    def call(self, method: str, *args):
+        """Call ``method`` with the session; log in again once if the session died."""
+        with self._lock:
+            try:
+                return self._raw_call(method, self.ref().reveal(), *args)
+            except SessionInvalid:
+                if self._password is None:
+                    raise
+                log.info("XAPI session expired; logging in again")
+                self._ref = None
+                return self._raw_call(method, self.ref().reveal(), *args)
+
+    def _raw_call(self, method: str, *args):
+        try:
+            result = getattr(self._proxy, method)(*args)
+        except TrustError:
+            raise
+        except (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError) as e:
+            raise XencbtError("cannot reach XAPI at %s: %s" % (self.url, _describe(e))) from None
+        except xmlrpc.client.Fault as e:
+            raise XencbtError("XAPI at %s: %s" % (self.url, e.faultString)) from None
+        return _parse(result)
+
+    def logout(self) -> None:
+        with self._lock:
+            if self._ref is None or not self.owned:
+                return
+            try:
+                self._raw_call("session.logout", self._ref.reveal())
+            except XencbtError as e:
+                log.debug("logout failed: %s", e)
+            self._ref = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logout()
+
+
+def _parse(result):
+    if not isinstance(result, dict) or "Status" not in result:
+        raise XencbtError("XAPI returned a malformed answer (no Status)")
+    if result["Status"] == "Success":
+        return result.get("Value")
+    desc = [str(x) for x in result.get("ErrorDescription") or ["UNKNOWN_ERROR"]]
+    if desc[0] == "SESSION_INVALID":
+        raise SessionInvalid(desc[0])  # its parameter is the session ref: never shown
+    raise XapiError(desc[0], desc[1:])
+
+
+def _describe(e: Exception) -> str:
+    if isinstance(e, socket.timeout):
+        return "timed out"
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return str(e) or type(e).__name__
+
+
+def _normalise_url(url: str) -> str:
+    if "://" not in url:
+        url = "https://" + url
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "https":
+        raise ConfigError("xapi=%s: only https:// is supported (credentials travel on it)" % url)
+    if not parts.hostname:
+        raise ConfigError("xapi=%s has no host name" % url)
+    return urllib.parse.urlunsplit(parts._replace(path=parts.path or "/"))
