@@ -1,0 +1,71 @@
+"""The xensim control API (``/xensim/…`` on the master): faults, sessions, crashes, counters.
+
+Not part of XenServer: it is how tests and the ``xensim fault``/``counters`` commands
+inject failures and read what the NBD servers did.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from .faults import Counters, Faults
+from .xapi import Xapi
+
+log = logging.getLogger(__name__)
+
+
+class Admin:
+    def __init__(self, xapi: Xapi, faults: Faults, counters: dict[str, Counters]) -> None:
+        self.xapi = xapi
+        self.faults = faults
+        self.counters = counters  # host name -> Counters
+        self._routes = {
+            ("GET", "faults"): lambda a: self.faults.to_dict(),
+            ("POST", "faults"): self._set_faults,
+            ("POST", "faults/clear"): self._clear,
+            ("POST", "faults/refuse"): self._refuse,
+            ("POST", "sessions/invalidate"): self._invalidate,
+            ("POST", "cbt-off"): self._cbt_off,
+            ("GET", "counters"): lambda a: self._counters(),
+            ("POST", "counters/reset"): self._reset,
+        }
+
+    def handle(self, verb: str, path: str, args: dict) -> Any:
+        """Dispatch one control request; KeyError when there is no such control."""
+        action = self._routes[(verb, path)]
+        log.info("control %s %s %s", verb, path, sorted(args))
+        return action(args)
+
+    def _set_faults(self, args: dict) -> dict:
+        self.faults.update(**args)
+        return self.faults.to_dict()
+
+    def _clear(self, args: dict) -> dict:
+        self.faults.clear()
+        return self.faults.to_dict()
+
+    def _refuse(self, args: dict) -> dict:
+        self.faults.refuse_for(float(args["seconds"]))
+        return self.faults.to_dict()
+
+    def _invalidate(self, args: dict) -> dict:
+        return {"invalidated": self.xapi.sessions.invalidate(args.get("session"))}
+
+    def _cbt_off(self, args: dict) -> dict:
+        """A host crash: the host switches CBT off on the VDI and the chain is broken."""
+        db = self.xapi.db
+        name = str(args["vdi"])
+        with db.lock:
+            ref = name if db.exists("VDI", name) else db.by_uuid("VDI", name)
+            self.xapi.storage.cbt.switch_off(ref)
+            db.save()
+        return {"vdi": db.get("VDI", ref)["uuid"], "cbt_enabled": False}
+
+    def _counters(self) -> dict:
+        return {name: c.to_dict() for name, c in self.counters.items()}
+
+    def _reset(self, args: dict) -> dict:
+        for counters in self.counters.values():
+            counters.reset()
+        return self._counters()

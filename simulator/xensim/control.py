@@ -1,0 +1,78 @@
+"""Client of the xensim control API, for tests and the ``xensim fault``/``counters`` commands.
+
+``Control(serve_info)`` takes the ready line (or DIR/serve.json) as a dict.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import ssl
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+
+class ControlError(Exception):
+    """The simulator refused a control request (bad fault name, unknown VDI, …)."""
+
+
+class Control:
+    def __init__(self, serve_info: dict) -> None:
+        self.url = urllib.parse.urlsplit(serve_info["control"])
+        password = Path(serve_info["password_file"]).read_text().strip()
+        token = base64.b64encode(f"{serve_info['user']}:{password}".encode()).decode()
+        self._auth = f"Basic {token}"
+        self._context = ssl.create_default_context(cafile=serve_info["ca_file"])
+
+    @classmethod
+    def from_state_dir(cls, state_dir: str | Path) -> Control:
+        return cls(json.loads((Path(state_dir) / "serve.json").read_text()))
+
+    def _request(self, verb: str, path: str, body: dict | None = None) -> Any:
+        conn = http.client.HTTPSConnection(
+            self.url.hostname, self.url.port, context=self._context, timeout=30
+        )
+        try:
+            payload = json.dumps(body).encode() if body is not None else None
+            headers = {"Authorization": self._auth, "Content-Type": "application/json"}
+            conn.request(verb, f"{self.url.path}/{path}", body=payload, headers=headers)
+            reply = conn.getresponse()
+            data = reply.read()
+        finally:
+            conn.close()
+        if reply.status != 200:
+            raise ControlError(f"{verb} {path}: HTTP {reply.status}: {data.decode().strip()}")
+        return json.loads(data)
+
+    # -- faults -------------------------------------------------------------------------
+    def faults(self) -> dict:
+        return self._request("GET", "faults")
+
+    def set_faults(self, **faults: Any) -> dict:
+        """drop_after_bytes=N, drop_on_read=N, read_latency=S, refuse_for=S (None clears)."""
+        return self._request("POST", "faults", faults)
+
+    def clear(self) -> dict:
+        return self._request("POST", "faults/clear", {})
+
+    def refuse_for(self, seconds: float) -> dict:
+        return self._request("POST", "faults/refuse", {"seconds": seconds})
+
+    def invalidate_sessions(self, session: str | None = None) -> int:
+        body = {"session": session} if session else {}
+        return self._request("POST", "sessions/invalidate", body)["invalidated"]
+
+    def cbt_off(self, vdi: str) -> dict:
+        """Simulate a host crash: CBT switched off on the VDI (uuid or ref)."""
+        return self._request("POST", "cbt-off", {"vdi": vdi})
+
+    # -- counters -----------------------------------------------------------------------
+    def counters(self) -> dict:
+        """host name -> {bytes_served, reads, connections_total, connections_now,
+        peak_connections, refused}."""
+        return self._request("GET", "counters")
+
+    def reset_counters(self) -> dict:
+        return self._request("POST", "counters/reset", {})

@@ -1,0 +1,68 @@
+"""The pool a new state dir starts with: hosts, SR, networks, demo VMs and their disks.
+
+Shape of a small real pool: host0 is the master; one ``ext`` SR (shared when there are
+several hosts, a PBD per host: a simplification, local SRs are per host in reality); a
+management network and a dedicated "NBD network", each with a PIF carrying an IP on
+every host; dom0 control-domain VMs, which clients must filter out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import disks, records
+from .database import Database
+
+
+@dataclass
+class HostSpec:
+    name: str
+    address: str
+    cert_pem: str
+    subject: str
+
+
+SR_SIZE = 1 << 40
+
+
+def build(
+    db: Database,
+    state_dir: Path,
+    hosts: list[HostSpec],
+    vm_count: int,
+    disk_sizes: list[int],
+    nbd_purpose: str,
+) -> None:
+    host_refs = [
+        db.add("host", records.host(h.name, h.address, h.cert_pem, h.subject)) for h in hosts
+    ]
+    sr_ref = db.add("SR", records.sr("Local storage", len(hosts) > 1, SR_SIZE))
+    db.add("pool", records.pool(host_refs[0], sr_ref))
+    purpose = [] if nbd_purpose == "none" else [nbd_purpose]
+    mgmt = db.add(
+        "network", records.network("Pool-wide network associated with eth0", "xenbr0", [])
+    )
+    nbd = db.add("network", records.network("NBD network", "xenbr1", purpose))
+    for ref, spec in zip(host_refs, hosts):
+        db.add("PBD", records.pbd(ref, sr_ref))
+        db.add("PIF", records.pif(ref, mgmt, "eth0", spec.address, management=True))
+        db.add("PIF", records.pif(ref, nbd, "eth1", spec.address, management=False))
+        dom0 = records.vm(f"Control domain on host: {spec.name}", control_domain=True)
+        dom0["resident_on"] = ref
+        db.add("VM", dom0)
+    for i in range(vm_count):
+        _demo_vm(db, state_dir, "demo-vm" if i == 0 else f"demo-vm-{i + 1}", sr_ref, disk_sizes)
+
+
+def _demo_vm(db: Database, state_dir: Path, name: str, sr_ref: str, sizes: list[int]) -> None:
+    vm = records.vm(name)
+    vm["resident_on"] = db.get("pool", db.refs("pool")[0])["master"]
+    vm_ref = db.add("VM", vm)
+    for device, size in enumerate(sizes):
+        vdi = records.vdi(f"{name} disk {device}", sr_ref, size)
+        vdi_ref = db.add("VDI", vdi)
+        disks.create(state_dir, vdi["uuid"], size)
+        vbd = records.vbd(vm_ref, vdi_ref, str(device))
+        vbd["currently_attached"] = True
+        db.add("VBD", vbd)

@@ -1,0 +1,67 @@
+"""Logged-in API sessions. Kept in memory only: a restart invalidates them, as in xapi."""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid as uuidlib
+from dataclasses import dataclass, field
+
+from .database import new_ref
+from .errors import session_invalid
+
+
+@dataclass
+class Session:
+    ref: str
+    host: str
+    user: str
+    originator: str
+    uuid: str = field(default_factory=lambda: str(uuidlib.uuid4()))
+    last_active: float = field(default_factory=time.monotonic)
+
+
+class Sessions:
+    def __init__(self, idle_timeout: float) -> None:
+        self.idle_timeout = idle_timeout
+        self._live: dict[str, Session] = {}
+        self._lock = threading.Lock()
+
+    def login(self, host: str, user: str, originator: str) -> Session:
+        session = Session(new_ref(), host, user, originator)
+        with self._lock:
+            self._live[session.ref] = session
+        return session
+
+    def check(self, ref: object) -> Session:
+        """The live session for ``ref`` (its idle clock restarts), else SESSION_INVALID."""
+        with self._lock:
+            session = self._live.get(ref) if isinstance(ref, str) else None
+            now = time.monotonic()
+            if session and now - session.last_active > self.idle_timeout:
+                del self._live[session.ref]
+                session = None
+            if session is None:
+                raise session_invalid(str(ref))
+            session.last_active = now
+            return session
+
+    def is_live(self, ref: str) -> bool:
+        try:
+            self.check(ref)
+        except Exception:
+            return False
+        return True
+
+    def logout(self, ref: str) -> None:
+        with self._lock:
+            self._live.pop(ref, None)
+
+    def invalidate(self, ref: str | None = None) -> int:
+        """Drop one session (or all); returns how many were dropped."""
+        with self._lock:
+            if ref is None:
+                count = len(self._live)
+                self._live.clear()
+                return count
+            return 1 if self._live.pop(ref, None) else 0

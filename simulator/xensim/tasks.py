@@ -1,0 +1,82 @@
+"""``Async.*`` calls: a task record, the call run on a worker thread, the outcome stored.
+
+As in xapi, ``task.result`` is the XML-RPC text of the value (``<value>…</value>``) and
+``error_info`` the ErrorDescription; clients poll ``task.get_status``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import xmlrpc.client
+from typing import TYPE_CHECKING, Any
+
+from . import records
+from .database import Database
+from .errors import XapiError
+
+if TYPE_CHECKING:
+    from .xapi import Xapi
+
+log = logging.getLogger(__name__)
+
+
+def result_text(value: Any) -> str:
+    """xapi's string form of a task result: the marshalled XML-RPC value."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    text = xmlrpc.client.dumps((value,), allow_none=True)
+    start, end = text.index("<value>"), text.rindex("</value>") + len("</value>")
+    return text[start:end].replace("<string>", "").replace("</string>", "")
+
+
+class Tasks:
+    def __init__(self, db: Database, xapi: Xapi) -> None:
+        self.db = db
+        self.xapi = xapi
+
+    def start(self, method: str, params: list, host: str) -> str:
+        """Fail at once for what xapi checks before creating the task."""
+        if not self.xapi.has_method(method) or method.startswith("session."):
+            raise XapiError("MESSAGE_METHOD_UNKNOWN", f"Async.{method}")
+        session = self.xapi.sessions.check(params[0] if params else None)
+        with self.db.lock:
+            rec = records.task(f"Async.{method}")
+            rec["resident_on"] = host
+            rec["_session"] = session.ref
+            ref = self.db.add("task", rec)
+            self.db.save()
+        worker = threading.Thread(
+            target=self._run, args=(ref, method, params, host), name=f"task {method}", daemon=True
+        )
+        worker.start()
+        return ref
+
+    def _run(self, ref: str, method: str, params: list, host: str) -> None:
+        try:
+            value = self.xapi.call(method, params, host)
+            outcome = {"status": "success", "result": result_text(value)}
+        except XapiError as e:
+            outcome = {"status": "failure", "error_info": e.description}
+        except Exception as e:  # a bug in the simulator: report it like xapi would
+            log.exception("task %s failed", method)
+            outcome = {"status": "failure", "error_info": ["INTERNAL_ERROR", str(e)]}
+        with self.db.lock:
+            if self.db.exists("task", ref):
+                task = self.db.get("task", ref)
+                if task["status"] == "pending":
+                    task.update(outcome, progress=1.0, finished=records.now_stamp())
+                self.db.save()
+
+    def destroy(self, ref: str) -> str:
+        self.db.remove("task", ref)
+        return ""
+
+    def cancel(self, ref: str) -> str:
+        task = self.db.get("task", ref)
+        if task["status"] != "pending":
+            raise XapiError("OPERATION_NOT_ALLOWED", "task is not pending")
+        task.update(status="cancelled", finished=records.now_stamp())
+        return ""

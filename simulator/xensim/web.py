@@ -1,0 +1,262 @@
+"""Each host's HTTPS endpoint: RPC, raw VDI import/export, and the xensim control API.
+
+One ``WebServer`` per host, all sharing a port on different loopback addresses.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import json
+import logging
+import os
+import socket
+import ssl
+import struct
+import threading
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import TYPE_CHECKING, Any
+
+from . import cbtlog, disks, rpc
+from .errors import XapiError
+
+if TYPE_CHECKING:
+    from .admin import Admin
+    from .xapi import Xapi
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+_FRAME = struct.Struct("<QI")
+
+
+class HttpError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class WebServer(ThreadingHTTPServer):
+    daemon_threads = True
+    allow_reuse_address = False
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        context: ssl.SSLContext,
+        xapi: Xapi,
+        host: str,
+        admin: Admin | None,
+    ) -> None:
+        super().__init__(address, Handler)
+        self.context = context
+        self.xapi = xapi
+        self.host = host
+        self.admin = admin
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        # The TLS handshake happens on first read, in the handler's thread, so one slow
+        # client cannot stall accept().
+        sock, addr = super().get_request()
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("connection from %s ended with an error", client_address, exc_info=True)
+
+    def start(self) -> threading.Thread:
+        thread = threading.Thread(target=self.serve_forever, name=f"https {self.host}", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: WebServer
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+    # -- routing ------------------------------------------------------------------------
+    def do_POST(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        if path.startswith("/xensim/"):
+            return self._guarded(lambda: self._admin("POST", path))
+        replies = {"/": rpc.xmlrpc_reply, "/RPC2": rpc.xmlrpc_reply, "/jsonrpc": rpc.jsonrpc_reply}
+        if path not in replies:
+            return self._send(404, b"not found\n", "text/plain")
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        invoke = lambda method, params: self.server.xapi.call(method, params, self.server.host)  # noqa: E731
+        try:
+            reply = replies[path](invoke, body)
+        except rpc.MalformedRequest as e:
+            return self._send(500, f"HTTP 500 internal server error: {e}\n".encode(), "text/html")
+        ctype = "application/json" if path == "/jsonrpc" else "text/xml"
+        self._send(200, reply, ctype)
+
+    def do_GET(self) -> None:
+        path = urllib.parse.urlsplit(self.path).path
+        if path.startswith("/xensim/"):
+            return self._guarded(lambda: self._admin("GET", path))
+        if path == "/export_raw_vdi":
+            return self._guarded(self._export)
+        self._send(404, b"not found\n", "text/plain")
+
+    def do_PUT(self) -> None:
+        if urllib.parse.urlsplit(self.path).path == "/import_raw_vdi":
+            return self._guarded(self._import)
+        self._send(404, b"not found\n", "text/plain")
+
+    # -- helpers ------------------------------------------------------------------------
+    def _send(self, status: int, body: bytes, ctype: str, extra: dict | None = None) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Content-Length", str(len(body)))
+        for key, value in (extra or {}).items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+    def _guarded(self, action: Any) -> None:
+        try:
+            action()
+        except HttpError as e:
+            self.close_connection = True
+            self._send(e.status, f"{e}\n".encode(), "text/plain")
+
+    def _query(self) -> dict[str, str]:
+        return dict(urllib.parse.parse_qsl(urllib.parse.urlsplit(self.path).query))
+
+    def _basic_auth_ok(self) -> bool:
+        header = self.headers.get("Authorization", "")
+        if not header.startswith("Basic "):
+            return False
+        try:
+            user, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except ValueError:
+            return False
+        return user == "root" and hmac.compare_digest(password, self.server.xapi.options.password)
+
+    # -- raw VDI transfer ---------------------------------------------------------------
+    def _vdi_for_transfer(self) -> tuple[str, dict, dict[str, str]]:
+        query = self._query()
+        xapi = self.server.xapi
+        if not self._basic_auth_ok():
+            try:
+                xapi.sessions.check(query.get("session_id"))
+            except XapiError:
+                raise HttpError(401, "Unauthorized") from None
+        if query.get("format", "raw") != "raw":
+            raise HttpError(404, f"unknown format {query['format']}")
+        name = query.get("vdi", "")
+        with xapi.db.lock:
+            if xapi.db.exists("VDI", name):
+                ref = name
+            else:
+                found = xapi.db.find("VDI", uuid=name)
+                if not found:
+                    raise HttpError(404, f"no VDI {name!r}")
+                ref = found[0]
+            rec = dict(xapi.db.get("VDI", ref))
+        if rec["type"] == "cbt_metadata":
+            self._finish_task(query, ["VDI_INCOMPATIBLE_TYPE", ref, "cbt_metadata"])
+            raise HttpError(500, "VDI_INCOMPATIBLE_TYPE")
+        return ref, rec, query
+
+    def _finish_task(self, query: dict[str, str], error: list[str] | None) -> None:
+        xapi = self.server.xapi
+        task = query.get("task_id")
+        with xapi.db.lock:
+            if task and xapi.db.exists("task", task):
+                status = (
+                    {"status": "failure", "error_info": error} if error else {"status": "success"}
+                )
+                xapi.db.get("task", task).update(status, progress=1.0)
+                xapi.db.save()
+
+    def _export(self) -> None:
+        ref, rec, query = self._vdi_for_transfer()
+        size = rec["virtual_size"]
+        path = disks.data_path(self.server.xapi.options.state_dir, rec["uuid"])
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.send_header("Content-Length", str(size))
+        self.send_header("task-id", query.get("task_id", ""))
+        self.end_headers()
+        with open(path, "rb") as f:
+            offset = 0
+            while offset < size:
+                data = f.read(min(CHUNK, size - offset)) or bytes(min(CHUNK, size - offset))
+                self.wfile.write(data)
+                offset += len(data)
+        self._finish_task(query, None)
+
+    def _import(self) -> None:
+        ref, rec, query = self._vdi_for_transfer()
+        if self.headers.get("Transfer-Encoding"):
+            raise HttpError(403, "Forbidden: import cannot handle a transfer encoding")
+        length = int(self.headers.get("Content-Length", 0))
+        chunked = "chunked" in query
+        if not chunked and length > rec["virtual_size"]:
+            self._finish_task(query, ["VDI_TOO_SMALL", ref, str(length)])
+            raise HttpError(500, "image larger than the VDI")
+        self.close_connection = True
+        try:
+            if chunked:
+                self._receive_frames(rec, length)
+            else:
+                self._receive(rec, 0, length)
+        except (OSError, ValueError) as e:
+            self._finish_task(query, ["INTERNAL_ERROR", str(e)])
+            raise HttpError(500, str(e)) from None
+        self._finish_task(query, None)
+        self._send(200, b"", "text/plain", {"task-id": query.get("task_id", "")})
+
+    def _receive(self, rec: dict, offset: int, length: int) -> None:
+        """Copy ``length`` bytes of the body to ``offset``, marking CBT like a guest write."""
+        state_dir = self.server.xapi.options.state_dir
+        if offset + length > rec["virtual_size"]:
+            raise ValueError(f"extent {offset}+{length} beyond the end of the VDI")
+        with open(disks.data_path(state_dir, rec["uuid"]), "r+b") as f:
+            while length > 0:
+                data = self.rfile.read(min(CHUNK, length))
+                if not data:
+                    raise ValueError("body ended early")
+                with disks.locked(state_dir, rec["uuid"]):
+                    n = os.pwrite(f.fileno(), data, offset)
+                    cbtlog.mark(state_dir, rec["uuid"], offset, n)
+                offset, length = offset + n, length - n
+
+    def _receive_frames(self, rec: dict, length: int) -> None:
+        """xapi's chunked raw format: {offset u64 LE, length u32 LE} + data, ended by an
+        all-zero header; only those extents are written."""
+        while True:
+            header = self.rfile.read(_FRAME.size)
+            if len(header) != _FRAME.size:
+                raise ValueError("truncated chunk header")
+            offset, size = _FRAME.unpack(header)
+            if offset == 0 and size == 0:
+                return
+            self._receive(rec, offset, size)
+
+    # -- xensim control -----------------------------------------------------------------
+    def _admin(self, verb: str, path: str) -> None:
+        admin = self.server.admin
+        if admin is None:
+            raise HttpError(404, "the control API is on the master")
+        if not self._basic_auth_ok():
+            self.close_connection = True
+            return self._send(401, b"Unauthorized\n", "text/plain", {"WWW-Authenticate": "Basic"})
+        body = self.rfile.read(int(self.headers.get("Content-Length", 0)) or 0)
+        try:
+            args = json.loads(body) if body else {}
+            result = admin.handle(verb, path[len("/xensim/") :], args)
+        except KeyError:
+            raise HttpError(404, f"no control {verb} {path}") from None
+        except (ValueError, TypeError, XapiError) as e:
+            raise HttpError(400, str(e)) from None
+        self._send(200, json.dumps(result).encode(), "application/json")

@@ -1,0 +1,138 @@
+"""Shared fixtures: a running xensim (the simulated XenServer pool) for any test.
+
+``xensim``          function scope; a fresh simulator with the defaults (1 host, the
+                    "demo-vm" with disks of 64 MiB and 20 MiB + 512 bytes, NBD network
+                    purpose ``nbd``, i.e. TLS). Yields a ``Simulator`` handle (below).
+``xensim_factory``  function scope; call ``xensim_factory(hosts=2, vms=1,
+                    disk_sizes="4M,1M+512", nbd_purpose="insecure_nbd",
+                    nbd_propagation=0.5, session_timeout=2, in_use_wait=0.5,
+                    state_dir=PATH)`` for other shapes; every simulator it started is
+                    stopped (SIGTERM, exit code 0 asserted) at teardown.
+
+A ``Simulator`` handle has:
+  ``.info``        the ready line (dict: xapi, user, password_file, ca_file, control,
+                   state_dir, pid, hosts[{uuid, name, address, nbd_port, xapi, cert_file}])
+  ``.password``    root's password
+  ``.state_dir``   Path of the state dir
+  ``.control``     ``xensim.control.Control`` (faults, sessions, cbt_off, counters)
+  ``.session(url=None)``   a logged-in PyPI ``XenAPI.Session`` verifying the API cert
+                   (cafile = the host's cert); ``url`` defaults to the master
+  ``.guest_disk(vdi_uuid)`` context manager yielding the ``nbd+unix://`` URI of the live
+                   VDI served read-write by ``xensim guest-disk`` (writes mark CBT)
+  ``.stop()``      SIGTERM and wait; returns the exit code
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import xmlrpc.client
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+XENSIM = [sys.executable, "-m", "xensim.main"]
+
+
+def ssl_context(cafile: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile)
+
+
+class Simulator:
+    def __init__(self, state_dir: Path, args: list[str]) -> None:
+        self.state_dir = state_dir
+        self.log = open(state_dir.parent / f"{state_dir.name}.stderr", "ab")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [*XENSIM, "serve", "--state-dir", str(state_dir), *args],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+        line = self.proc.stdout.readline()  # the ready line: no polling, no sleeps
+        if not line:
+            self.proc.wait()
+            raise RuntimeError(f"xensim serve failed:\n{self.stderr()}")
+        self.info = json.loads(line)
+        self.password = Path(self.info["password_file"]).read_text().strip()
+        from xensim.control import Control
+
+        self.control = Control(self.info)
+        self._sessions: list = []
+
+    def stderr(self) -> str:
+        self.log.flush()
+        return (self.state_dir.parent / f"{self.state_dir.name}.stderr").read_text()
+
+    def session(self, url: str | None = None, cafile: str | None = None):
+        import XenAPI
+
+        url = url or self.info["xapi"]
+        transport = xmlrpc.client.SafeTransport(context=ssl_context(cafile or self.info["ca_file"]))
+        session = XenAPI.Session(url, transport=transport)
+        session.xenapi.login_with_password("root", self.password, "1.1", "xensim-tests")
+        self._sessions.append(session)
+        return session
+
+    @contextlib.contextmanager
+    def guest_disk(self, vdi_uuid: str) -> Iterator[str]:
+        proc = subprocess.Popen(
+            [*XENSIM, "guest-disk", "--state-dir", str(self.state_dir), vdi_uuid],
+            stdout=subprocess.PIPE,
+            stderr=self.log,
+            text=True,
+        )
+        try:
+            uri = proc.stdout.readline().strip()
+            if not uri:
+                raise RuntimeError(f"xensim guest-disk failed:\n{self.stderr()}")
+            yield uri
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, self.stderr()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout=30)
+        self.log.close()
+        return code
+
+
+@pytest.fixture
+def xensim_factory(tmp_path: Path) -> Iterator:
+    started: list[Simulator] = []
+
+    def start(state_dir: Path | None = None, **options: object) -> Simulator:
+        state_dir = state_dir or tmp_path / f"xensim{len(started)}"
+        args: list[str] = []
+        for name, value in options.items():
+            args += [f"--{name.replace('_', '-')}", str(value)]
+        sim = Simulator(Path(state_dir), args)
+        started.append(sim)
+        return sim
+
+    yield start
+    for sim in started:
+        if sim.proc.returncode is None:
+            assert sim.stop() == 0, sim.stderr()
+
+
+@pytest.fixture
+def xensim(xensim_factory) -> Simulator:
+    return xensim_factory()
+
+
+@pytest.fixture(autouse=True)
+def _simulator_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Child processes run `python -m xensim.main` from the editable install; make sure a
+    # checkout without it installed still finds the package.
+    sim_dir = str(Path(__file__).resolve().parent.parent / "simulator")
+    path = os.environ.get("PYTHONPATH", "")
+    if sim_dir not in path.split(os.pathsep):
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (sim_dir, path) if p))
