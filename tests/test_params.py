@@ -1,0 +1,69 @@
+"""The plugin's parameter rules, and that secrets never show in what they produce."""
+
+from __future__ import annotations
+
+import pytest
+from xencbt_core.errors import ConfigError
+from xencbt_core.params import Params
+
+VDI = "0d1a2b3c-4d5e-4f60-8172-839405a6b7c8"
+BASE = "11111111-2222-4333-8444-555555555555"
+
+
+def make(**kv) -> Params:
+    p = Params()
+    for key, value in kv.items():
+        p.set(key.replace("_", "-"), value)
+    p.check()
+    return p
+
+
+def test_password_from_file_is_never_shown(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text("hunter2-very-secret\n")
+    p = make(xapi="https://pool", vdi=VDI, password="+%s" % pw)
+    assert p.password.reveal() == "hunter2-very-secret"
+    assert "hunter2" not in repr(p) and "hunter2" not in str(p.password)
+
+
+@pytest.mark.parametrize(
+    "kv, phrase",
+    [
+        (dict(xapi="https://pool"), "vdi=UUID"),
+        (dict(xapi="https://pool", vdi="not-a-uuid", password="x" * 8), "is not a UUID"),
+        (dict(xapi="https://pool", vdi=VDI, since=VDI, password="x" * 8), "older snapshot"),
+        (dict(xapi="https://pool", vdi=VDI), "password"),
+        (dict(xapi="https://pool", vdi=VDI, password="x" * 8, connections="17"), "at most 16"),
+        (dict(xapi="https://pool", vdi=VDI, password="x" * 8, verify="ca"), "cafile"),
+        (dict(xapi="https://pool", vdi=VDI, password="x" * 8, unchanged="skip"), "hole, zero"),
+        (dict(xapi="https://pool", vdi=VDI, password="x" * 8, changed="+f"), "since="),
+    ],
+)
+def test_bad_combinations_say_what_to_do(kv, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        make(**kv)
+
+
+def test_unknown_parameter_lists_the_known_ones():
+    with pytest.raises(ConfigError, match="known: .*vdi"):
+        Params().set("vid", VDI)
+
+
+def test_session_must_come_from_a_file():
+    with pytest.raises(ConfigError, match=r"\+FILE"):
+        Params().set("session", "OpaqueRef:abc")
+
+
+def test_missing_password_file_names_the_file_only(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read the password file .*/nope"):
+        Params().set("password", "+%s" % (tmp_path / "nope"))
+
+
+def test_nbd_info_excludes_xapi(tmp_path):
+    with pytest.raises(ConfigError, match="nbd-info= replaces XAPI"):
+        make(nbd_info="+%s" % (tmp_path / "i.json"), vdi=VDI)
+
+
+def test_since_accepted_with_uuid():
+    p = make(xapi="pool.example", vdi=VDI, since=BASE, password="x" * 8, connections="16")
+    assert p.since == BASE and p.connections == 16
