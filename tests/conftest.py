@@ -66,7 +66,8 @@ class Simulator:
         self._sessions: list = []
 
     def stderr(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return (self.state_dir.parent / f"{self.state_dir.name}.stderr").read_text()
 
     def session(self, url: str | None = None, cafile: str | None = None):
