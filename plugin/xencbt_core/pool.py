@@ -66,8 +66,19 @@ class Pool:
         self._closed = False
 
     def start(self) -> int:
-        """Open the first connection now, so that every setup error shows at start-up."""
-        conn = self._acquire()
+        """Open the first connection now, so that every setup error shows at start-up.
+
+        Connection failures are retried like reads: a network whose NBD purpose was just
+        set refuses connections for ten seconds or more (seed 001).
+        """
+        deadline = time.monotonic() + self.retry_timeout
+        delay = 1.0
+        while True:
+            try:
+                conn = self._acquire()
+                break
+            except ConnectionDead as e:
+                delay = self._backoff(e, delay, deadline)
         self._release(conn, healthy=True)
         assert self.size is not None
         return self.size
