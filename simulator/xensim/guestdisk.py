@@ -15,6 +15,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import urllib.parse
 from pathlib import Path
@@ -42,9 +43,18 @@ def uri(socket_path: Path) -> str:
     return "nbd+unix:///?socket=" + urllib.parse.quote(str(socket_path), safe="/")
 
 
+def default_socket(state_dir: Path, uuid: str) -> Path:
+    """DIR/guest/<uuid>.sock, or a private temp dir when that path is too long for a unix
+    socket (108 bytes on Linux)."""
+    path = state_dir / "guest" / f"{uuid}.sock"
+    if len(str(path.resolve())) < 100:
+        return path
+    return Path(tempfile.mkdtemp(prefix="xensim-guest-")) / f"{uuid[:8]}.sock"
+
+
 def serve_guest_disk(state_dir: Path, uuid: str, socket_path: Path | None) -> int:
     check_vdi(state_dir, uuid)
-    socket_path = (socket_path or state_dir / "guest" / f"{uuid}.sock").resolve()
+    socket_path = (socket_path or default_socket(state_dir, uuid)).resolve()
     socket_path.parent.mkdir(parents=True, exist_ok=True)
     socket_path.unlink(missing_ok=True)
     read_end, write_end = os.pipe()
