@@ -118,7 +118,7 @@ def test_incremental_overlay_holds_exactly_the_changed_blocks(upstream, images, 
     )
     new = tmp_path / "new.qcow2"
     params = params_for(tmp_path, upstream, "changed=+%s" % (images / "changed.b64"))
-    run = 'qemu-img convert -O qcow2 -B %s -F qcow2 "$uri" %s' % (prev, new)
+    run = 'qemu-img convert -f raw -O qcow2 -B %s -F qcow2 "$uri" %s' % (prev, new)
     r = run_plugin(params, run)
     assert r.returncode == 0, r.stderr
 

@@ -62,6 +62,7 @@ class Disk:
 
     def resize(self, size: int) -> None:
         self.x.VDI.resize(self.ref, str(size))
+        size = int(self.x.VDI.get_virtual_size(self.ref))  # the SR may round it up
         self.model.extend(bytes(size - self.size))
         self.size = size
 
@@ -115,7 +116,7 @@ def test_full_then_incrementals_are_byte_identical(disk, tmp_path, xensim):
     s1, m1 = disk.snapshot()
 
     prev = tmp_path / "s1.qcow2"
-    r = run_plugin(disk.params(s1), 'qemu-img convert -O qcow2 "$uri" %s' % prev)
+    r = run_plugin(disk.params(s1), 'qemu-img convert -f raw -O qcow2 "$uri" %s' % prev)
     assert r.returncode == 0, r.stderr
     assert sha(flatten(prev, tmp_path / "f1.raw")) == sha(m1)
 
@@ -131,7 +132,7 @@ def test_full_then_incrementals_are_byte_identical(disk, tmp_path, xensim):
     s2, m2 = disk.snapshot()
     xensim.control.reset_counters()
     new = tmp_path / "s2.qcow2"
-    run = 'qemu-img convert -O qcow2 -B %s -F qcow2 "$uri" %s' % (prev, new)
+    run = 'qemu-img convert -f raw -O qcow2 -B %s -F qcow2 "$uri" %s' % (prev, new)
     r = run_plugin(disk.params(s2, "since=%s" % s1), run)
     assert r.returncode == 0, r.stderr
     assert top_blocks(new) == {1, 2, 20, last}
@@ -146,7 +147,7 @@ def test_full_then_incrementals_are_byte_identical(disk, tmp_path, xensim):
     disk.write({grown * BLOCK: rand(BLOCK)})
     s3, m3 = disk.snapshot()
     top = tmp_path / "s3.qcow2"
-    run = 'qemu-img convert -O qcow2 -B %s -F qcow2 "$uri" %s' % (new, top)
+    run = 'qemu-img convert -f raw -O qcow2 -B %s -F qcow2 "$uri" %s' % (new, top)
     r = run_plugin(disk.params(s3, "since=%s" % s2), run)
     assert r.returncode == 0, r.stderr
     assert grown in top_blocks(top)
