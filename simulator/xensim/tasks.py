@@ -70,6 +70,12 @@ class Tasks:
                     task.update(outcome, progress=1.0, finished=records.now_stamp())
                 self.db.save()
 
+    def create(self, label: str, description: str, call: Any) -> str:
+        """A client-made task, e.g. to follow an HTTP import (``task_id=``)."""
+        rec = records.task(label)
+        rec.update(name_description=description, resident_on=call.host, _session=call.session)
+        return self.db.add("task", rec)
+
     def destroy(self, ref: str) -> str:
         self.db.remove("task", ref)
         return ""

@@ -203,6 +203,7 @@ class Handler(BaseHTTPRequestHandler):
         chunked = "chunked" in query
         if not chunked and length > rec["virtual_size"]:
             self._finish_task(query, ["VDI_TOO_SMALL", ref, str(length)])
+            self._discard(length)  # so the client sees our answer, not a reset
             raise HttpError(500, "image larger than the VDI")
         self.close_connection = True
         try:
@@ -215,6 +216,13 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(500, str(e)) from None
         self._finish_task(query, None)
         self._send(200, b"", "text/plain", {"task-id": query.get("task_id", "")})
+
+    def _discard(self, length: int) -> None:
+        while length > 0:
+            data = self.rfile.read(min(CHUNK, length))
+            if not data:
+                return
+            length -= len(data)
 
     def _receive(self, rec: dict, offset: int, length: int) -> None:
         """Copy ``length`` bytes of the body to ``offset``, marking CBT like a guest write."""

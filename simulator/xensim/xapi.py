@@ -160,6 +160,7 @@ class Xapi:
         add("VM.snapshot", lambda c, r, name: st.snapshot_vm(r, name), 2)
         add("VM.destroy", lambda c, r: st.destroy_vm(r), 1)
         add("VM.set_name_label", lambda c, r, v: self._set("VM", r, "name_label", v), 2)
+        add("task.create", lambda c, label, desc: self.tasks.create(label, desc, c), 2)
         add("task.destroy", lambda c, r: self.tasks.destroy(r), 1)
         add("task.cancel", lambda c, r: self.tasks.cancel(r), 1)
 
