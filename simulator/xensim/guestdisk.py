@@ -23,6 +23,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PLUGIN = Path(__file__).with_name("guest_plugin.py")
+TEMP_PREFIX = "xensim-guest-"
 
 
 class GuestDiskError(Exception):
@@ -49,7 +50,7 @@ def default_socket(state_dir: Path, uuid: str) -> Path:
     path = state_dir / "guest" / f"{uuid}.sock"
     if len(str(path.resolve())) < 100:
         return path
-    return Path(tempfile.mkdtemp(prefix="xensim-guest-")) / f"{uuid[:8]}.sock"
+    return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)) / f"{uuid[:8]}.sock"
 
 
 def serve_guest_disk(state_dir: Path, uuid: str, socket_path: Path | None) -> int:
@@ -91,4 +92,6 @@ def serve_guest_disk(state_dir: Path, uuid: str, socket_path: Path | None) -> in
     proc.terminate()
     proc.wait()
     socket_path.unlink(missing_ok=True)
+    if socket_path.parent.name.startswith(TEMP_PREFIX):
+        socket_path.parent.rmdir()
     return 0
