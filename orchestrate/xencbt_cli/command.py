@@ -1,0 +1,66 @@
+"""The one place external commands run: argv is logged with secrets masked."""
+
+from __future__ import annotations
+
+import logging
+import shlex
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+
+from xencbt_core.secret import scrub
+
+from .errors import CommandFailed
+
+log = logging.getLogger(__name__)
+
+CHUNK = 1 << 20
+
+
+def shown(argv: Sequence[str]) -> str:
+    return scrub(shlex.join(str(a) for a in argv))
+
+
+def run(argv: Sequence[str], *, passthrough: bool = False) -> str:
+    """Run ``argv``; return its stdout (text).  Raise CommandFailed naming it on failure.
+
+    ``passthrough``: the command talks to the user's terminal (progress): its output goes
+    to our stderr, never to stdout, which belongs to --json.
+    """
+    log.debug("running %s", shown(argv))
+    proc = subprocess.run(
+        [str(a) for a in argv],
+        stdin=subprocess.DEVNULL,
+        stdout=sys.stderr if passthrough else subprocess.PIPE,
+        stderr=None if passthrough else subprocess.PIPE,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise CommandFailed(
+            "%s failed (exit %d): %s"
+            % (argv[0], proc.returncode, scrub((proc.stderr or "").strip()[-2000:]))
+        )
+    return proc.stdout or ""
+
+
+def stream(argv: Sequence[str], sink: Callable[[bytes], None]) -> None:
+    """Run ``argv`` and feed its stdout to ``sink`` chunk by chunk."""
+    log.debug("running %s", shown(argv))
+    proc = subprocess.Popen(
+        [str(a) for a in argv],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        assert proc.stdout is not None
+        while chunk := proc.stdout.read(CHUNK):
+            sink(chunk)
+    finally:
+        proc.stdout.close()
+        _, err = proc.communicate()
+    if proc.returncode != 0:
+        raise CommandFailed(
+            "%s failed (exit %d): %s"
+            % (argv[0], proc.returncode, scrub(err.decode(errors="replace").strip()[-2000:]))
+        )

@@ -1,0 +1,57 @@
+"""qcow2 images through qemu-img and nbdcopy: check, chain, flatten, checksum."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from . import command
+
+
+def info_chain(path: Path) -> list[dict]:
+    """``qemu-img info --backing-chain``: the image first, then its backing files."""
+    out = command.run(
+        ["qemu-img", "info", "--backing-chain", "--output=json", "-U", "-f", "qcow2", path]
+    )
+    return json.loads(out)
+
+
+def backing(path: Path) -> str | None:
+    """The image's backing file name as recorded in its header (relative), or None."""
+    out = command.run(["qemu-img", "info", "--output=json", "-U", "-f", "qcow2", path])
+    return json.loads(out).get("backing-filename")
+
+
+def check(path: Path) -> None:
+    command.run(["qemu-img", "check", "-q", "-U", "-f", "qcow2", path])
+
+
+def sha256(path: Path) -> str:
+    """sha256 of the whole virtual disk the image shows (its chain flattened)."""
+    digest = hashlib.sha256()
+    argv = ["nbdcopy", "--", "[", "qemu-nbd", "-r", "-f", "qcow2", str(path), "]", "-"]
+    command.stream(argv, digest.update)
+    return digest.hexdigest()
+
+
+def flatten(path: Path, out: Path, fmt: str = "qcow2") -> None:
+    """A standalone copy (sparse) of what ``path`` shows, in ``fmt``."""
+    command.run(["qemu-img", "convert", "-f", "qcow2", "-O", fmt, path, out])
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync(path)
+
+
+def disk_usage(path: Path) -> int:
+    return path.stat().st_blocks * 512

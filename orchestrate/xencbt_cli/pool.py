@@ -1,0 +1,149 @@
+"""What the orchestrator asks of the pool through XAPI: VMs, disks, CBT, snapshots."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from xencbt_core.errors import XapiError
+from xencbt_core.xapi import Session
+
+from .errors import CliError
+from .repository import UUID
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_PREFIX = "xencbt-"
+NULL_REF = "OpaqueRef:NULL"
+BROKEN_CHAIN = ("SR_BACKEND_FAILURE_460", "SR_BACKEND_FAILURE_459")
+
+
+@dataclass
+class Vm:
+    ref: str
+    uuid: str
+    name: str
+
+
+@dataclass
+class Disk:
+    """A VM's disk (or, after a snapshot, the snapshot's) by its VBD's userdevice."""
+
+    vdi_ref: str
+    uuid: str
+    name: str
+    userdevice: str
+    virtual_size: int
+    cbt_enabled: bool
+    snapshot_of: str = NULL_REF
+
+
+class Pool:
+    def __init__(self, session: Session):
+        self.session = session
+        self.call = session.call
+
+    def vm(self, name_or_uuid: str) -> Vm:
+        if UUID.match(name_or_uuid):
+            try:
+                refs = [self.call("VM.get_by_uuid", name_or_uuid)]
+            except XapiError as e:
+                if e.code != "UUID_INVALID":
+                    raise
+                refs = []
+        else:
+            refs = self.call("VM.get_by_name_label", name_or_uuid)
+        vms = []
+        for ref in refs:
+            rec = self.call("VM.get_record", ref)
+            if not (rec["is_a_snapshot"] or rec["is_a_template"] or rec["is_control_domain"]):
+                vms.append(Vm(ref, rec["uuid"], rec["name_label"]))
+        if len(vms) != 1:
+            raise CliError(
+                "%s VM named %s in the pool (give its uuid: xe vm-list)"
+                % ("no" if not vms else "more than one", name_or_uuid)
+            )
+        return vms[0]
+
+    def disks(self, vm_ref: str) -> list[Disk]:
+        found = []
+        for vbd in self.call("VM.get_VBDs", vm_ref):
+            rec = self.call("VBD.get_record", vbd)
+            if rec["type"] != "Disk" or rec["VDI"] == NULL_REF:
+                continue
+            vdi = self.call("VDI.get_record", rec["VDI"])
+            found.append(
+                Disk(
+                    rec["VDI"],
+                    vdi["uuid"],
+                    vdi["name_label"],
+                    rec["userdevice"],
+                    int(vdi["virtual_size"]),
+                    bool(vdi["cbt_enabled"]),
+                    vdi.get("snapshot_of", NULL_REF),
+                )
+            )
+        return sorted(found, key=lambda d: d.userdevice)
+
+    def enable_cbt(self, disk: Disk) -> None:
+        log.info("enabling CBT on VDI %s (%s)", disk.uuid, disk.name)
+        try:
+            self.call("VDI.enable_cbt", disk.vdi_ref)
+        except XapiError as e:
+            raise CliError(
+                "cannot enable CBT on VDI %s (%s): %s" % (disk.uuid, disk.name, e)
+            ) from None
+
+    def snapshot(self, vm: Vm, name: str) -> str:
+        log.info("snapshotting VM %s (%s) as %s", vm.uuid, vm.name, name)
+        return self.call("VM.snapshot", vm.ref, name)
+
+    def leftover_snapshots(self, vm: Vm) -> list[str]:
+        """Snapshot VMs an interrupted run of ours left behind."""
+        refs = []
+        for ref in self.call("VM.get_snapshots", vm.ref):
+            if self.call("VM.get_name_label", ref).startswith(SNAPSHOT_PREFIX):
+                refs.append(ref)
+        return refs
+
+    def destroy_snapshot(self, snap_vm: str, keep: set[str]) -> None:
+        """Destroy a snapshot VM; its VDIs whose uuid is in ``keep`` lose only their data
+        (their CBT log is the next backup's base), the others are destroyed."""
+        disks = self.disks(snap_vm)
+        self.call("VM.destroy", snap_vm)
+        for disk in disks:
+            if disk.uuid in keep:
+                self.data_destroy(disk.vdi_ref, disk.uuid)
+            else:
+                self.destroy_vdi(disk.vdi_ref, disk.uuid)
+
+    def data_destroy(self, ref: str, uuid: str) -> None:
+        try:
+            self.call("VDI.data_destroy", ref)
+        except XapiError as e:
+            if e.code != "VDI_NO_CBT_METADATA":
+                raise
+            log.warning("VDI %s has no CBT log any more; destroying it", uuid)
+            self.destroy_vdi(ref, uuid)
+
+    def destroy_vdi(self, ref: str, uuid: str) -> None:
+        log.info("destroying VDI %s", uuid)
+        self.call("VDI.destroy", ref)
+
+    def vdi_ref(self, uuid: str) -> str | None:
+        try:
+            return self.call("VDI.get_by_uuid", uuid)
+        except XapiError as e:
+            if e.code == "UUID_INVALID":
+                return None
+            raise
+
+    def changed_blocks(self, base_ref: str, snap_ref: str) -> str | None:
+        """The base64 bitmap, or None when the CBT chain is broken between the two."""
+        try:
+            return self.call("VDI.list_changed_blocks", base_ref, snap_ref)
+        except XapiError as e:
+            if e.code in BROKEN_CHAIN:
+                log.info("list_changed_blocks: %s", e)
+                return None
+            raise

@@ -1,0 +1,79 @@
+"""Prune a chain to its newest N points, crash-safely.
+
+The oldest kept point P is made standalone: its whole chain is flattened into
+``P.qcow2.partial`` (sparse, fsync'd).  A journal ``.prune.json`` {point, remove} is
+written atomically, then the flattened image is renamed over ``P.qcow2`` (atomic; the
+newer points name it as their backing file and see the very same bytes).  Then P's
+manifest loses its base, the older points are removed (manifest first, then image),
+and the journal goes.  After a crash the next writer of the chain looks at the journal:
+if ``P.qcow2`` already has no backing file the swap happened and the steps after it are
+done again (they are idempotent); otherwise the journal and the partial file are dropped
+and the chain is exactly as before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+
+from . import image
+from .repository import Chain, write_atomically
+
+log = logging.getLogger(__name__)
+
+JOURNAL = ".prune.json"
+
+
+def prune(chain: Chain, keep: int) -> list[str]:
+    """Keep the newest ``keep`` points; return the points removed.  Hold the lock."""
+    chain.clean()
+    points = chain.points()
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    if len(points) <= keep:
+        return []
+    new_base, doomed = points[-keep], points[:-keep]
+    journal = {"point": new_base.point, "remove": [m.point for m in doomed]}
+    if new_base.base_point is not None:
+        path = chain.image_path(new_base.point)
+        partial = chain.partial_path(new_base.point)
+        image.flatten(path, partial)
+        image.fsync(partial)
+        write_atomically(chain.path / JOURNAL, json.dumps(journal))
+        os.replace(partial, path)
+        image.fsync_dir(chain.path)
+    else:
+        write_atomically(chain.path / JOURNAL, json.dumps(journal))
+    finish(chain, journal)
+    return journal["remove"]
+
+
+def finish(chain: Chain, journal: dict) -> None:
+    m = chain.get(journal["point"])
+    if m.base_point is not None:
+        m.history.append("merged %s into this point (prune)" % ", ".join(journal["remove"]))
+        m.base_point = None
+        m.bytes_on_disk = image.disk_usage(chain.image_path(m.point))
+        chain.commit(m)
+    for point in journal["remove"]:
+        chain.remove(point)
+    with contextlib.suppress(FileNotFoundError):
+        (chain.path / JOURNAL).unlink()
+    image.fsync_dir(chain.path)
+
+
+def recover(chain: Chain) -> None:
+    """Roll an interrupted prune forward (swap done) or back (not done)."""
+    path = chain.path / JOURNAL
+    if not path.is_file():
+        return
+    journal = json.loads(path.read_text())
+    target = chain.image_path(journal["point"])
+    if target.is_file() and image.backing(target) is None:
+        log.info("%s: finishing an interrupted prune", chain)
+        finish(chain, journal)
+    else:
+        log.info("%s: undoing an interrupted prune", chain)
+        path.unlink()

@@ -1,0 +1,122 @@
+"""Where the connection settings come from: options, then environment, then a config file.
+
+The config file is INI with one ``[xencbt]`` section::
+
+    [xencbt]
+    xapi = https://pool-master.example.com
+    user = root
+    password_file = /etc/xencbt/password
+    xapi_cafile = /etc/xencbt/pool-master.pem
+    # thumbprint = AA:BB:...
+    # repo = /srv/backup
+
+``--config FILE``, else the first of /etc/xencbt/xencbt.conf and
+~/.config/xencbt/xencbt.conf that exists.  The password itself is never an option.
+"""
+
+from __future__ import annotations
+
+import configparser
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from xencbt_core.secret import Secret, read_password, write_private
+from xencbt_core.xapi import ApiTrust, Session
+
+from .errors import UsageError
+
+SYSTEM_CONFIG = Path("/etc/xencbt/xencbt.conf")
+USER_CONFIG = Path("~/.config/xencbt/xencbt.conf")
+SECTION = "xencbt"
+ENV = {"xapi": "XENCBT_XAPI", "user": "XENCBT_USER", "password_file": "XENCBT_PASSWORD_FILE"}
+KEYS = ("xapi", "user", "password_file", "xapi_cafile", "thumbprint", "repo")
+
+
+@dataclass
+class Settings:
+    xapi: str = ""
+    user: str = "root"
+    password_file: str = ""
+    xapi_cafile: str = ""
+    thumbprint: str = ""
+    repo: str = ""
+
+    def trust(self) -> ApiTrust:
+        return ApiTrust(cafile=self.xapi_cafile, thumbprint=self.thumbprint)
+
+    def require_pool(self) -> None:
+        if not self.xapi:
+            raise UsageError("no pool given: use --xapi URL, XENCBT_XAPI or xapi= in the config")
+        if not self.password_file:
+            raise UsageError(
+                "no password given: use --password-file FILE (mode 0600), "
+                "XENCBT_PASSWORD_FILE or password_file= in the config"
+            )
+
+    def password(self) -> Secret:
+        return read_password("-" if self.password_file == "-" else "+" + self.password_file)
+
+    def session(self) -> Session:
+        self.require_pool()
+        return Session(self.xapi, self.trust(), self.user, password=self.password())
+
+    @contextlib.contextmanager
+    def plugin_password(self) -> Iterator[str]:
+        """A ``password=+FILE`` value for the plugin; a private temp copy if read from stdin."""
+        if self.password_file != "-":
+            yield "+" + self.password_file
+            return
+        secret = self.password()
+        with tempfile.TemporaryDirectory(prefix="xencbt-") as tmp:
+            path = os.path.join(tmp, "password")
+            write_private(path, secret.reveal() + "\n")
+            yield "+" + path
+
+
+def config_file(explicit: str | None) -> Path | None:
+    if explicit:
+        if not Path(explicit).is_file():
+            raise UsageError("config file %s does not exist" % explicit)
+        return Path(explicit)
+    for path in (SYSTEM_CONFIG, USER_CONFIG.expanduser()):
+        if path.is_file():
+            return path
+    return None
+
+
+def read_config(path: Path | None) -> dict[str, str]:
+    if path is None:
+        return {}
+    parser = configparser.ConfigParser()
+    try:
+        parser.read(path, encoding="utf-8")
+    except configparser.Error as e:
+        raise UsageError("config file %s: %s" % (path, e)) from None
+    if not parser.has_section(SECTION):
+        return {}
+    values = {k.replace("-", "_"): v for k, v in parser.items(SECTION)}
+    if "password" in values:
+        raise UsageError("config file %s: use password_file=, not password=" % path)
+    unknown = set(values) - set(KEYS)
+    if unknown:
+        raise UsageError("config file %s: unknown keys %s" % (path, ", ".join(sorted(unknown))))
+    return values
+
+
+def resolve(options: dict[str, str | None], config: str | None) -> Settings:
+    """Options win over the environment, which wins over the config file."""
+    values = read_config(config_file(config))
+    for key, var in ENV.items():
+        if os.environ.get(var):
+            values[key] = os.environ[var]
+    for key in KEYS:
+        if options.get(key):
+            values[key] = str(options[key])
+    settings = Settings(**values)
+    if settings.xapi_cafile and settings.thumbprint:
+        raise UsageError("give --xapi-cafile or --thumbprint, not both")
+    return settings
