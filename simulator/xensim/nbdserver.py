@@ -91,7 +91,8 @@ class NBDServer:
         self._stopping = threading.Event()
 
     def start(self) -> None:
-        self._listener = socket.create_server((self.address, self.port), backlog=64)
+        family = socket.AF_INET6 if ":" in self.address else socket.AF_INET
+        self._listener = socket.create_server((self.address, self.port), family=family, backlog=64)
         self.port = self._listener.getsockname()[1]
         self._accepter = threading.Thread(
             target=self._accept_loop, name=f"nbd-accept-{self.port}", daemon=True
@@ -126,8 +127,13 @@ class NBDServer:
         while not self._stopping.is_set():
             try:
                 sock, peer = self._listener.accept()
-            except OSError:
-                return  # listener shut down by stop()
+            except OSError as e:
+                if self._stopping.is_set():
+                    return  # stop() shut the listener down
+                # Transient (ECONNABORTED, EMFILE): keep serving, but don't spin on it.
+                log.warning("NBD accept failed: %s", e)
+                self._stopping.wait(0.1)
+                continue
             self._admit(sock, peer)
 
     def _admit(self, sock: socket.socket, peer: tuple) -> None:
@@ -158,6 +164,8 @@ class NBDServer:
                 log.info("NBD connection from %s refused: no NBD network", session.peer)
                 self._refuse(session.sock)
                 return
+            if mode not in ("tls", "notls"):
+                raise ValueError(f"NBD mode must be 'tls', 'notls' or None, not {mode!r}")
             self._counters.opened()
             try:
                 session.serve(tls=mode == "tls")
