@@ -362,6 +362,10 @@ def test_mode_is_read_per_connection_and_none_closes_at_once(make_server):
     mode["now"] = "notls"
     with raw(server) as sock:
         assert w.export_name(sock, NAME)[0] == SIZE
+    mode["now"] = "insecure_nbd"  # a purpose, not a mode: a caller's bug, refused loudly
+    with w.connect(server.port) as sock:
+        assert_closed(sock)
+    assert server.counters.connections_total == 1
 
 
 # -- faults and counters --------------------------------------------------------------------
