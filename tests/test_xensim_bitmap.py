@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from xensim import bitmap
 
@@ -30,6 +30,7 @@ def disk_and_writes(draw):
     return size, writes
 
 
+@settings(deadline=None)
 @given(disk_and_writes())
 def test_marking_sets_exactly_the_touched_blocks(case):
     size, writes = case
@@ -41,6 +42,7 @@ def test_marking_sets_exactly_the_touched_blocks(case):
     assert len(bits) == math.ceil(math.ceil(size / BLOCK) / 8)
 
 
+@settings(deadline=None)
 @given(sizes, st.integers(0, 64 * BLOCK))
 def test_length_is_ceil_of_ceil(size, extra):
     assert bitmap.byte_length(size) * 8 >= bitmap.block_count(size)
@@ -48,6 +50,7 @@ def test_length_is_ceil_of_ceil(size, extra):
     assert bitmap.byte_length(size + extra) >= bitmap.byte_length(size)
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=40), st.binary(max_size=40))
 def test_merge_is_or_with_zero_extension(older, newer):
     out = bitmap.merged(older, newer)
@@ -58,11 +61,13 @@ def test_merge_is_or_with_zero_extension(older, newer):
         assert bit(out, i) == (in_old or in_new)
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=64))
 def test_encode_decode_round_trip(bits):
     assert bitmap.decode(bitmap.encode(bits)) == bits
 
 
+@settings(deadline=None)
 @given(st.integers(0, 200))
 def test_msb_first(block):
     bits = bitmap.empty((block + 1) * BLOCK)
@@ -79,6 +84,7 @@ def test_known_pattern_encodes_like_the_wire():
     assert bitmap.encode(bits) == "YAE="
 
 
+@settings(deadline=None)
 @given(st.binary(max_size=20), sizes)
 def test_resized_keeps_prefix_and_zero_extends(bits, size):
     out = bitmap.resized(bits, size)
