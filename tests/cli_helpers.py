@@ -1,0 +1,99 @@
+"""Helpers for the xencbt command's end-to-end tests: run the real command against the
+simulator, write through the guest's disk, keep a model of every disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nbd
+
+BLOCK = 64 * 1024
+XENCBT = [sys.executable, "-m", "xencbt_cli.main"]
+
+
+def sha(data: bytes | bytearray) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def rand(n: int) -> bytes:
+    return os.urandom(n)
+
+
+def cli_env(sim) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(XENCBT_XAPI=sim.info["xapi"], XENCBT_PASSWORD_FILE=sim.info["password_file"])
+    env.pop("XENCBT_USER", None)
+    env["HOME"] = str(sim.state_dir)  # no stray ~/.config/xencbt/xencbt.conf
+    return env
+
+
+def xencbt(sim, *args: str, check: int | None = 0, popen: bool = False):
+    argv = [*XENCBT, "--xapi-cafile", sim.info["ca_file"], *args]
+    if popen:
+        return subprocess.Popen(
+            argv, env=cli_env(sim), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    r = subprocess.run(argv, env=cli_env(sim), capture_output=True, text=True, timeout=120)
+    if check is not None:
+        assert r.returncode == check, "exit %d\n%s\n%s" % (r.returncode, r.stdout, r.stderr)
+    return r
+
+
+def backup(sim, repo: Path, *args: str) -> dict:
+    r = xencbt(sim, "--json", "backup", *args, "--repo", str(repo))
+    return json.loads(r.stdout)
+
+
+class Vm:
+    """A simulated VM, its disks and a model of what the guest wrote on each."""
+
+    def __init__(self, sim, name: str = "demo-vm"):
+        self.sim = sim
+        self.x = sim.session().xenapi
+        self.ref = self.x.VM.get_by_name_label(name)[0]
+        self.uuid = self.x.VM.get_uuid(self.ref)
+        self.name = name
+        vbds = [self.x.VBD.get_record(v) for v in self.x.VM.get_VBDs(self.ref)]
+        self.vdis = [v["VDI"] for v in sorted(vbds, key=lambda v: v["userdevice"])]
+        self.uuids = [self.x.VDI.get_uuid(v) for v in self.vdis]
+        self.models = [bytearray(int(self.x.VDI.get_virtual_size(v))) for v in self.vdis]
+
+    def write(self, disk: int, changes: dict[int, bytes | None]) -> None:
+        with self.sim.guest_disk(self.uuids[disk]) as uri:
+            h = nbd.NBD()
+            h.connect_uri(uri)
+            for offset, data in changes.items():
+                if data is None:
+                    h.zero(BLOCK, offset)
+                    data = bytes(BLOCK)
+                else:
+                    h.pwrite(data, offset)
+                self.models[disk][offset : offset + len(data)] = data
+            h.flush()
+            h.shutdown()
+
+    def resize(self, disk: int, size: int) -> None:
+        self.x.VDI.resize(self.vdis[disk], str(size))
+        size = int(self.x.VDI.get_virtual_size(self.vdis[disk]))
+        self.models[disk].extend(bytes(size - len(self.models[disk])))
+
+    def digests(self) -> list[str]:
+        return [sha(m) for m in self.models]
+
+
+def restored_sha(sim, repo: Path, tmp: Path, vdi: str, point: str | None = None) -> str:
+    out = tmp / ("r-%s-%s.raw" % (vdi[:8], point or "latest"))
+    args = ["restore", "--repo", str(repo), vdi, "--to-file", str(out)]
+    xencbt(sim, *args, *(["--at", point] if point else []))
+    digest = sha(out.read_bytes())
+    out.unlink()
+    return digest
+
+
+def served(sim) -> int:
+    return sum(c["bytes_served"] for c in sim.control.counters().values())
