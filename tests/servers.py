@@ -101,6 +101,21 @@ def qemu_nbd_upstream(image: Path, tmp: Path, certdir: Path, export: str):
         yield port
 
 
+@contextlib.contextmanager
+def qemu_nbd_rw(image: Path, tmp: Path):
+    """A raw image served read-write by qemu-nbd (nbdcopy must not truncate a file)."""
+    sock, pid = tmp / "dest.sock", tmp / "dest.pid"
+    proc = subprocess.Popen(
+        ["qemu-nbd", "-f", "raw", "-k", str(sock), "--pid-file", str(pid), str(image)]
+    )
+    try:
+        wait_for_file(pid, proc)
+        yield "nbd+unix:///?socket=%s" % sock
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
 def nbd_info_file(tmp: Path, record: dict) -> Path:
     path = tmp / "nbd-info.json"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

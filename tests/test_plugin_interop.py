@@ -18,6 +18,7 @@ from servers import (
     nbd_info_file,
     nbdkit_upstream,
     plugin_server,
+    qemu_nbd_rw,
     qemu_nbd_upstream,
     run_plugin,
 )
@@ -141,26 +142,13 @@ def test_incremental_overlay_holds_exactly_the_changed_blocks(upstream, images, 
 def test_unchanged_zero_patches_a_copy_in_place_with_nbdcopy(upstream, images, tmp_path):
     copy = tmp_path / "copy.raw"
     copy.write_bytes((images / "base.raw").read_bytes())
-    sock = tmp_path / "dest.sock"
-    dest = subprocess.Popen(
-        ["qemu-nbd", "-f", "raw", "-k", str(sock), "--pid-file", str(tmp_path / "q.pid"), copy]
+    params = params_for(
+        tmp_path, upstream, "changed=+%s" % (images / "changed.b64"), "unchanged=zero"
     )
-    try:
-        from servers import wait_for_file
-
-        wait_for_file(tmp_path / "q.pid", dest)
-        params = params_for(
-            tmp_path, upstream, "changed=+%s" % (images / "changed.b64"), "unchanged=zero"
-        )
-        run = (
-            'nbdcopy --destination-is-zero --request-size=65536 -S 0 "$uri" "nbd+unix:///?socket=%s"'
-            % sock
-        )
+    with qemu_nbd_rw(copy, tmp_path) as dest:
+        run = 'nbdcopy --destination-is-zero --request-size=65536 -S 0 "$uri" "%s"' % dest
         r = run_plugin(params, run)
         assert r.returncode == 0, r.stderr
-    finally:
-        dest.terminate()
-        dest.wait()
     assert sha(copy) == sha(images / "new.raw")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import nbd
 import pytest
-from servers import plugin_server, run_plugin
+from servers import plugin_server, qemu_nbd_rw, run_plugin
 
 BLOCK = 64 * 1024
 
@@ -139,6 +139,25 @@ def test_full_then_incrementals_are_byte_identical(disk, tmp_path, xensim):
     assert sha(flatten(new, tmp_path / "f2.raw")) == sha(m2)
     served = sum(c["bytes_served"] for c in xensim.control.counters().values())
     assert served == 3 * BLOCK + disk.size % BLOCK  # only the changed blocks moved
+
+    # The same change patched in place (unchanged=zero + nbdcopy) onto the s1 copy.
+    patched = tmp_path / "patched.raw"
+    patched.write_bytes(m1)
+    with qemu_nbd_rw(patched, tmp_path) as dest:
+        run = 'nbdcopy --destination-is-zero --request-size=65536 -S 0 "$uri" "%s"' % dest
+        r = run_plugin(disk.params(s2, "since=%s" % s1, "unchanged=zero"), run)
+        assert r.returncode == 0, r.stderr
+    assert sha(patched.read_bytes()) == sha(m2)
+
+    # libnbd reads the whole snapshot through the plugin.
+    with plugin_server(disk.params(s2, "connections=2"), tmp_path) as (uri, _):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        got = b"".join(
+            h.pread(min(4 << 20, disk.size - o), o) for o in range(0, disk.size, 4 << 20)
+        )
+        h.shutdown()
+    assert sha(got) == sha(m2)
 
     # The disk grows; blocks written in the new region are the only new ones.
     old_size = disk.size
