@@ -49,6 +49,7 @@ class VmResult:
     point: str = ""
     ok: bool = False
     error: str = ""
+    exit_code: int = 0
     disks: list[dict] = field(default_factory=list)
 
 
@@ -88,6 +89,7 @@ class Backup:
             result.ok = True
         except XencbtError as e:
             result.error = scrub(str(e))
+            result.exit_code = getattr(e, "exit_code", 1)
             self.say("VM %s: backup FAILED: %s" % (name, result.error))
         return result
 

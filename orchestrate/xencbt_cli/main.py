@@ -143,10 +143,13 @@ def cmd_backup(args, conf: settings.Settings) -> int:
         report.emit_json(report.backup_json(results))
     else:
         report.print_backup(results)
-    failed = sum(not r.ok for r in results)
-    if failed == 0:
+    failed = [r for r in results if not r.ok]
+    if not failed:
         return errors.OK
-    return errors.PARTIAL if failed < len(results) else errors.ERROR
+    if len(failed) < len(results):
+        return errors.PARTIAL
+    codes = {r.exit_code for r in failed}
+    return codes.pop() if len(codes) == 1 else errors.ERROR
 
 
 def cmd_list(args, conf: settings.Settings) -> int:

@@ -1,4 +1,4 @@
-"""Helpers for the xencbt command's end-to-end tests: run the real command against the
+"""Helpers (no tests) for the xencbt command's end-to-end tests: run the real command against the
 simulator, write through the guest's disk, keep a model of every disk."""
 
 from __future__ import annotations
