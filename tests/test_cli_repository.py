@@ -1,0 +1,156 @@
+"""Repository, settings and connection budget without a pool: real qemu-img images."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from test_cli_support import sha
+from xencbt_cli import image, prune, settings
+from xencbt_cli.copier import ConnectionBudget
+from xencbt_cli.errors import LockBusy, UsageError
+from xencbt_cli.repository import Manifest, Repository
+
+VM = "11111111-1111-4111-8111-111111111111"
+VDI = "22222222-2222-4222-8222-222222222222"
+SIZE = 1 << 20
+
+
+def qemu_io(path: Path, command: str) -> None:
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, path], check=True, capture_output=True)
+
+
+def make_chain(tmp_path: Path, n: int):
+    """n points, each writing a distinct pattern; returns (chain, [(point, sha)])."""
+    chain = Repository(tmp_path / "repo").chain(VM, VDI)
+    chain.path.mkdir(parents=True)
+    made = []
+    base = None
+    for i in range(n):
+        point = "20250101T00000%d.000000Z" % i
+        partial = chain.partial_path(point)
+        argv = ["qemu-img", "create", "-f", "qcow2", partial, str(SIZE)]
+        if base:
+            argv[4:4] = ["-b", base + ".qcow2", "-F", "qcow2"]
+        subprocess.run(argv, check=True, capture_output=True)
+        qemu_io(partial, "write -P %d %d 65536" % (i + 1, i * 65536))
+        chain.publish_image(point)
+        digest = image.sha256(chain.image_path(point))
+        chain.commit(
+            Manifest(
+                point,
+                VM,
+                "vm",
+                VDI,
+                "disk",
+                "0",
+                "snap%d" % i,
+                "incremental" if base else "full",
+                SIZE,
+                digest,
+                base_point=base,
+            )
+        )
+        made.append((point, digest))
+        base = point
+    return chain, made
+
+
+def flat_sha(path: Path, tmp_path: Path) -> str:
+    out = tmp_path / "flat.raw"
+    image.flatten(path, out, "raw")
+    return sha(out.read_bytes())
+
+
+def test_prune_keeps_newest_byte_identical(tmp_path):
+    chain, made = make_chain(tmp_path, 4)
+    with chain.lock():
+        assert prune.prune(chain, 2) == [made[0][0], made[1][0]]
+    points = chain.points()
+    assert [m.point for m in points] == [p for p, _ in made[2:]]
+    assert points[0].base_point is None and "prune" in points[0].history[0]
+    for point, digest in made[2:]:
+        assert flat_sha(chain.image_path(point), tmp_path) == digest
+    assert image.backing(chain.image_path(made[2][0])) is None
+
+
+def test_prune_interrupted_after_swap_is_rolled_forward(tmp_path):
+    chain, made = make_chain(tmp_path, 3)
+    # Crash right after the rename: the image is standalone, manifests still old.
+    target = chain.image_path(made[1][0])
+    image.flatten(target, chain.partial_path(made[1][0]))
+    (chain.path / prune.JOURNAL).write_text(
+        json.dumps({"point": made[1][0], "remove": [made[0][0]]})
+    )
+    chain.partial_path(made[1][0]).replace(target)
+    with chain.lock():
+        chain.clean()
+    assert [m.point for m in chain.points()] == [made[1][0], made[2][0]]
+    assert not (chain.path / prune.JOURNAL).exists()
+    for point, digest in made[1:]:
+        assert flat_sha(chain.image_path(point), tmp_path) == digest
+
+
+def test_prune_interrupted_before_swap_is_undone(tmp_path):
+    chain, made = make_chain(tmp_path, 3)
+    image.flatten(chain.image_path(made[1][0]), chain.partial_path(made[1][0]))
+    (chain.path / prune.JOURNAL).write_text(
+        json.dumps({"point": made[1][0], "remove": [made[0][0]]})
+    )
+    with chain.lock():
+        removed = chain.clean()
+    assert removed == [made[1][0] + ".qcow2.partial"]
+    assert [m.point for m in chain.points()] == [p for p, _ in made]
+
+
+def test_point_without_manifest_does_not_exist_and_is_cleaned(tmp_path):
+    chain, made = make_chain(tmp_path, 2)
+    chain.manifest_path(made[1][0]).unlink()
+    (chain.path / "20250101T000009.000000Z.json.tmp").write_text("{")
+    assert [m.point for m in chain.points()] == [made[0][0]]
+    with chain.lock():
+        assert sorted(chain.clean()) == [made[1][0] + ".qcow2", "20250101T000009.000000Z.json.tmp"]
+
+
+def test_lock_is_exclusive(tmp_path):
+    chain = Repository(tmp_path).chain(VM, VDI)
+    with chain.lock(), pytest.raises(LockBusy, match="--wait"), chain.lock():
+        pass
+
+
+def test_settings_precedence(tmp_path, monkeypatch):
+    conf = tmp_path / "xencbt.conf"
+    conf.write_text("[xencbt]\nxapi = https://from-config\nuser = cfg\npassword_file = /p\n")
+    monkeypatch.setenv("XENCBT_XAPI", "https://from-env")
+    monkeypatch.delenv("XENCBT_USER", raising=False)
+    monkeypatch.delenv("XENCBT_PASSWORD_FILE", raising=False)
+    s = settings.resolve({}, str(conf))
+    assert (s.xapi, s.user, s.password_file) == ("https://from-env", "cfg", "/p")
+    s = settings.resolve({"xapi": "https://from-option"}, str(conf))
+    assert s.xapi == "https://from-option"
+    conf.write_text("[xencbt]\npassword = hunter22\n")
+    with pytest.raises(UsageError, match="password_file"):
+        settings.resolve({}, str(conf))
+
+
+def test_connection_budget_never_exceeds_limit():
+    budget = ConnectionBudget(16)
+    peak = [0]
+    lock = threading.Lock()
+
+    def copy():
+        with budget.take(10) as n:
+            with lock:
+                peak[0] = max(peak[0], 16 - budget.free)
+            assert n == 10
+            threading.Event().wait(0.05)
+
+    threads = [threading.Thread(target=copy) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert peak[0] == 10 and budget.free == 16
