@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	@touch $@
 
 demo: deps
-	$(PY) -m xensim.demo
+	$(PY) -m xensim.backupdemo
 
 lint: deps
 	$(VENV)/bin/ruff check .

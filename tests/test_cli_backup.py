@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from test_cli_support import BLOCK, Vm, backup, rand, restored_sha, served, sha, xencbt
+from cli_support import BLOCK, Vm, backup, rand, restored_sha, served, sha, xencbt
 
 
 @pytest.fixture

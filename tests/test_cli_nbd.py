@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from test_cli_support import xencbt
+from cli_support import xencbt
 
 
 def modes(sim) -> dict[str, str | None]:

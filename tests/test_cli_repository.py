@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_cli_support import sha
+from cli_support import sha
 from xencbt_cli import image, prune, settings
 from xencbt_cli.copier import ConnectionBudget
 from xencbt_cli.errors import LockBusy, UsageError

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import nbd
-from test_cli_support import BLOCK, Vm, backup, rand, sha, xencbt
+from cli_support import BLOCK, Vm, backup, rand, sha, xencbt
 
 
 def read_vdi(sim, uuid: str, size: int) -> bytes:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_cli_support import BLOCK, Vm, backup, rand, restored_sha, sha, xencbt
+from cli_support import BLOCK, Vm, backup, rand, restored_sha, sha, xencbt
 
 
 def cmdlines() -> list[str]:
@@ -129,7 +129,7 @@ def test_partial_failure_exit_code(xensim, tmp_path):
 def test_missing_settings_are_usage_errors(xensim, tmp_path, missing, monkeypatch):
     import subprocess
 
-    from test_cli_support import XENCBT, cli_env
+    from cli_support import XENCBT, cli_env
 
     env = cli_env(xensim)
     del env[missing]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -258,6 +259,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         say("xencbt: interrupted")
         return errors.INTERRUPTED
+    except BrokenPipeError:
+        # stdout went away (`xencbt list | head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return errors.OK
     except ConfigError as e:
         say("xencbt: %s" % e)
         return errors.USAGE
