@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.deps-stamp
 DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils \
             python3-cryptography python3-venv python3-pip e2fsprogs openssl
 
-.PHONY: deps demo check lint test bench clean
+.PHONY: deps demo check lint test clean
 
 deps: $(STAMP)
 
@@ -38,9 +38,6 @@ test: deps
 	$(VENV)/bin/pytest
 
 check: lint test
-
-bench: deps
-	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
