@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -141,3 +142,28 @@ def test_missing_settings_are_usage_errors(xensim, tmp_path, missing, monkeypatc
     )
     assert r.returncode == 2, r.stderr
     assert "--xapi" in r.stderr or "--password-file" in r.stderr
+
+
+def test_password_from_stdin_serves_session_and_plugin(xensim, tmp_path):
+    """--password-file - is read once and handed to the plugin as a private 0600 file."""
+    from cli_support import XENCBT, cli_env
+
+    env = {k: v for k, v in cli_env(xensim).items() if k != "XENCBT_PASSWORD_FILE"}
+    argv = [
+        *XENCBT,
+        "--xapi-cafile",
+        xensim.info["ca_file"],
+        "--password-file",
+        "-",
+        "--json",
+        "backup",
+        "demo-vm",
+        "--repo",
+        str(tmp_path / "repo"),
+    ]
+    r = subprocess.run(
+        argv, input=xensim.password + "\n", env=env, capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 0, r.stderr
+    assert all(d["type"] == "full" for d in json.loads(r.stdout)["vms"][0]["disks"])
+    assert xensim.password not in r.stdout + r.stderr

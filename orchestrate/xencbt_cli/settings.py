@@ -21,7 +21,7 @@ import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from xencbt_core.secret import Secret, read_password, write_private
@@ -44,6 +44,7 @@ class Settings:
     xapi_cafile: str = ""
     thumbprint: str = ""
     repo: str = ""
+    _password: Secret | None = field(default=None, repr=False, compare=False)
 
     def trust(self) -> ApiTrust:
         return ApiTrust(cafile=self.xapi_cafile, thumbprint=self.thumbprint)
@@ -58,7 +59,11 @@ class Settings:
             )
 
     def password(self) -> Secret:
-        return read_password("-" if self.password_file == "-" else "+" + self.password_file)
+        # Read once: from stdin (``-``) there is no second chance.
+        if self._password is None:
+            spec = "-" if self.password_file == "-" else "+" + self.password_file
+            self._password = read_password(spec)
+        return self._password
 
     def session(self) -> Session:
         self.require_pool()
