@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.deps-stamp
 DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils \
             python3-cryptography python3-venv python3-pip e2fsprogs openssl
 
-.PHONY: deps demo check lint test clean
+.PHONY: deps demo check lint test faults clean
 
 deps: $(STAMP)
 
@@ -38,6 +38,10 @@ test: deps
 	$(VENV)/bin/pytest
 
 check: lint test
+
+# The fault-and-abuse suite alone (it is also part of `make check`).
+faults: deps
+	$(VENV)/bin/pytest -m reliability
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

@@ -137,3 +137,15 @@ def _simulator_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     path = os.environ.get("PYTHONPATH", "")
     if sim_dir not in path.split(os.pathsep):
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (sim_dir, path) if p))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    """Print the reliability figures (tests/tally.py) when any were counted."""
+    from tally import figures
+
+    totals = figures()
+    if not any(totals.values()):
+        return
+    terminalreporter.section("reliability figures")
+    for name, count in totals.items():
+        terminalreporter.write_line(f"{name:>28}: {count}")
