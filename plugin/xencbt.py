@@ -14,6 +14,7 @@ import errno
 import logging
 import os
 import sys
+import traceback
 
 import nbdkit
 
@@ -57,10 +58,28 @@ def _setup_logging():
 _setup_logging()
 
 
+class _Explained(Exception):
+    """An error already worded for the administrator: nbdkit shows its text only."""
+
+
+_format_exception = traceback.format_exception
+
+
+def _format_explained(exc, value=None, tb=None, *args, **kwargs):
+    # nbdkit prints traceback.format_exception() of whatever a callback raised; a
+    # traceback under a one-line explanation only hides it.  Real bugs keep theirs.
+    if isinstance(value, _Explained):
+        return [str(value)]
+    return _format_exception(exc, value, tb, *args, **kwargs)
+
+
+traceback.format_exception = _format_explained
+
+
 def _fail(e):
     """Re-raise as one short, scrubbed exception so nbdkit prints a readable error."""
     nbdkit.set_error(getattr(e, "errno", errno.EIO))
-    raise RuntimeError(scrub(str(e))) from None
+    raise _Explained(scrub(str(e))) from None
 
 
 def dump_plugin():

@@ -20,10 +20,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from xencbt_core.cbt import Bitmap
-from xencbt_core.errors import XencbtError
+from xencbt_core.errors import ConfigError, XencbtError
 from xencbt_core.secret import scrub
 
-from . import image
+from . import errors, image
 from .copier import ConnectionBudget, Copier
 from .pool import SNAPSHOT_PREFIX, Disk, Pool, Vm
 from .repository import Chain, Manifest, Repository, new_point_id
@@ -89,7 +89,7 @@ class Backup:
             result.ok = True
         except XencbtError as e:
             result.error = scrub(str(e))
-            result.exit_code = getattr(e, "exit_code", 1)
+            result.exit_code = errors.exit_code(e)
             self.say("VM %s: backup FAILED: %s" % (name, result.error))
         return result
 
@@ -159,7 +159,11 @@ class Backup:
                 reason="the CBT chain is broken since point %s (list_changed_blocks "
                 "failed: CBT was reset or the log is inconsistent)" % prev.point
             )
-        changed = Bitmap.from_base64(bitmap, snap.virtual_size).changed_bytes()
+        try:
+            changed = Bitmap.from_base64(bitmap, snap.virtual_size).changed_bytes()
+        except ConfigError as e:
+            # Damaged CBT metadata on the host: an incremental could miss changes.
+            return Plan(reason="the host returned an unusable CBT bitmap (%s)" % e)
         return Plan(base=prev, changed_bytes=changed)
 
     def backup_disk(self, vm: Vm, disk: Disk, snap: Disk, chain: Chain, point: str) -> Manifest:

@@ -36,11 +36,33 @@ def run(argv: Sequence[str], *, passthrough: bool = False) -> str:
         text=True,
     )
     if proc.returncode != 0:
-        raise CommandFailed(
-            "%s failed (exit %d): %s"
-            % (argv[0], proc.returncode, scrub((proc.stderr or "").strip()[-2000:]))
-        )
+        raise failed(argv[0], proc.returncode, proc.stderr or "")
     return proc.stdout or ""
+
+
+def failed(name: str, code: int, stderr: str) -> CommandFailed:
+    """One line saying why: the tool's own explanation, the rest only with -vv."""
+    text = scrub(stderr)
+    log.debug("%s stderr:\n%s", name, text.strip())
+    return CommandFailed("%s failed (exit %d): %s" % (name, code, summary(text)))
+
+
+def summary(stderr: str) -> str:
+    """The line of ``stderr`` that explains a failure, without nbdkit's prefixes.
+
+    nbdkit's own error line names the plugin callback ("nbdkit: error: …/xencbt.py:
+    pread: error: <why>"); qemu-img's ("error while reading …: Input/output error")
+    only echoes it, so the plugin's line wins, then any error line, then the last line.
+    """
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    if not lines:
+        return "no error message"
+    errors = [line for line in lines if "error" in line.lower()]
+    plugin = [line for line in errors if line.startswith("nbdkit:") and ".py: " in line]
+    line = (plugin or errors or lines)[-1]
+    if plugin:
+        line = line.split(": error: ", 2)[-1]
+    return line[:1000]
 
 
 def stream(argv: Sequence[str], sink: Callable[[bytes], None]) -> None:
@@ -60,7 +82,4 @@ def stream(argv: Sequence[str], sink: Callable[[bytes], None]) -> None:
         proc.stdout.close()
         _, err = proc.communicate()
     if proc.returncode != 0:
-        raise CommandFailed(
-            "%s failed (exit %d): %s"
-            % (argv[0], proc.returncode, scrub(err.decode(errors="replace").strip()[-2000:]))
-        )
+        raise failed(argv[0], proc.returncode, err.decode(errors="replace"))

@@ -55,13 +55,21 @@ class ConnectionBudget:
 
 
 class Copier:
-    def __init__(self, settings: Settings, password: str, connections: int, progress: bool):
+    def __init__(
+        self,
+        settings: Settings,
+        password: str,
+        connections: int,
+        progress: bool,
+        retry_timeout: float | None = None,
+    ):
         if not shutil.which("nbdkit"):
             raise CliError("nbdkit is not installed (apt install nbdkit nbdkit-plugin-python)")
         self.settings = settings
         self.password = password  # "+FILE"
         self.connections = connections
         self.progress = progress
+        self.retry_timeout = retry_timeout
 
     def params(self, snapshot: str, since: str | None, connections: int) -> list[str]:
         s = self.settings
@@ -73,6 +81,8 @@ class Copier:
         params += ["vdi=%s" % snapshot, "connections=%d" % connections]
         if since:
             params.append("since=%s" % since)
+        if self.retry_timeout is not None:
+            params.append("retry-timeout=%g" % self.retry_timeout)
         return params
 
     def copy(

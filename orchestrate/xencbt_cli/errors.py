@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from xencbt_core.errors import XencbtError
+from xencbt_core.errors import AuthenticationFailed, XencbtError
 
 OK = 0
 ERROR = 1
@@ -10,6 +10,7 @@ USAGE = 2
 PARTIAL = 3
 VERIFY_FAILED = 4
 LOCKED = 5
+AUTH = 6
 INTERRUPTED = 130
 
 
@@ -49,3 +50,10 @@ class VerifyFailed(CliError):
     """A point failed verification; the message names it."""
 
     exit_code = VERIFY_FAILED
+
+
+def exit_code(error: XencbtError) -> int:
+    """The exit code for an error of the core library or of the command."""
+    if isinstance(error, AuthenticationFailed):
+        return AUTH
+    return getattr(error, "exit_code", ERROR)

@@ -28,6 +28,7 @@ exit codes:
   3  partial failure: some VMs of a multi-VM backup failed, the others succeeded
   4  verify failed (the message names every failing point)
   5  a VDI chain is locked by another xencbt (a backup or prune is running); see --wait
+  6  authentication failed: the pool refused the user or password (password changed?)
 130 interrupted
 
 connection settings: --xapi/--user/--password-file override $XENCBT_XAPI, $XENCBT_USER,
@@ -68,6 +69,14 @@ def parser() -> argparse.ArgumentParser:
         help="NBD connections per disk copy (1..16; 16 per host in total)",
     )
     b.add_argument("--wait", action="store_true", help="wait for a locked chain")
+    b.add_argument(
+        "--retry-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="keep reconnecting to a host's NBD server this long (default 60; NBD just "
+        "enabled on a network takes 10 s or more to answer)",
+    )
 
     s = sub.add_parser("list", help="list backup points")
     s.add_argument("--repo", metavar="DIR")
@@ -133,9 +142,12 @@ def cmd_backup(args, conf: settings.Settings) -> int:
         raise UsageError("--connections must be 1..16 (a host serves at most 16)")
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
+    if not args.retry_timeout > 0:
+        raise UsageError("--retry-timeout must be a positive number of seconds")
     repo = repository(args, conf)
     with conf.session() as session, conf.plugin_password() as password:
-        copier = Copier(conf, password, args.connections, sys.stderr.isatty() and not args.json)
+        progress = sys.stderr.isatty() and not args.json
+        copier = Copier(conf, password, args.connections, progress, args.retry_timeout)
         job = Backup(
             Pool(session), repo, copier, say, full=args.full, wait=args.wait, jobs=args.jobs
         )
@@ -268,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         return errors.USAGE
     except XencbtError as e:
         say("xencbt: %s" % scrub(str(e)))
-        return getattr(e, "exit_code", errors.ERROR)
+        return errors.exit_code(e)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,10 @@ class SessionInvalid(XapiError):
     """The session expired or was logged out: log in again (and refresh NBD info)."""
 
 
+class AuthenticationFailed(XapiError):
+    """The user name or password was refused: only an operator can fix that."""
+
+
 class ChainBroken(XencbtError):
     """list_changed_blocks cannot relate the two snapshots: a full backup is needed."""
 

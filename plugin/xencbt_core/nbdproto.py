@@ -48,4 +48,5 @@ REQUEST = struct.Struct(">IHHQQI")  # magic, flags, type, handle, offset, length
 SIMPLE_REPLY = struct.Struct(">IIQ")  # magic, error, handle
 
 ZERO_PAD = 124
+MAX_EXPORT_SIZE = 2**63 - 1  # NBD sizes are u64, but nbdkit and qemu stop at INT64_MAX
 SECTOR = 512

@@ -107,6 +107,8 @@ class Connection:
                 "longer be exported" % target
             ) from None
         size, tflags = P.EXPORT_INFO.unpack_from(info)
+        if size > P.MAX_EXPORT_SIZE:
+            raise ProtocolError("%s announced an absurd export size (%d bytes)" % (target, size))
         log.debug("connected to %s: size=%d flags=0x%x", target, size, tflags)
         return cls(sock, size, tflags, target)
 

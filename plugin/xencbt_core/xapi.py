@@ -19,7 +19,14 @@ import urllib.parse
 import xmlrpc.client
 from dataclasses import dataclass
 
-from .errors import ConfigError, SessionInvalid, TrustError, XapiError, XencbtError
+from .errors import (
+    AuthenticationFailed,
+    ConfigError,
+    SessionInvalid,
+    TrustError,
+    XapiError,
+    XencbtError,
+)
 from .secret import Secret, register
 from .trust import fingerprint
 
@@ -174,8 +181,11 @@ class Session:
                         self._move_to(e.params[0])
                         continue
                     if e.code == "SESSION_AUTHENTICATION_FAILED":
-                        raise XapiError(
-                            e.code, [self.user], hint="wrong user name or password"
+                        raise AuthenticationFailed(
+                            e.code,
+                            [self.user],
+                            hint="XAPI at %s refused the user name or password (changed "
+                            "since the password file was written?)" % self.netloc,
                         ) from None
                     raise
                 self._ref = Secret(register(ref))

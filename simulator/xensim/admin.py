@@ -29,6 +29,12 @@ class Admin:
             ("POST", "cbt-off"): self._cbt_off,
             ("GET", "counters"): lambda a: self._counters(),
             ("POST", "counters/reset"): self._reset,
+            # Reliability knobs (issue #5; xensim/hostile.py)
+            ("GET", "faults/api"): lambda a: self.xapi.api_faults.to_dict(),
+            ("POST", "faults/api"): self._api_faults,
+            ("POST", "password"): self._password,
+            ("POST", "master"): self._master,
+            ("GET", "secrets"): lambda a: self.xapi.credentials.secrets(),
         }
 
     def handle(self, verb: str, path: str, args: dict) -> Any:
@@ -69,3 +75,20 @@ class Admin:
         for counters in self.counters.values():
             counters.reset()
         return self._counters()
+
+    # -- reliability knobs (issue #5) ---------------------------------------------------
+    def _api_faults(self, args: dict) -> dict:
+        self.xapi.api_faults.set_bitmap(args.get("bitmap"))
+        return self.xapi.api_faults.to_dict()
+
+    def _password(self, args: dict) -> dict:
+        self.xapi.credentials.change(args["password"])
+        return {"changed": True}
+
+    def _master(self, args: dict) -> dict:
+        db = self.xapi.db
+        with db.lock:
+            found = db.find("host", name_label=str(args["host"]))
+        if not found:
+            raise ValueError(f"no host named {args['host']!r}")
+        return {"master": args["host"], "address": self.xapi.move_master(found[0])}

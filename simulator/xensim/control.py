@@ -76,3 +76,22 @@ class Control:
 
     def reset_counters(self) -> dict:
         return self._request("POST", "counters/reset", {})
+
+    # -- reliability knobs (issue #5; xensim/hostile.py) --------------------------------
+    def corrupt_bitmaps(self, mode: str | None) -> dict:
+        """Every list_changed_blocks answer becomes ``garbage`` (not base64), ``short``
+        (a byte missing) or ``long`` (a byte too many); None repairs them."""
+        return self._request("POST", "faults/api", {"bitmap": mode})
+
+    def set_password(self, password: str) -> dict:
+        """Change root's XAPI login password (this control API keeps the original)."""
+        return self._request("POST", "password", {"password": password})
+
+    def move_master(self, host: str) -> dict:
+        """pool.designate_new_master: ``host`` (e.g. "host1") becomes the master and every
+        session dies; the control API stays where it is."""
+        return self._request("POST", "master", {"host": host})
+
+    def issued_secrets(self) -> dict:
+        """{"passwords": every login password so far, "sessions": every session ref issued}."""
+        return self._request("GET", "secrets")

@@ -16,6 +16,7 @@ from typing import Any
 from . import network, records
 from .database import NULL_REF, Database, canonical_class
 from .errors import XapiError
+from .hostile import ApiFaults, Credentials
 from .sessions import Sessions
 from .storage import Storage
 from .tasks import Tasks
@@ -51,6 +52,8 @@ class Xapi:
         self.db = db
         self.options = options
         self.sessions = Sessions(options.session_timeout)
+        self.credentials = Credentials(options.password)
+        self.api_faults = ApiFaults()
         self.storage = Storage(db, options.state_dir, options.in_use_wait)
         self.tasks = Tasks(db, self)
         self.propagation = network.Propagation(network.host_modes(db), options.propagation)
@@ -153,7 +156,11 @@ class Xapi:
         add("VDI.enable_cbt", lambda c, r: st.cbt.enable(r), 1)
         add("VDI.disable_cbt", lambda c, r: st.cbt.disable(r), 1)
         add("VDI.data_destroy", lambda c, r: st.data_destroy(r), 1)
-        add("VDI.list_changed_blocks", lambda c, a, b: st.cbt.changed_blocks(a, b), 2)
+        add(
+            "VDI.list_changed_blocks",
+            lambda c, a, b: self.api_faults.corrupt(st.cbt.changed_blocks(a, b)),
+            2,
+        )
         add("VDI.get_nbd_info", self._nbd_info, 1)
         add("VBD.create", lambda c, rec: st.create_vbd(rec), 1)
         add("VBD.destroy", lambda c, r: st.destroy_vbd(r), 1)
@@ -165,12 +172,25 @@ class Xapi:
         add("task.cancel", lambda c, r: self.tasks.cancel(r), 1)
 
     def _login(self, host: str, user: Any, password: Any, *rest: Any) -> str:
-        if user != "root" or password != self.options.password:
+        if user != "root" or not self.credentials.accepts(password):
             raise XapiError("SESSION_AUTHENTICATION_FAILED", user, "Authentication failure")
         if host != self.master:
             raise XapiError("HOST_IS_SLAVE", self.db.get("host", self.master)["address"])
         originator = str(rest[1]) if len(rest) > 1 else ""
-        return self.sessions.login(host, str(user), originator).ref
+        ref = self.sessions.login(host, str(user), originator).ref
+        self.credentials.issued(ref)
+        return ref
+
+    def move_master(self, host: str) -> str:
+        """pool.designate_new_master: ``host`` (a ref) becomes the master; xapi restarts on
+        both hosts, so every session dies and logins on the old master get HOST_IS_SLAVE."""
+        with self.db.lock:
+            self.db.get("host", host)
+            self.db.get("pool", self.db.refs("pool")[0])["master"] = host
+            self.master = host
+            self.db.save()
+        self.sessions.invalidate()
+        return self.db.get("host", host)["address"]
 
     def _set(self, cls: str, ref: str, field: str, value: Any) -> str:
         self.db.get(cls, ref)[field] = value
