@@ -54,6 +54,15 @@ class ConnectionDead(UpstreamError):
     """The connection dropped or could not be made; a fresh one may succeed."""
 
 
+class PayloadCut(ConnectionDead):
+    """The connection died in the middle of a read's data.  What arrived is good (the host
+    sends data only as it reads it, after a success header): ``received`` bytes of it."""
+
+    def __init__(self, message: str, received: int):
+        super().__init__(message)
+        self.received = received
+
+
 class ExportRefused(UpstreamError):
     """The server closed the connection at the export name (stale session or bad VDI)."""
 

@@ -20,6 +20,7 @@ from typing import Protocol
 from .errors import (
     ConnectionDead,
     ExportRefused,
+    PayloadCut,
     ProtocolError,
     RequestFailed,
     RetriesExhausted,
@@ -112,6 +113,14 @@ class Pool:
             except RequestFailed:
                 self._release(conn, healthy=True)
                 raise
+            except PayloadCut as e:
+                # Keep the whole sectors that arrived; ask only for the rest, so a link
+                # that drops every few MiB still makes progress with 2 MiB requests.
+                self._release(conn, healthy=False)
+                keep = e.received - e.received % SECTOR
+                view, offset = view[keep:], offset + keep
+                delay = self._backoff(e, delay, deadline)
+                continue
             except (ConnectionDead, ProtocolError) as e:
                 self._release(conn, healthy=False)
                 delay = self._backoff(e, delay, deadline)

@@ -16,6 +16,7 @@ from . import nbdproto as P
 from .errors import (
     ConnectionDead,
     ExportRefused,
+    PayloadCut,
     ProtocolError,
     RequestFailed,
     TrustError,
@@ -130,7 +131,13 @@ class Connection:
                 % (self.target, len(buf), offset, error),
                 error,
             )
-        _recv_into(self.sock, buf)
+        got, why = _recv_some(self.sock, buf)
+        if why:
+            raise PayloadCut(
+                "%s after %d of the %d bytes read at %d from %s"
+                % (why, got, len(buf), offset, self.target),
+                got,
+            )
 
     def close(self, polite: bool = True) -> None:
         try:
@@ -206,12 +213,21 @@ def _recv_exact(sock, n: int) -> bytes:
 
 
 def _recv_into(sock, view: memoryview) -> None:
+    got, why = _recv_some(sock, view)
+    if why:
+        raise ConnectionDead(why)
+
+
+def _recv_some(sock, view: memoryview) -> tuple[int, str]:
+    """Receive until ``view`` is full or the connection ends: (bytes received, why it ended
+    early or "")."""
     got, n = 0, len(view)
-    try:
-        while got < n:
+    while got < n:
+        try:
             r = sock.recv_into(view[got:], n - got)
-            if r == 0:
-                raise ConnectionDead("the NBD server closed the connection")
-            got += r
-    except OSError as e:
-        raise ConnectionDead("connection lost while receiving: %s" % _why(e)) from None
+        except OSError as e:
+            return got, "connection lost while receiving: %s" % _why(e)
+        if r == 0:
+            return got, "the NBD server closed the connection"
+        got += r
+    return got, ""
