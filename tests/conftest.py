@@ -15,8 +15,9 @@ A ``Simulator`` handle has:
   ``.password``    root's password
   ``.state_dir``   Path of the state dir
   ``.control``     ``xensim.control.Control`` (faults, sessions, cbt_off, counters)
-  ``.session(url=None)``   a logged-in PyPI ``XenAPI.Session`` verifying the API cert
-                   (cafile = the host's cert); ``url`` defaults to the master
+  ``.session(url=None, cafile=None, password=None)``   a logged-in PyPI ``XenAPI.Session``
+                   verifying the API cert (cafile = the master's cert); ``url`` defaults
+                   to the master, ``password`` to the original one
   ``.guest_disk(vdi_uuid)`` context manager yielding the ``nbd+unix://`` URI of the live
                    VDI served read-write by ``xensim guest-disk`` (writes mark CBT)
   ``.stop()``      SIGTERM and wait; returns the exit code
@@ -70,13 +71,15 @@ class Simulator:
             self.log.flush()
         return (self.state_dir.parent / f"{self.state_dir.name}.stderr").read_text()
 
-    def session(self, url: str | None = None, cafile: str | None = None):
+    def session(
+        self, url: str | None = None, cafile: str | None = None, password: str | None = None
+    ):
         import XenAPI
 
         url = url or self.info["xapi"]
         transport = xmlrpc.client.SafeTransport(context=ssl_context(cafile or self.info["ca_file"]))
         session = XenAPI.Session(url, transport=transport)
-        session.xenapi.login_with_password("root", self.password, "1.1", "xensim-tests")
+        session.xenapi.login_with_password("root", password or self.password, "1.1", "xensim-tests")
         self._sessions.append(session)
         return session
 
