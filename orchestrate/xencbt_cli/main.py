@@ -142,7 +142,7 @@ def cmd_backup(args, conf: settings.Settings) -> int:
         raise UsageError("--connections must be 1..16 (a host serves at most 16)")
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
-    if not args.retry_timeout > 0:
+    if not 0 < args.retry_timeout < float("inf"):
         raise UsageError("--retry-timeout must be a positive number of seconds")
     repo = repository(args, conf)
     with conf.session() as session, conf.plugin_password() as password:

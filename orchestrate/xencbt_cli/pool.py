@@ -44,6 +44,8 @@ class Pool:
         self.call = session.call
 
     def vm(self, name_or_uuid: str) -> Vm:
+        if not name_or_uuid.strip():
+            raise CliError("an empty VM name was given (give a VM name or uuid: xe vm-list)")
         if UUID.match(name_or_uuid):
             try:
                 refs = [self.call("VM.get_by_uuid", name_or_uuid)]
@@ -58,6 +60,8 @@ class Pool:
             rec = self.call("VM.get_record", ref)
             if not (rec["is_a_snapshot"] or rec["is_a_template"] or rec["is_control_domain"]):
                 vms.append(Vm(ref, rec["uuid"], rec["name_label"]))
+        if not vms and UUID.match(name_or_uuid):
+            raise CliError("no VM with uuid %s in the pool (xe vm-list)" % name_or_uuid)
         if len(vms) != 1:
             raise CliError(
                 "%s VM named %s in the pool (give its uuid: xe vm-list)"

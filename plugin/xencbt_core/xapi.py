@@ -269,4 +269,10 @@ def _normalise_url(url: str) -> str:
         raise ConfigError("xapi=%s: only https:// is supported (credentials travel on it)" % url)
     if not parts.hostname:
         raise ConfigError("xapi=%s has no host name" % url)
+    try:
+        parts.port  # noqa: B018 -- raises on a port that is not a number
+    except ValueError:
+        raise ConfigError("xapi=%s: the port is not a number" % url) from None
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise ConfigError("xapi=%r is not a URL (it contains spaces or control characters)" % url)
     return urllib.parse.urlunsplit(parts._replace(path=parts.path or "/"))
