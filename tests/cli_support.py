@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import nbd
+from secretwatch import WATCH
 
 BLOCK = 64 * 1024
 XENCBT = [sys.executable, "-m", "xencbt_cli.main"]
@@ -39,6 +40,7 @@ def xencbt(sim, *args: str, check: int | None = 0, popen: bool = False):
             argv, env=cli_env(sim), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
     r = subprocess.run(argv, env=cli_env(sim), capture_output=True, text=True, timeout=120)
+    WATCH.output("xencbt %s" % " ".join(args), r.stdout, r.stderr)
     if check is not None:
         assert r.returncode == check, "exit %d\n%s\n%s" % (r.returncode, r.stdout, r.stderr)
     return r

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from secretwatch import WATCH
 
 XENSIM = [sys.executable, "-m", "xensim.main"]
 
@@ -61,6 +62,7 @@ class Simulator:
             raise RuntimeError(f"xensim serve failed:\n{self.stderr()}")
         self.info = json.loads(line)
         self.password = Path(self.info["password_file"]).read_text().strip()
+        WATCH.register(self.password)
         from xensim.control import Control
 
         self.control = Control(self.info)
@@ -102,10 +104,20 @@ class Simulator:
 
     def stop(self) -> int:
         if self.proc.poll() is None:
+            self._learn_secrets()
             self.proc.send_signal(signal.SIGTERM)
         code = self.proc.wait(timeout=30)
         self.log.close()
         return code
+
+    def _learn_secrets(self) -> None:
+        """Tell the secret watch every password and session ref this pool issued."""
+        from xensim.control import ControlError
+
+        try:
+            WATCH.learn(self.control.issued_secrets())
+        except (OSError, ControlError) as e:
+            WATCH.output("xensim %s" % self.state_dir, "issued secrets unknown: %s" % e)
 
 
 @pytest.fixture
@@ -140,6 +152,32 @@ def _simulator_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     path = os.environ.get("PYTHONPATH", "")
     if sim_dir not in path.split(os.pathsep):
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (sim_dir, path) if p))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _secret_watch(tmp_path_factory) -> Iterator[None]:
+    """Issue #5: no password, session ref or export name in any process's argv or
+    environment, in any file under basetemp unless private, in any captured output
+    (tests/secretwatch.py).  Fails the run, naming where, if one is found."""
+    from tally import tally
+
+    WATCH.start()
+    yield
+    WATCH.stop()
+    findings = WATCH.finish(tmp_path_factory.getbasetemp())
+    for name, count in WATCH.counts.items():
+        tally("secret scans: " + name, count)
+    tally("secrets found", len(findings))
+    if findings:
+        pytest.fail("secrets leaked:\n  " + "\n  ".join(findings[:50]), pytrace=False)
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Captured output of every test phase goes to the secret watch."""
+    for name, content in report.sections:
+        WATCH.output("%s (%s)" % (report.nodeid, name), content)
+    if report.failed:
+        WATCH.output("%s (failure report)" % report.nodeid, report.longreprtext)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from cli_support import XENCBT, cli_env
+from secretwatch import WATCH
 
 # Generous: a run that is merely slow on a loaded 2-core machine must not look hung, but
 # a hang still ends the test instead of the whole suite.
@@ -22,6 +23,7 @@ class Run:
     """A finished ``xencbt`` run: exit code, output, wall time."""
 
     def __init__(self, proc: subprocess.CompletedProcess | subprocess.Popen, out, err, seconds):
+        WATCH.output("xencbt %s" % " ".join(proc.args[3:]), out, err)
         self.returncode = proc.returncode
         self.stdout = out
         self.stderr = err

@@ -14,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from secretwatch import WATCH
+
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "plugin" / "xencbt.py"
 
@@ -142,7 +144,9 @@ def run_plugin(params: list[str], run: str, verbose: bool = False, timeout: floa
         "--run",
         run,
     ]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    WATCH.output("nbdkit xencbt --run %s" % run, r.stdout, r.stderr)
+    return r
 
 
 @contextlib.contextmanager

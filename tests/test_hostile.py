@@ -20,6 +20,7 @@ from cli_support import BLOCK, Vm, rand, restored_sha, sha
 from fakenbd import REP_ERR_POLICY, STRUCTURED_REPLY_MAGIC, FakeNBD, Quirks
 from faultkit import run
 from pki import issue
+from secretwatch import WATCH
 from servers import PLUGIN, nbd_info_file
 from tally import tally
 
@@ -27,6 +28,8 @@ pytestmark = pytest.mark.reliability
 
 SIZE = 1024 * 1024
 SECRET = "OpaqueRef:hostile-test-secret"
+WATCH.register(SECRET)
+WATCH.allow("OpaqueRef:0123")  # a VM "name" given on the command line, on purpose
 EXPORT = "/5e1f0a2b-1111-4222-8333-444455556666?session_id=" + SECRET
 SUBJECT = "host.example.test"
 # Short timeouts: a misbehaving server must cost seconds, not the default minute.
@@ -99,6 +102,7 @@ def copy(tmp_path: Path, rec: dict | None, *params: str, port: int = 0) -> Copy:
     argv += ["--run", 'nbdcopy "$uri" %s' % out]
     t0 = time.monotonic()
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    WATCH.output("nbdkit xencbt nbd-info %s" % " ".join(params), proc.stdout, proc.stderr)
     return Copy(proc, out, time.monotonic() - t0)
 
 
@@ -281,6 +285,7 @@ def test_host_sends_broken_bitmaps(xensim_factory, tmp_path):
             text=True,
             timeout=60,
         )
+        WATCH.output("nbdkit xencbt since=", p.stdout, p.stderr)
         assert p.returncode != 0 and "Traceback" not in p.stderr, p.stderr
         assert "changed-block bitmap" in p.stderr, p.stderr
         tally("hostile inputs tried")
