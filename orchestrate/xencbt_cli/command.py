@@ -37,6 +37,11 @@ def run(argv: Sequence[str], *, passthrough: bool = False) -> str:
     )
     if proc.returncode != 0:
         raise failed(argv[0], proc.returncode, proc.stderr or "")
+    # Warnings of a run that succeeded (the plugin reconnecting, a host at its connection
+    # limit) are worth knowing: shown with -v.
+    for line in (proc.stderr or "").splitlines()[:50]:
+        if line.strip():
+            log.info("%s: %s", argv[0], scrub(line.strip()))
     return proc.stdout or ""
 
 
