@@ -36,8 +36,9 @@ def test_dropped_connections_and_slow_reads(sim, tmp_path):
     fill(vm)
     limit = 3 * MiB // 2  # every connection dies 1.5 MiB into its life, mid-reply
     sim.control.set_faults(drop_after_bytes=limit, read_latency=0.002)
-    r = run(sim, "--json", "backup", "demo-vm", "--repo", str(repo))
+    r = run(sim, "-v", "--json", "backup", "demo-vm", "--repo", str(repo))
     assert r.returncode == 0, r
+    assert "reconnecting in 1 s" in r.stderr  # -v shows what the copy went through
     full = counters(sim)
     drops = full["bytes_served"] // limit
     assert drops >= 4  # the faults really fired
