@@ -69,7 +69,7 @@ def test_nbd_just_enabled_refuses_longer_than_one_retry(xensim_factory, tmp_path
     """`xencbt nbd enable` then at once `xencbt backup`: the host refuses NBD until the
     purpose has propagated (>= 10 s on XenServer; seconds here), and the refusal outlasts
     the first retry.  The backup waits it out."""
-    sim = xensim_factory(disk_sizes="2M,1M+512", nbd_purpose="none", nbd_propagation=3)
+    sim = xensim_factory(disk_sizes="2M,1M+512", nbd_purpose="none", nbd_propagation=5)
     repo = tmp_path / "repo"
     vm = Vm(sim)
     fill(vm)
@@ -120,7 +120,7 @@ def test_retries_run_out_one_clear_line_nothing_half_done(sim, tmp_path):
     assert not vm.x.VM.get_snapshots(vm.ref)  # the snapshot of the failed run is gone
 
     # Mid-copy: the host goes away for longer than the retry budget.
-    sim.control.set_faults(read_latency=0.3)
+    sim.control.set_faults(read_latency=0.5)
     with running(sim, "backup", "demo-vm", "--repo", str(repo), "--retry-timeout", "2") as finish:
         wait_until(lambda: partials(repo), what="the copy to start")
         wait_until(lambda: counters(sim)["bytes_served"] > 0, what="data to flow")

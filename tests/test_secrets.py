@@ -50,10 +50,15 @@ def test_a_secret_in_argv_or_environment_is_found(tmp_path):
 def test_generic_patterns_and_outputs():
     w = Watch()
     w.allow("OpaqueRef:0123")
+    w.allow("/x?session_id=OpaqueRef:fake", where="(qemu-nbd)")
     w.output("a command's stderr", "cannot open /abc?session_id=xyz")
     w.output("a VM name given on purpose", "no VM named OpaqueRef:0123")
+    w.output("pid 1 argv (qemu-nbd)", "qemu-nbd -x /x?session_id=OpaqueRef:fake")
+    w.output("pid 2 argv (nbdkit)", "nbdkit exportname=/x?session_id=OpaqueRef:fake")
     findings = w.finish(None)
-    assert len(findings) == 1 and "session_id=" in findings[0], findings
+    assert len(findings) == 3, findings
+    assert sum("session_id=" in f for f in findings) == 2
+    assert all("pid 1" not in f for f in findings)
 
 
 def test_files_holding_secrets_must_be_private_and_not_in_a_repository(tmp_path):
