@@ -65,12 +65,13 @@ class _Explained(Exception):
 _format_exception = traceback.format_exception
 
 
-def _format_explained(exc, value=None, tb=None, *args, **kwargs):
-    # nbdkit prints traceback.format_exception() of whatever a callback raised; a
-    # traceback under a one-line explanation only hides it.  Real bugs keep theirs.
+def _format_explained(exc, *args, **kwargs):
+    # nbdkit prints traceback.format_exception(type, value, tb) of whatever a callback
+    # raised; a traceback under a one-line explanation only hides it.  Real bugs keep theirs.
+    value = args[0] if args else kwargs.get("value", exc)
     if isinstance(value, _Explained):
         return [str(value)]
-    return _format_exception(exc, value, tb, *args, **kwargs)
+    return _format_exception(exc, *args, **kwargs)
 
 
 traceback.format_exception = _format_explained
