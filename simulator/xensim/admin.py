@@ -29,6 +29,9 @@ class Admin:
             ("POST", "cbt-off"): self._cbt_off,
             ("GET", "counters"): lambda a: self._counters(),
             ("POST", "counters/reset"): self._reset,
+            # Crash tests (latency.py): reply latency per API method.
+            ("GET", "api-latency"): lambda a: self.xapi.latency.to_dict(),
+            ("POST", "api-latency"): lambda a: self.xapi.latency.set(a),
         }
 
     def handle(self, verb: str, path: str, args: dict) -> Any:
