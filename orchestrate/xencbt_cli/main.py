@@ -83,9 +83,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=("raw", "qcow2"), default="raw")
     r.add_argument("--force", action="store_true", help="overwrite an existing file")
 
-    v = sub.add_parser("verify", help="check images, chains and checksums")
+    v = sub.add_parser("verify", help="check images, chains and checksums (read-only)")
     v.add_argument("vdis", nargs="*", metavar="VDI")
     v.add_argument("--repo", metavar="DIR")
+
+    rp = sub.add_parser(
+        "repair", help="remove what interrupted runs left; finish or undo interrupted prunes"
+    )
+    rp.add_argument("vdis", nargs="*", metavar="VDI")
+    rp.add_argument("--repo", metavar="DIR")
+    rp.add_argument("--wait", action="store_true", help="wait for a locked chain")
 
     pr = sub.add_parser("prune", help="keep the newest N points of every chain")
     pr.add_argument("--repo", metavar="DIR")
@@ -193,6 +200,23 @@ def cmd_verify(args, conf: settings.Settings) -> int:
     return errors.OK
 
 
+def cmd_repair(args, conf: settings.Settings) -> int:
+    repo = repository(args, conf)
+    chains = [repo.find(v) for v in args.vdis] if args.vdis else repo.chains()
+    removed = {}
+    for chain in chains:
+        with chain.lock(args.wait):
+            gone = chain.clean()
+        if gone:
+            removed[chain.vdi_uuid] = gone
+            say("VDI %s: removed %s" % (chain.vdi_uuid, ", ".join(gone)))
+    if args.json:
+        report.emit_json({"removed": removed})
+    elif not removed:
+        say("nothing to repair")
+    return errors.OK
+
+
 def cmd_prune(args, conf: settings.Settings) -> int:
     from .prune import prune
 
@@ -236,6 +260,7 @@ COMMANDS = {
     "restore": cmd_restore,
     "verify": cmd_verify,
     "prune": cmd_prune,
+    "repair": cmd_repair,
     "nbd": cmd_nbd,
 }
 
@@ -269,6 +294,11 @@ def main(argv: list[str] | None = None) -> int:
     except XencbtError as e:
         say("xencbt: %s" % scrub(str(e)))
         return getattr(e, "exit_code", errors.ERROR)
+    except OSError as e:
+        # The repository's or the target's file system said no (full, read-only, gone):
+        # one line naming the file, not a traceback.
+        say("xencbt: %s" % scrub(errors.describe_os_error(e)))
+        return errors.ERROR
 
 
 if __name__ == "__main__":
