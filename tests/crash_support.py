@@ -113,17 +113,27 @@ class Inotify:
             if proc.poll() is not None:
                 return None
             ready, _, _ = select.select([self.fd], [], [], 0.05)
-            if not ready:
-                continue
-            data = os.read(self.fd, 65536)
-            pos = 0
-            while pos < len(data):
-                _, _, _, length = self._HEADER.unpack_from(data, pos)
-                name = data[pos + 16 : pos + 16 + length].rstrip(b"\0").decode()
-                pos += 16 + length
-                if match(name):
-                    return name
+            if ready:
+                for name in self._read():
+                    if match(name):
+                        return name
         raise AssertionError("no matching file within %.0f s" % timeout)
+
+    def drain(self) -> list[str]:
+        """Names seen so far (not waiting)."""
+        names = []
+        while select.select([self.fd], [], [], 0)[0]:
+            names += self._read()
+        return names
+
+    def _read(self) -> list[str]:
+        data = os.read(self.fd, 65536)
+        names, pos = [], 0
+        while pos < len(data):
+            _, _, _, length = self._HEADER.unpack_from(data, pos)
+            names.append(data[pos + 16 : pos + 16 + length].rstrip(b"\0").decode())
+            pos += 16 + length
+        return names
 
     def close(self) -> None:
         os.close(self.fd)

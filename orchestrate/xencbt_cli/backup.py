@@ -177,12 +177,6 @@ class Backup:
             )
         if not chain.image_path(prev.point).is_file():
             return Plan(reason="the image of the previous point %s is missing" % prev.point)
-        damage = chain_damage(chain, prev)
-        if damage:
-            return Plan(
-                reason="the image of the previous point %s, or one it is backed by, is "
-                "damaged (%s): run xencbt verify" % (prev.point, damage)
-            )
         if snap.virtual_size < prev.virtual_size:
             return Plan(
                 reason="the disk shrank from %d to %d bytes"
@@ -199,6 +193,12 @@ class Backup:
             return Plan(
                 reason="the CBT chain is broken since point %s (list_changed_blocks "
                 "failed: CBT was reset or the log is inconsistent)" % prev.point
+            )
+        damage = chain_damage(chain, prev) or content_damage(chain, prev)
+        if damage:
+            return Plan(
+                reason="the image of the previous point %s, or one it is backed by, is "
+                "damaged (%s): run xencbt verify" % (prev.point, damage)
             )
         changed = Bitmap.from_base64(bitmap, snap.virtual_size).changed_bytes()
         return Plan(base=prev, changed_bytes=changed)
@@ -292,6 +292,16 @@ def chain_damage(chain: Chain, m: Manifest) -> str | None:
             image.check(chain.path / Path(info["filename"]).name)
     except CliError as e:
         return " ".join(str(e).split())[-300:]
+    return None
+
+
+def content_damage(chain: Chain, m: Manifest) -> str | None:
+    """Whether the base still reads as recorded.  An incremental on a base damaged since
+    (bit rot, a bad disk) would carry the damage into every new point, under checksums
+    computed from the damaged data; one local read of the base prevents that."""
+    digest = image.sha256(chain.image_path(m.point))
+    if digest != m.sha256:
+        return "it reads back with sha256 %s, recorded %s" % (digest[:16], m.sha256[:16])
     return None
 
 

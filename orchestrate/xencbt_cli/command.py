@@ -31,6 +31,11 @@ def shown(argv: Sequence[str]) -> str:
     return scrub(shlex.join(str(a) for a in argv))
 
 
+def one_line(stderr: str) -> str:
+    """A tool's complaint as one line (errors are one line each), its end kept."""
+    return scrub(" / ".join(line.strip() for line in stderr.splitlines() if line.strip()))[-2000:]
+
+
 def run(argv: Sequence[str], *, passthrough: bool = False) -> str:
     """Run ``argv``; return its stdout (text).  Raise CommandFailed naming it on failure.
 
@@ -47,8 +52,7 @@ def run(argv: Sequence[str], *, passthrough: bool = False) -> str:
     )
     if proc.returncode != 0:
         raise CommandFailed(
-            "%s failed (exit %d): %s"
-            % (argv[0], proc.returncode, scrub((proc.stderr or "").strip()[-2000:]))
+            "%s failed (exit %d): %s" % (argv[0], proc.returncode, one_line(proc.stderr or ""))
         )
     return proc.stdout or ""
 
@@ -72,5 +76,5 @@ def stream(argv: Sequence[str], sink: Callable[[bytes], None]) -> None:
     if proc.returncode != 0:
         raise CommandFailed(
             "%s failed (exit %d): %s"
-            % (argv[0], proc.returncode, scrub(err.decode(errors="replace").strip()[-2000:]))
+            % (argv[0], proc.returncode, one_line(err.decode(errors="replace")))
         )

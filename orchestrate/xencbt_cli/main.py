@@ -161,7 +161,14 @@ def cmd_backup(args, conf: settings.Settings) -> int:
 
 
 def cmd_list(args, conf: settings.Settings) -> int:
-    rows = report.points(repository(args, conf))
+    repo = repository(args, conf)
+    rows = report.points(repo)
+    for chain in repo.chains():
+        for point, why in chain.damaged().items():
+            say(
+                "xencbt: warning: VDI %s: the manifest of point %s is unreadable (%s): "
+                "that point is not listed; xencbt verify" % (chain.vdi_uuid, point, why)
+            )
     if args.json:
         report.emit_json(rows)
     else:

@@ -18,6 +18,7 @@ from xencbt_core.xapi import https_connection
 
 from . import command
 from .errors import CliError
+from .image import reader
 from .pool import Pool
 from .repository import UUID, Repository
 from .restore import check_digest
@@ -100,8 +101,7 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
     try:
         upload = Upload(pool, ref, m.virtual_size, chunked=False)
         upload.open()
-        image = repo.find(vdi).image_path(m.point)
-        argv = ["nbdcopy", "--", "[", "qemu-nbd", "-r", "-f", "qcow2", str(image), "]", "-"]
+        argv = reader(repo.find(vdi).image_path(m.point))
         digest = hashlib.sha256()
 
         def send(data: bytes) -> None:
@@ -125,7 +125,7 @@ def backup_reader(path: Path) -> Iterator:
     import nbd
 
     h = nbd.NBD()
-    argv = ["qemu-nbd", "-r", "-f", "qcow2", str(path)]
+    argv = command.bound(["qemu-nbd", "-r", "-f", "qcow2", str(path)])
     log.debug("running %s", command.shown(argv))
     h.connect_systemd_socket_activation(argv)
     try:
