@@ -14,12 +14,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from cli_support import BLOCK, restored_sha, xencbt
 from tally import tally
+from xencbt_cli.copier import ConnectionBudget
 from xensim import disks
 
 pytestmark = pytest.mark.reliability
@@ -94,3 +96,27 @@ def test_eight_vms_two_disks_jobs_8_two_hosts(xensim_factory, tmp_path):
         digests = pool.map(lambda u: restored_sha(sim, repo, tmp_path, u), sources)
         restored = dict(zip(sources, digests))
     assert restored == sources
+
+
+def test_budget_is_per_host_and_a_shared_disk_counts_on_every_host():
+    """16 per host at once: two hosts can each run 16; a copy whose disk both hosts may
+    serve takes its share from both, atomically (never one then the other)."""
+    budget = ConnectionBudget(LIMIT)
+    got, done = threading.Event(), threading.Event()
+
+    def shared_copy():
+        with budget.take(4, ["h0", "h1"]):
+            got.set()
+            done.wait(5)
+
+    with budget.take(16, ["h0"]):
+        with budget.take(16, ["h1"]):
+            assert budget.used == {"h0": 16, "h1": 16}
+            waiting = threading.Thread(target=shared_copy)
+            waiting.start()
+            assert not got.wait(0.2)  # both hosts are full: it waits
+        assert not got.wait(0.2)  # h0 still is
+    assert got.wait(5) and budget.used == {"h0": 4, "h1": 4}
+    done.set()
+    waiting.join(5)
+    assert budget.used == {"h0": 0, "h1": 0}
