@@ -299,7 +299,10 @@ def content_damage(chain: Chain, m: Manifest) -> str | None:
     """Whether the base still reads as recorded.  An incremental on a base damaged since
     (bit rot, a bad disk) would carry the damage into every new point, under checksums
     computed from the damaged data; one local read of the base prevents that."""
-    digest = image.sha256(chain.image_path(m.point))
+    try:
+        digest = image.sha256(chain.image_path(m.point))
+    except CliError as e:
+        return "it cannot be read: %s" % " ".join(str(e).split())[-300:]
     if digest != m.sha256:
         return "it reads back with sha256 %s, recorded %s" % (digest[:16], m.sha256[:16])
     return None
