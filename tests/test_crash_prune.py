@@ -4,7 +4,8 @@ Windows: the flattened image being written (``.partial``), the journal just rena
 place (the swap is next), the kept point's manifest being rewritten (the swap is done),
 and a random moment of the whole prune.  After every kill: verify passes without changing
 anything (a half-done prune is judged as it will end), every listed point restores
-byte-identical, a second prune finishes the job, and the next backup succeeds.
+byte-identical, ``xencbt repair`` leaves no journal and no leftover, a second prune
+finishes the job, and the next backup succeeds.
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ def test_prune_killed(crash: Aftermath, window: str, tmp_path):
         r = rows[-1]  # and one restore, the newest point of a disk, to be sure
         digest = restored_sha(crash.sim, crash.repo, tmp_path, r["vdi_uuid"], r["point"])
         assert digest == r["sha256"]
+        # repair finishes or undoes the prune and removes the rest; then prune again.
+        xencbt(crash.sim, "repair", "--repo", str(crash.repo))
+        for d in chain_dirs(crash.repo, crash.vm):
+            assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == [".lock"]
+            assert not [p for p in d.iterdir() if p.name.endswith((".partial", ".tmp"))]
+        crash.check_repository()
         xencbt(crash.sim, *prune_args(crash))
         rows = crash.check_repository()
         for uuid in crash.vm.uuids:

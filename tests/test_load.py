@@ -50,9 +50,11 @@ def test_eight_vms_two_disks_jobs_8_two_hosts(xensim_factory, tmp_path):
         vm = x.VM.get_by_name_label(name)[0]
         host = x.host.get_name_label(x.VM.get_resident_on(vm))
         per_host[host] = per_host.get(host, 0) + 1
+        address = x.host.get_address(x.VM.get_resident_on(vm))
         for vbd in x.VM.get_VBDs(vm):
             vdi = x.VBD.get_VDI(vbd)
             uuid = x.VDI.get_uuid(vdi)
+            assert [i["address"] for i in x.VDI.get_nbd_info(vdi)] == [address]
             sources[uuid] = fill(sim, uuid, int(x.VDI.get_virtual_size(vdi)))
     assert len(sources) == 2 * VMS and sorted(per_host.values()) == [VMS // HOSTS] * HOSTS
     wanted = {h: n * CONNECTIONS for h, n in per_host.items()}
