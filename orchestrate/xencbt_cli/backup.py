@@ -6,25 +6,32 @@
     → destroy the older base no chain needs any more.
 
 On failure the snapshot VM and the VDIs no manifest refers to are destroyed, partial
-files removed; the repository keeps every point it had.
+files removed; the repository keeps every point it had.  A run killed outright (SIGKILL,
+power loss) leaves at most temp files, which the next run of the chain removes, and
+snapshots on the pool, which the next backup of the VM destroys: the snapshot VM by its
+name prefix, its VDIs through the ledger (ledger.py).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from xencbt_core.cbt import Bitmap
-from xencbt_core.errors import ConfigError, XencbtError
+from xencbt_core.errors import ConfigError, XapiError, XencbtError
 from xencbt_core.secret import scrub
 
 from . import errors, image
 from .copier import ConnectionBudget, Copier
+from .errors import CliError, CommandFailed, RepositoryFull, describe_os_error
+from .ledger import Ledger
 from .pool import SNAPSHOT_PREFIX, Disk, Pool, Vm
 from .repository import Chain, Manifest, Repository, new_point_id
 
@@ -87,8 +94,9 @@ class Backup:
         try:
             self.backup_vm(name, result)
             result.ok = True
-        except XencbtError as e:
-            result.error = scrub(str(e))
+        except (XencbtError, OSError) as e:
+            text = describe_os_error(e) if isinstance(e, OSError) else str(e)
+            result.error = scrub(text)
             result.exit_code = errors.exit_code(e)
             self.say("VM %s: backup FAILED: %s" % (name, result.error))
         return result
@@ -110,6 +118,7 @@ class Backup:
             committed: set[str] = set()
             try:
                 snaps = {d.snapshot_of: d for d in self.pool.disks(snap_vm)}
+                self.ledger(vm).add({d.uuid for d in snaps.values()})
                 for disk in disks:
                     chain = chains[disk.uuid]
                     prev = chain.latest()
@@ -119,15 +128,41 @@ class Backup:
             finally:
                 self.pool.destroy_snapshot(snap_vm, keep=committed)
             self.forget_old_bases(result.disks)
+            self.sweep(vm)
+
+    def ledger(self, vm: Vm) -> Ledger:
+        return Ledger(self.repo.root / vm.uuid)
 
     def clean(self, vm: Vm, chains: dict[str, Chain]) -> None:
-        """Leftovers of an interrupted run: files, and snapshot VMs on the host."""
+        """Leftovers of an interrupted run: files, and snapshots on the host."""
         for chain in chains.values():
             chain.clean()
         needed = self.repo.needed_snapshots()
         for ref in self.pool.leftover_snapshots(vm):
             self.say("VM %s: destroying snapshot left by an interrupted run" % vm.name)
             self.pool.destroy_snapshot(ref, keep=needed)
+        self.sweep(vm)
+
+    def sweep(self, vm: Vm) -> None:
+        """Destroy the VM's snapshot VDIs (ledger) no chain needs; make sure the needed
+        ones hold only CBT metadata.  A VDI the pool refuses to destroy stays listed and
+        is tried again next time: cleaning up never fails a backup."""
+        ledger = self.ledger(vm)
+        needed = self.repo.needed_snapshots()
+        gone = set()
+        for uuid in sorted(ledger.load()):
+            try:
+                ref = self.pool.vdi_ref(uuid)
+                if ref is None:
+                    gone.add(uuid)
+                elif uuid not in needed:
+                    self.pool.destroy_vdi(ref, uuid)
+                    gone.add(uuid)
+                elif self.pool.call("VDI.get_type", ref) != "cbt_metadata":
+                    self.pool.data_destroy(ref, uuid)
+            except XapiError as e:
+                log.warning("VM %s: snapshot VDI %s stays for now: %s", vm.name, uuid, e)
+        ledger.discard(gone)
 
     def plan(self, disk: Disk, snap: Disk, chain: Chain) -> Plan:
         prev = chain.latest()
@@ -159,6 +194,12 @@ class Backup:
                 reason="the CBT chain is broken since point %s (list_changed_blocks "
                 "failed: CBT was reset or the log is inconsistent)" % prev.point
             )
+        damage = chain_damage(chain, prev) or content_damage(chain, prev)
+        if damage:
+            return Plan(
+                reason="the image of the previous point %s, or one it is backed by, is "
+                "damaged (%s): run xencbt verify" % (prev.point, damage)
+            )
         try:
             changed = Bitmap.from_base64(bitmap, snap.virtual_size).changed_bytes()
         except ConfigError as e:
@@ -179,9 +220,10 @@ class Backup:
             self.say("%s: FULL backup: %s" % (what, plan.reason))
         partial = chain.partial_path(point)
         base_image = chain.image_path(plan.base.point) if plan.base else None
-        try:
+        with self.unpublished(chain, point, what):
             self.copier.copy(
                 self.budget,
+                self.pool.nbd_hosts(snap.vdi_ref),
                 snap.uuid,
                 partial,
                 base_image,
@@ -190,11 +232,33 @@ class Backup:
             copy_seconds = time.monotonic() - t0
             digest = image.sha256(partial)
             final = chain.publish_image(point)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
+            manifest = self.manifest(vm, disk, snap, plan, point, digest, final, started)
+            manifest.seconds = round(time.monotonic() - t0, 3)
+            manifest.copy_seconds = round(copy_seconds, 3)
+            chain.commit(manifest)
+        return manifest
+
+    @contextlib.contextmanager
+    def unpublished(self, chain: Chain, point: str, what: str):
+        """Until the manifest is written, a failure removes the point's files (the point
+        never existed); a full repository gets one line saying so."""
+        try:
+            yield
+        except BaseException as e:
+            if not chain.manifest_path(point).exists():
+                for path in (chain.partial_path(point), chain.image_path(point)):
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            if out_of_space(e):
+                raise RepositoryFull(
+                    "the repository %s is full (no space left on device) while writing %s "
+                    "point %s: nothing of it was kept, the earlier points are intact; free "
+                    "space (xencbt prune) and run the backup again" % (self.repo.root, what, point)
+                ) from None
             raise
-        manifest = Manifest(
+
+    def manifest(self, vm, disk, snap, plan, point, digest, final, started) -> Manifest:
+        return Manifest(
             point=point,
             vm_uuid=vm.uuid,
             vm_name=vm.name,
@@ -211,11 +275,7 @@ class Backup:
             bytes_on_disk=image.disk_usage(final),
             started=started,
             finished=now_iso(),
-            seconds=round(time.monotonic() - t0, 3),
-            copy_seconds=round(copy_seconds, 3),
         )
-        chain.commit(manifest)
-        return manifest
 
     def forget_old_bases(self, disks: list[dict]) -> None:
         """Destroy CBT metadata VDIs no chain of the repository diffs against any more."""
@@ -226,6 +286,39 @@ class Backup:
                 ref = self.pool.vdi_ref(old)
                 if ref is not None and self.pool.call("VDI.get_is_a_snapshot", ref):
                     self.pool.destroy_vdi(ref, old)
+
+
+def chain_damage(chain: Chain, m: Manifest) -> str | None:
+    """What qemu-img finds wrong with the metadata of ``m``'s image chain (cheap: the
+    data itself is only checked by verify)."""
+    try:
+        for info in image.info_chain(chain.image_path(m.point)):
+            image.check(chain.path / Path(info["filename"]).name)
+    except CliError as e:
+        return " ".join(str(e).split())[-300:]
+    return None
+
+
+def content_damage(chain: Chain, m: Manifest) -> str | None:
+    """Whether the base still reads as recorded.  An incremental on a base damaged since
+    (bit rot, a bad disk) would carry the damage into every new point, under checksums
+    computed from the damaged data; one local read of the base prevents that."""
+    try:
+        digest = image.sha256(chain.image_path(m.point))
+    except CliError as e:
+        return "it cannot be read: %s" % " ".join(str(e).split())[-300:]
+    if digest != m.sha256:
+        return "it reads back with sha256 %s, recorded %s" % (digest[:16], m.sha256[:16])
+    return None
+
+
+def out_of_space(e: BaseException) -> bool:
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    # qemu-img says so on its stderr, which CommandFailed carries.
+    return isinstance(e, CommandFailed) and (
+        "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+    )
 
 
 def summary(m: Manifest, prev: Manifest | None) -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shlex
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -15,6 +16,15 @@ from .errors import CommandFailed
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+SETPRIV = shutil.which("setpriv")  # util-linux
+
+
+def bound(argv: Sequence[str]) -> list[str]:
+    """``argv`` made to die with us: if xencbt is killed (SIGKILL, OOM), an nbdkit or
+    qemu-img left running would go on reading a snapshot the next run destroys and hold
+    NBD connections the host counts against its limit."""
+    argv = [str(a) for a in argv]
+    return [SETPRIV, "--pdeathsig", "KILL", "--", *argv] if SETPRIV else argv
 
 
 def shown(argv: Sequence[str]) -> str:
@@ -29,7 +39,7 @@ def run(argv: Sequence[str], *, passthrough: bool = False) -> str:
     """
     log.debug("running %s", shown(argv))
     proc = subprocess.run(
-        [str(a) for a in argv],
+        bound(argv),
         stdin=subprocess.DEVNULL,
         stdout=sys.stderr if passthrough else subprocess.PIPE,
         stderr=None if passthrough else subprocess.PIPE,
@@ -74,7 +84,7 @@ def stream(argv: Sequence[str], sink: Callable[[bytes], None]) -> None:
     """Run ``argv`` and feed its stdout to ``sink`` chunk by chunk."""
     log.debug("running %s", shown(argv))
     proc = subprocess.Popen(
-        [str(a) for a in argv],
+        bound(argv),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -12,7 +12,8 @@ import os
 import shlex
 import shutil
 import threading
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from . import command
@@ -33,24 +34,36 @@ def plugin() -> list[str]:
 
 
 class ConnectionBudget:
-    """At most ``limit`` upstream NBD connections at once, across every parallel copy."""
+    """At most ``limit`` upstream NBD connections per host at once, across every parallel
+    copy.  A copy whose VDI several hosts can serve (a shared SR) may land on any of them,
+    so it takes its connections from each of those hosts' budgets, all at once (never one
+    after the other, which could deadlock two copies)."""
 
     def __init__(self, limit: int = MAX_PER_HOST):
         self.limit = limit
-        self.free = limit
+        self.used: Counter[str] = Counter()
         self._cond = threading.Condition()
 
-    @contextlib.contextmanager
-    def take(self, n: int) -> Iterator[int]:
-        n = max(1, min(n, self.limit))
+    @property
+    def free(self) -> int:
+        """What the busiest host has left."""
         with self._cond:
-            self._cond.wait_for(lambda: self.free >= n)
-            self.free -= n
+            return self.limit - max(self.used.values(), default=0)
+
+    @contextlib.contextmanager
+    def take(self, n: int, hosts: Sequence[str] = ("",)) -> Iterator[int]:
+        n = max(1, min(n, self.limit))
+        hosts = sorted(set(hosts)) or [""]
+        with self._cond:
+            self._cond.wait_for(lambda: all(self.used[h] + n <= self.limit for h in hosts))
+            for h in hosts:
+                self.used[h] += n
         try:
             yield n
         finally:
             with self._cond:
-                self.free += n
+                for h in hosts:
+                    self.used[h] -= n
                 self._cond.notify_all()
 
 
@@ -88,6 +101,7 @@ class Copier:
     def copy(
         self,
         budget: ConnectionBudget,
+        hosts: Sequence[str],
         snapshot: str,
         out: Path,
         base: Path | None,
@@ -101,6 +115,6 @@ class Copier:
             # Relative to the new image's directory: the repository stays movable.
             convert += ["-B", base.name, "-F", "qcow2"]
         run = shlex.join(convert) + ' "$uri" ' + shlex.quote(str(out))
-        with budget.take(self.connections) as n:
+        with budget.take(self.connections, hosts) as n:
             argv = ["nbdkit", "-U", "-", *plugin(), *self.params(snapshot, since, n), "--run", run]
             command.run(argv, passthrough=self.progress)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+
 from xencbt_core.errors import AuthenticationFailed, XencbtError
 
 OK = 0
@@ -40,6 +43,16 @@ class RepositoryError(CliError):
     """The repository is missing, malformed, or has no such VDI / point."""
 
 
+class RepositoryFull(RepositoryError):
+    """The repository's file system has no space left; nothing half-written is kept."""
+
+
+class PointDamaged(CliError):
+    """A point's data does not match the checksum recorded at backup time."""
+
+    exit_code = VERIFY_FAILED
+
+
 class PartialFailure(CliError):
     """A backup of several VMs where some succeeded and some failed."""
 
@@ -52,8 +65,21 @@ class VerifyFailed(CliError):
     exit_code = VERIFY_FAILED
 
 
-def exit_code(error: XencbtError) -> int:
+def exit_code(error: BaseException) -> int:
     """The exit code for an error of the core library or of the command."""
     if isinstance(error, AuthenticationFailed):
         return AUTH
     return getattr(error, "exit_code", ERROR)
+
+
+def describe_os_error(e: OSError) -> str:
+    """One line for a failed file operation, with what to do when we know it."""
+    what = "%s: %s" % (e.filename, e.strerror) if e.filename else str(e.strerror or e)
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "%s: free space there and try again; nothing half-written was kept" % what
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return "%s: run as a user that may write there (see ls -l %s)" % (
+            what,
+            os.path.dirname(str(e.filename or ".")) or ".",
+        )
+    return what

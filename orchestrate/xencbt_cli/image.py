@@ -31,9 +31,16 @@ def check(path: Path) -> None:
 def sha256(path: Path) -> str:
     """sha256 of the whole virtual disk the image shows (its chain flattened)."""
     digest = hashlib.sha256()
-    argv = ["nbdcopy", "--", "[", "qemu-nbd", "-r", "-f", "qcow2", str(path), "]", "-"]
-    command.stream(argv, digest.update)
+    command.stream(reader(path), digest.update)
     return digest.hexdigest()
+
+
+def reader(path: Path) -> list[str]:
+    """nbdcopy streaming the image's whole virtual disk to stdout.  qemu-nbd is bound to
+    nbdcopy: if nbdcopy dies before connecting, a socket-activated qemu-nbd would
+    otherwise wait for its first client forever."""
+    server = command.bound(["qemu-nbd", "-r", "-f", "qcow2", str(path)])
+    return ["nbdcopy", "--", "[", *server, "]", "-"]
 
 
 def flatten(path: Path, out: Path, fmt: str = "qcow2") -> None:

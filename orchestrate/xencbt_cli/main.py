@@ -92,9 +92,16 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=("raw", "qcow2"), default="raw")
     r.add_argument("--force", action="store_true", help="overwrite an existing file")
 
-    v = sub.add_parser("verify", help="check images, chains and checksums")
+    v = sub.add_parser("verify", help="check images, chains and checksums (read-only)")
     v.add_argument("vdis", nargs="*", metavar="VDI")
     v.add_argument("--repo", metavar="DIR")
+
+    rp = sub.add_parser(
+        "repair", help="remove what interrupted runs left; finish or undo interrupted prunes"
+    )
+    rp.add_argument("vdis", nargs="*", metavar="VDI")
+    rp.add_argument("--repo", metavar="DIR")
+    rp.add_argument("--wait", action="store_true", help="wait for a locked chain")
 
     pr = sub.add_parser("prune", help="keep the newest N points of every chain")
     pr.add_argument("--repo", metavar="DIR")
@@ -166,7 +173,14 @@ def cmd_backup(args, conf: settings.Settings) -> int:
 
 
 def cmd_list(args, conf: settings.Settings) -> int:
-    rows = report.points(repository(args, conf))
+    repo = repository(args, conf)
+    rows = report.points(repo)
+    for chain in repo.chains():
+        for point, why in chain.damaged().items():
+            say(
+                "xencbt: warning: VDI %s: the manifest of point %s is unreadable (%s): "
+                "that point is not listed; xencbt verify" % (chain.vdi_uuid, point, why)
+            )
     if args.json:
         report.emit_json(rows)
     else:
@@ -202,6 +216,23 @@ def cmd_verify(args, conf: settings.Settings) -> int:
         report.emit_json({"ok": True, "points": count})
     else:
         say("%d points verified" % count)
+    return errors.OK
+
+
+def cmd_repair(args, conf: settings.Settings) -> int:
+    repo = repository(args, conf)
+    chains = [repo.find(v) for v in args.vdis] if args.vdis else repo.chains()
+    removed = {}
+    for chain in chains:
+        with chain.lock(args.wait):
+            gone = chain.clean()
+        if gone:
+            removed[chain.vdi_uuid] = gone
+            say("VDI %s: removed %s" % (chain.vdi_uuid, ", ".join(gone)))
+    if args.json:
+        report.emit_json({"removed": removed})
+    elif not removed:
+        say("nothing to repair")
     return errors.OK
 
 
@@ -248,6 +279,7 @@ COMMANDS = {
     "restore": cmd_restore,
     "verify": cmd_verify,
     "prune": cmd_prune,
+    "repair": cmd_repair,
     "nbd": cmd_nbd,
 }
 
@@ -281,6 +313,11 @@ def main(argv: list[str] | None = None) -> int:
     except XencbtError as e:
         say("xencbt: %s" % scrub(str(e)))
         return errors.exit_code(e)
+    except OSError as e:
+        # The repository's or the target's file system said no (full, read-only, gone):
+        # one line naming the file, not a traceback.
+        say("xencbt: %s" % scrub(errors.describe_os_error(e)))
+        return errors.ERROR
 
 
 if __name__ == "__main__":

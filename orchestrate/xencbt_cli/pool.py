@@ -142,6 +142,12 @@ class Pool:
                 return None
             raise
 
+    def nbd_hosts(self, vdi_ref: str) -> list[str]:
+        """The hosts whose NBD server may serve the VDI: those that have its SR plugged
+        (get_nbd_info offers exactly those; the plugin may connect to any of them)."""
+        sr = self.call("VDI.get_SR", vdi_ref)
+        return sorted({self.call("PBD.get_host", pbd) for pbd in self.call("SR.get_PBDs", sr)})
+
     def changed_blocks(self, base_ref: str, snap_ref: str) -> str | None:
         """The base64 bitmap, or None when the CBT chain is broken between the two."""
         try:

@@ -4,8 +4,9 @@ The oldest kept point P is made standalone: its whole chain is flattened into
 ``P.qcow2.partial`` (sparse, fsync'd).  A journal ``.prune.json`` {point, remove} is
 written atomically, then the flattened image is renamed over ``P.qcow2`` (atomic; the
 newer points name it as their backing file and see the very same bytes).  Then P's
-manifest loses its base, the older points are removed (manifest first, then image),
-and the journal goes.  After a crash the next writer of the chain looks at the journal:
+manifest loses its base, the older points are removed newest first (manifest first,
+then image: every point still listed keeps its whole chain at every step), and the
+journal goes.  After a crash the next writer of the chain looks at the journal:
 if ``P.qcow2`` already has no backing file the swap happened and the steps after it are
 done again (they are idempotent); otherwise the journal and the partial file are dropped
 and the chain is exactly as before.
@@ -19,6 +20,7 @@ import logging
 import os
 
 from . import image
+from .errors import RepositoryError
 from .repository import Chain, write_atomically
 
 log = logging.getLogger(__name__)
@@ -57,23 +59,40 @@ def finish(chain: Chain, journal: dict) -> None:
         m.base_point = None
         m.bytes_on_disk = image.disk_usage(chain.image_path(m.point))
         chain.commit(m)
-    for point in journal["remove"]:
+    for point in reversed(journal["remove"]):
         chain.remove(point)
     with contextlib.suppress(FileNotFoundError):
         (chain.path / JOURNAL).unlink()
     image.fsync_dir(chain.path)
 
 
-def recover(chain: Chain) -> None:
-    """Roll an interrupted prune forward (swap done) or back (not done)."""
+def load(chain: Chain) -> dict | None:
+    """The journal of an interrupted prune, with ``swapped``: whether the flattened image
+    already replaced the kept point's (then the prune is rolled forward, else back)."""
     path = chain.path / JOURNAL
     if not path.is_file():
+        return None
+    try:
+        journal = json.loads(path.read_text())
+        target = chain.image_path(journal["point"])
+        journal["remove"] = list(journal["remove"])
+    except (ValueError, TypeError, KeyError) as e:
+        raise RepositoryError(
+            "%s: the journal of an interrupted prune (%s) is unreadable (%s): the chain "
+            "is as before the prune or after it; xencbt verify tells which" % (chain, path, e)
+        ) from None
+    journal["swapped"] = target.is_file() and image.backing(target) is None
+    return journal
+
+
+def recover(chain: Chain) -> None:
+    """Roll an interrupted prune forward (swap done) or back (not done)."""
+    journal = load(chain)
+    if journal is None:
         return
-    journal = json.loads(path.read_text())
-    target = chain.image_path(journal["point"])
-    if target.is_file() and image.backing(target) is None:
+    if journal.pop("swapped"):
         log.info("%s: finishing an interrupted prune", chain)
         finish(chain, journal)
     else:
         log.info("%s: undoing an interrupted prune", chain)
-        path.unlink()
+        (chain.path / JOURNAL).unlink()

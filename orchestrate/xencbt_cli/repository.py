@@ -3,8 +3,12 @@
 A point exists when its manifest exists.  Images are written as ``<point>.qcow2.partial``
 and renamed before the manifest is written (temp file, fsync, rename, fsync of the
 directory), so a crash never leaves a half-visible point; whatever a crash leaves
-behind (``*.partial``, ``*.tmp``, images without a manifest) is removed by the next
-writer of that chain, under the chain's lock (``.lock``, fcntl).
+behind (``*.partial``, ``*.tmp``, images without a manifest that no other image is
+backed by) is removed by the next writer of that chain (backup, prune, repair), under
+the chain's lock (``.lock``, fcntl; readers such as verify take it shared).
+
+A manifest that cannot be read (damaged by hand or by the disk) hides only its own
+point: the other points stay usable, ``damaged()`` names it, and its image is kept.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from . import image
-from .errors import LockBusy, RepositoryError
+from .errors import CliError, LockBusy, RepositoryError
 
 log = logging.getLogger(__name__)
 
 FORMAT = 1
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 POINT = re.compile(r"^\d{8}T\d{6}\.\d{6}Z$")
+LEFTOVER = (".partial", ".tmp")  # files only a writer in progress has
 
 
 def new_point_id(now: datetime.datetime | None = None) -> str:
@@ -77,12 +82,17 @@ class Manifest:
 def write_atomically(path: Path, text: str) -> None:
     """tmp file, fsync, rename, fsync the directory."""
     tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # e.g. ENOSPC half-way: leave nothing behind
+        raise
     image.fsync_dir(path.parent)
 
 
@@ -106,25 +116,40 @@ class Chain:
     def partial_path(self, point: str) -> Path:
         return self.path / (point + ".qcow2.partial")
 
-    def points(self) -> list[Manifest]:
+    def manifest_files(self) -> list[Path]:
         if not self.path.is_dir():
             return []
-        found = []
-        for p in sorted(self.path.glob("*.json")):
-            if not POINT.match(p.stem):
-                continue
+        return [p for p in sorted(self.path.glob("*.json")) if POINT.match(p.stem)]
+
+    def load(self) -> tuple[list[Manifest], dict[str, str]]:
+        found, damaged = [], {}
+        for p in self.manifest_files():
             try:
                 found.append(Manifest.from_json(p.read_text(encoding="utf-8")))
-            except (ValueError, TypeError) as e:
-                raise RepositoryError("manifest %s is unreadable: %s" % (p, e)) from None
-        return found
+            except (ValueError, TypeError, UnicodeDecodeError) as e:
+                damaged[p.stem] = "%s: %s" % (type(e).__name__, e)
+        return found, damaged
+
+    def points(self) -> list[Manifest]:
+        """The points whose manifest reads, oldest first."""
+        return self.load()[0]
+
+    def damaged(self) -> dict[str, str]:
+        """point -> why its manifest cannot be read."""
+        return self.load()[1]
 
     def latest(self) -> Manifest | None:
         points = self.points()
         return points[-1] if points else None
 
     def get(self, point: str | None) -> Manifest:
-        points = self.points()
+        points, damaged = self.load()
+        if point in damaged:
+            raise RepositoryError(
+                "the manifest of point %s of VDI %s is unreadable (%s): xencbt cannot "
+                "restore that point; xencbt verify lists the damage, older points are usable"
+                % (point, self.vdi_uuid, damaged[point])
+            )
         if not points:
             raise RepositoryError("%s has no backup points" % self)
         if point is None:
@@ -157,12 +182,15 @@ class Chain:
             self.image_path(point).unlink()
 
     @contextlib.contextmanager
-    def lock(self, wait: bool = False) -> Iterator[None]:
+    def lock(self, wait: bool = False, shared: bool = False) -> Iterator[None]:
+        """Exclusive for writers; ``shared`` for readers (verify), which then never see a
+        writer's work in progress."""
         self.path.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+                mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+                fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
             except OSError as e:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
@@ -174,22 +202,51 @@ class Chain:
         finally:
             os.close(fd)  # releases the lock
 
+    def backing_names(self) -> set[str] | None:
+        """Names of the images some image of this chain is backed by; None when an image
+        cannot be read (then nothing may be judged unused)."""
+        names = set()
+        for p in self.path.glob("*.qcow2"):
+            try:
+                backing = image.backing(p)
+            except CliError as e:
+                log.warning("%s: cannot read %s: %s", self, p.name, e)
+                return None
+            if backing:
+                names.add(os.path.basename(backing))
+        return names
+
+    def orphans(self) -> tuple[list[str], list[str]]:
+        """Images without a manifest: (unused ones, ones another image is backed by).
+
+        The first are what an interrupted run leaves; the second mean a manifest was lost
+        while newer points still need the image, which must then be kept."""
+        named = {p.stem for p in self.manifest_files()}
+        orphans = [p.name for p in sorted(self.path.glob("*.qcow2")) if p.stem not in named]
+        if not orphans:
+            return [], []
+        used = self.backing_names()
+        if used is None:
+            return [], orphans
+        return [o for o in orphans if o not in used], [o for o in orphans if o in used]
+
+    def leftovers(self) -> list[str]:
+        """What an interrupted run left and ``clean`` removes (read-only)."""
+        if not self.path.is_dir():
+            return []
+        temp = [p.name for p in sorted(self.path.iterdir()) if p.name.endswith(LEFTOVER)]
+        return sorted(temp + self.orphans()[0])
+
     def clean(self) -> list[str]:
         """Remove what an interrupted run left.  Call with the lock held."""
         from . import prune  # a prune interrupted half-way is rolled forward first
 
         prune.recover(self)
-        named = {m.point for m in self.points()}
-        removed = []
-        for p in sorted(self.path.iterdir()):
-            stem = p.name.split(".qcow2")[0]
-            leftover = p.name.endswith((".partial", ".tmp")) or (
-                p.suffix == ".qcow2" and stem not in named
-            )
-            if leftover:
-                p.unlink()
-                removed.append(p.name)
+        removed = self.leftovers()
+        for name in removed:
+            (self.path / name).unlink()
         if removed:
+            image.fsync_dir(self.path)
             log.info("%s: removed leftovers of an interrupted run: %s", self, ", ".join(removed))
         return removed
 

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import logging
 import struct
@@ -17,8 +18,12 @@ from xencbt_core.xapi import https_connection
 
 from . import command
 from .errors import CliError
+from .image import reader
 from .pool import Pool
 from .repository import UUID, Repository
+from .restore import check_digest
+
+INCOMPLETE = " (restore incomplete)"  # name suffix until the import is proven complete
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +81,10 @@ def resolve_sr(pool: Pool, sr: str) -> str:
 def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
     """A new VDI on ``sr`` with the point's content; returns (manifest, new VDI uuid)."""
     m = repo.find(vdi).get(at)
+    name = "%s (restored %s)" % (m.vdi_name, m.point)
     record = {
-        "name_label": "%s (restored %s)" % (m.vdi_name, m.point),
+        # A restore killed half-way leaves a VDI that says so; the operator deletes it.
+        "name_label": name + INCOMPLETE,
         "name_description": "xencbt restore of VDI %s point %s" % (m.vdi_uuid, m.point),
         "SR": resolve_sr(pool, sr),
         "virtual_size": str(m.virtual_size),
@@ -94,10 +101,17 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
     try:
         upload = Upload(pool, ref, m.virtual_size, chunked=False)
         upload.open()
-        image = repo.find(vdi).image_path(m.point)
-        argv = ["nbdcopy", "--", "[", "qemu-nbd", "-r", "-f", "qcow2", str(image), "]", "-"]
-        command.stream(argv, upload.send)
+        argv = reader(repo.find(vdi).image_path(m.point))
+        digest = hashlib.sha256()
+
+        def send(data: bytes) -> None:
+            digest.update(data)
+            upload.send(data)
+
+        command.stream(argv, send)
         upload.finish()
+        check_digest(m, digest.hexdigest(), "the new VDI is destroyed")
+        pool.call("VDI.set_name_label", ref, name)
     except BaseException:
         with contextlib.suppress(Exception):
             pool.destroy_vdi(ref, uuid)
@@ -111,7 +125,7 @@ def backup_reader(path: Path) -> Iterator:
     import nbd
 
     h = nbd.NBD()
-    argv = ["qemu-nbd", "-r", "-f", "qcow2", str(path)]
+    argv = command.bound(["qemu-nbd", "-r", "-f", "qcow2", str(path)])
     log.debug("running %s", command.shown(argv))
     h.connect_systemd_socket_activation(argv)
     try:
@@ -120,8 +134,9 @@ def backup_reader(path: Path) -> Iterator:
         h.shutdown()
 
 
-def differing(pool: Pool, ref: str, h, size: int) -> list[tuple[int, int]]:
-    """64 KiB-aligned extents where the VDI's current content differs from ``h``."""
+def differing(pool: Pool, ref: str, h, size: int) -> tuple[list[tuple[int, int]], str]:
+    """64 KiB-aligned extents where the VDI's current content differs from ``h``, and the
+    sha256 of ``h`` (it is read whole anyway)."""
     session = pool.session
     query = urllib.parse.urlencode(
         {"session_id": session.ref().reveal(), "vdi": ref, "format": "raw"}
@@ -132,20 +147,23 @@ def differing(pool: Pool, ref: str, h, size: int) -> list[tuple[int, int]]:
     if reply.status != 200:
         raise CliError("reading the VDI failed: HTTP %d" % reply.status)
     extents: list[tuple[int, int]] = []
+    digest = hashlib.sha256()
     offset = 0
     while offset < size:
         n = min(BLOCK, size - offset)
         current = reply.read(n)
         if len(current) != n:
             raise CliError("the VDI's export ended early at byte %d" % offset)
-        if current != h.pread(n, offset):
+        wanted = h.pread(n, offset)
+        digest.update(wanted)
+        if current != wanted:
             if extents and sum(extents[-1]) == offset:
                 extents[-1] = (extents[-1][0], extents[-1][1] + n)
             else:
                 extents.append((offset, n))
         offset += n
     conn.close()
-    return extents
+    return extents, digest.hexdigest()
 
 
 def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
@@ -161,7 +179,8 @@ def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
             % (target, size, m.virtual_size)
         )
     with backup_reader(repo.find(vdi).image_path(m.point)) as h:
-        extents = differing(pool, ref, h, m.virtual_size)
+        extents, digest = differing(pool, ref, h, m.virtual_size)
+        check_digest(m, digest, "nothing was written to VDI %s" % target)
         length = sum(FRAME.size + n for _, n in extents) + FRAME.size
         upload = Upload(pool, ref, length, chunked=True)
         upload.open()

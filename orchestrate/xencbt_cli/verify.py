@@ -1,29 +1,43 @@
 """Verify a repository: qemu-img check, the backing chain against the manifests, and the
-sha256 of every point's whole virtual disk against the one recorded at backup time."""
+sha256 of every point's whole virtual disk against the one recorded at backup time.
+
+Read-only: it takes each chain's lock shared (so it never sees a backup's or a prune's
+work in progress) and changes nothing.  What an interrupted run left (temp files, images
+without a manifest, a half-done prune) is reported as a note, with who removes it (the
+next backup or prune of that chain, or ``xencbt repair``); a point whose expected chain
+differs only because an interrupted prune already swapped its image is judged as the
+prune will leave it.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 
-from . import image
-from .errors import CliError, VerifyFailed
+from . import image, prune
+from .errors import CliError, RepositoryError, VerifyFailed
 from .repository import Chain, Manifest, Repository
 
 log = logging.getLogger(__name__)
 
+REPAIRED_BY = "the next backup or prune of this VDI, or xencbt repair, removes them"
 
-def expected_chain(chain: Chain, m: Manifest, by_point: dict[str, Manifest]) -> list[str]:
+
+def expected_chain(m: Manifest, by_point: dict[str, Manifest]) -> tuple[list[str], bool]:
+    """Image names from ``m`` down its bases, and whether every manifest was there (if
+    not, the list ends with the image whose manifest is missing)."""
     names = []
     current: Manifest | None = m
     while current is not None:
         names.append(current.image)
         if current.base_point is None:
-            break
-        current = by_point.get(current.base_point)
+            return names, True
+        base = current.base_point
+        current = by_point.get(base)
         if current is None:
-            names.append("<missing manifest>")
-    return names
+            names.append(base + ".qcow2")
+    return names, False
 
 
 def check_point(chain: Chain, m: Manifest, by_point: dict[str, Manifest]) -> str | None:
@@ -37,8 +51,8 @@ def check_point(chain: Chain, m: Manifest, by_point: dict[str, Manifest]) -> str
     except CliError as e:
         return "qemu-img: %s" % e
     got = [os.path.basename(i["filename"]) for i in infos]
-    want = expected_chain(chain, m, by_point)
-    if got != want:
+    want, complete = expected_chain(m, by_point)
+    if (got != want) if complete else (got[: len(want)] != want):
         return "backing chain is %s, the manifests say %s" % (" <- ".join(got), " <- ".join(want))
     if infos[0]["virtual-size"] != m.virtual_size:
         return "virtual size %d, manifest says %d" % (infos[0]["virtual-size"], m.virtual_size)
@@ -51,26 +65,92 @@ def check_point(chain: Chain, m: Manifest, by_point: dict[str, Manifest]) -> str
     return None
 
 
+class Report:
+    def __init__(self, say):
+        self.say = say
+        self.failures: list[str] = []
+        self.count = 0
+        self.failed_points = 0
+
+    def ok(self, chain: Chain, point: str) -> None:
+        self.say("ok     VDI %s point %s" % (chain.vdi_uuid, point))
+
+    def fail(self, chain: Chain, point: str, problem: str) -> None:
+        self.failures.append("VDI %s point %s: %s" % (chain.vdi_uuid, point, problem))
+        self.say("FAILED " + self.failures[-1])
+
+    def note(self, chain: Chain, text: str) -> None:
+        self.say("note   VDI %s: %s" % (chain.vdi_uuid, text))
+
+
+def pending_prune(chain: Chain, by_point: dict[str, Manifest], report: Report) -> None:
+    try:
+        journal = prune.load(chain)
+    except RepositoryError as e:
+        report.fail(chain, "-", str(e))
+        return
+    if journal is None:
+        return
+    kept, doomed = journal["point"], ", ".join(journal["remove"])
+    if journal["swapped"] and kept in by_point:
+        by_point[kept] = dataclasses.replace(by_point[kept], base_point=None)
+        report.note(
+            chain,
+            "a prune was interrupted after point %s became standalone; it still has to "
+            "remove %s (%s)" % (kept, doomed, REPAIRED_BY.replace("removes them", "does")),
+        )
+    elif not journal["swapped"]:
+        report.note(
+            chain,
+            "a prune was interrupted before changing anything; its journal is a leftover "
+            "(%s)" % REPAIRED_BY,
+        )
+
+
+def check_chain(chain: Chain, report: Report) -> None:
+    points, damaged = chain.load()
+    by_point = {m.point: m for m in points}
+    pending_prune(chain, by_point, report)
+    for point, why in damaged.items():
+        report.fail(chain, point, "its manifest is unreadable (%s); its image is kept" % why)
+    unused, needed = chain.orphans()
+    for name in needed:
+        report.fail(
+            chain,
+            name.removesuffix(".qcow2"),
+            "its manifest is missing: the point is lost, but its image %s is kept because "
+            "newer points are backed by it" % name,
+        )
+    leftovers = chain.leftovers()
+    if leftovers:
+        report.note(
+            chain,
+            "leftovers of an interrupted run: %s (%s)" % (", ".join(leftovers), REPAIRED_BY),
+        )
+    for m in points:
+        report.count += 1
+        problem = check_point(chain, by_point[m.point], by_point)
+        if problem:
+            report.failed_points += 1
+            report.fail(chain, m.point, problem)
+        else:
+            report.ok(chain, m.point)
+
+
 def verify(repo: Repository, vdis: list[str], say) -> int:
     chains = [repo.find(v) for v in vdis] if vdis else repo.chains()
-    failures = []
-    count = 0
+    report = Report(say)
     for chain in chains:
-        with chain.lock(wait=True):
-            chain.clean()
-            points = chain.points()
-            by_point = {m.point: m for m in points}
-            for m in points:
-                count += 1
-                problem = check_point(chain, m, by_point)
-                if problem:
-                    failures.append("VDI %s point %s: %s" % (chain.vdi_uuid, m.point, problem))
-                    say("FAILED " + failures[-1])
-                else:
-                    say("ok     VDI %s point %s" % (chain.vdi_uuid, m.point))
-    if failures:
+        with chain.lock(wait=True, shared=True):
+            check_chain(chain, report)
+    if report.failures:
+        others = len(report.failures) - report.failed_points
         raise VerifyFailed(
-            "%d of %d points failed verification:\n  %s"
-            % (len(failures), count, "\n  ".join(failures))
+            "%d of %d points failed verification%s (each FAILED line above says why)"
+            % (
+                report.failed_points,
+                report.count,
+                " and %d other problem(s) were found" % others if others else "",
+            )
         )
-    return count
+    return report.count

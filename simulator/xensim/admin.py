@@ -35,6 +35,9 @@ class Admin:
             ("POST", "password"): self._password,
             ("POST", "master"): self._master,
             ("GET", "secrets"): lambda a: self.xapi.credentials.secrets(),
+            # Crash tests (latency.py): reply latency per API method.
+            ("GET", "api-latency"): lambda a: self.xapi.latency.to_dict(),
+            ("POST", "api-latency"): lambda a: self.xapi.latency.set(a),
         }
 
     def handle(self, verb: str, path: str, args: dict) -> Any:

@@ -68,6 +68,15 @@ class Control:
         """Simulate a host crash: CBT switched off on the VDI (uuid or ref)."""
         return self._request("POST", "cbt-off", {"vdi": vdi})
 
+    # -- API reply latency (crash tests, latency.py) -----------------------------------
+    def api_latency(self) -> dict:
+        return self._request("GET", "api-latency")
+
+    def set_api_latency(self, delays: dict[str, float]) -> dict:
+        """Replace the table, e.g. ``{"VM.snapshot": 1.0}``: the call takes effect, then
+        its reply waits that long.  ``{}`` clears."""
+        return self._request("POST", "api-latency", delays)
+
     # -- counters -----------------------------------------------------------------------
     def counters(self) -> dict:
         """host name -> {bytes_served, reads, connections_total, connections_now,

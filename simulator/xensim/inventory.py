@@ -33,31 +33,54 @@ def build(
     vm_count: int,
     disk_sizes: list[int],
     nbd_purpose: str,
+    srs: str = "shared",
 ) -> None:
     host_refs = [
         db.add("host", records.host(h.name, h.address, h.cert_pem, h.subject)) for h in hosts
     ]
-    sr_ref = db.add("SR", records.sr("Local storage", len(hosts) > 1, SR_SIZE))
-    db.add("pool", records.pool(host_refs[0], sr_ref))
+    if srs == "local":
+        placement = _local_srs(db, host_refs, hosts)
+    else:
+        sr_ref = db.add("SR", records.sr("Local storage", len(hosts) > 1, SR_SIZE))
+        for ref in host_refs:
+            db.add("PBD", records.pbd(ref, sr_ref))
+        placement = [(host_refs[0], sr_ref)]
+    db.add("pool", records.pool(host_refs[0], placement[0][1]))
     purpose = [] if nbd_purpose == "none" else [nbd_purpose]
     mgmt = db.add(
         "network", records.network("Pool-wide network associated with eth0", "xenbr0", [])
     )
     nbd = db.add("network", records.network("NBD network", "xenbr1", purpose))
     for ref, spec in zip(host_refs, hosts):
-        db.add("PBD", records.pbd(ref, sr_ref))
         db.add("PIF", records.pif(ref, mgmt, "eth0", spec.address, management=True))
         db.add("PIF", records.pif(ref, nbd, "eth1", spec.address, management=False))
         dom0 = records.vm(f"Control domain on host: {spec.name}", control_domain=True)
         dom0["resident_on"] = ref
         db.add("VM", dom0)
     for i in range(vm_count):
-        _demo_vm(db, state_dir, "demo-vm" if i == 0 else f"demo-vm-{i + 1}", sr_ref, disk_sizes)
+        host, sr_ref = placement[i % len(placement)]
+        name = "demo-vm" if i == 0 else f"demo-vm-{i + 1}"
+        _demo_vm(db, state_dir, name, sr_ref, disk_sizes, host)
 
 
-def _demo_vm(db: Database, state_dir: Path, name: str, sr_ref: str, sizes: list[int]) -> None:
+def _local_srs(db: Database, host_refs: list[str], hosts: list[HostSpec]) -> list[tuple]:
+    """``--srs local``: each host has its own SR, plugged on it alone, as real local
+    storage is, and VMs are placed round-robin over the hosts; ``get_nbd_info`` of a VM's
+    disks then names only its host, so a pool's NBD load spreads over the hosts.
+    Returns (host, SR) per host."""
+    placement = []
+    for ref, spec in zip(host_refs, hosts):
+        local = db.add("SR", records.sr(f"Local storage on {spec.name}", False, SR_SIZE))
+        db.add("PBD", records.pbd(ref, local))
+        placement.append((ref, local))
+    return placement
+
+
+def _demo_vm(
+    db: Database, state_dir: Path, name: str, sr_ref: str, sizes: list[int], host: str
+) -> None:
     vm = records.vm(name)
-    vm["resident_on"] = db.get("pool", db.refs("pool")[0])["master"]
+    vm["resident_on"] = host
     vm_ref = db.add("VM", vm)
     for device, size in enumerate(sizes):
         vdi = records.vdi(f"{name} disk {device}", sr_ref, size)

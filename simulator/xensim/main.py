@@ -42,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--nbd-propagation", type=float, default=0.0, metavar="SECONDS")
     s.add_argument("--session-timeout", type=float, default=86400.0, metavar="SECONDS")
     s.add_argument("--in-use-wait", type=float, default=4.0, metavar="SECONDS")
+    s.add_argument("--srs", choices=("shared", "local"), default="shared")
 
     g = sub.add_parser("guest-disk", help="serve a live VDI read-write as its guest sees it")
     g.add_argument("--state-dir", type=Path, required=True)
@@ -79,6 +80,7 @@ def _serve(args: argparse.Namespace) -> int:
         propagation=args.nbd_propagation,
         session_timeout=args.session_timeout,
         in_use_wait=args.in_use_wait,
+        srs=args.srs,
     )
     return run(opts)
 

@@ -45,6 +45,7 @@ class ServeOptions:
     propagation: float = 0.0
     session_timeout: float = 86400.0
     in_use_wait: float = 4.0
+    srs: str = "shared"  # or "local": an SR per host, VMs spread over the hosts
 
 
 def host_addresses(listen: str, count: int) -> list[str]:
@@ -76,7 +77,9 @@ def open_database(opts: ServeOptions) -> Database:
         specs.append(
             inventory.HostSpec(f"host{i}", address, cert.read_text(), f"host{i}.xensim.test")
         )
-    inventory.build(db, opts.state_dir, specs, opts.vms, list(opts.disk_sizes), opts.nbd_purpose)
+    inventory.build(
+        db, opts.state_dir, specs, opts.vms, list(opts.disk_sizes), opts.nbd_purpose, opts.srs
+    )
     db.save()
     return db
 

@@ -17,6 +17,7 @@ from . import network, records
 from .database import NULL_REF, Database, canonical_class
 from .errors import XapiError
 from .hostile import ApiFaults, Credentials
+from .latency import ApiLatency
 from .sessions import Sessions
 from .storage import Storage
 from .tasks import Tasks
@@ -58,12 +59,19 @@ class Xapi:
         self.tasks = Tasks(db, self)
         self.propagation = network.Propagation(network.host_modes(db), options.propagation)
         self.master = db.get("pool", db.refs("pool")[0])["master"]
+        self.latency = ApiLatency()
         self._methods: dict[str, tuple[Handler, int, bool]] = {}
         self._register_generic()
         self._register_specific()
 
     # -- dispatch -----------------------------------------------------------------------
     def call(self, method: str, params: list, host: str) -> Any:
+        try:
+            return self._call(method, params, host)
+        finally:
+            self.latency.pause(method)  # after the effect, before the reply (latency.py)
+
+    def _call(self, method: str, params: list, host: str) -> Any:
         if method.startswith("Async."):
             return self.tasks.start(method[len("Async.") :], params, host)
         key = self._key(method)
