@@ -7,11 +7,10 @@ import contextlib
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from test_cbt import disks  # noqa: F401  (the same disks; its hypothesis profile too)
 from xencbt_core import export
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap, encode
 from xencbt_core.export import EXTENT_DATA, EXTENT_HOLE, EXTENT_ZERO, Export
-
-from test_cbt import disks  # noqa: F401  (the same disks; its hypothesis profile too)
 
 
 class FakePool:
