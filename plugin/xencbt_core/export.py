@@ -25,7 +25,7 @@ EXTENT_HOLE = 1
 EXTENT_ZERO = 2
 
 MAX_EXTENTS = 65536  # per answer; block status may describe less than it was asked
-WINDOW = 4096  # bitmap bytes looked at per step: 32 Ki blocks, 2 GiB of disk
+WINDOW = 4096  # bitmap bytes looked at per step, at most: 32 Ki blocks, 2 GiB of disk
 _RUNS = re.compile(r"0+|1+")
 
 _ZEROES = memoryview(bytes(4 * 1024 * 1024))
@@ -77,9 +77,11 @@ def block_runs(data: bytes, first: int, end: int, limit: int) -> list[tuple[int,
     over blocks [first, end); at most ``limit`` (the last then may be cut short)."""
     runs: list[tuple[int, int, bool]] = []
     pos = first
+    window = 8  # grows: a one-extent answer (REQ_ONE) must not decode 32 Ki blocks
     while pos < end:
         lo = pos // 8
-        hi = min(lo + WINDOW, -(-end // 8))
+        hi = min(lo + window, -(-end // 8))
+        window = min(window * 8, WINDOW)
         stop = min(end, hi * 8)
         found = _window_runs(data[lo:hi], lo * 8, pos, stop)
         if runs and runs[-1][2] == found[0][2]:  # a run going on across windows
