@@ -102,7 +102,8 @@ class Upstream:
     @contextlib.contextmanager
     def running(self) -> Iterator[Upstream]:
         pid = self.work / ("up-%d.pid" % self.port)
-        with server(self.argv, pid, self.work / "upstream.log"):
+        with server(self.argv, pid, self.work / "upstream.log") as proc:
+            self.pid = proc.pid
             yield self
 
     @property
@@ -148,6 +149,19 @@ def plugin_server(work: Path, params: Sequence[str], nbdkit_options: Sequence[st
     argv = ["nbdkit", "-f", "-U", sock, "-P", pid, *plugin_argv(params, nbdkit_options)]
     with server(argv, pid, work / "plugin.log") as proc:
         yield "nbd+unix:///?socket=%s" % sock, proc
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU a live process has used so far."""
+    fields = Path("/proc/%d/stat" % pid).read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu() -> float:
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return r.ru_utime + r.ru_stime
 
 
 def peak_rss(pid: int) -> int:
