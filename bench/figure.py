@@ -82,13 +82,13 @@ def markdown(results: dict) -> str:
             results["seconds"],
         ),
         "",
-        "| # | figure | median | min..max | target | result |",
-        "|---|---|---|---|---|---|",
+        "| # | figure | median | min..max | target | result | detail |",
+        "|---|---|---|---|---|---|---|",
     ]
     for f in results["figures"]:
         spread = "%s..%s" % (fmt(f["min"], f["unit"]), fmt(f["max"], f["unit"]))
         lines.append(
-            "| %s | %s | %s | %s | %s | %s |"
+            "| %s | %s | %s | %s | %s | %s | %s |"
             % (
                 f["group"].split()[0],
                 f["name"],
@@ -96,6 +96,7 @@ def markdown(results: dict) -> str:
                 spread if len(f["samples"]) > 1 else "",
                 f["target"] or "",
                 f["status"] if f["status"] != "info" else "",
+                f["note"].replace("|", "/"),
             )
         )
     return "\n".join(lines)

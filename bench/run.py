@@ -5,6 +5,7 @@ time from this run, with its target and PASS/MISS.
     BENCH_QUICK=1 .venv/bin/python -m bench.run    # small sizes, 2 repetitions: a smoke run
     .venv/bin/python -m bench.run --only 1,3       # some figures (3 needs 2: it is run too)
     .venv/bin/python -m bench.run --markdown       # the README table from the results file
+    .venv/bin/python -m bench.run --readme         # …written into README.md's Performance
 
 Results go to bench/results/latest.json (quick runs: bench/results/quick.json).
 """
@@ -46,6 +47,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")))
     p.add_argument("--reps", type=int, default=0, help="repetitions per figure")
     p.add_argument("--markdown", action="store_true", help="print the README table and exit")
+    p.add_argument("--readme", action="store_true", help="put the table into README.md")
     p.add_argument("--results", type=Path, help="results file (default bench/results/…)")
     return p.parse_args()
 
@@ -53,8 +55,11 @@ def parse() -> argparse.Namespace:
 def main() -> int:
     args = parse()
     results = args.results or RESULTS / ("quick.json" if args.quick else "latest.json")
-    if args.markdown:
-        print(markdown(json.loads(results.read_text())))
+    if args.markdown or args.readme:
+        table = markdown(json.loads(results.read_text()))
+        if args.readme:
+            return update_readme(table)
+        print(table)
         return 0
     wanted = [k for k in SUITE if not args.only or k in args.only.split(",")]
     if "3" in wanted and "2" not in wanted:
@@ -99,6 +104,22 @@ def main() -> int:
         RESULTS.mkdir(exist_ok=True)
         results.write_text(json.dumps(report, indent=1) + "\n")
         print("results: %s" % results)
+    return 0
+
+
+BEGIN, END = "<!-- bench table: begin -->", "<!-- bench table: end -->"
+
+
+def update_readme(table: str) -> int:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        print("README.md has no %s ... %s block" % (BEGIN, END), file=sys.stderr)
+        return 1
+    head, rest = text.split(BEGIN, 1)
+    tail = rest.split(END, 1)[1]
+    readme.write_text(head + BEGIN + "\n" + table + "\n" + END + tail)
+    print("README.md: table updated")
     return 0
 
 
