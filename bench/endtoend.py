@@ -48,7 +48,8 @@ def simulator(state: Path, disk_size: int):
 @contextlib.contextmanager
 def guest_disk(info: dict, vdi: str):
     argv = [sys.executable, "-m", "xensim.main", "guest-disk", "--state-dir", info["state_dir"]]
-    proc = subprocess.Popen([*argv, vdi], stdout=subprocess.PIPE, text=True)
+    with open(Path(info["state_dir"]).parent / "guest-disk.log", "ab") as log:
+        proc = subprocess.Popen([*argv, vdi], stdout=subprocess.PIPE, stderr=log, text=True)
     try:
         yield proc.stdout.readline().strip()
     finally:
