@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.deps-stamp
 DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils \
             python3-cryptography python3-venv python3-pip e2fsprogs openssl
 
-.PHONY: deps demo check lint test faults clean
+.PHONY: deps demo check lint test faults bench clean
 
 deps: $(STAMP)
 
@@ -42,6 +42,11 @@ check: lint test
 # The fault-and-abuse suite alone (it is also part of `make check`).
 faults: deps
 	$(VENV)/bin/pytest -m reliability
+
+# Benchmarks against the direct TLS path (not part of `make check`; < 15 min on 2 cores).
+# BENCH_QUICK=1 for a one-minute smoke run; results in bench/results/, table: see README.
+bench: deps
+	$(PY) -m bench.run
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
