@@ -11,16 +11,8 @@ version=$(packaging/version.sh)
 stage=build/deb/xencbt-$version
 
 rm -rf build/deb
-mkdir -p "$stage" dist
-if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then
-    # Tracked and new files, never what .gitignore excludes (.venv, caches, build/).
-    git ls-files -z --cached --others --exclude-standard \
-        | while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done \
-        | tar --null -T - -cf - | tar -xf - -C "$stage"
-else
-    tar --exclude=./.git --exclude=./.venv --exclude=./build --exclude=./dist \
-        --exclude='__pycache__' --exclude='*.egg-info' -cf - . | tar -xf - -C "$stage"
-fi
+mkdir -p dist
+packaging/stage.sh "$stage"
 cp -r packaging/debian "$stage/debian"
 
 # Reproducible: the date is the last commit's (or now outside git).
