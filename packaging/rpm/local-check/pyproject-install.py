@@ -1,6 +1,6 @@
 """Install the wheel into BUILDROOT as EL9's %pyproject_install would (a local stand-in).
 
-    pyproject-install.py BUILDROOT SITELIB BINDIR WHEELDIR
+pyproject-install.py BUILDROOT SITELIB BINDIR WHEELDIR
 """
 
 import glob
