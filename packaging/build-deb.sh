@@ -31,15 +31,22 @@ END
 # The system toolchain only: a python3 earlier on PATH (pyenv, a venv) is not Debian's.
 # Build-Depends are checked, but not the implicit build-essential (a C compiler): no
 # code is compiled, so a backup server need not carry gcc to build this.
+log=build/deb/build.log
+echo "build-deb: dpkg-buildpackage for xencbt $version (log: $log)"
 (
     cd "$stage"
     export PATH=/usr/sbin:/usr/bin:/sbin:/bin
     dpkg-checkbuilddeps -I
     dpkg-buildpackage -b -us -uc --no-check-builddeps
-)
+) >"$log" 2>&1 || {
+    tail -40 "$log" >&2
+    echo "build-deb: dpkg-buildpackage failed; the whole log is $log" >&2
+    exit 1
+}
 for pkg in xencbt xencbt-simulator; do
     cp "build/deb/${pkg}_${version}_all.deb" dist/
 done
+echo "build-deb: lintian (errors fail the build)"
 lintian --fail-on error --info \
     "dist/xencbt_${version}_all.deb" "dist/xencbt-simulator_${version}_all.deb"
 echo "built: dist/xencbt_${version}_all.deb dist/xencbt-simulator_${version}_all.deb"
