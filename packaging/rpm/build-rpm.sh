@@ -45,7 +45,9 @@ if grep -q xensim <<<"$files"; then
     echo "build-rpm: the simulator is in $rpm" >&2
     exit 1
 fi
-shebang=$(rpm2cpio "$rpm" | (cd "$top" && cpio -i --quiet --to-stdout ./usr/share/xencbt/nbdkit-xencbt-plugin) | head -1)
+rpm2cpio "$rpm" | (cd "$top" && cpio -i --quiet --to-stdout ./usr/share/xencbt/nbdkit-xencbt-plugin) \
+    >"$top/plugin"
+shebang=$(sed -n 1p "$top/plugin")
 [ "$shebang" = "#!/usr/sbin/nbdkit python" ] || {
     echo "build-rpm: the plugin's #! line is '$shebang'" >&2
     exit 1
