@@ -47,7 +47,7 @@ faults: deps
 VERSION       := $(shell packaging/version.sh)
 DEB_BUILD_PKGS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
                   perl lintian
-RPM_BUILD_PKGS := rpm python3-build python3-installer python3-setuptools perl
+RPM_BUILD_PKGS := rpm perl
 
 # $(call apt_ensure,PACKAGES): install the missing ones (dpkg-query first, as deps does).
 define apt_ensure
