@@ -57,11 +57,13 @@ dpkg-query -L xencbt xencbt-simulator | sort -u >"$work/files"
 cd "$work"
 
 step "the plugin is in nbdkit's plugin directory, with Debian's nbdkit #! line"
-plugindir=$(clean nbdkit --dump-config | sed -n 's/^plugindir=//p')
+clean nbdkit --dump-config >config.txt
+plugindir=$(sed -n 's/^plugindir=//p' config.txt)
 link="$plugindir/nbdkit-xencbt-plugin"
 [ "$(readlink -f "$link")" = "$PLUGIN" ] || fail "$link does not lead to $PLUGIN"
 [ -x "$PLUGIN" ] || fail "$PLUGIN is not executable"
-[ "$(head -1 "$PLUGIN")" = "#!$(command -v nbdkit) python" ] || fail "$PLUGIN: wrong #! line"
+shebang="#!$(sed -n 's/^binary=//p' config.txt) python"
+[ "$(head -1 "$PLUGIN")" = "$shebang" ] || fail "$PLUGIN: the #! line is not $shebang"
 
 step "nbdkit xencbt --dump-plugin"
 clean nbdkit xencbt --dump-plugin >dump.txt || fail "nbdkit xencbt --dump-plugin"
