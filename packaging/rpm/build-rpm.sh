@@ -67,4 +67,4 @@ PYTHONPATH=$site nbdkit python "$root/usr/share/xencbt/nbdkit-xencbt-plugin" --d
     echo "build-rpm: the packaged plugin does not start" >&2
     exit 1
 }
-echo "built: $(ls dist/xencbt-*"$version"-1.noarch.rpm | tr '\n' ' ')"
+echo "built: dist/xencbt-$version-1.noarch.rpm dist/xencbt-simulator-$version-1.noarch.rpm"
