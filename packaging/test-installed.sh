@@ -34,7 +34,8 @@ fail() {
 for deb in "${debs[@]}"; do
     [ -f "$deb" ] || fail "$deb is missing; run make deb"
 done
-if dpkg-query -W -f='${Status}\n' xencbt 2>/dev/null | grep -q 'ok installed'; then
+status() { dpkg-query -W -f='${Status}\n' "$@" 2>/dev/null || true; }
+if [[ $(status xencbt) == *"ok installed"* ]]; then
     fail "xencbt is already installed; this check would purge it (apt-get purge xencbt first)"
 fi
 
@@ -113,7 +114,7 @@ sed -n '/summary/,$p' demo.log
 
 step "apt-get purge xencbt xencbt-simulator: every installed file is gone"
 purge
-if dpkg-query -W -f='${Status}\n' xencbt xencbt-simulator 2>/dev/null | grep -q 'installed'; then
+if [[ $(status xencbt xencbt-simulator) == *installed* ]]; then
     fail "still installed after purge"
 fi
 left=()

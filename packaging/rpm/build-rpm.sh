@@ -51,7 +51,9 @@ shebang=$(sed -n 1p "$top/plugin")
     echo "build-rpm: the plugin's #! line is '$shebang'" >&2
     exit 1
 }
-rpm -qp --scripts "$rpm" | grep -q 'nbdkit --dump-config' || {
+# (Output captured first: grep -q on a pipe would SIGPIPE the writer under pipefail.)
+scripts=$(rpm -qp --scripts "$rpm")
+grep -q 'nbdkit --dump-config' <<<"$scripts" || {
     echo "build-rpm: no %post linking the plugin" >&2
     exit 1
 }
@@ -62,8 +64,8 @@ mkdir -p "$root"
 rpm2cpio "$rpm" | (cd "$root" && cpio -idm --quiet)
 site=$root/usr/lib/python3.9/site-packages
 PYTHONPATH=$site /usr/bin/python3 "$root/usr/bin/xencbt" --help >/dev/null
-PYTHONPATH=$site nbdkit python "$root/usr/share/xencbt/nbdkit-xencbt-plugin" --dump-plugin \
-    | grep -qx "xencbt_version=$version" || {
+dump=$(PYTHONPATH=$site nbdkit python "$root/usr/share/xencbt/nbdkit-xencbt-plugin" --dump-plugin)
+grep -qx "xencbt_version=$version" <<<"$dump" || {
     echo "build-rpm: the packaged plugin does not start" >&2
     exit 1
 }
