@@ -44,7 +44,6 @@ faults: deps
 	$(VENV)/bin/pytest -m reliability
 
 # Packages (packaging/): Debian packages into dist/, then install, use and purge them.
-VERSION       := $(shell packaging/version.sh)
 DEB_BUILD_PKGS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
                   perl lintian
 RPM_BUILD_PKGS := rpm perl
