@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.deps-stamp
 DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils \
             python3-cryptography python3-venv python3-pip e2fsprogs openssl
 
-.PHONY: deps demo check lint test faults bench clean
+.PHONY: deps demo check lint test faults bench clean deb deb-check rpm
 
 deps: $(STAMP)
 
@@ -47,6 +47,36 @@ faults: deps
 # BENCH_QUICK=1 for a one-minute smoke run; results in bench/results/, table: see README.
 bench: deps
 	$(PY) -m bench.run
+
+# Packages (packaging/): Debian packages into dist/, then install, use and purge them.
+DEB_BUILD_PKGS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \
+                  perl lintian
+RPM_BUILD_PKGS := rpm perl
+
+# $(call apt_ensure,PACKAGES): install the missing ones (dpkg-query first, as deps does).
+define apt_ensure
+	@missing=$$(for p in $(1); do \
+	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
+	  done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$sudo apt-get update -q && \
+	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+endef
+
+deb:
+	$(call apt_ensure,$(DEB_BUILD_PKGS))
+	packaging/build-deb.sh
+
+# Run after the tests, never during them: installed, the package would shadow the venv.
+deb-check: deb
+	packaging/test-installed.sh
+
+rpm:
+	$(call apt_ensure,$(RPM_BUILD_PKGS))
+	packaging/rpm/build-rpm.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
