@@ -247,8 +247,7 @@ def run_server(argv: list[str], sock: socket.socket, ready: Callable[[], None]) 
         raise CommandFailed(
             "%s stopped by itself (exit %d): see its messages above" % (argv[0], code)
         )
-    except KeyboardInterrupt:  # Ctrl-C, or SIGTERM as Stopped
-        _quiet()  # a second Ctrl-C must not cut the cleanup short
+    except KeyboardInterrupt:  # SIGINT or SIGTERM, as Stopped
         log.info("stopping %s", argv[0])
     finally:
         _stop(proc)
@@ -265,6 +264,7 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _raise_stopped(signum, frame) -> None:
+    _quiet()  # the first signal stops us; more (Ctrl-C twice, systemd) must not cut cleanup
     raise Stopped()
 
 
