@@ -194,6 +194,13 @@ def test_clear_errors(chain, tmp_path):
     )
     assert "exists" in r.stderr and sock.exists()  # never removes what it did not create
 
+    # A server that cannot start is reported, not announced: a damaged image.
+    image = next(repo.rglob(points[-1]["point"] + ".qcow2"))
+    with open(image, "r+b") as f:
+        f.write(b"garbage!")
+    r = xencbt(sim, "--json", "serve", "--repo", str(repo), vm.uuids[0], check=1)
+    assert "qemu-nbd exited (1) before serving" in r.stderr and not r.stdout
+
 
 def test_chain_lock_shared_with_servers_exclusive_for_prune(chain, tmp_path):
     sim, vm, repo, points = chain
@@ -227,10 +234,12 @@ def test_server_dies_with_a_killed_xencbt(chain):
         proc.communicate()
 
 
-def test_live_snapshot_served_through_the_plugin_then_destroyed(xensim_factory):
+def test_live_snapshot_served_through_the_plugin_then_destroyed(xensim_factory, tmp_path):
     sim = xensim_factory(disk_sizes="2M+512", in_use_wait=0.5)
     vm = Vm(sim)
+    repo = tmp_path / "repo"
     vm.write(0, {0: rand(BLOCK), 9 * BLOCK: rand(BLOCK)})
+    backup(sim, repo, "demo-vm")
     before = set(vm.x.VDI.get_all())
     with serving(sim, "--snapshot", vm.uuids[0], "--listen", "tcp:127.0.0.1:0") as (info, proc):
         assert info["snapshot_taken"] and info["vdi"] == vm.uuids[0]
@@ -245,6 +254,10 @@ def test_live_snapshot_served_through_the_plugin_then_destroyed(xensim_factory):
         assert sim.password not in argv and "OpaqueRef" not in argv and "session_id" not in argv
     assert gone(child)
     assert set(vm.x.VDI.get_all()) == before  # the snapshot it took is destroyed
+    # The next backup is still an incremental, and exact: the CBT chain survived.
+    after = backup(sim, repo, "demo-vm")["vms"][0]["disks"][0]
+    assert after["type"] == "incremental" and after["changed_bytes"] == BLOCK
+    assert after["sha256"] == sha(vm.models[0])
     # Its own session and the plugin's are logged out: only this test's remains.
     assert sim.control.invalidate_sessions() == 1
 

@@ -25,13 +25,20 @@ import os
 import shlex
 import signal
 import socket
+import struct
 import subprocess
+import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from xencbt_core import nbdproto
+
 from . import command
+from .copier import Copier, plugin
 from .errors import OK, CliError, CommandFailed, LockBusy, UsageError
+from .pool import Pool
 from .repository import UUID, Chain, Repository
 
 log = logging.getLogger(__name__)
@@ -39,13 +46,14 @@ log = logging.getLogger(__name__)
 LISTEN_FD = 3  # sd_listen_fds(3): passed sockets start at fd 3
 PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT = 30
+READY_TIMEOUT = 120  # the plugin logs in to XAPI before it serves
 SNAPSHOT_NAME = "xencbt-serve"
 CONNECTIONS = 2  # upstream connections of a snapshot served for mounting (of 16 per host)
 CERT_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM arrived: the normal end of a serve."""
+    """SIGTERM or SIGINT arrived: the normal end of a serve."""
 
 
 @dataclass(frozen=True)
@@ -78,9 +86,9 @@ class Listen:
         """True for a unix socket or a TCP address every resolution of which is loopback."""
         if not self.tcp:
             return True
-        return all(ipaddress.ip_address(a[4][0]).is_loopback for a in self._resolve())
+        return all(ipaddress.ip_address(a[4][0]).is_loopback for a in self.resolve())
 
-    def _resolve(self) -> list:
+    def resolve(self) -> list:
         try:
             return socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)
         except socket.gaierror as e:
@@ -153,8 +161,9 @@ class Endpoint:
         return "%s://%s:%d/" % (scheme, host, self.port)
 
     def nbd_client(self) -> str | None:
-        """The kernel client's command line, or None (nbd-client cannot do TLS-PSK)."""
-        if self.tls.psk:
+        """The kernel client's command line, or None: nbd-client does TLS with certificates
+        over TCP only."""
+        if self.tls.psk or (self.tls and not self.listen.tcp):
             return None
         if self.listen.tcp:
             argv = ["nbd-client", self.listen.host, str(self.port), "/dev/nbd0"]
@@ -184,12 +193,14 @@ def listening(listen: Listen, private_dir: str) -> Iterator[tuple[socket.socket,
     """Bind and listen; yield the socket, the resolved Listen and the TCP port.  The
     unix socket file is removed on exit."""
     if listen.tcp:
-        family, kind, proto, _, addr = listen._resolve()[0]
+        family, kind, proto, _, addr = listen.resolve()[0]
         sock = socket.socket(family, kind, proto)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         _bind(sock, addr, "%s:%d" % (listen.host, listen.port))
         sock.listen(16)
         host, port = sock.getsockname()[:2]
+        if ipaddress.ip_address(host).is_unspecified:  # every address: name the machine
+            host = socket.getfqdn()
         with sock:
             yield sock, Listen(host=host, port=port), port
         return
@@ -242,6 +253,7 @@ def run_server(argv: list[str], sock: socket.socket, ready: Callable[[], None]) 
         argv, stdin=subprocess.DEVNULL, pass_fds=(LISTEN_FD,), preexec_fn=_activated(sock)
     )
     try:
+        wait_ready(sock, proc, argv[0])
         ready()
         code = proc.wait()
         raise CommandFailed(
@@ -251,6 +263,39 @@ def run_server(argv: list[str], sock: socket.socket, ready: Callable[[], None]) 
         log.info("stopping %s", argv[0])
     finally:
         _stop(proc)
+
+
+def wait_ready(sock: socket.socket, proc: subprocess.Popen, name: str) -> None:
+    """Return once the server greets a client (then say goodbye: NBD_OPT_ABORT).
+
+    Announcing only then means the printed URI works, a server that cannot start (an
+    unreadable image, a wrong password) is reported instead, and a stop signal never
+    reaches a server still starting (qemu-nbd forgets a SIGTERM that arrives then).
+    """
+    address = sock.getsockname()
+    if sock.family != socket.AF_UNIX and ipaddress.ip_address(address[0]).is_unspecified:
+        address = ("::1" if sock.family == socket.AF_INET6 else "127.0.0.1", *address[1:])
+    deadline = time.monotonic() + READY_TIMEOUT
+    with socket.socket(sock.family, socket.SOCK_STREAM) as probe:
+        probe.connect(address)  # lands in the backlog at once
+        probe.settimeout(0.2)
+        greeting = b""
+        while len(greeting) < nbdproto.GREETING.size:
+            if proc.poll() is not None:
+                raise CommandFailed(
+                    "%s exited (%d) before serving: see its messages above"
+                    % (name, proc.returncode)
+                )
+            if time.monotonic() > deadline:
+                raise CommandFailed("%s did not start serving in %ds" % (name, READY_TIMEOUT))
+            with contextlib.suppress(TimeoutError):
+                chunk = probe.recv(nbdproto.GREETING.size - len(greeting))
+                if not chunk:
+                    raise CommandFailed("%s closed its first connection" % name)
+                greeting += chunk
+        flags = nbdproto.GREETING.unpack(greeting)[2] & nbdproto.CLIENT_FLAGS_MASK
+        probe.sendall(struct.pack(">I", flags))
+        probe.sendall(nbdproto.OPTION.pack(nbdproto.IHAVEOPT, nbdproto.OPT_ABORT, 0))
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -325,16 +370,18 @@ class Server:
                 argv += ["--shared=0", *self.tls.qemu_args(private), str(image)]
                 self._serve(argv, private, what)
 
-    def snapshot(self, pool, copier, vdi: str) -> None:
+    def snapshot(self, pool: Pool, copier: Copier, vdi: str) -> None:
         """Serve ``vdi`` through the plugin: a snapshot of it, or it if it is a snapshot."""
         ref, rec = _pool_vdi(pool, vdi)
         taken = not rec["is_a_snapshot"]
         if taken:
             ref = pool.call("VDI.snapshot", ref, {})
-            pool.call("VDI.set_name_label", ref, "%s %s" % (SNAPSHOT_NAME, rec["name_label"]))
         uuid = pool.call("VDI.get_uuid", ref)
-        what = {"vdi": rec["uuid"], "snapshot": uuid, "snapshot_taken": taken}
         try:
+            if taken:  # a name that says whose it is, should a crash leave it behind
+                label = "%s %s" % (SNAPSHOT_NAME, rec["name_label"])
+                pool.call("VDI.set_name_label", ref, label)
+            what = {"vdi": rec["uuid"], "snapshot": uuid, "snapshot_taken": taken}
             with tempfile.TemporaryDirectory(prefix="xencbt-serve-") as private:
                 argv = ["nbdkit", "-f", "--exit-with-parent", "--readonly"]
                 argv += [*self.tls.nbdkit_args(), *plugin_args(copier, uuid)]
@@ -349,7 +396,7 @@ class Server:
             run_server(argv, sock, lambda: self.announce({**what, **endpoint.describe()}))
 
 
-def _pool_vdi(pool, vdi: str) -> tuple[str, dict]:
+def _pool_vdi(pool: Pool, vdi: str) -> tuple[str, dict]:
     if not UUID.match(vdi):
         raise UsageError("--snapshot takes a VDI uuid (xe vdi-list), not %r" % vdi)
     ref = pool.vdi_ref(vdi)
@@ -361,9 +408,7 @@ def _pool_vdi(pool, vdi: str) -> tuple[str, dict]:
     return ref, rec
 
 
-def plugin_args(copier, snapshot: str) -> list[str]:
-    from .copier import plugin
-
+def plugin_args(copier: Copier, snapshot: str) -> list[str]:
     return [*plugin(), *copier.params(snapshot, None, CONNECTIONS)]
 
 
@@ -377,9 +422,6 @@ def serve(args, conf, repo: Repository | None, say: Callable[[str], None]) -> in
             return OK
         if args.at:
             raise UsageError("--at names a backup point; --snapshot serves the live VDI")
-        from .copier import Copier
-        from .pool import Pool
-
         with conf.session() as session, conf.plugin_password() as password:
             server.snapshot(Pool(session), Copier(conf, password, CONNECTIONS, False), args.vdi)
     return OK
@@ -397,9 +439,10 @@ def announcer(as_json: bool, say: Callable[[str], None]) -> Callable[[dict], Non
             print("serving %s read-only" % what)
             print("  uri:        %s" % info["uri"])
             if info["nbd_client"]:
-                print("  nbd-client: %s" % info["nbd_client"], flush=True)
+                print("  nbd-client: %s" % info["nbd_client"])
             else:
-                print("  (nbd-client cannot do TLS-PSK: use qemu-nbd, nbdfuse or guestmount)")
+                print("  (nbd-client cannot do this TLS: use qemu-nbd, nbdfuse or guestmount)")
+            sys.stdout.flush()
         say("xencbt: serving until Ctrl-C or SIGTERM")
 
     return announce
