@@ -289,5 +289,18 @@ def build() -> Vm:
     cache = cache_dir()
     with open(cache / ".lock", "w") as lock:  # parallel test runs build it once
         fcntl.flock(lock, fcntl.LOCK_EX)
-        kernel = fetch_kernel(cache, kernel_package())
+        kernel = cached_kernel(cache)
         return Vm(kernel, initramfs(cache, kernel))
+
+
+def cached_kernel(cache: Path) -> Path:
+    """The kernel linux-image-amd64 names now; a cached one if apt cannot help; once
+    after refreshing an old package index (a fresh machine, a version gone from the mirror)."""
+    try:
+        return fetch_kernel(cache, kernel_package())
+    except VmError:
+        ready = sorted(cache.glob("linux-image-*/ready"))
+        if ready:
+            return ready[-1].parent
+        run(["apt-get", "update", "-q"])
+        return fetch_kernel(cache, kernel_package())
