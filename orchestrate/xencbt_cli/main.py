@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--wait", action="store_true", help="wait for a locked chain")
 
     sv = sub.add_parser("serve", help="serve a point (or a live snapshot) read-only over NBD")
-    sv.add_argument("vdi", metavar="VDI", help="VDI uuid (or prefix) as in list; pool VDI uuid")
+    sv.add_argument("vdi", metavar="VDI", help="uuid or prefix as in list (--snapshot: a pool VDI)")
     sv.add_argument("--repo", metavar="DIR")
     sv.add_argument("--at", metavar="POINT", help="point id (default: the newest)")
     sv.add_argument("--snapshot", action="store_true", help="serve a live pool VDI via a snapshot")
