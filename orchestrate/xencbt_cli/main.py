@@ -108,6 +108,16 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--keep", type=int, required=True, metavar="N")
     pr.add_argument("--wait", action="store_true", help="wait for a locked chain")
 
+    sv = sub.add_parser("serve", help="serve a point (or a live snapshot) read-only over NBD")
+    sv.add_argument("vdi", metavar="VDI", help="uuid or prefix as in list (--snapshot: a pool VDI)")
+    sv.add_argument("--repo", metavar="DIR")
+    sv.add_argument("--at", metavar="POINT", help="point id (default: the newest)")
+    sv.add_argument("--snapshot", action="store_true", help="serve a live pool VDI via a snapshot")
+    sv.add_argument("--listen", metavar="unix:PATH|tcp:HOST:PORT", help="default: unix socket")
+    tls = sv.add_mutually_exclusive_group()
+    tls.add_argument("--tls-psk", metavar="FILE", help="TLS with this PSK file (user:hexkey)")
+    tls.add_argument("--tls-certificates", metavar="DIR", help="TLS with DIR/{ca,server}-*.pem")
+
     n = sub.add_parser("nbd", help="NBD on the pool's networks")
     n.add_argument("action", choices=("status", "enable", "disable"))
     n.add_argument("--network", metavar="NAME|UUID")
@@ -273,6 +283,12 @@ def cmd_nbd(args, conf: settings.Settings) -> int:
     return errors.OK
 
 
+def cmd_serve(args, conf: settings.Settings) -> int:
+    from .serve import serve
+
+    return serve(args, conf, None if args.snapshot else repository(args, conf), say)
+
+
 COMMANDS = {
     "backup": cmd_backup,
     "list": cmd_list,
@@ -281,6 +297,7 @@ COMMANDS = {
     "prune": cmd_prune,
     "repair": cmd_repair,
     "nbd": cmd_nbd,
+    "serve": cmd_serve,
 }
 
 
