@@ -11,30 +11,27 @@ VM_PKGS := qemu-system-x86 busybox-static nbd-client cpio
 
 .PHONY: deps demo check lint test faults bench clean deb deb-check rpm
 
-deps: $(STAMP)
-
-# Debian packages are checked with dpkg-query first so a second run does not
-# touch apt at all; the venv is rebuilt only when pyproject.toml changes.
-$(STAMP): pyproject.toml
-	@missing=$$(for p in $(DEB_PKGS); do \
+# $(call apt_ensure,PACKAGES[,APT-OPTIONS]): install the ones not installed yet; dpkg-query
+# first, so a second run never touches apt.
+define apt_ensure
+	@missing=$$(for p in $(1); do \
 	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
 	  done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:" $$missing; \
 	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$sudo apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q $$missing; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q $(2) $$missing; \
 	fi
-	@missing=$$(for p in $(VM_PKGS); do \
-	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
-	  done); \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:" $$missing; \
-	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing \
-	  || { $$sudo apt-get update -q && \
-	       DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; }; \
-	fi
+endef
+
+deps: $(STAMP)
+
+# Debian packages are checked with dpkg-query first so a second run does not
+# touch apt at all; the venv is rebuilt only when pyproject.toml changes.
+$(STAMP): pyproject.toml
+	$(call apt_ensure,$(DEB_PKGS))
+	$(call apt_ensure,$(VM_PKGS),--no-install-recommends)
 	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@
@@ -65,18 +62,6 @@ DEB_BUILD_PKGS := debhelper dh-python pybuild-plugin-pyproject python3-all pytho
                   perl lintian
 RPM_BUILD_PKGS := rpm perl
 
-# $(call apt_ensure,PACKAGES): install the missing ones (dpkg-query first, as deps does).
-define apt_ensure
-	@missing=$$(for p in $(1); do \
-	    dpkg-query -W -f='$${Status}\n' $$p 2>/dev/null | grep -q '^install ok installed' || echo $$p; \
-	  done); \
-	if [ -n "$$missing" ]; then \
-	  echo "installing Debian packages:" $$missing; \
-	  sudo=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$sudo apt-get update -q && \
-	  DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -q --no-install-recommends $$missing; \
-	fi
-endef
 
 deb:
 	$(call apt_ensure,$(DEB_BUILD_PKGS))
