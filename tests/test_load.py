@@ -27,6 +27,7 @@ from xensim import disks
 pytestmark = pytest.mark.reliability
 
 VMS, HOSTS, LIMIT, CONNECTIONS = 8, 2, 16, 8
+HOLD = 8.0  # seconds the first reads wait (see the test)
 
 
 def fill(sim, uuid: str, size: int) -> str:
@@ -60,7 +61,10 @@ def test_eight_vms_two_disks_jobs_8_two_hosts(xensim_factory, tmp_path):
     wanted = {h: n * CONNECTIONS for h, n in per_host.items()}
     assert all(w > LIMIT for w in wanted.values())  # without a budget a host would refuse
 
-    sim.control.set_faults(read_latency=0.3)  # copies overlap; connections pile up
+    # Reads wait behind a gate for the first seconds, so every copy that starts meanwhile
+    # opens all its connections (each has reads queued) and the hosts reach their limit
+    # however slowly this machine starts the jobs; then reads stay slow so copies overlap.
+    sim.control.set_faults(hold_for=HOLD, read_latency=0.3)
     sim.control.reset_counters()
     repo = tmp_path / "repo"
     t0 = time.monotonic()

@@ -413,6 +413,18 @@ def test_read_latency_delays_each_read(server, tls_ctx):
     assert fast < 0.3 <= slow
 
 
+def test_hold_for_holds_every_read_until_its_deadline(server, tls_ctx):
+    with transmission(server, tls_ctx) as tls:
+        server.faults.update(hold_for=0.5)
+        start = time.monotonic()
+        w.read(tls, 0, 512)
+        held = time.monotonic() - start
+        start = time.monotonic()
+        w.read(tls, 0, 512)  # the deadline has passed: no wait any more
+        after = time.monotonic() - start
+    assert after < 0.3 < 0.45 <= held
+
+
 def test_refuse_for_closes_new_connections_before_the_greeting(server):
     with w.connect(server.port) as before:
         assert w.recv_exact(before, 18).startswith(b"NBDMAGIC")
@@ -465,6 +477,7 @@ def test_faults_update_validates_and_is_all_or_nothing():
         "drop_on_read": None,
         "read_latency": 1.0,
         "refuse_for_remaining": 0.0,
+        "hold_for_remaining": 0.0,
     }
     faults.clear()
     assert faults.to_dict()["drop_after_bytes"] is None

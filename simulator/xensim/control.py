@@ -51,7 +51,8 @@ class Control:
         return self._request("GET", "faults")
 
     def set_faults(self, **faults: Any) -> dict:
-        """drop_after_bytes=N, drop_on_read=N, read_latency=S, refuse_for=S (None clears)."""
+        """drop_after_bytes=N, drop_on_read=N, read_latency=S, refuse_for=S, hold_for=S (reads
+        wait S seconds from now; None clears)."""
         return self._request("POST", "faults", faults)
 
     def clear(self) -> dict:

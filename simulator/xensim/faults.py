@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _INT_OR_NONE = ("drop_after_bytes", "drop_on_read")
-_SECONDS = ("read_latency", "refuse_until")
+_SECONDS = ("read_latency", "refuse_until", "hold_until")
 
 
 @dataclass
@@ -27,12 +27,16 @@ class Faults:
     read_latency: seconds slept before answering each read.
     refuse_until: time.monotonic() deadline; until then new connections are closed before
         the greeting.
+    hold_until: time.monotonic() deadline; until then every read waits (a gate: clients
+        keep opening connections for their queued reads, so a load test reaches the
+        connection limit whatever the machine's speed).
     """
 
     drop_after_bytes: int | None = None
     drop_on_read: int | None = None
     read_latency: float = 0.0
     refuse_until: float = 0.0
+    hold_until: float = 0.0
     _lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )
@@ -40,12 +44,13 @@ class Faults:
     def update(self, **changes: Any) -> None:
         """Set several faults at once, all or none; ValueError names the bad one.
 
-        Besides the field names, refuse_for=SECONDS is accepted (as refuse_for()).
+        Besides the field names, refuse_for=SECONDS and hold_for=SECONDS are accepted (the
+        deadlines counted from now).
         """
-        if "refuse_for" in changes:
-            changes["refuse_until"] = time.monotonic() + _seconds(
-                "refuse_for", changes.pop("refuse_for")
-            )
+        for relative, deadline in (("refuse_for", "refuse_until"), ("hold_for", "hold_until")):
+            if relative in changes:
+                seconds = _seconds(relative, changes.pop(relative))
+                changes[deadline] = time.monotonic() + seconds
         checked = {name: _check(name, value) for name, value in changes.items()}
         with self._lock:
             for name, value in checked.items():
@@ -61,7 +66,11 @@ class Faults:
         """A consistent copy, so one request sees one set of faults."""
         with self._lock:
             return Faults(
-                self.drop_after_bytes, self.drop_on_read, self.read_latency, self.refuse_until
+                self.drop_after_bytes,
+                self.drop_on_read,
+                self.read_latency,
+                self.refuse_until,
+                self.hold_until,
             )
 
     def to_dict(self) -> dict:
@@ -71,10 +80,17 @@ class Faults:
             "drop_on_read": now.drop_on_read,
             "read_latency": now.read_latency,
             "refuse_for_remaining": max(0.0, now.refuse_until - time.monotonic()),
+            "hold_for_remaining": max(0.0, now.hold_until - time.monotonic()),
         }
 
     def clear(self) -> None:
-        self.update(drop_after_bytes=None, drop_on_read=None, read_latency=0.0, refuse_until=0.0)
+        self.update(
+            drop_after_bytes=None,
+            drop_on_read=None,
+            read_latency=0.0,
+            refuse_until=0.0,
+            hold_until=0.0,
+        )
 
 
 def _check(name: str, value: Any) -> Any:

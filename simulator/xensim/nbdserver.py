@@ -14,6 +14,7 @@ import socket
 import ssl
 import struct
 import threading
+import time
 from typing import Callable, Protocol
 
 from .faults import Counters, Faults
@@ -335,6 +336,9 @@ class Session:
 
     def _read(self, export: Export, handle: int, offset: int, length: int) -> None:
         faults = self._server.faults.snapshot()
+        held = faults.hold_until - time.monotonic()
+        if held > 0 and self._server.sleep(held):
+            raise Disconnect("server stopping")
         if faults.read_latency and self._server.sleep(faults.read_latency):
             raise Disconnect("server stopping")
         self._reads += 1
