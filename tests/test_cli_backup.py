@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from cli_support import BLOCK, Vm, backup, rand, restored_sha, served, sha, xencbt
+from cli_support import BLOCK, CHUNK, Vm, backup, content, rand, restored_sha, served, xencbt
 
 
 @pytest.fixture
@@ -34,6 +34,9 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     assert [d["type"] for d in first] == ["full", "full"]
     assert first[0]["reason"] == "first backup of this disk"
     history.append((first[0]["point"], vm.digests()))
+    # A full reads its whole image once to digest it.
+    assert [d["hashed_bytes"] for d in first] == [len(m) for m in vm.models]
+    assert {(d["digest_kind"], d["chunk_size"]) for d in first} == {("sha256-chunks", CHUNK)}
 
     # A block rewritten with zero bytes, one NBD-zeroed, one partial write, the short block.
     vm.write(0, {BLOCK: bytes(BLOCK), 2 * BLOCK: None, 20 * BLOCK + 512: rand(1024)})
@@ -44,6 +47,9 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     changed = [3 * BLOCK, size1 % BLOCK]
     assert [d["changed_bytes"] for d in second] == changed
     assert served(sim) == sum(changed)  # only the changed blocks moved
+    # ...and only the chunks holding them were read back to digest them: disk 0 blocks
+    # 1, 2 (chunk 0) and 20 (chunk 5); disk 1 its short last chunk (512 bytes).
+    assert [d["hashed_bytes"] for d in second] == [2 * CHUNK, size1 % CHUNK]
     history.append((second[0]["point"], vm.digests()))
 
     # Disk 1 grows: still incremental, the new region's written block is all that moves.
@@ -55,6 +61,8 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     assert [d["type"] for d in third] == ["incremental", "incremental"]
     assert served(sim) == BLOCK
     assert third[1]["virtual_size"] == len(vm.models[1])
+    # Disk 0 unchanged: nothing read.  Disk 1: its old short last chunk and every new one.
+    assert [d["hashed_bytes"] for d in third] == [0, len(vm.models[1]) - (size1 // CHUNK) * CHUNK]
     history.append((third[0]["point"], vm.digests()))
 
     vm.write(0, {5 * BLOCK: rand(BLOCK)})
@@ -65,7 +73,7 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
         for disk, uuid in enumerate(vm.uuids):
             assert restored_sha(sim, repo, tmp_path, uuid, point) == digests[disk], point
             manifest = json.loads((repo / vm.uuid / uuid / (point + ".json")).read_text())
-            assert manifest["sha256"] == digests[disk]
+            assert manifest["digest"] == digests[disk]
     assert restored_sha(sim, repo, tmp_path, vm.uuids[0]) == history[-1][1][0]
 
     chain = subprocess.run(
@@ -103,7 +111,7 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     xencbt(sim, "verify", "--repo", str(repo))
     remaining = sorted(p.name for p in (repo / vm.uuid / vm.uuids[0]).iterdir())
     assert remaining == sorted(
-        [".lock"] + [p + ext for p, _ in history[-2:] for ext in (".json", ".qcow2")]
+        [".lock"] + [p + ext for p, _ in history[-2:] for ext in (".json", ".qcow2", ".sums")]
     )
 
 
@@ -139,7 +147,7 @@ def test_fallbacks_to_full_say_why(sim, tmp_path):
     )
     assert manifest["type"] == "full" and "--full" in manifest["reason"]
     for disk, uuid in enumerate(vm.uuids):
-        assert restored_sha(sim, repo, tmp_path, uuid) == sha(vm.models[disk])
+        assert restored_sha(sim, repo, tmp_path, uuid) == content(vm.models[disk])
 
 
 def corrupt_data_cluster(path) -> None:
@@ -165,7 +173,8 @@ def test_verify_names_the_corrupted_point(sim, tmp_path):
 
     corrupt_data_cluster(repo / vm.uuid / vm.uuids[0] / (point + ".qcow2"))
     r = xencbt(sim, "verify", "--repo", str(repo), check=4)
-    assert "VDI %s point %s: sha256" % (vm.uuids[0], point) in r.stderr
+    assert "VDI %s point %s: bytes " % (vm.uuids[0], point) in r.stderr
+    assert "differ from what was recorded at backup time" in r.stderr
     assert "1 of 4 points failed" in r.stderr
     # Only the named VDI: the other one passes.
     xencbt(sim, "verify", "--repo", str(repo), vm.uuids[1])

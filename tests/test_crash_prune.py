@@ -77,7 +77,7 @@ def test_prune_killed(crash: Aftermath, window: str, tmp_path):
         rows = crash.check_repository()
         r = rows[-1]  # and one restore, the newest point of a disk, to be sure
         digest = restored_sha(crash.sim, crash.repo, tmp_path, r["vdi_uuid"], r["point"])
-        assert digest == r["sha256"]
+        assert digest == r["digest"]
         # repair finishes or undoes the prune and removes the rest; then prune again.
         xencbt(crash.sim, "repair", "--repo", str(crash.repo))
         for d in chain_dirs(crash.repo, crash.vm):
