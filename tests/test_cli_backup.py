@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from cli_support import BLOCK, CHUNK, Vm, backup, content, rand, restored_sha, served, xencbt
+from cli_support import BLOCK, CHUNK, Vm, backup, content, rand, restored_sha, served, sha, xencbt
 
 
 @pytest.fixture
@@ -178,3 +178,48 @@ def test_verify_names_the_corrupted_point(sim, tmp_path):
     assert "1 of 4 points failed" in r.stderr
     # Only the named VDI: the other one passes.
     xencbt(sim, "verify", "--repo", str(repo), vm.uuids[1])
+
+
+def make_format_1(repo, vm: Vm, point: str, disk: int) -> None:
+    """Rewrite a point as an xencbt before chunked digests wrote it: a format-1 manifest
+    with the whole disk's sha256, no sums."""
+    chain = repo / vm.uuid / vm.uuids[disk]
+    path = chain / (point + ".json")
+    m = json.loads(path.read_text())
+    for key in ("digest", "digest_kind", "chunk_size", "hashed_bytes"):
+        del m[key]
+    m.update(format=1, sha256=sha(vm.models[disk]))
+    path.write_text(json.dumps(m))
+    (chain / (point + ".sums")).unlink()
+
+
+def test_format_1_points_verify_restore_and_become_a_base(sim, tmp_path):
+    repo = tmp_path / "repo"
+    vm = Vm(sim)
+    vm.write(0, {0: rand(BLOCK), 11 * BLOCK: rand(BLOCK)})
+    vm.write(1, {0: rand(BLOCK)})
+    old = disks_of(backup(sim, repo, "demo-vm"))
+    for disk in range(2):
+        make_format_1(repo, vm, old[disk]["point"], disk)
+    xencbt(sim, "verify", "--repo", str(repo))
+    for disk, uuid in enumerate(vm.uuids):
+        assert restored_sha(sim, repo, tmp_path, uuid) == content(vm.models[disk])
+
+    # The next backup builds on it: one read of the base checks its sha256 and chunks it;
+    # the new point reads only its changed chunk from its own image.
+    vm.write(0, {BLOCK: rand(BLOCK)})
+    new = disks_of(backup(sim, repo, "demo-vm"))
+    assert [d["type"] for d in new] == ["incremental", "incremental"]
+    assert [d["digest"] for d in new] == vm.digests()
+    assert [d["hashed_bytes"] for d in new] == [CHUNK, 0]
+    xencbt(sim, "verify", "--repo", str(repo))
+
+    # A format-1 base that no longer matches its sha256 is not built on.
+    make_format_1(repo, vm, new[0]["point"], 0)
+    corrupt_data_cluster(repo / vm.uuid / vm.uuids[0] / (new[0]["point"] + ".qcow2"))
+    r = xencbt(sim, "verify", "--repo", str(repo), vm.uuids[0], check=4)
+    assert "VDI %s point %s: sha256 " % (vm.uuids[0], new[0]["point"]) in r.stderr
+    again = disks_of(backup(sim, repo, "demo-vm"))
+    assert again[0]["type"] == "full" and "reads back with sha256" in again[0]["reason"]
+    assert again[1]["type"] == "incremental"
+    assert [d["digest"] for d in again] == vm.digests()
