@@ -237,7 +237,9 @@ class Aftermath:
         for d in chain_dirs(self.repo, self.vm):
             images = {p.stem for p in d.glob("*.qcow2")}
             manifests = {p.stem for p in d.glob("*.json")}
+            sums = {p.stem for p in d.glob("*.sums")}
             assert images == manifests, "images without manifest: %s" % (images - manifests)
+            assert sums == manifests, "sums without manifest or missing: %s" % (sums ^ manifests)
 
     def after_kill(self) -> None:
         """All the promises; then the next backup, which must clean up after the kill."""

@@ -205,3 +205,15 @@ def test_connection_budget_never_exceeds_limit():
     for t in threads:
         t.join()
     assert peak[0] == 10 and budget.free == 16
+
+
+def test_manifest_without_a_usable_digest_is_unreadable(tmp_path):
+    chain, made = make_chain(tmp_path, 2)
+    path = chain.manifest_path(made[0][0])
+    m = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(m, chunk_size=None)))
+    assert "no valid chunk_size" in chain.damaged()[made[0][0]]
+    del m["digest"]
+    path.write_text(json.dumps(m))
+    assert "neither a digest nor a sha256" in chain.damaged()[made[0][0]]
+    assert [p.point for p in chain.points()] == [made[1][0]]

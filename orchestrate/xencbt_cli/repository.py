@@ -81,7 +81,19 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        m = cls(**{k: v for k, v in data.items() if k in known})
+        m.check()
+        return m
+
+    def check(self) -> None:
+        """ValueError unless the manifest says how to check its content: a chunked digest
+        (format 2) or a whole-disk sha256 (format 1)."""
+        if self.digest is not None:
+            chunk = self.chunk_size
+            if not isinstance(self.digest, str) or not isinstance(chunk, int) or chunk <= 0:
+                raise ValueError("its digest has no valid chunk_size")
+        elif not isinstance(self.sha256, str):
+            raise ValueError("it records neither a digest nor a sha256 of the disk")
 
 
 def write_atomically(path: Path, content: str | bytes) -> None:
