@@ -68,14 +68,15 @@ def combine(sums: bytes, size: int) -> str:
 
 def dirty(bitmap: Bitmap, old_size: int, new_size: int, chunk: int) -> list[int]:
     """The chunks of the new disk to rehash: each holding a changed 64 KiB block, and,
-    when the size changed, the previous last chunk and every chunk past it."""
+    when the size changed, the last chunk both sizes share and every chunk past it.
+    (backup never builds on a shrunk disk; the chunk math holds for it all the same)"""
     per = chunk // BLOCK_SIZE
     found: set[int] = set()
     for run in bitmap.runs():
         if run.changed:
             found.update(range(run.start // per, (run.start + run.count - 1) // per + 1))
     if new_size != old_size:
-        first = max(0, count(old_size, chunk) - 1)
+        first = max(0, count(min(old_size, new_size), chunk) - 1)
         found.update(range(first, count(new_size, chunk)))
     return sorted(i for i in found if i < count(new_size, chunk))
 
