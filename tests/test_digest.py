@@ -14,6 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from xencbt_cli import digest
+from xencbt_cli.errors import UsageError
 from xencbt_cli.repository import Manifest
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap, encode
 
@@ -125,9 +126,10 @@ def test_chunk_size_for_tests_only_takes_whole_blocks(monkeypatch):
     assert digest.chunk_size() == CHUNK
     monkeypatch.setenv("XENCBT_CHUNK_SIZE", str(4 * BLOCK_SIZE))
     assert digest.chunk_size() == 4 * BLOCK_SIZE
-    monkeypatch.setenv("XENCBT_CHUNK_SIZE", "1000")
-    with pytest.raises(ValueError):
-        digest.chunk_size()
+    for bad in ("1000", "0", "-65536", "64k"):
+        monkeypatch.setenv("XENCBT_CHUNK_SIZE", bad)
+        with pytest.raises(UsageError, match="multiple of 64 KiB"):
+            digest.chunk_size()
 
 
 # -- real images -----------------------------------------------------------------------

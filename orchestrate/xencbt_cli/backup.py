@@ -212,6 +212,11 @@ class Backup:
         except ConfigError as e:
             # Damaged CBT metadata on the host: an incremental could miss changes.
             return Plan(reason="the host returned an unusable CBT bitmap (%s)" % e)
+        if prev.digest and prev.chunk_size != self.chunk:
+            return Plan(
+                reason="the checksums of the previous point %s use %d-byte chunks, this run "
+                "%d (XENCBT_CHUNK_SIZE)" % (prev.point, prev.chunk_size, self.chunk)
+            )
         try:
             sums = digest.trusted_sums(
                 prev, chain.image_path(prev.point), chain.sums_path(prev.point), self.chunk

@@ -25,7 +25,7 @@ from pathlib import Path
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap
 
 from . import command, image
-from .errors import CliError
+from .errors import CliError, UsageError
 
 KIND = "sha256-chunks"
 CHUNK = 64 << 20
@@ -43,10 +43,9 @@ def chunk_size() -> int:
     value = os.environ.get("XENCBT_CHUNK_SIZE")
     if not value:
         return CHUNK
-    size = int(value)
-    if size <= 0 or size % BLOCK_SIZE:
-        raise ValueError("XENCBT_CHUNK_SIZE must be a positive multiple of 64 KiB")
-    return size
+    if not value.isdigit() or int(value) <= 0 or int(value) % BLOCK_SIZE:
+        raise UsageError("XENCBT_CHUNK_SIZE must be a positive multiple of 64 KiB (65536)")
+    return int(value)
 
 
 # -- chunk math ------------------------------------------------------------------------
