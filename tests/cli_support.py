@@ -98,16 +98,26 @@ class Vm:
         self.models[disk].extend(bytes(size - len(self.models[disk])))
 
     def digests(self) -> list[str]:
+        """sha256 of each disk as the guest wrote it."""
+        return [sha(m) for m in self.models]
+
+    def contents(self) -> list[str]:
+        """Each disk's digest as xencbt's manifests record it."""
         return [content(m) for m in self.models]
 
 
-def restored_sha(sim, repo: Path, tmp: Path, vdi: str, point: str | None = None) -> str:
+def restored(sim, repo: Path, tmp: Path, vdi: str, point: str | None = None) -> bytes:
+    """What ``xencbt restore --to-file`` (raw) gives."""
     out = tmp / ("r-%s-%s.raw" % (vdi[:8], point or "latest"))
     args = ["restore", "--repo", str(repo), vdi, "--to-file", str(out)]
     xencbt(sim, *args, *(["--at", point] if point else []))
-    digest = content(out.read_bytes())
+    data = out.read_bytes()
     out.unlink()
-    return digest
+    return data
+
+
+def restored_sha(sim, repo: Path, tmp: Path, vdi: str, point: str | None = None) -> str:
+    return sha(restored(sim, repo, tmp, vdi, point))
 
 
 def served(sim) -> int:

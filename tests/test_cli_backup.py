@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from cli_support import BLOCK, CHUNK, Vm, backup, content, rand, restored_sha, served, sha, xencbt
+from cli_support import BLOCK, CHUNK, Vm, backup, rand, restored_sha, served, sha, xencbt
 
 
 @pytest.fixture
@@ -29,11 +29,13 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     vm.write(0, {0: rand(3 * BLOCK), 9 * BLOCK: rand(BLOCK)})
     vm.write(1, {0: rand(BLOCK), last * BLOCK: rand(size1 % BLOCK)})
     history = []  # (point, [sha per disk])
+    contents = {}  # point -> [digest per disk, as a manifest records it]
 
     first = disks_of(backup(sim, repo, "demo-vm"))
     assert [d["type"] for d in first] == ["full", "full"]
     assert first[0]["reason"] == "first backup of this disk"
     history.append((first[0]["point"], vm.digests()))
+    contents[first[0]["point"]] = vm.contents()
     # A full reads its whole image once to digest it.
     assert [d["hashed_bytes"] for d in first] == [len(m) for m in vm.models]
     assert {(d["digest_kind"], d["chunk_size"]) for d in first} == {("sha256-chunks", CHUNK)}
@@ -51,6 +53,7 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     # 1, 2 (chunk 0) and 20 (chunk 5); disk 1 its short last chunk (512 bytes).
     assert [d["hashed_bytes"] for d in second] == [2 * CHUNK, size1 % CHUNK]
     history.append((second[0]["point"], vm.digests()))
+    contents[second[0]["point"]] = vm.contents()
 
     # Disk 1 grows: still incremental, the new region's written block is all that moves.
     vm.resize(1, size1 + 8 * BLOCK)
@@ -64,16 +67,18 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     # Disk 0 unchanged: nothing read.  Disk 1: its old short last chunk and every new one.
     assert [d["hashed_bytes"] for d in third] == [0, len(vm.models[1]) - (size1 // CHUNK) * CHUNK]
     history.append((third[0]["point"], vm.digests()))
+    contents[third[0]["point"]] = vm.contents()
 
     vm.write(0, {5 * BLOCK: rand(BLOCK)})
     fourth = disks_of(backup(sim, repo, "demo-vm"))
     history.append((fourth[0]["point"], vm.digests()))
+    contents[fourth[0]["point"]] = vm.contents()
 
     for point, digests in history:
         for disk, uuid in enumerate(vm.uuids):
             assert restored_sha(sim, repo, tmp_path, uuid, point) == digests[disk], point
             manifest = json.loads((repo / vm.uuid / uuid / (point + ".json")).read_text())
-            assert manifest["digest"] == digests[disk]
+            assert manifest["digest"] == contents[point][disk]
     assert restored_sha(sim, repo, tmp_path, vm.uuids[0]) == history[-1][1][0]
 
     chain = subprocess.run(
@@ -147,7 +152,7 @@ def test_fallbacks_to_full_say_why(sim, tmp_path):
     )
     assert manifest["type"] == "full" and "--full" in manifest["reason"]
     for disk, uuid in enumerate(vm.uuids):
-        assert restored_sha(sim, repo, tmp_path, uuid) == content(vm.models[disk])
+        assert restored_sha(sim, repo, tmp_path, uuid) == sha(vm.models[disk])
 
 
 def corrupt_data_cluster(path) -> None:
@@ -203,14 +208,14 @@ def test_format_1_points_verify_restore_and_become_a_base(sim, tmp_path):
         make_format_1(repo, vm, old[disk]["point"], disk)
     xencbt(sim, "verify", "--repo", str(repo))
     for disk, uuid in enumerate(vm.uuids):
-        assert restored_sha(sim, repo, tmp_path, uuid) == content(vm.models[disk])
+        assert restored_sha(sim, repo, tmp_path, uuid) == sha(vm.models[disk])
 
     # The next backup builds on it: one read of the base checks its sha256 and chunks it;
     # the new point reads only its changed chunk from its own image.
     vm.write(0, {BLOCK: rand(BLOCK)})
     new = disks_of(backup(sim, repo, "demo-vm"))
     assert [d["type"] for d in new] == ["incremental", "incremental"]
-    assert [d["digest"] for d in new] == vm.digests()
+    assert [d["digest"] for d in new] == vm.contents()
     assert [d["hashed_bytes"] for d in new] == [CHUNK, 0]
     xencbt(sim, "verify", "--repo", str(repo))
 
@@ -222,4 +227,4 @@ def test_format_1_points_verify_restore_and_become_a_base(sim, tmp_path):
     again = disks_of(backup(sim, repo, "demo-vm"))
     assert again[0]["type"] == "full" and "reads back with sha256" in again[0]["reason"]
     assert again[1]["type"] == "incremental"
-    assert [d["digest"] for d in again] == vm.digests()
+    assert [d["digest"] for d in again] == vm.contents()

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_support import BLOCK, Vm, backup, content, rand, restored_sha, xencbt
+from cli_support import BLOCK, Vm, backup, rand, restored_sha, sha, xencbt
 
 
 def cmdlines() -> list[str]:
@@ -69,7 +69,7 @@ def test_interrupted_run_leaves_nothing_visible_and_next_run_cleans(xensim_facto
     assert disks[0]["base_point"] == first["vms"][0]["point"]
     live = {r["uuid"] for r in vm.x.VDI.get_all_records().values() if r["is_a_snapshot"]}
     assert live == {d["snapshot_uuid"] for d in disks}
-    assert restored_sha(sim, repo, tmp_path, vm.uuids[0]) == content(vm.models[0])
+    assert restored_sha(sim, repo, tmp_path, vm.uuids[0]) == sha(vm.models[0])
 
     # Nothing secret in what we print or store either.
     for path in repo.rglob("*.json"):

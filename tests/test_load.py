@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cli_support import BLOCK, content, restored_sha, xencbt
+from cli_support import BLOCK, content, restored, xencbt
 from tally import tally
 from xencbt_cli.copier import ConnectionBudget
 from xensim import disks
@@ -94,9 +94,9 @@ def test_eight_vms_two_disks_jobs_8_two_hosts(xensim_factory, tmp_path):
     for uuid, digest in sources.items():
         assert backed_up[uuid]["digest"] == digest
     with ThreadPoolExecutor(4) as pool:  # 16 restores, real ones, a few at a time
-        digests = pool.map(lambda u: restored_sha(sim, repo, tmp_path, u), sources)
-        restored = dict(zip(sources, digests))
-    assert restored == sources
+        digests = pool.map(lambda u: content(restored(sim, repo, tmp_path, u)), sources)
+        back = dict(zip(sources, digests))
+    assert back == sources
 
 
 def test_budget_is_per_host_and_a_shared_disk_counts_on_every_host():

@@ -55,7 +55,7 @@ def build_chain(sim, repo: Path, vm: Vm) -> list[tuple[str, list[str]]]:
             vm.write(disk, {b * BLOCK: rand(BLOCK) for b in blocks})
         r = backup(sim, repo)
         made.append((disks(r)[0]["point"], vm.digests()))
-        assert [d["digest"] for d in disks(r)] == vm.digests()
+        assert [d["digest"] for d in disks(r)] == vm.contents()
     return made
 
 
@@ -136,7 +136,7 @@ def test_damaged_images_are_named_with_every_point_built_on_them(sim, tmp_path):
     (p3, new) = disks(r)[0]["point"], disks(r)
     assert [d["type"] for d in new] == ["incremental", "full"]
     assert "damaged" in new[1]["reason"], new
-    assert new[0]["hashed_bytes"] == CHUNK and new[1]["digest"] == vm.digests()[1]
+    assert new[0]["hashed_bytes"] == CHUNK and new[1]["digest"] == vm.contents()[1]
     r = verify(sim, repo, 4)
     for point in (p1, p2, p3):
         assert "FAILED VDI %s point %s: %s" % (vm.uuids[0], point, rotten) in r.stderr
@@ -146,7 +146,7 @@ def test_damaged_images_are_named_with_every_point_built_on_them(sim, tmp_path):
     vm.write(0, {2 * BLOCK: rand(BLOCK)})
     new = disks(backup(sim, repo, "--full"))
     assert [d["type"] for d in new] == ["full", "full"]
-    assert [d["digest"] for d in new] == vm.digests()
+    assert [d["digest"] for d in new] == vm.contents()
     xencbt(sim, "prune", "--repo", str(repo), "--keep", "1")
     verify(sim, repo, 0)
     for disk, uuid in enumerate(vm.uuids):
@@ -190,7 +190,7 @@ def test_lost_manifests_hide_only_their_point(sim, tmp_path):
     vm.write(0, {11 * BLOCK: rand(BLOCK)})
     new = disks(backup(sim, repo))
     assert [d["type"] for d in new] == ["incremental", "incremental"]
-    assert [d["digest"] for d in new] == vm.digests()
+    assert [d["digest"] for d in new] == vm.contents()
     assert all((c / (p1 + ".qcow2")).is_file() for c in chains)
 
     # The newest manifest lost: its image is indistinguishable from an interrupted run's.
@@ -203,7 +203,7 @@ def test_lost_manifests_hide_only_their_point(sim, tmp_path):
     new = disks(backup(sim, repo))
     assert new[0]["type"] == "full" and "no longer on the host" in new[0]["reason"]
     assert new[1]["type"] == "incremental"
-    assert [d["digest"] for d in new] == vm.digests()
+    assert [d["digest"] for d in new] == vm.contents()
     assert not (chains[0] / (p3 + ".qcow2")).exists()
     after = Aftermath(sim, repo, vm, tmp_path)
     after.check_host(listing(sim, repo))
@@ -283,6 +283,6 @@ def test_repository_full_keeps_every_point_and_recovers(sim, tmp_path):
         # Space again: the next backup works and is byte-identical.
         remount(fs, nr_inodes=inodes + 100)
         new = disks(backup(sim, repo))
-        assert [d["digest"] for d in new] == vm.digests()
+        assert [d["digest"] for d in new] == vm.contents()
         after.check_files()
         after.check_host(listing(sim, repo))
