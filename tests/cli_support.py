@@ -14,11 +14,23 @@ import nbd
 from secretwatch import WATCH
 
 BLOCK = 64 * 1024
+# Every xencbt run of the tests digests in chunks of 4 blocks (XENCBT_CHUNK_SIZE), so the
+# small simulated disks have many chunks: carried-over and rehashed ones, a short last one.
+CHUNK = 4 * BLOCK
 XENCBT = [sys.executable, "-m", "xencbt_cli.main"]
 
 
 def sha(data: bytes | bytearray) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def content(data: bytes | bytearray) -> str:
+    """A whole disk's digest as xencbt's manifests record it (digest.py), computed here
+    the slow, obvious way."""
+    sums = b"".join(
+        hashlib.sha256(data[i : i + CHUNK]).digest() for i in range(0, len(data), CHUNK)
+    )
+    return hashlib.sha256(sums + len(data).to_bytes(8, "big")).hexdigest()
 
 
 def rand(n: int) -> bytes:
@@ -29,6 +41,7 @@ def cli_env(sim) -> dict[str, str]:
     env = dict(os.environ)
     env.update(XENCBT_XAPI=sim.info["xapi"], XENCBT_PASSWORD_FILE=sim.info["password_file"])
     env.pop("XENCBT_USER", None)
+    env["XENCBT_CHUNK_SIZE"] = str(CHUNK)
     env["HOME"] = str(sim.state_dir)  # no stray ~/.config/xencbt/xencbt.conf
     return env
 
@@ -85,16 +98,26 @@ class Vm:
         self.models[disk].extend(bytes(size - len(self.models[disk])))
 
     def digests(self) -> list[str]:
+        """sha256 of each disk as the guest wrote it."""
         return [sha(m) for m in self.models]
 
+    def contents(self) -> list[str]:
+        """Each disk's digest as xencbt's manifests record it."""
+        return [content(m) for m in self.models]
 
-def restored_sha(sim, repo: Path, tmp: Path, vdi: str, point: str | None = None) -> str:
+
+def restored(sim, repo: Path, tmp: Path, vdi: str, point: str | None = None) -> bytes:
+    """What ``xencbt restore --to-file`` (raw) gives."""
     out = tmp / ("r-%s-%s.raw" % (vdi[:8], point or "latest"))
     args = ["restore", "--repo", str(repo), vdi, "--to-file", str(out)]
     xencbt(sim, *args, *(["--at", point] if point else []))
-    digest = sha(out.read_bytes())
+    data = out.read_bytes()
     out.unlink()
-    return digest
+    return data
+
+
+def restored_sha(sim, repo: Path, tmp: Path, vdi: str, point: str | None = None) -> str:
+    return sha(restored(sim, repo, tmp, vdi, point))
 
 
 def served(sim) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import hashlib
 import json
 import os
 import random
@@ -24,7 +23,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cli_support import BLOCK, XENCBT, Vm, cli_env, rand, xencbt
+from cli_support import BLOCK, XENCBT, Vm, cli_env, content, rand, xencbt
 
 KILLS_DEFAULT = 2  # per kill point in `make check`; XENCBT_KILLS=20 for a long local run
 
@@ -141,13 +140,13 @@ class Inotify:
 
 # -- the pool and the repository ---------------------------------------------------------
 def source_sha(sim, vm: Vm, disk: int) -> str:
-    """sha256 of the whole source VDI as the simulated host stores it (sparse file, read
+    """Digest of the whole source VDI as the simulated host stores it (sparse file, read
     to its virtual size), cross-checked with the test's model of what the guest wrote."""
     size = int(vm.x.VDI.get_virtual_size(vm.vdis[disk]))
     data = (sim.state_dir / "vdis" / (vm.uuids[disk] + ".raw")).read_bytes()
     data += bytes(size - len(data))
     assert data == bytes(vm.models[disk]), "the simulator's VDI differs from the model"
-    return hashlib.sha256(data).hexdigest()
+    return content(data)
 
 
 def scribble(vm: Vm) -> None:
@@ -185,8 +184,8 @@ class Aftermath:
         assert result["ok"], result
         for d in result["disks"]:
             disk = self.vm.uuids.index(d["vdi_uuid"])
-            assert d["sha256"] == shas[disk], "backup of disk %d differs from the source" % disk
-            self.expected[(d["vdi_uuid"], d["point"])] = d["sha256"]
+            assert d["digest"] == shas[disk], "backup of disk %d differs from the source" % disk
+            self.expected[(d["vdi_uuid"], d["point"])] = d["digest"]
         return r
 
     def before_kill(self) -> None:
@@ -213,9 +212,9 @@ class Aftermath:
             key = (row["vdi_uuid"], row["point"])
             if key not in self.expected:
                 disk = self.vm.uuids.index(row["vdi_uuid"])
-                assert self.pending and row["sha256"] == self.pending[disk], key
-                self.expected[key] = row["sha256"]
-            assert row["sha256"] == self.expected[key]
+                assert self.pending and row["digest"] == self.pending[disk], key
+                self.expected[key] = row["digest"]
+            assert row["digest"] == self.expected[key]
         return rows
 
     def check_host(self, rows: list[dict]) -> None:
@@ -238,7 +237,9 @@ class Aftermath:
         for d in chain_dirs(self.repo, self.vm):
             images = {p.stem for p in d.glob("*.qcow2")}
             manifests = {p.stem for p in d.glob("*.json")}
+            sums = {p.stem for p in d.glob("*.sums")}
             assert images == manifests, "images without manifest: %s" % (images - manifests)
+            assert sums == manifests, "sums without manifest or missing: %s" % (sums ^ manifests)
 
     def after_kill(self) -> None:
         """All the promises; then the next backup, which must clean up after the kill."""

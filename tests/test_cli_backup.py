@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from cli_support import BLOCK, Vm, backup, rand, restored_sha, served, sha, xencbt
+from cli_support import BLOCK, CHUNK, Vm, backup, rand, restored_sha, served, sha, xencbt
 
 
 @pytest.fixture
@@ -29,11 +29,16 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     vm.write(0, {0: rand(3 * BLOCK), 9 * BLOCK: rand(BLOCK)})
     vm.write(1, {0: rand(BLOCK), last * BLOCK: rand(size1 % BLOCK)})
     history = []  # (point, [sha per disk])
+    contents = {}  # point -> [digest per disk, as a manifest records it]
 
     first = disks_of(backup(sim, repo, "demo-vm"))
     assert [d["type"] for d in first] == ["full", "full"]
     assert first[0]["reason"] == "first backup of this disk"
     history.append((first[0]["point"], vm.digests()))
+    contents[first[0]["point"]] = vm.contents()
+    # A full reads its whole image once to digest it.
+    assert [d["hashed_bytes"] for d in first] == [len(m) for m in vm.models]
+    assert {(d["digest_kind"], d["chunk_size"]) for d in first} == {("sha256-chunks", CHUNK)}
 
     # A block rewritten with zero bytes, one NBD-zeroed, one partial write, the short block.
     vm.write(0, {BLOCK: bytes(BLOCK), 2 * BLOCK: None, 20 * BLOCK + 512: rand(1024)})
@@ -44,7 +49,11 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     changed = [3 * BLOCK, size1 % BLOCK]
     assert [d["changed_bytes"] for d in second] == changed
     assert served(sim) == sum(changed)  # only the changed blocks moved
+    # ...and only the chunks holding them were read back to digest them: disk 0 blocks
+    # 1, 2 (chunk 0) and 20 (chunk 5); disk 1 its short last chunk (512 bytes).
+    assert [d["hashed_bytes"] for d in second] == [2 * CHUNK, size1 % CHUNK]
     history.append((second[0]["point"], vm.digests()))
+    contents[second[0]["point"]] = vm.contents()
 
     # Disk 1 grows: still incremental, the new region's written block is all that moves.
     vm.resize(1, size1 + 8 * BLOCK)
@@ -55,17 +64,21 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     assert [d["type"] for d in third] == ["incremental", "incremental"]
     assert served(sim) == BLOCK
     assert third[1]["virtual_size"] == len(vm.models[1])
+    # Disk 0 unchanged: nothing read.  Disk 1: its old short last chunk and every new one.
+    assert [d["hashed_bytes"] for d in third] == [0, len(vm.models[1]) - (size1 // CHUNK) * CHUNK]
     history.append((third[0]["point"], vm.digests()))
+    contents[third[0]["point"]] = vm.contents()
 
     vm.write(0, {5 * BLOCK: rand(BLOCK)})
     fourth = disks_of(backup(sim, repo, "demo-vm"))
     history.append((fourth[0]["point"], vm.digests()))
+    contents[fourth[0]["point"]] = vm.contents()
 
     for point, digests in history:
         for disk, uuid in enumerate(vm.uuids):
             assert restored_sha(sim, repo, tmp_path, uuid, point) == digests[disk], point
             manifest = json.loads((repo / vm.uuid / uuid / (point + ".json")).read_text())
-            assert manifest["sha256"] == digests[disk]
+            assert manifest["digest"] == contents[point][disk]
     assert restored_sha(sim, repo, tmp_path, vm.uuids[0]) == history[-1][1][0]
 
     chain = subprocess.run(
@@ -103,7 +116,7 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     xencbt(sim, "verify", "--repo", str(repo))
     remaining = sorted(p.name for p in (repo / vm.uuid / vm.uuids[0]).iterdir())
     assert remaining == sorted(
-        [".lock"] + [p + ext for p, _ in history[-2:] for ext in (".json", ".qcow2")]
+        [".lock"] + [p + ext for p, _ in history[-2:] for ext in (".json", ".qcow2", ".sums")]
     )
 
 
@@ -165,7 +178,53 @@ def test_verify_names_the_corrupted_point(sim, tmp_path):
 
     corrupt_data_cluster(repo / vm.uuid / vm.uuids[0] / (point + ".qcow2"))
     r = xencbt(sim, "verify", "--repo", str(repo), check=4)
-    assert "VDI %s point %s: sha256" % (vm.uuids[0], point) in r.stderr
+    assert "VDI %s point %s: bytes " % (vm.uuids[0], point) in r.stderr
+    assert "differ from what was recorded at backup time" in r.stderr
     assert "1 of 4 points failed" in r.stderr
     # Only the named VDI: the other one passes.
     xencbt(sim, "verify", "--repo", str(repo), vm.uuids[1])
+
+
+def make_format_1(repo, vm: Vm, point: str, disk: int) -> None:
+    """Rewrite a point as an xencbt before chunked digests wrote it: a format-1 manifest
+    with the whole disk's sha256, no sums."""
+    chain = repo / vm.uuid / vm.uuids[disk]
+    path = chain / (point + ".json")
+    m = json.loads(path.read_text())
+    for key in ("digest", "digest_kind", "chunk_size", "hashed_bytes"):
+        del m[key]
+    m.update(format=1, sha256=sha(vm.models[disk]))
+    path.write_text(json.dumps(m))
+    (chain / (point + ".sums")).unlink()
+
+
+def test_format_1_points_verify_restore_and_become_a_base(sim, tmp_path):
+    repo = tmp_path / "repo"
+    vm = Vm(sim)
+    vm.write(0, {0: rand(BLOCK), 11 * BLOCK: rand(BLOCK)})
+    vm.write(1, {0: rand(BLOCK)})
+    old = disks_of(backup(sim, repo, "demo-vm"))
+    for disk in range(2):
+        make_format_1(repo, vm, old[disk]["point"], disk)
+    xencbt(sim, "verify", "--repo", str(repo))
+    for disk, uuid in enumerate(vm.uuids):
+        assert restored_sha(sim, repo, tmp_path, uuid) == sha(vm.models[disk])
+
+    # The next backup builds on it: one read of the base checks its sha256 and chunks it;
+    # the new point reads only its changed chunk from its own image.
+    vm.write(0, {BLOCK: rand(BLOCK)})
+    new = disks_of(backup(sim, repo, "demo-vm"))
+    assert [d["type"] for d in new] == ["incremental", "incremental"]
+    assert [d["digest"] for d in new] == vm.contents()
+    assert [d["hashed_bytes"] for d in new] == [CHUNK, 0]
+    xencbt(sim, "verify", "--repo", str(repo))
+
+    # A format-1 base that no longer matches its sha256 is not built on.
+    make_format_1(repo, vm, new[0]["point"], 0)
+    corrupt_data_cluster(repo / vm.uuid / vm.uuids[0] / (new[0]["point"] + ".qcow2"))
+    r = xencbt(sim, "verify", "--repo", str(repo), vm.uuids[0], check=4)
+    assert "VDI %s point %s: sha256 " % (vm.uuids[0], new[0]["point"]) in r.stderr
+    again = disks_of(backup(sim, repo, "demo-vm"))
+    assert again[0]["type"] == "full" and "reads back with sha256" in again[0]["reason"]
+    assert again[1]["type"] == "incremental"
+    assert [d["digest"] for d in again] == vm.contents()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 from pathlib import Path
 
 import pytest
 from cli_support import sha
-from xencbt_cli import image, prune, settings
+from xencbt_cli import digest, image, prune, settings, verify
 from xencbt_cli.copier import ConnectionBudget
 from xencbt_cli.errors import LockBusy, UsageError
 from xencbt_cli.repository import Manifest, Repository
@@ -17,14 +18,17 @@ from xencbt_cli.repository import Manifest, Repository
 VM = "11111111-1111-4111-8111-111111111111"
 VDI = "22222222-2222-4222-8222-222222222222"
 SIZE = 1 << 20
+CHUNK = 4 * 65536
 
 
 def qemu_io(path: Path, command: str) -> None:
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", command, path], check=True, capture_output=True)
 
 
-def make_chain(tmp_path: Path, n: int):
-    """n points, each writing a distinct pattern; returns (chain, [(point, sha)])."""
+def make_chain(tmp_path: Path, n: int, old: bool = False):
+    """n points, each writing a distinct pattern, with chunk digests of 4 blocks (their
+    sums sidecar), or ``old``: format-1 manifests with only the whole-disk sha256.
+    Returns (chain, [(point, sha of the flattened disk)])."""
     chain = Repository(tmp_path / "repo").chain(VM, VDI)
     chain.path.mkdir(parents=True)
     made = []
@@ -38,23 +42,27 @@ def make_chain(tmp_path: Path, n: int):
         subprocess.run(argv, check=True, capture_output=True)
         qemu_io(partial, "write -P %d %d 65536" % (i + 1, i * 65536))
         chain.publish_image(point)
-        digest = image.sha256(chain.image_path(point))
-        chain.commit(
-            Manifest(
-                point,
-                VM,
-                "vm",
-                VDI,
-                "disk",
-                "0",
-                "snap%d" % i,
-                "incremental" if base else "full",
-                SIZE,
-                digest,
-                base_point=base,
-            )
+        whole = image.sha256(chain.image_path(point))
+        m = Manifest(
+            point,
+            VM,
+            "vm",
+            VDI,
+            "disk",
+            "0",
+            "snap%d" % i,
+            "incremental" if base else "full",
+            SIZE,
+            base_point=base,
         )
-        made.append((point, digest))
+        if old:
+            m.format, m.sha256 = 1, whole
+            chain.commit(m)
+        else:
+            sums, _ = digest.image_sums(chain.image_path(point), CHUNK)
+            m.digest, m.digest_kind, m.chunk_size = digest.combine(sums, SIZE), digest.KIND, CHUNK
+            chain.commit(m, sums)
+        made.append((point, whole))
         base = point
     return chain, made
 
@@ -65,16 +73,49 @@ def flat_sha(path: Path, tmp_path: Path) -> str:
     return sha(out.read_bytes())
 
 
-def test_prune_keeps_newest_byte_identical(tmp_path):
-    chain, made = make_chain(tmp_path, 4)
+def verified(chain) -> list[str]:
+    """verify's problems with each point of the chain (None: sound)."""
+    by_point = {m.point: m for m in chain.points()}
+    return [verify.check_point(chain, m, by_point) for m in by_point.values()]
+
+
+@pytest.mark.parametrize("old", [False, True], ids=["chunked", "format-1"])
+def test_prune_keeps_newest_byte_identical(tmp_path, old):
+    chain, made = make_chain(tmp_path, 4, old)
+    sums = {p: chain.sums_path(p).read_bytes() for p, _ in made[2:]} if not old else {}
     with chain.lock():
         assert prune.prune(chain, 2) == [made[0][0], made[1][0]]
     points = chain.points()
     assert [m.point for m in points] == [p for p, _ in made[2:]]
     assert points[0].base_point is None and "prune" in points[0].history[0]
-    for point, digest in made[2:]:
-        assert flat_sha(chain.image_path(point), tmp_path) == digest
+    for point, whole in made[2:]:
+        assert flat_sha(chain.image_path(point), tmp_path) == whole
     assert image.backing(chain.image_path(made[2][0])) is None
+    # The kept points' flattened view is unchanged, so are their sums; the removed ones'
+    # sums went with them.
+    assert {p: chain.sums_path(p).read_bytes() for p in sums} == sums
+    assert sorted(x.name for x in chain.path.glob("*.sums")) == sorted(p + ".sums" for p in sums)
+    assert verified(chain) == [None, None]
+
+
+def test_format_1_manifests_verify_and_damage_is_named(tmp_path):
+    chain, made = make_chain(tmp_path, 2, old=True)
+    assert verified(chain) == [None, None]
+    with open(chain.image_path(made[1][0]), "r+b") as f:  # its only data cluster rots
+        f.seek(-65536 + 10, os.SEEK_END)
+        f.write(b"rot")
+    (problem,) = [p for p in verified(chain) if p]
+    assert problem.startswith("sha256 ") and "recorded" in problem
+
+
+def test_damaged_or_missing_sums_fail_verify(tmp_path):
+    chain, made = make_chain(tmp_path, 2)
+    path = chain.sums_path(made[0][0])
+    good = path.read_bytes()
+    path.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    assert "is damaged" in verified(chain)[0] and verified(chain)[1] is None
+    path.unlink()
+    assert "is missing" in verified(chain)[0]
 
 
 def test_prune_interrupted_after_swap_is_rolled_forward(tmp_path):
@@ -86,12 +127,15 @@ def test_prune_interrupted_after_swap_is_rolled_forward(tmp_path):
         json.dumps({"point": made[1][0], "remove": [made[0][0]]})
     )
     chain.partial_path(made[1][0]).replace(target)
+    chain.manifest_path(made[0][0]).unlink()  # ... and after the first removal began
     with chain.lock():
         chain.clean()
     assert [m.point for m in chain.points()] == [made[1][0], made[2][0]]
     assert not (chain.path / prune.JOURNAL).exists()
-    for point, digest in made[1:]:
-        assert flat_sha(chain.image_path(point), tmp_path) == digest
+    assert sorted(p.name for p in chain.path.glob("*.sums")) == [p + ".sums" for p, _ in made[1:]]
+    assert verified(chain) == [None, None]
+    for point, whole in made[1:]:
+        assert flat_sha(chain.image_path(point), tmp_path) == whole
 
 
 def test_prune_interrupted_before_swap_is_undone(tmp_path):
@@ -110,9 +154,16 @@ def test_point_without_manifest_does_not_exist_and_is_cleaned(tmp_path):
     chain, made = make_chain(tmp_path, 2)
     chain.manifest_path(made[1][0]).unlink()
     (chain.path / "20250101T000009.000000Z.json.tmp").write_text("{")
+    (chain.path / "20250101T000009.000000Z.sums.tmp").write_bytes(b"x")
     assert [m.point for m in chain.points()] == [made[0][0]]
     with chain.lock():
-        assert sorted(chain.clean()) == [made[1][0] + ".qcow2", "20250101T000009.000000Z.json.tmp"]
+        assert sorted(chain.clean()) == [
+            made[1][0] + ".qcow2",
+            made[1][0] + ".sums",
+            "20250101T000009.000000Z.json.tmp",
+            "20250101T000009.000000Z.sums.tmp",
+        ]
+    assert [p.name for p in chain.path.glob("*.sums")] == [made[0][0] + ".sums"]
 
 
 def test_lock_is_exclusive(tmp_path):
@@ -154,3 +205,15 @@ def test_connection_budget_never_exceeds_limit():
     for t in threads:
         t.join()
     assert peak[0] == 10 and budget.free == 16
+
+
+def test_manifest_without_a_usable_digest_is_unreadable(tmp_path):
+    chain, made = make_chain(tmp_path, 2)
+    path = chain.manifest_path(made[0][0])
+    m = json.loads(path.read_text())
+    path.write_text(json.dumps(dict(m, chunk_size=None)))
+    assert "no valid chunk_size" in chain.damaged()[made[0][0]]
+    del m["digest"]
+    path.write_text(json.dumps(m))
+    assert "neither a digest nor a sha256" in chain.damaged()[made[0][0]]
+    assert [p.point for p in chain.points()] == [made[1][0]]

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import nbd
-from cli_support import BLOCK, Vm, backup, rand, sha, xencbt
+from cli_support import BLOCK, CHUNK, Vm, backup, content, rand, sha, xencbt
 
 
 def read_vdi(sim, uuid: str, size: int) -> bytes:
@@ -62,4 +63,44 @@ def test_restore_to_sr_and_to_vdi(xensim_factory, tmp_path):
     vm.models[0][:] = old
     again = backup(sim, repo, "demo-vm")["vms"][0]["disks"][0]
     assert again["type"] == "incremental" and again["changed_bytes"] == 2 * BLOCK
-    assert again["sha256"] == sha(old)
+    assert again["digest"] == content(old)
+
+
+def rot(path, guest_offset: int) -> None:
+    """Four bytes of the image's own copy of a guest block change (bit rot)."""
+    out = subprocess.run(
+        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    for m in json.loads(out):
+        if m["depth"] == 0 and m["data"] and m["start"] <= guest_offset < m["start"] + m["length"]:
+            with open(path, "r+b") as f:
+                f.seek(m["offset"] + guest_offset - m["start"] + 100)
+                f.write(b"\xde\xad\xbe\xef")
+            return
+    raise AssertionError("block not allocated in %s" % path)
+
+
+def test_damaged_point_is_refused_into_the_pool_and_nothing_is_written(xensim_factory, tmp_path):
+    sim = xensim_factory(disk_sizes="1M+512", in_use_wait=0.5)
+    repo = tmp_path / "repo"
+    vm = Vm(sim)
+    size = len(vm.models[0])
+    vm.write(0, {0: rand(BLOCK), 9 * BLOCK: rand(BLOCK)})
+    first = backup(sim, repo, "demo-vm")["vms"][0]["disks"][0]
+    rot(repo / vm.uuid / vm.uuids[0] / (first["point"] + ".qcow2"), 9 * BLOCK)
+    vdis_before = set(vm.x.VDI.get_all())
+    sr = vm.x.SR.get_uuid(vm.x.VDI.get_SR(vm.vdis[0]))
+    r = xencbt(sim, "restore", "--repo", str(repo), vm.uuids[0], "--to-sr", sr, check=4)
+    chunk = 9 * BLOCK // CHUNK * CHUNK
+    assert "does not read back as recorded (bytes %d-%d " % (chunk, chunk + CHUNK - 1) in r.stderr
+    assert "the new VDI is destroyed" in r.stderr and "Traceback" not in r.stderr
+    assert set(vm.x.VDI.get_all()) == vdis_before
+
+    vm.write(0, {3 * BLOCK: rand(BLOCK)})
+    current = bytes(vm.models[0])
+    r = xencbt(sim, "restore", "--repo", str(repo), vm.uuids[0], "--to-vdi", vm.uuids[0], check=4)
+    assert "nothing was written to VDI %s" % vm.uuids[0] in r.stderr
+    assert read_vdi(sim, vm.uuids[0], size) == current

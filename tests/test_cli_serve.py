@@ -14,7 +14,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pki
 import pytest
-from cli_support import BLOCK, Vm, backup, rand, sha, xencbt
+from cli_support import BLOCK, Vm, backup, content, rand, sha, xencbt
 from vmdisk import ready_line, serving
 
 
@@ -61,10 +61,10 @@ def chain(xensim_factory, tmp_path):
     repo = tmp_path / "repo"
     vm.write(0, {0: rand(2 * BLOCK), 20 * BLOCK: rand(BLOCK)})
     full = backup(sim, repo, "demo-vm")["vms"][0]["disks"][0]
-    full["model"] = sha(vm.models[0])
+    full["model"] = content(vm.models[0])
     vm.write(0, {BLOCK: rand(BLOCK), 30 * BLOCK: None})
     incr = backup(sim, repo, "demo-vm")["vms"][0]["disks"][0]
-    incr["model"] = sha(vm.models[0])
+    incr["model"] = content(vm.models[0])
     assert incr["type"] == "incremental"
     return sim, vm, repo, [full, incr]
 
@@ -85,14 +85,14 @@ def test_points_served_byte_identical_then_cleaned_up(chain, tmp_path):
                 ["nbdinfo", "--size", info["uri"]], capture_output=True, text=True, timeout=60
             )
             assert int(size.stdout) == len(vm.models[0])
-            assert sha(read_uri(info["uri"])) == point["sha256"] == point["model"]
+            assert content(read_uri(info["uri"])) == point["digest"] == point["model"]
             out = tmp_path / "converted.raw"
             subprocess.run(
                 ["qemu-img", "convert", "-f", "raw", "-O", "raw", info["uri"], str(out)],
                 check=True,
                 timeout=120,
             )
-            assert sha(out.read_bytes()) == point["sha256"]
+            assert content(out.read_bytes()) == point["digest"]
             proc.send_signal(sig)  # SIGINT too: kill -INT ends it like Ctrl-C
         assert not sock.exists() and not sock.parent.exists()
         assert gone(child)
@@ -108,7 +108,7 @@ def test_newest_point_by_default_and_loopback_tcp(chain):
         assert info["uri"] == "nbd://127.0.0.1:%d/" % port
         assert info["nbd_client"] == "nbd-client 127.0.0.1 %d /dev/nbd0 -readonly" % port
         assert info["point"] == points[-1]["point"]
-        assert sha(read_uri(info["uri"])) == points[-1]["sha256"]
+        assert content(read_uri(info["uri"])) == points[-1]["digest"]
 
 
 def test_non_loopback_refused_without_tls(chain, tmp_path):
@@ -127,7 +127,7 @@ def test_non_loopback_refused_without_tls(chain, tmp_path):
         port = urlparse(info["uri"]).port
         assert info["tls"] and info["uri"].startswith("nbds://") and info["nbd_client"] is None
         uri = "nbds://alice@127.0.0.1:%d/?tls-psk-file=%s" % (port, psk)
-        assert sha(read_uri(uri)) == points[-1]["sha256"]
+        assert content(read_uri(uri)) == points[-1]["digest"]
         plain = subprocess.run(
             ["nbdinfo", "nbd://127.0.0.1:%d/" % port], capture_output=True, timeout=60
         )
@@ -154,7 +154,7 @@ def test_tls_certificates_require_a_client_certificate(chain, tmp_path):
         port = urlparse(info["uri"]).port
         assert "-cacertfile %s/ca-cert.pem" % certs in info["nbd_client"]
         uri = "nbds://127.0.0.1:%d/?tls-certificates=%s" % (port, mine)
-        assert sha(read_uri(uri)) == points[-1]["sha256"]
+        assert content(read_uri(uri)) == points[-1]["digest"]
         refused = subprocess.run(
             ["nbdinfo", "nbds://127.0.0.1:%d/?tls-certificates=%s" % (port, anonymous)],
             capture_output=True,
@@ -210,7 +210,7 @@ def test_chain_lock_shared_with_servers_exclusive_for_prune(chain, tmp_path):
             pass  # two serves of one chain at once are fine
         r = xencbt(sim, "prune", "--repo", str(repo), "--keep", "1", check=5)
         assert "locked" in r.stderr
-        assert sha(read_uri(info["uri"])) == points[0]["sha256"]
+        assert content(read_uri(info["uri"])) == points[0]["digest"]
     assert len(json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout)) == 2
 
     with open(lock, "w") as f:  # a backup or prune holds the chain
@@ -257,7 +257,7 @@ def test_live_snapshot_served_through_the_plugin_then_destroyed(xensim_factory, 
     # The next backup is still an incremental, and exact: the CBT chain survived.
     after = backup(sim, repo, "demo-vm")["vms"][0]["disks"][0]
     assert after["type"] == "incremental" and after["changed_bytes"] == BLOCK
-    assert after["sha256"] == sha(vm.models[0])
+    assert after["digest"] == content(vm.models[0])
     # Its own session and the plugin's are logged out: only this test's remains.
     assert sim.control.invalidate_sessions() == 1
 

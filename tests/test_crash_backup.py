@@ -1,7 +1,7 @@
 """xencbt backup killed with SIGKILL at each of its windows, again and again (issue #5).
 
 Each kill point is hit deterministically (its trigger is observed: the snapshot VM on the
-host, a ``.partial`` image, a manifest temp file, the snapshot VM gone while its VDIs
+host, a ``.partial`` image, a sums or a manifest temp file, the snapshot VM gone while its VDIs
 still hold data), then killed after a random delay inside the window, XENCBT_KILLS times
 (default 3).  "anywhere" kills at a random moment of a whole run.  After every kill:
 verify passes without changing anything, no half-written point is listed, the next
@@ -60,14 +60,23 @@ def copying(after: Aftermath, proc):
     return random.uniform(0, 0.5)
 
 
-def manifest_write(after: Aftermath, proc, watch: Inotify):
-    """The manifest's temp file was just created (one of the two disks', at random): the
-    image is renamed, the manifest not yet in place."""
-    nth = random.randrange(2)
-    for _ in range(nth + 1):
-        if watch.wait(lambda name: name.endswith(".json.tmp"), proc) is None:
-            return None
-    return 0.0
+def temp_file(suffix: str):
+    def created(after: Aftermath, proc, watch: Inotify):
+        nth = random.randrange(2)
+        for _ in range(nth + 1):
+            if watch.wait(lambda name: name.endswith(suffix), proc) is None:
+                return None
+        return 0.0
+
+    return created
+
+
+# The sums' temp file was just created (one of the two disks', at random): the image is
+# renamed, neither its sums nor its manifest in place.
+sums_write = temp_file(".sums.tmp")
+# The manifest's temp file was just created: the image and its sums are in place, the
+# manifest not yet.
+manifest_write = temp_file(".json.tmp")
 
 
 def data_destroy(after: Aftermath, proc):
@@ -87,6 +96,7 @@ def anywhere(after: Aftermath, proc, duration: float):
 TRIGGERS = {
     "snapshot": snapshot_vm_appears,
     "copy": copying,
+    "sums": sums_write,
     "manifest": manifest_write,
     "data_destroy": data_destroy,
     "anywhere": anywhere,
@@ -103,7 +113,8 @@ def test_backup_killed(crash: Aftermath, point: str):
     for _ in range(kills):
         scribble(crash.vm)
         crash.before_kill()
-        watch = Inotify(*chain_dirs(crash.repo, crash.vm)) if point == "manifest" else None
+        watched = point in ("sums", "manifest")
+        watch = Inotify(*chain_dirs(crash.repo, crash.vm)) if watched else None
         proc = start(crash.sim, "backup", "demo-vm", "--repo", str(crash.repo))
         extra = (watch,) if watch else (duration,) if point == "anywhere" else ()
         delay = TRIGGERS[point](crash, proc, *extra)

@@ -14,7 +14,7 @@ import random
 import time
 
 import pytest
-from cli_support import Vm, restored_sha, xencbt
+from cli_support import Vm, content, restored, xencbt
 from crash_support import Aftermath, Inotify, chain_dirs, kill, kills_per_point, scribble, start
 from tally import tally
 
@@ -73,11 +73,11 @@ def test_prune_killed(crash: Aftermath, window: str, tmp_path):
             assert proc.wait() == 0, proc.stderr.read()
 
         # Read-only verify explains the half-done prune; every listed point restores.
-        # (verify re-reads every point whole: each is its recorded, source-equal sha256)
+        # (verify re-reads every point whole: each is its recorded, source-equal digest)
         rows = crash.check_repository()
         r = rows[-1]  # and one restore, the newest point of a disk, to be sure
-        digest = restored_sha(crash.sim, crash.repo, tmp_path, r["vdi_uuid"], r["point"])
-        assert digest == r["sha256"]
+        data = restored(crash.sim, crash.repo, tmp_path, r["vdi_uuid"], r["point"])
+        assert content(data) == r["digest"]
         # repair finishes or undoes the prune and removes the rest; then prune again.
         xencbt(crash.sim, "repair", "--repo", str(crash.repo))
         for d in chain_dirs(crash.repo, crash.vm):

@@ -8,13 +8,12 @@ process lingers, and the same restore run again gives a byte-identical result.
 
 from __future__ import annotations
 
-import hashlib
 import random
 import time
 from pathlib import Path
 
 import pytest
-from cli_support import BLOCK, Vm, sha, xencbt
+from cli_support import BLOCK, Vm, content, xencbt
 from crash_support import Aftermath, Inotify, kill, kills_per_point, scribble, start
 from tally import tally
 
@@ -88,11 +87,11 @@ def test_restore_to_file_killed(crash: Aftermath, window: str, tmp_path):
         hits += killed
         # PATH is absent or whole: never half-written.
         if out.exists():
-            assert sha(out.read_bytes()) == point["sha256"]
+            assert content(out.read_bytes()) == point["digest"]
         assert crash.tree() == before, "a restore changed the repository"
         crash.check_repository()
         xencbt(crash.sim, *args, "--force")
-        assert sha(out.read_bytes()) == point["sha256"]
+        assert content(out.read_bytes()) == point["digest"]
         out.unlink()
         if killed:
             tally("kills survived")
@@ -144,7 +143,7 @@ def test_restore_to_vdi_killed(crash: Aftermath):
         xencbt(crash.sim, *args)
         data = raw.read_bytes()
         data += bytes(point["virtual_size"] - len(data))
-        assert hashlib.sha256(data[: point["virtual_size"]]).hexdigest() == point["sha256"]
+        assert content(data[: point["virtual_size"]]) == point["digest"]
         if killed:
             tally("kills survived")
     print("restore to VDI: %d of %d runs killed" % (hits, kills))

@@ -11,7 +11,6 @@ byte-identical to its source VDI.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import threading
@@ -19,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cli_support import BLOCK, restored_sha, xencbt
+from cli_support import BLOCK, content, restored, xencbt
 from tally import tally
 from xencbt_cli.copier import ConnectionBudget
 from xensim import disks
@@ -32,14 +31,14 @@ HOLD = 8.0  # seconds the first reads wait (see the test)
 
 def fill(sim, uuid: str, size: int) -> str:
     """Random data in every 4th block of the source VDI (as the host stores it, under the
-    simulator's lock); returns the whole disk's sha256."""
+    simulator's lock); returns the whole disk's digest as a manifest records it."""
     path = disks.data_path(sim.state_dir, uuid)
     with disks.locked(sim.state_dir, uuid), open(path, "r+b") as f:
         for offset in range(0, size - BLOCK + 1, 4 * BLOCK):
             f.seek(offset)
             f.write(os.urandom(BLOCK))
     data = path.read_bytes()
-    return hashlib.sha256(data + bytes(size - len(data))).hexdigest()
+    return content(data + bytes(size - len(data)))
 
 
 def test_eight_vms_two_disks_jobs_8_two_hosts(xensim_factory, tmp_path):
@@ -97,11 +96,11 @@ def test_eight_vms_two_disks_jobs_8_two_hosts(xensim_factory, tmp_path):
     backed_up = {d["vdi_uuid"]: d for vm in summary["vms"] for d in vm["disks"]}
     assert set(backed_up) == set(sources)
     for uuid, digest in sources.items():
-        assert backed_up[uuid]["sha256"] == digest
+        assert backed_up[uuid]["digest"] == digest
     with ThreadPoolExecutor(4) as pool:  # 16 restores, real ones, a few at a time
-        digests = pool.map(lambda u: restored_sha(sim, repo, tmp_path, u), sources)
-        restored = dict(zip(sources, digests))
-    assert restored == sources
+        digests = pool.map(lambda u: content(restored(sim, repo, tmp_path, u)), sources)
+        back = dict(zip(sources, digests))
+    assert back == sources
 
 
 def test_budget_is_per_host_and_a_shared_disk_counts_on_every_host():

@@ -2,7 +2,8 @@
 
 Each fault gets a clear one-line error with a documented exit code, older points stay
 restorable byte-identical, ``xencbt verify`` explains what it finds (and changes nothing),
-and the next backup recovers (a full one when the chain cannot be trusted, saying why).
+and the next backup recovers (a full one when the chain cannot be trusted, saying why;
+damaged data is flagged by verify in every point built on it until a full backup).
 The disk-full cases use a real tmpfs of a chosen size (and a chosen inode count, to run out
 exactly at the manifest write), so mounting needs root.
 """
@@ -16,7 +17,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_support import BLOCK, Vm, rand, restored_sha, xencbt
+from cli_support import BLOCK, CHUNK, Vm, rand, restored_sha, xencbt
 from crash_support import Aftermath, Inotify, listing
 from tally import tally
 
@@ -54,7 +55,7 @@ def build_chain(sim, repo: Path, vm: Vm) -> list[tuple[str, list[str]]]:
             vm.write(disk, {b * BLOCK: rand(BLOCK) for b in blocks})
         r = backup(sim, repo)
         made.append((disks(r)[0]["point"], vm.digests()))
-        assert [d["sha256"] for d in disks(r)] == vm.digests()
+        assert [d["digest"] for d in disks(r)] == vm.contents()
     return made
 
 
@@ -82,7 +83,11 @@ def own_data_offset(path: Path, guest_offset: int) -> int:
     raise AssertionError("block not allocated in %s" % path)
 
 
-def test_damaged_images_are_named_older_points_restore_next_backup_is_full(sim, tmp_path):
+def test_damaged_images_are_named_with_every_point_built_on_them(sim, tmp_path):
+    """Bit rot is never laundered: the next incremental does not re-read its base (that
+    costs O(disk)), it carries the base's recorded chunk digests over, so verify flags the
+    damaged point and every newer one built on it, naming the chunk, and restoring any of
+    them fails and writes nothing.  A full backup and a prune make everything clean."""
     repo = tmp_path / "repo"
     vm = Vm(sim)
     made = build_chain(sim, repo, vm)
@@ -96,31 +101,54 @@ def test_damaged_images_are_named_older_points_restore_next_backup_is_full(sim, 
     with open(img[1], "r+b") as f:
         f.write(b"\0" * 512)
     tally("faults injected", 2)
+    chunk = (5 * BLOCK) // CHUNK * CHUNK
+    rotten = "bytes %d-%d " % (chunk, chunk + CHUNK - 1)
 
     r = verify(sim, repo, 4)
     for uuid in vm.uuids:
         assert "ok     VDI %s point %s" % (uuid, p0) in r.stderr
         for point in (p1, p2):  # the third point reads block 5 from the second's image
             assert "FAILED VDI %s point %s: " % (uuid, point) in r.stderr
+    for point in (p1, p2):
+        assert "FAILED VDI %s point %s: %s" % (vm.uuids[0], point, rotten) in r.stderr
     one_line_error(r, 4, "4 of 6 points failed verification")
 
     # The older points restore byte-identical; a damaged one is refused, nothing written.
     for disk, uuid in enumerate(vm.uuids):
         assert restored_sha(sim, repo, tmp_path, uuid, p0) == sha0[disk]
     out = tmp_path / "damaged.raw"
-    r = xencbt(sim, "restore", "--repo", str(repo), vm.uuids[0], "--at", p1, "--to-file",
-               str(out), check=None)  # fmt: skip
-    one_line_error(r, 4, "reads back with sha256")
-    r = xencbt(sim, "restore", "--repo", str(repo), vm.uuids[1], "--to-file", str(out), check=None)
-    one_line_error(r, 1, "qemu-img failed")
-    assert not out.exists() and not list(tmp_path.glob("damaged.raw*"))
 
-    # The next backup does not build on a damaged chain: a full one, saying why.
-    vm.write(0, {3 * BLOCK: rand(BLOCK)})
-    new = disks(backup(sim, repo))
+    def refused(uuid: str, point: str, code: int, text: str) -> None:
+        r = xencbt(sim, "restore", "--repo", str(repo), uuid, "--at", point, "--to-file",
+                   str(out), check=None)  # fmt: skip
+        one_line_error(r, code, text)
+        assert not out.exists() and not list(tmp_path.glob("damaged.raw*"))
+
+    for point in (p1, p2):
+        refused(vm.uuids[0], point, 4, "does not read back as recorded (%s" % rotten)
+        refused(vm.uuids[1], point, 1, "qemu-img failed")
+
+    # The next backup: disk 0's chain reads fine structurally, so it is incremental (the
+    # base's data is not re-read) and carries the damaged chunk's recorded digest over:
+    # the new point is flagged too.  Disk 1's damaged header makes it a full one.
+    vm.write(0, {13 * BLOCK: rand(BLOCK)})
+    r = backup(sim, repo)
+    (p3, new) = disks(r)[0]["point"], disks(r)
+    assert [d["type"] for d in new] == ["incremental", "full"]
+    assert "damaged" in new[1]["reason"], new
+    assert new[0]["hashed_bytes"] == CHUNK and new[1]["digest"] == vm.contents()[1]
+    r = verify(sim, repo, 4)
+    for point in (p1, p2, p3):
+        assert "FAILED VDI %s point %s: %s" % (vm.uuids[0], point, rotten) in r.stderr
+    refused(vm.uuids[0], p3, 4, "does not read back as recorded (%s" % rotten)
+
+    # The operator runs a full backup and prunes: everything is clean again.
+    vm.write(0, {2 * BLOCK: rand(BLOCK)})
+    new = disks(backup(sim, repo, "--full"))
     assert [d["type"] for d in new] == ["full", "full"]
-    assert all("damaged" in d["reason"] for d in new), new
-    assert [d["sha256"] for d in new] == vm.digests()
+    assert [d["digest"] for d in new] == vm.contents()
+    xencbt(sim, "prune", "--repo", str(repo), "--keep", "1")
+    verify(sim, repo, 0)
     for disk, uuid in enumerate(vm.uuids):
         assert restored_sha(sim, repo, tmp_path, uuid) == vm.digests()[disk]
 
@@ -162,7 +190,7 @@ def test_lost_manifests_hide_only_their_point(sim, tmp_path):
     vm.write(0, {11 * BLOCK: rand(BLOCK)})
     new = disks(backup(sim, repo))
     assert [d["type"] for d in new] == ["incremental", "incremental"]
-    assert [d["sha256"] for d in new] == vm.digests()
+    assert [d["digest"] for d in new] == vm.contents()
     assert all((c / (p1 + ".qcow2")).is_file() for c in chains)
 
     # The newest manifest lost: its image is indistinguishable from an interrupted run's.
@@ -175,7 +203,7 @@ def test_lost_manifests_hide_only_their_point(sim, tmp_path):
     new = disks(backup(sim, repo))
     assert new[0]["type"] == "full" and "no longer on the host" in new[0]["reason"]
     assert new[1]["type"] == "incremental"
-    assert [d["sha256"] for d in new] == vm.digests()
+    assert [d["digest"] for d in new] == vm.contents()
     assert not (chains[0] / (p3 + ".qcow2")).exists()
     after = Aftermath(sim, repo, vm, tmp_path)
     after.check_host(listing(sim, repo))
@@ -255,6 +283,6 @@ def test_repository_full_keeps_every_point_and_recovers(sim, tmp_path):
         # Space again: the next backup works and is byte-identical.
         remount(fs, nr_inodes=inodes + 100)
         new = disks(backup(sim, repo))
-        assert [d["sha256"] for d in new] == vm.digests()
+        assert [d["digest"] for d in new] == vm.contents()
         after.check_files()
         after.check_host(listing(sim, repo))

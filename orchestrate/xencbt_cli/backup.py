@@ -1,7 +1,8 @@
 """The backup workflow: per VM one snapshot, per disk a full or incremental point.
 
     enable CBT where needed → VM.snapshot "xencbt-<point>" → per disk: decide (and say
-    why a full is needed) → copy through the plugin → checksum → manifest →
+    why a full is needed) → copy through the plugin → chunk digests (all for a full, only
+    the changed chunks for an incremental: digest.py) → sums → manifest →
     VM.destroy the snapshot, VDI.data_destroy its disks (their CBT log is the next base)
     → destroy the older base no chain needs any more.
 
@@ -28,7 +29,7 @@ from xencbt_core.cbt import Bitmap
 from xencbt_core.errors import ConfigError, XapiError, XencbtError
 from xencbt_core.secret import scrub
 
-from . import errors, image
+from . import digest, errors, image
 from .copier import ConnectionBudget, Copier
 from .errors import CliError, CommandFailed, RepositoryFull, describe_os_error
 from .ledger import Ledger
@@ -47,6 +48,8 @@ class Plan:
     base: Manifest | None = None
     reason: str | None = None
     changed_bytes: int = 0
+    bitmap: Bitmap | None = None  # what the copy reads: the chunks to rehash
+    base_sums: bytes | None = None  # the base's recorded chunk digests, carried over
 
 
 @dataclass
@@ -83,6 +86,7 @@ class Backup:
         self.wait = wait
         self.jobs = max(1, jobs)
         self.budget = ConnectionBudget()
+        self.chunk = digest.chunk_size()
 
     def run(self, vms: list[str]) -> list[VmResult]:
         self.repo.root.mkdir(parents=True, exist_ok=True)
@@ -194,18 +198,37 @@ class Backup:
                 reason="the CBT chain is broken since point %s (list_changed_blocks "
                 "failed: CBT was reset or the log is inconsistent)" % prev.point
             )
-        damage = chain_damage(chain, prev) or content_damage(chain, prev)
+        # Only the metadata is checked here, never the data (O(disk)): the unchanged
+        # chunks' digests are carried over from the base's sums, recorded when its data
+        # was good, so damage since then shows in verify of every point built on it.
+        damage = chain_damage(chain, prev)
         if damage:
             return Plan(
                 reason="the image of the previous point %s, or one it is backed by, is "
                 "damaged (%s): run xencbt verify" % (prev.point, damage)
             )
         try:
-            changed = Bitmap.from_base64(bitmap, snap.virtual_size).changed_bytes()
+            changes = Bitmap.from_base64(bitmap, snap.virtual_size)
         except ConfigError as e:
             # Damaged CBT metadata on the host: an incremental could miss changes.
             return Plan(reason="the host returned an unusable CBT bitmap (%s)" % e)
-        return Plan(base=prev, changed_bytes=changed)
+        if prev.digest and prev.chunk_size != self.chunk:
+            return Plan(
+                reason="the checksums of the previous point %s use %d-byte chunks, this run "
+                "%d (XENCBT_CHUNK_SIZE)" % (prev.point, prev.chunk_size, self.chunk)
+            )
+        try:
+            sums = digest.trusted_sums(
+                prev, chain.image_path(prev.point), chain.sums_path(prev.point), self.chunk
+            )
+        except digest.SumsDamaged as e:
+            return Plan(
+                reason="the previous point %s cannot be built on, it is damaged (%s): run "
+                "xencbt verify" % (prev.point, e)
+            )
+        return Plan(
+            base=prev, changed_bytes=changes.changed_bytes(), bitmap=changes, base_sums=sums
+        )
 
     def backup_disk(self, vm: Vm, disk: Disk, snap: Disk, chain: Chain, point: str) -> Manifest:
         started, t0 = now_iso(), time.monotonic()
@@ -230,13 +253,26 @@ class Backup:
                 plan.base.snapshot_uuid if plan.base else None,
             )
             copy_seconds = time.monotonic() - t0
-            digest = image.sha256(partial)
+            sums, hashed = self.content_sums(partial, plan, snap.virtual_size)
             final = chain.publish_image(point)
-            manifest = self.manifest(vm, disk, snap, plan, point, digest, final, started)
+            manifest = self.manifest(vm, disk, snap, plan, point, sums, final, started)
+            manifest.hashed_bytes = hashed
             manifest.seconds = round(time.monotonic() - t0, 3)
             manifest.copy_seconds = round(copy_seconds, 3)
-            chain.commit(manifest)
+            chain.commit(manifest, sums)
         return manifest
+
+    def content_sums(self, partial: Path, plan: Plan, size: int) -> tuple[bytes, int]:
+        """The new point's chunk digests and how many bytes of its image that read: all of
+        it for a full (one pass), only the chunks the copy changed for an incremental."""
+        if plan.base is None:
+            sums, got = digest.image_sums(partial, self.chunk)
+            if got != size:
+                raise CliError("the copied image shows %d bytes, the snapshot %d" % (got, size))
+            return sums, got
+        assert plan.bitmap is not None and plan.base_sums is not None
+        chunks = digest.dirty(plan.bitmap, plan.base.virtual_size, size, self.chunk)
+        return digest.rehash(partial, plan.base_sums, chunks, size, self.chunk)
 
     @contextlib.contextmanager
     def unpublished(self, chain: Chain, point: str, what: str):
@@ -246,7 +282,8 @@ class Backup:
             yield
         except BaseException as e:
             if not chain.manifest_path(point).exists():
-                for path in (chain.partial_path(point), chain.image_path(point)):
+                paths = (chain.partial_path(point), chain.image_path(point), chain.sums_path(point))
+                for path in paths:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
             if out_of_space(e):
@@ -257,7 +294,7 @@ class Backup:
                 ) from None
             raise
 
-    def manifest(self, vm, disk, snap, plan, point, digest, final, started) -> Manifest:
+    def manifest(self, vm, disk, snap, plan, point, sums, final, started) -> Manifest:
         return Manifest(
             point=point,
             vm_uuid=vm.uuid,
@@ -270,7 +307,9 @@ class Backup:
             reason=plan.reason,
             base_point=plan.base.point if plan.base else None,
             virtual_size=snap.virtual_size,
-            sha256=digest,
+            digest=digest.combine(sums, snap.virtual_size),
+            digest_kind=digest.KIND,
+            chunk_size=self.chunk,
             changed_bytes=plan.changed_bytes if plan.base else snap.virtual_size,
             bytes_on_disk=image.disk_usage(final),
             started=started,
@@ -296,19 +335,6 @@ def chain_damage(chain: Chain, m: Manifest) -> str | None:
             image.check(chain.path / Path(info["filename"]).name)
     except CliError as e:
         return " ".join(str(e).split())[-300:]
-    return None
-
-
-def content_damage(chain: Chain, m: Manifest) -> str | None:
-    """Whether the base still reads as recorded.  An incremental on a base damaged since
-    (bit rot, a bad disk) would carry the damage into every new point, under checksums
-    computed from the damaged data; one local read of the base prevents that."""
-    try:
-        digest = image.sha256(chain.image_path(m.point))
-    except CliError as e:
-        return "it cannot be read: %s" % " ".join(str(e).split())[-300:]
-    if digest != m.sha256:
-        return "it reads back with sha256 %s, recorded %s" % (digest[:16], m.sha256[:16])
     return None
 
 

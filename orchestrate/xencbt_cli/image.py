@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from . import command
+from .errors import CliError
+
+log = logging.getLogger(__name__)
 
 
 def info_chain(path: Path) -> list[dict]:
@@ -41,6 +47,25 @@ def reader(path: Path) -> list[str]:
     otherwise wait for its first client forever."""
     server = command.bound(["qemu-nbd", "-r", "-f", "qcow2", str(path)])
     return ["nbdcopy", "--", "[", *server, "]", "-"]
+
+
+@contextlib.contextmanager
+def random_access(path: Path) -> Iterator:
+    """What the image shows, random access: qemu-nbd (socket activated, bound to us, so
+    it never outlives us) read through libnbd."""
+    import nbd
+
+    h = nbd.NBD()
+    argv = command.bound(["qemu-nbd", "-r", "-f", "qcow2", str(path)])
+    log.debug("running %s", command.shown(argv))
+    try:
+        h.connect_systemd_socket_activation(argv)
+    except nbd.Error as e:
+        raise CliError("cannot read %s through qemu-nbd: %s" % (path.name, e)) from None
+    try:
+        yield h
+    finally:
+        h.shutdown()
 
 
 def flatten(path: Path, out: Path, fmt: str = "qcow2") -> None:

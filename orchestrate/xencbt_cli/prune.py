@@ -5,9 +5,10 @@ The oldest kept point P is made standalone: its whole chain is flattened into
 written atomically, then the flattened image is renamed over ``P.qcow2`` (atomic; the
 newer points name it as their backing file and see the very same bytes).  Then P's
 manifest loses its base, the older points are removed newest first (manifest first,
-then image: every point still listed keeps its whole chain at every step), and the
-journal goes.  After a crash the next writer of the chain looks at the journal:
-if ``P.qcow2`` already has no backing file the swap happened and the steps after it are
+then image and sums: every point still listed keeps its whole chain at every step), and
+the journal goes.  P's sums and digest stay as they are: its flattened view, which they
+hash, is the same before and after.  After a crash the next writer of the chain looks at
+the journal: if ``P.qcow2`` already has no backing file the swap happened and the steps after it are
 done again (they are idempotent); otherwise the journal and the partial file are dropped
 and the chain is exactly as before.
 """

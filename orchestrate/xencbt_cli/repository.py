@@ -1,11 +1,12 @@
-"""The backup repository: REPO/<vm-uuid>/<vdi-uuid>/<point>.qcow2 + <point>.json.
+"""The backup repository: REPO/<vm-uuid>/<vdi-uuid>/<point>.qcow2 + .sums + .json.
 
 A point exists when its manifest exists.  Images are written as ``<point>.qcow2.partial``
-and renamed before the manifest is written (temp file, fsync, rename, fsync of the
-directory), so a crash never leaves a half-visible point; whatever a crash leaves
-behind (``*.partial``, ``*.tmp``, images without a manifest that no other image is
-backed by) is removed by the next writer of that chain (backup, prune, repair), under
-the chain's lock (``.lock``, fcntl; readers such as verify take it shared).
+and renamed, then its chunk digests (``<point>.sums``, digest.py) and last its manifest
+are written atomically (temp file, fsync, rename, fsync of the directory), so a crash
+never leaves a half-visible point and a visible manifest always has its sums; whatever a
+crash leaves behind (``*.partial``, ``*.tmp``, images and sums without a manifest that
+no other image is backed by) is removed by the next writer of that chain (backup, prune,
+repair), under the chain's lock (``.lock``, fcntl; readers such as verify take it shared).
 
 A manifest that cannot be read (damaged by hand or by the disk) hides only its own
 point: the other points stay usable, ``damaged()`` names it, and its image is kept.
@@ -30,7 +31,7 @@ from .errors import CliError, LockBusy, RepositoryError
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: chunked digest + sidecar; 1: whole-disk sha256 only (still read)
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 POINT = re.compile(r"^\d{8}T\d{6}\.\d{6}Z$")
 LEFTOVER = (".partial", ".tmp")  # files only a writer in progress has
@@ -53,7 +54,11 @@ class Manifest:
     snapshot_uuid: str
     type: str  # full | incremental
     virtual_size: int
-    sha256: str
+    digest: str | None = None  # digest.py: over the chunk digests in <point>.sums
+    digest_kind: str | None = None
+    chunk_size: int | None = None
+    hashed_bytes: int = 0  # what the backup read from its image to compute the digest
+    sha256: str | None = None  # format 1: of the whole flattened disk
     reason: str | None = None  # why a full was taken
     base_point: str | None = None
     changed_bytes: int = 0
@@ -76,16 +81,29 @@ class Manifest:
     def from_json(cls, text: str) -> Manifest:
         data = json.loads(text)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
+        m = cls(**{k: v for k, v in data.items() if k in known})
+        m.check()
+        return m
+
+    def check(self) -> None:
+        """ValueError unless the manifest says how to check its content: a chunked digest
+        (format 2) or a whole-disk sha256 (format 1)."""
+        if self.digest is not None:
+            chunk = self.chunk_size
+            if not isinstance(self.digest, str) or not isinstance(chunk, int) or chunk <= 0:
+                raise ValueError("its digest has no valid chunk_size")
+        elif not isinstance(self.sha256, str):
+            raise ValueError("it records neither a digest nor a sha256 of the disk")
 
 
-def write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, content: str | bytes) -> None:
     """tmp file, fsync, rename, fsync the directory."""
     tmp = path.with_name(path.name + ".tmp")
+    data = content.encode("utf-8") if isinstance(content, str) else content
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -115,6 +133,9 @@ class Chain:
 
     def partial_path(self, point: str) -> Path:
         return self.path / (point + ".qcow2.partial")
+
+    def sums_path(self, point: str) -> Path:
+        return self.path / (point + ".sums")
 
     def manifest_files(self) -> list[Path]:
         if not self.path.is_dir():
@@ -161,8 +182,11 @@ class Chain:
             "no point %s for VDI %s (xencbt list shows them)" % (point, self.vdi_uuid)
         )
 
-    def commit(self, manifest: Manifest) -> None:
-        """Make a point exist: its image (already renamed) first, then its manifest."""
+    def commit(self, manifest: Manifest, sums: bytes | None = None) -> None:
+        """Make a point exist: its image (already renamed) first, then its sums, then its
+        manifest."""
+        if sums is not None:
+            write_atomically(self.sums_path(manifest.point), sums)
         write_atomically(self.manifest_path(manifest.point), manifest.to_json())
 
     def publish_image(self, point: str) -> Path:
@@ -174,12 +198,13 @@ class Chain:
         return final
 
     def remove(self, point: str) -> None:
-        """Forget a point: manifest first (it stops existing), then its image."""
+        """Forget a point: manifest first (it stops existing), then its image and sums."""
         with contextlib.suppress(FileNotFoundError):
             self.manifest_path(point).unlink()
         image.fsync_dir(self.path)
-        with contextlib.suppress(FileNotFoundError):
-            self.image_path(point).unlink()
+        for path in (self.image_path(point), self.sums_path(point)):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
     @contextlib.contextmanager
     def lock(self, wait: bool = False, shared: bool = False) -> Iterator[None]:
@@ -230,12 +255,18 @@ class Chain:
             return [], orphans
         return [o for o in orphans if o not in used], [o for o in orphans if o in used]
 
+    def stray_sums(self) -> list[str]:
+        """Sums without a manifest: a backup killed before its manifest, or a removal
+        (prune) killed after it."""
+        named = {p.stem for p in self.manifest_files()}
+        return [p.name for p in sorted(self.path.glob("*.sums")) if p.stem not in named]
+
     def leftovers(self) -> list[str]:
         """What an interrupted run left and ``clean`` removes (read-only)."""
         if not self.path.is_dir():
             return []
         temp = [p.name for p in sorted(self.path.iterdir()) if p.name.endswith(LEFTOVER)]
-        return sorted(temp + self.orphans()[0])
+        return sorted(temp + self.orphans()[0] + self.stray_sums())
 
     def clean(self) -> list[str]:
         """Remove what an interrupted run left.  Call with the lock held."""

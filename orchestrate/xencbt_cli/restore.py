@@ -1,42 +1,44 @@
 """Restore a point: to a file (raw or qcow2), a new VDI on an SR, or an existing VDI.
 
-Every restore is checked against the sha256 recorded at backup time before it counts: a
-damaged image (or one it is backed by) gives an error naming the point, never silently
-wrong data.  A file is written as ``PATH.partial`` and renamed, so PATH is either absent
-or complete.
+Every restore is checked against the digest recorded at backup time (digest.py, computed
+over what is restored, which is read whole anyway) before it counts: a damaged image (or
+one it is backed by) gives an error naming the point, never silently wrong data.  A file
+is written as ``PATH.partial`` and renamed, so PATH is either absent or complete.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from pathlib import Path
 
 from . import command, image
+from .digest import Reading
 from .errors import CliError, PointDamaged
 from .repository import Manifest, Repository
 
 log = logging.getLogger(__name__)
 
 
-def check_digest(m: Manifest, digest: str, where: str) -> None:
-    if digest != m.sha256:
+def check(reading: Reading, where: str) -> None:
+    """PointDamaged unless what was read matches the manifest."""
+    problem = reading.problem()
+    if problem:
+        m = reading.m
         raise PointDamaged(
-            "point %s of VDI %s reads back with sha256 %s, but it was %s at backup time: "
-            "its image or one it is backed by is damaged (xencbt verify names it); %s; "
-            "restore an older point" % (m.point, m.vdi_uuid, digest[:16], m.sha256[:16], where)
+            "point %s of VDI %s does not read back as recorded (%s): its image or one it is "
+            "backed by is damaged (xencbt verify names it); %s; restore an older point"
+            % (m.point, m.vdi_uuid, problem, where)
         )
 
 
-def file_sha256(path: Path, fmt: str) -> str:
+def read_file(path: Path, fmt: str, reading: Reading) -> None:
     if fmt == "qcow2":
-        return image.sha256(path)
-    digest = hashlib.sha256()
+        command.stream(image.reader(path), reading.update)
+        return
     with open(path, "rb") as f:
         while chunk := f.read(command.CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+            reading.update(chunk)
 
 
 def to_file(
@@ -51,7 +53,9 @@ def to_file(
         command.run(
             ["qemu-img", "convert", "-f", "qcow2", "-O", fmt, chain.image_path(m.point), partial]
         )
-        check_digest(m, file_sha256(partial, fmt), "nothing was written to %s" % path)
+        reading = Reading(m, chain.sums_path(m.point))
+        read_file(partial, fmt, reading)
+        check(reading, "nothing was written to %s" % path)
         os.replace(partial, path)
     finally:
         if partial.exists():

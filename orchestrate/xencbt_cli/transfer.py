@@ -5,23 +5,21 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import http.client
 import logging
 import struct
 import urllib.parse
-from collections.abc import Iterator
-from pathlib import Path
 
 from xencbt_core.errors import XapiError
 from xencbt_core.xapi import https_connection
 
 from . import command
+from .digest import Reading
 from .errors import CliError
-from .image import reader
+from .image import random_access, reader
 from .pool import Pool
 from .repository import UUID, Repository
-from .restore import check_digest
+from .restore import check
 
 INCOMPLETE = " (restore incomplete)"  # name suffix until the import is proven complete
 
@@ -80,7 +78,8 @@ def resolve_sr(pool: Pool, sr: str) -> str:
 
 def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
     """A new VDI on ``sr`` with the point's content; returns (manifest, new VDI uuid)."""
-    m = repo.find(vdi).get(at)
+    chain = repo.find(vdi)
+    m = chain.get(at)
     name = "%s (restored %s)" % (m.vdi_name, m.point)
     record = {
         # A restore killed half-way leaves a VDI that says so; the operator deletes it.
@@ -101,16 +100,15 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
     try:
         upload = Upload(pool, ref, m.virtual_size, chunked=False)
         upload.open()
-        argv = reader(repo.find(vdi).image_path(m.point))
-        digest = hashlib.sha256()
+        reading = Reading(m, chain.sums_path(m.point))
 
         def send(data: bytes) -> None:
-            digest.update(data)
+            reading.update(data)
             upload.send(data)
 
-        command.stream(argv, send)
+        command.stream(reader(chain.image_path(m.point)), send)
         upload.finish()
-        check_digest(m, digest.hexdigest(), "the new VDI is destroyed")
+        check(reading, "the new VDI is destroyed")
         pool.call("VDI.set_name_label", ref, name)
     except BaseException:
         with contextlib.suppress(Exception):
@@ -119,24 +117,9 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
     return m, uuid
 
 
-@contextlib.contextmanager
-def backup_reader(path: Path) -> Iterator:
-    """The point's flattened content, random access, through qemu-nbd and libnbd."""
-    import nbd
-
-    h = nbd.NBD()
-    argv = command.bound(["qemu-nbd", "-r", "-f", "qcow2", str(path)])
-    log.debug("running %s", command.shown(argv))
-    h.connect_systemd_socket_activation(argv)
-    try:
-        yield h
-    finally:
-        h.shutdown()
-
-
-def differing(pool: Pool, ref: str, h, size: int) -> tuple[list[tuple[int, int]], str]:
-    """64 KiB-aligned extents where the VDI's current content differs from ``h``, and the
-    sha256 of ``h`` (it is read whole anyway)."""
+def differing(pool: Pool, ref: str, h, size: int, reading: Reading) -> list[tuple[int, int]]:
+    """64 KiB-aligned extents where the VDI's current content differs from ``h``; all of
+    ``h`` goes through ``reading`` (it is read whole anyway)."""
     session = pool.session
     query = urllib.parse.urlencode(
         {"session_id": session.ref().reveal(), "vdi": ref, "format": "raw"}
@@ -147,7 +130,6 @@ def differing(pool: Pool, ref: str, h, size: int) -> tuple[list[tuple[int, int]]
     if reply.status != 200:
         raise CliError("reading the VDI failed: HTTP %d" % reply.status)
     extents: list[tuple[int, int]] = []
-    digest = hashlib.sha256()
     offset = 0
     while offset < size:
         n = min(BLOCK, size - offset)
@@ -155,7 +137,7 @@ def differing(pool: Pool, ref: str, h, size: int) -> tuple[list[tuple[int, int]]
         if len(current) != n:
             raise CliError("the VDI's export ended early at byte %d" % offset)
         wanted = h.pread(n, offset)
-        digest.update(wanted)
+        reading.update(wanted)
         if current != wanted:
             if extents and sum(extents[-1]) == offset:
                 extents[-1] = (extents[-1][0], extents[-1][1] + n)
@@ -163,12 +145,13 @@ def differing(pool: Pool, ref: str, h, size: int) -> tuple[list[tuple[int, int]]
                 extents.append((offset, n))
         offset += n
     conn.close()
-    return extents, digest.hexdigest()
+    return extents
 
 
 def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
     """Overwrite VDI ``target`` with the point, writing only the blocks that differ."""
-    m = repo.find(vdi).get(at)
+    chain = repo.find(vdi)
+    m = chain.get(at)
     ref = pool.vdi_ref(target)
     if ref is None:
         raise CliError("no VDI %s in the pool" % target)
@@ -178,9 +161,10 @@ def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
             "VDI %s is %d bytes, smaller than the point (%d bytes): resize it first"
             % (target, size, m.virtual_size)
         )
-    with backup_reader(repo.find(vdi).image_path(m.point)) as h:
-        extents, digest = differing(pool, ref, h, m.virtual_size)
-        check_digest(m, digest, "nothing was written to VDI %s" % target)
+    with random_access(chain.image_path(m.point)) as h:
+        reading = Reading(m, chain.sums_path(m.point))
+        extents = differing(pool, ref, h, m.virtual_size, reading)
+        check(reading, "nothing was written to VDI %s" % target)
         length = sum(FRAME.size + n for _, n in extents) + FRAME.size
         upload = Upload(pool, ref, length, chunked=True)
         upload.open()
