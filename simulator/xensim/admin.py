@@ -38,6 +38,9 @@ class Admin:
             # Crash tests (latency.py): reply latency per API method.
             ("GET", "api-latency"): lambda a: self.xapi.latency.to_dict(),
             ("POST", "api-latency"): lambda a: self.xapi.latency.set(a),
+            # Imports failing late (issue #12): a write fault, an SR that fills up.
+            ("POST", "faults/import"): self._import_fault,
+            ("POST", "sr-size"): self._sr_size,
         }
 
     def handle(self, verb: str, path: str, args: dict) -> Any:
@@ -95,3 +98,20 @@ class Admin:
         if not found:
             raise ValueError(f"no host named {args['host']!r}")
         return {"master": args["host"], "address": self.xapi.move_master(found[0])}
+
+    # -- imports failing late (issue #12; storage.py import_write) ----------------------
+    def _import_fault(self, args: dict) -> dict:
+        after = args.get("fail_after_bytes")
+        if after is not None and (not isinstance(after, int) or isinstance(after, bool)):
+            raise ValueError(f"fail_after_bytes must be an integer or None, not {after!r}")
+        self.xapi.storage.fail_imports_after = after
+        return {"fail_after_bytes": after}
+
+    def _sr_size(self, args: dict) -> dict:
+        db = self.xapi.db
+        name = str(args["sr"])
+        with db.lock:
+            ref = name if db.exists("SR", name) else db.by_uuid("SR", name)
+            result = self.xapi.storage.set_sr_size(ref, int(args["physical_size"]))
+            db.save()
+        return result

@@ -105,3 +105,14 @@ class Control:
     def issued_secrets(self) -> dict:
         """{"passwords": every login password so far, "sessions": every session ref issued}."""
         return self._request("GET", "secrets")
+
+    # -- imports failing late (issue #12) -----------------------------------------------
+    def fail_imports_after(self, nbytes: int | None) -> dict:
+        """Every HTTP import's write fails (task VDI_IO_ERROR) once it has written
+        ``nbytes`` bytes; None clears."""
+        return self._request("POST", "faults/import", {"fail_after_bytes": nbytes})
+
+    def set_sr_size(self, sr: str, physical_size: int) -> dict:
+        """Set the SR's (uuid or ref) physical_size; imports that need more space than it
+        has left fail as on a full SR.  Returns {physical_size, used}."""
+        return self._request("POST", "sr-size", {"sr": sr, "physical_size": physical_size})

@@ -148,6 +148,9 @@ class Simulator:
         self.xapi.options.nbd_port = self.nbd[0].port
         admin = Admin(self.xapi, self.faults, self.counters)
         self.web = bind_all(lambda i, p: self._start_web(self.hosts[i], p, admin), count, same_port)
+        peers = {ref: web.server_address[1] for ref, web in zip(self.hosts, self.web)}
+        for web in self.web:
+            web.peers = peers  # for the port in a 302 Location (web.py _redirected)
 
     def _start_nbd(self, ref: str, port: int) -> NBDServer:
         cert, key = self._files(ref)

@@ -7,11 +7,13 @@ metadata under the database lock held by the caller (``Xapi.call``).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import time
 from pathlib import Path
 
-from . import disks, records
+from . import cbtlog, disks, records
 from .cbt import Tracker
 from .database import NULL_REF, Database
 from .errors import XapiError, sr_backend_failure
@@ -39,6 +41,9 @@ class Storage:
         self.state_dir = Path(state_dir)
         self.cbt = Tracker(db, state_dir)
         self.in_use_wait = in_use_wait
+        # Opt-in fault (control API ``faults/import``): every HTTP import fails its write
+        # once it has written this many bytes.
+        self.fail_imports_after: int | None = None
 
     # -- helpers ------------------------------------------------------------------------
     def vdi(self, ref: str) -> dict:
@@ -150,6 +155,53 @@ class Storage:
             if not self.db.exists("VDI", ref):
                 raise XapiError("HANDLE_INVALID", "VDI", ref)
 
+    # -- SR space and HTTP imports -----------------------------------------------------
+    def hosts_seeing(self, sr_ref: str) -> list[str]:
+        """The hosts with a PBD of the SR currently attached (xen-api
+        ``ocaml/xapi/xapi_vm_helpers.ml`` ``assert_can_see_specified_SRs``)."""
+        pbds = [self.db.get("PBD", ref) for ref in self.db.find("PBD", SR=sr_ref)]
+        return sorted(p["host"] for p in pbds if p["currently_attached"])
+
+    def sr_usage(self, sr_ref: str) -> int:
+        """Bytes the SR's VDIs really take (thin ``ext`` SR: allocated blocks only)."""
+        vdis = [self.vdi(ref)["uuid"] for ref in self.db.find("VDI", SR=sr_ref)]
+        return sum(disks.allocated(self.state_dir, uuid) for uuid in vdis)
+
+    def set_sr_size(self, sr_ref: str, size: int) -> dict:
+        """Control API: shrink (or grow) the SR's ``physical_size`` so it can fill up."""
+        sr = self.db.get("SR", sr_ref)
+        sr["physical_size"] = int(size)
+        sr["physical_utilisation"] = self.sr_usage(sr_ref)
+        return {"physical_size": sr["physical_size"], "used": sr["physical_utilisation"]}
+
+    def import_write(self, rec: dict, fd: int, data: bytes, offset: int, done: int) -> int:
+        """One write of an HTTP import (``done`` bytes written before it), marking CBT like
+        a guest write.  An ``ext`` SR is thin: a write needing more blocks than the SR has
+        left fails ENOSPC, as the host's file system would, and nothing of it is written.
+        Locks: the database's, then the VDI's (the order VM.snapshot takes them)."""
+        limit = self.fail_imports_after
+        if limit is not None and done + len(data) > limit:
+            self._write_marked(rec, fd, data[: max(0, limit - done)], offset)
+            raise OSError(errno.EIO, "injected import fault after %d bytes" % limit)
+        with self.db.lock:
+            sr = self.db.get("SR", rec["SR"])
+            used = self.sr_usage(rec["SR"])
+            needed = len(data) - _allocated_in(fd, offset, len(data))
+            if used + needed > sr["physical_size"]:
+                sr["physical_utilisation"] = used
+                raise OSError(errno.ENOSPC, "no space left on SR %s" % sr["uuid"])
+            written = self._write_marked(rec, fd, data, offset)
+            sr["physical_utilisation"] = used + needed
+        return written
+
+    def _write_marked(self, rec: dict, fd: int, data: bytes, offset: int) -> int:
+        if not data:
+            return 0
+        with disks.locked(self.state_dir, rec["uuid"]):
+            written = os.pwrite(fd, data, offset)
+            cbtlog.mark(self.state_dir, rec["uuid"], offset, written)
+        return written
+
     # -- VBD ----------------------------------------------------------------------------
     def create_vbd(self, fields: dict) -> str:
         for name in ("VM", "VDI", "userdevice"):
@@ -199,3 +251,21 @@ class Storage:
         for vbd in self.db.find("VBD", VM=vm_ref):
             self.db.remove("VBD", vbd)
         self.db.remove("VM", vm_ref)
+
+
+def _allocated_in(fd: int, offset: int, length: int) -> int:
+    """Bytes of [offset, offset+length) already allocated in the sparse file."""
+    end, total, pos = offset + length, 0, offset
+    while pos < end:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as e:  # ENXIO: no data after pos
+            if e.errno == errno.ENXIO:
+                break
+            raise
+        if start >= end:
+            break
+        stop = min(os.lseek(fd, start, os.SEEK_HOLE), end)
+        total += stop - start
+        pos = stop
+    return total

@@ -76,6 +76,39 @@ class Tasks:
         rec.update(name_description=description, resident_on=call.host, _session=call.session)
         return self.db.add("task", rec)
 
+    def for_request(self, given: str | None, label: str, host: str) -> tuple[str, bool]:
+        """The task an HTTP handler reports to (xen-api ``ocaml/xapi/xapi_http.ml``
+        ``with_context``): the client's ``task_id=``, else one made for the request and
+        destroyed when it ends, so its outcome is lost to the client.  Returns (ref, owned)."""
+        with self.db.lock:
+            if given and self.db.exists("task", given):
+                return given, False
+            rec = records.task(label)
+            rec["resident_on"] = host
+            ref = self.db.add("task", rec)
+            self.db.save()
+            return ref, True
+
+    def finish(self, ref: str, error: list[str] | None, result: Any = None) -> None:
+        """``TaskHelper.complete`` / ``TaskHelper.failed`` for an HTTP handler's task."""
+        if error:
+            outcome = {"status": "failure", "error_info": [str(e) for e in error]}
+        else:
+            outcome = {"status": "success", "result": result_text(result)}
+        with self.db.lock:
+            if self.db.exists("task", ref):
+                task = self.db.get("task", ref)
+                if task["status"] == "pending":
+                    task.update(outcome, progress=1.0, finished=records.now_stamp())
+                self.db.save()
+
+    def end_request(self, ref: str, owned: bool) -> None:
+        if owned:
+            with self.db.lock:
+                if self.db.exists("task", ref):
+                    self.db.remove("task", ref)
+                    self.db.save()
+
     def destroy(self, ref: str) -> str:
         self.db.remove("task", ref)
         return ""

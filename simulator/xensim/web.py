@@ -9,7 +9,6 @@ import base64
 import hmac
 import json
 import logging
-import os
 import socket
 import ssl
 import struct
@@ -18,7 +17,7 @@ import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
-from . import cbtlog, disks, rpc
+from . import disks, rpc
 from .errors import XapiError
 
 if TYPE_CHECKING:
@@ -54,6 +53,7 @@ class WebServer(ThreadingHTTPServer):
         self.xapi = xapi
         self.host = host
         self.admin = admin
+        self.peers: dict[str, int] = {}  # host ref -> its API port (for 302 Location)
 
     def get_request(self) -> tuple[socket.socket, Any]:
         # The TLS handshake happens on first read, in the handler's thread, so one slow
@@ -168,18 +168,35 @@ class Handler(BaseHTTPRequestHandler):
         return ref, rec, query
 
     def _finish_task(self, query: dict[str, str], error: list[str] | None) -> None:
-        xapi = self.server.xapi
         task = query.get("task_id")
+        if task:
+            self.server.xapi.tasks.finish(task, error)
+
+    def _redirected(self, rec: dict) -> bool:
+        """xen-api ``ocaml/xapi/importexport.ml`` ``return_302_redirect`` (called from
+        ``export_raw_vdi.ml`` / ``import_raw_vdi.ml``): a host that cannot see the VDI's SR
+        answers 302 to one that can, same path and query (session_id included), without
+        reading a request body.  xapi's Location has no port; every xensim host is on
+        loopback with its own address but maybe not the same port, so the port is added."""
+        xapi = self.server.xapi
         with xapi.db.lock:
-            if task and xapi.db.exists("task", task):
-                status = (
-                    {"status": "failure", "error_info": error} if error else {"status": "success"}
-                )
-                xapi.db.get("task", task).update(status, progress=1.0)
-                xapi.db.save()
+            hosts = xapi.storage.hosts_seeing(rec["SR"])
+            if not hosts:
+                raise HttpError(400, "no host can see the SR")
+            if self.server.host in hosts:
+                return False
+            target = hosts[0]
+            address = xapi.db.get("host", target)["address"]
+        port = self.server.peers.get(target, self.server.server_address[1])
+        log.info("302: VDI %s is on an SR this host cannot see", rec["uuid"])
+        self.close_connection = True
+        self._send(302, b"", "text/plain", {"Location": f"https://{address}:{port}{self.path}"})
+        return True
 
     def _export(self) -> None:
         ref, rec, query = self._vdi_for_transfer()
+        if self._redirected(rec):
+            return
         size = rec["virtual_size"]
         path = disks.data_path(self.server.xapi.options.state_dir, rec["uuid"])
         self.send_response(200)
@@ -196,52 +213,59 @@ class Handler(BaseHTTPRequestHandler):
         self._finish_task(query, None)
 
     def _import(self) -> None:
+        """xen-api ``ocaml/xapi/import_raw_vdi.ml`` ``localhost_handler``: the 200 and the
+        task header go out *before* anything is written; a failure while writing (an I/O
+        error, the SR full, an image larger than the VDI) only fails the task
+        (``VDI_IO_ERROR``, as ``vhd_tool_wrapper.ml`` reports vhd-tool failing) and closes
+        the connection, unread body and all."""
         ref, rec, query = self._vdi_for_transfer()
+        if self._redirected(rec):
+            return
         if self.headers.get("Transfer-Encoding"):
             raise HttpError(403, "Forbidden: import cannot handle a transfer encoding")
         length = int(self.headers.get("Content-Length", 0))
-        chunked = "chunked" in query
-        if not chunked and length > rec["virtual_size"]:
-            self._finish_task(query, ["VDI_TOO_SMALL", ref, str(length)])
-            self._discard(length)  # so the client sees our answer, not a reset
-            raise HttpError(500, "image larger than the VDI")
+        tasks = self.server.xapi.tasks
+        task, owned = tasks.for_request(query.get("task_id"), "VDI.import", self.server.host)
         self.close_connection = True
+        self.send_response(200)
+        self.send_header("Connection", "close")
+        self.send_header("task-id", task)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        self.wfile.flush()
         try:
-            if chunked:
+            if "chunked" in query:
                 self._receive_frames(rec, length)
             else:
-                self._receive(rec, 0, length)
+                self._receive(rec, 0, length, 0)
         except (OSError, ValueError) as e:
-            self._finish_task(query, ["INTERNAL_ERROR", str(e)])
-            raise HttpError(500, str(e)) from None
-        self._finish_task(query, None)
-        self._send(200, b"", "text/plain", {"task-id": query.get("task_id", "")})
+            log.info("import into VDI %s failed: %s", rec["uuid"], e)
+            tasks.finish(task, ["VDI_IO_ERROR", "Device I/O errors"])
+        else:
+            tasks.finish(task, None, ref)
+        finally:
+            tasks.end_request(task, owned)
 
-    def _discard(self, length: int) -> None:
-        while length > 0:
-            data = self.rfile.read(min(CHUNK, length))
-            if not data:
-                return
-            length -= len(data)
-
-    def _receive(self, rec: dict, offset: int, length: int) -> None:
-        """Copy ``length`` bytes of the body to ``offset``, marking CBT like a guest write."""
+    def _receive(self, rec: dict, offset: int, length: int, done: int) -> int:
+        """Copy ``length`` bytes of the body to ``offset``; returns the bytes written so far
+        in this import.  Writing past the end of the VDI fails there, as vhd-tool does."""
         state_dir = self.server.xapi.options.state_dir
-        if offset + length > rec["virtual_size"]:
-            raise ValueError(f"extent {offset}+{length} beyond the end of the VDI")
+        storage = self.server.xapi.storage
         with open(disks.data_path(state_dir, rec["uuid"]), "r+b") as f:
             while length > 0:
                 data = self.rfile.read(min(CHUNK, length))
                 if not data:
                     raise ValueError("body ended early")
-                with disks.locked(state_dir, rec["uuid"]):
-                    n = os.pwrite(f.fileno(), data, offset)
-                    cbtlog.mark(state_dir, rec["uuid"], offset, n)
-                offset, length = offset + n, length - n
+                if offset + len(data) > rec["virtual_size"]:
+                    raise ValueError(f"write at {offset}+{len(data)} beyond the end of the VDI")
+                n = storage.import_write(rec, f.fileno(), data, offset, done)
+                offset, length, done = offset + n, length - n, done + n
+        return done
 
     def _receive_frames(self, rec: dict, length: int) -> None:
         """xapi's chunked raw format: {offset u64 LE, length u32 LE} + data, ended by an
         all-zero header; only those extents are written."""
+        done = 0
         while True:
             header = self.rfile.read(_FRAME.size)
             if len(header) != _FRAME.size:
@@ -249,7 +273,7 @@ class Handler(BaseHTTPRequestHandler):
             offset, size = _FRAME.unpack(header)
             if offset == 0 and size == 0:
                 return
-            self._receive(rec, offset, size)
+            done = self._receive(rec, offset, size, done)
 
     # -- xensim control -----------------------------------------------------------------
     def _admin(self, verb: str, path: str) -> None:
