@@ -1,21 +1,23 @@
 """Restore into the pool over HTTP (REFERENCE §3): a new VDI (VDI.create + PUT
 /import_raw_vdi) or an existing one, writing only the 64 KiB blocks that differ
-(PUT /import_raw_vdi&chunked=true: {offset u64 LE, length u32 LE} + data frames)."""
+(PUT /import_raw_vdi&chunked=true: {offset u64 LE, length u32 LE} + data frames).
+
+A restore counts only when the host's import task says every byte was written
+(hosthttp.py): a failed import into a new VDI destroys it; into an existing VDI it says
+the VDI is now partly written and which point to restore again.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import http.client
 import logging
 import struct
-import urllib.parse
 
-from xencbt_core.errors import XapiError
-from xencbt_core.xapi import https_connection
+from xencbt_core.errors import XapiError, XencbtError
 
 from . import command
 from .digest import Reading
 from .errors import CliError
+from .hosthttp import Download, ImportFailed, Upload
 from .image import random_access, reader
 from .pool import Pool
 from .repository import UUID, Repository
@@ -28,40 +30,6 @@ log = logging.getLogger(__name__)
 BLOCK = 64 * 1024
 CHUNK = 1 << 20
 FRAME = struct.Struct("<QI")
-
-
-class Upload:
-    """One PUT with a known Content-Length, body sent piece by piece."""
-
-    def __init__(self, pool: Pool, vdi_ref: str, length: int, chunked: bool):
-        self.pool = pool
-        self.vdi_ref = vdi_ref
-        self.length = length
-        self.query = {"vdi": vdi_ref, "format": "raw"}
-        if chunked:
-            self.query["chunked"] = "true"
-        self.conn: http.client.HTTPSConnection | None = None
-
-    def open(self, netloc: str | None = None, path: str = "/import_raw_vdi") -> None:
-        session = self.pool.session
-        query = dict(self.query, session_id=session.ref().reveal())
-        self.conn = https_connection(netloc or session.netloc, session.trust)
-        self.conn.putrequest("PUT", path + "?" + urllib.parse.urlencode(query))
-        self.conn.putheader("Content-Length", str(self.length))
-        self.conn.putheader("Content-Type", "application/octet-stream")
-        self.conn.endheaders()
-
-    def send(self, data: bytes) -> None:
-        assert self.conn is not None
-        self.conn.send(data)
-
-    def finish(self) -> None:
-        assert self.conn is not None
-        reply = self.conn.getresponse()
-        body = reply.read().decode(errors="replace").strip()
-        self.conn.close()
-        if reply.status != 200:
-            raise CliError("import into VDI failed: HTTP %d %s" % (reply.status, body[:200]))
 
 
 def resolve_sr(pool: Pool, sr: str) -> str:
@@ -98,53 +66,60 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
     ref = pool.call("VDI.create", record)
     uuid = pool.call("VDI.get_uuid", ref)
     try:
-        upload = Upload(pool, ref, m.virtual_size, chunked=False)
-        upload.open()
         reading = Reading(m, chain.sums_path(m.point))
+        with Upload(pool, ref, m.virtual_size, chunked=False) as upload:
 
-        def send(data: bytes) -> None:
-            reading.update(data)
-            upload.send(data)
+            def send(data: bytes) -> None:
+                reading.update(data)
+                upload.send(data)
 
-        command.stream(reader(chain.image_path(m.point)), send)
-        upload.finish()
+            command.stream(reader(chain.image_path(m.point)), send)
+            upload.finish()
         check(reading, "the new VDI is destroyed")
         pool.call("VDI.set_name_label", ref, name)
+    except ImportFailed as e:
+        gone = _destroy(pool, ref, uuid)
+        raise ImportFailed(
+            "restore of VDI %s point %s to SR %s failed: %s; %s"
+            % (m.vdi_uuid, m.point, sr, e.reason, gone)
+        ) from None
     except BaseException:
-        with contextlib.suppress(Exception):
-            pool.destroy_vdi(ref, uuid)
+        log.warning("restore failed: %s", _destroy(pool, ref, uuid))
         raise
     return m, uuid
+
+
+def _destroy(pool: Pool, ref: str, uuid: str) -> str:
+    """Destroy the VDI a failed restore created; say what became of it."""
+    try:
+        pool.destroy_vdi(ref, uuid)
+    except (XencbtError, OSError) as e:
+        return "the new VDI %s could not be destroyed (%s): delete it (xe vdi-destroy uuid=%s)" % (
+            uuid,
+            e,
+            uuid,
+        )
+    return "the new VDI %s was destroyed" % uuid
 
 
 def differing(pool: Pool, ref: str, h, size: int, reading: Reading) -> list[tuple[int, int]]:
     """64 KiB-aligned extents where the VDI's current content differs from ``h``; all of
     ``h`` goes through ``reading`` (it is read whole anyway)."""
-    session = pool.session
-    query = urllib.parse.urlencode(
-        {"session_id": session.ref().reveal(), "vdi": ref, "format": "raw"}
-    )
-    conn = https_connection(session.netloc, session.trust)
-    conn.request("GET", "/export_raw_vdi?" + query)
-    reply = conn.getresponse()
-    if reply.status != 200:
-        raise CliError("reading the VDI failed: HTTP %d" % reply.status)
+    export = Download(pool, ref)
     extents: list[tuple[int, int]] = []
-    offset = 0
-    while offset < size:
-        n = min(BLOCK, size - offset)
-        current = reply.read(n)
-        if len(current) != n:
-            raise CliError("the VDI's export ended early at byte %d" % offset)
-        wanted = h.pread(n, offset)
-        reading.update(wanted)
-        if current != wanted:
-            if extents and sum(extents[-1]) == offset:
-                extents[-1] = (extents[-1][0], extents[-1][1] + n)
-            else:
-                extents.append((offset, n))
-        offset += n
-    conn.close()
+    try:
+        for offset in range(0, size, BLOCK):
+            n = min(BLOCK, size - offset)
+            current = export.read(n, offset)
+            wanted = h.pread(n, offset)
+            reading.update(wanted)
+            if current != wanted:
+                if extents and sum(extents[-1]) == offset:
+                    extents[-1] = (extents[-1][0], extents[-1][1] + n)
+                else:
+                    extents.append((offset, n))
+    finally:
+        export.close()
     return extents
 
 
@@ -166,13 +141,28 @@ def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
         extents = differing(pool, ref, h, m.virtual_size, reading)
         check(reading, "nothing was written to VDI %s" % target)
         length = sum(FRAME.size + n for _, n in extents) + FRAME.size
-        upload = Upload(pool, ref, length, chunked=True)
-        upload.open()
-        for offset, n in extents:
-            upload.send(FRAME.pack(offset, n))
-            for pos in range(offset, offset + n, CHUNK):
-                upload.send(h.pread(min(CHUNK, offset + n - pos), pos))
-        upload.send(FRAME.pack(0, 0))
-        upload.finish()
+        try:
+            with Upload(pool, ref, length, chunked=True) as upload:
+                for offset, n in extents:
+                    upload.send(FRAME.pack(offset, n))
+                    for pos in range(offset, offset + n, CHUNK):
+                        upload.send(h.pread(min(CHUNK, offset + n - pos), pos))
+                upload.send(FRAME.pack(0, 0))
+                upload.finish()
+        except ImportFailed as e:
+            if not e.started:
+                reason = "%s; nothing was written to VDI %s" % (e.reason, target)
+                raise ImportFailed(reason, False) from None
+            again = "xencbt restore --repo %s %s --at %s --to-vdi %s" % (
+                repo.root,
+                vdi,
+                m.point,
+                target,
+            )
+            raise ImportFailed(
+                "restore of VDI %s point %s into VDI %s failed: %s; VDI %s is now partly "
+                "written: restore point %s to it again (%s)"
+                % (m.vdi_uuid, m.point, target, e.reason, target, m.point, again)
+            ) from None
     log.info("wrote %d extents, %d bytes", len(extents), sum(n for _, n in extents))
     return m, target
