@@ -123,6 +123,14 @@ def differing(pool: Pool, ref: str, h, size: int, reading: Reading) -> list[tupl
     return extents
 
 
+def _send_frames(upload: Upload, h, extents: list[tuple[int, int]]) -> None:
+    for offset, n in extents:
+        upload.send(FRAME.pack(offset, n))
+        for pos in range(offset, offset + n, CHUNK):
+            upload.send(h.pread(min(CHUNK, offset + n - pos), pos))
+    upload.send(FRAME.pack(0, 0))
+
+
 def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
     """Overwrite VDI ``target`` with the point, writing only the blocks that differ."""
     chain = repo.find(vdi)
@@ -141,28 +149,29 @@ def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
         extents = differing(pool, ref, h, m.virtual_size, reading)
         check(reading, "nothing was written to VDI %s" % target)
         length = sum(FRAME.size + n for _, n in extents) + FRAME.size
+        again = "xencbt restore --repo %s %s --at %s --to-vdi %s" % (
+            repo.root,
+            vdi,
+            m.point,
+            target,
+        )
+        upload: Upload | None = None
         try:
             with Upload(pool, ref, length, chunked=True) as upload:
-                for offset, n in extents:
-                    upload.send(FRAME.pack(offset, n))
-                    for pos in range(offset, offset + n, CHUNK):
-                        upload.send(h.pread(min(CHUNK, offset + n - pos), pos))
-                upload.send(FRAME.pack(0, 0))
+                _send_frames(upload, h, extents)
                 upload.finish()
         except ImportFailed as e:
             if not e.started:
                 reason = "%s; nothing was written to VDI %s" % (e.reason, target)
                 raise ImportFailed(reason, False) from None
-            again = "xencbt restore --repo %s %s --at %s --to-vdi %s" % (
-                repo.root,
-                vdi,
-                m.point,
-                target,
-            )
             raise ImportFailed(
                 "restore of VDI %s point %s into VDI %s failed: %s; VDI %s is now partly "
                 "written: restore point %s to it again (%s)"
                 % (m.vdi_uuid, m.point, target, e.reason, target, m.point, again)
             ) from None
+        except BaseException:
+            if upload is not None:  # interrupted while sending: some blocks may be written
+                log.warning("VDI %s may be partly written: run again: %s", target, again)
+            raise
     log.info("wrote %d extents, %d bytes", len(extents), sum(n for _, n in extents))
     return m, target
