@@ -197,6 +197,7 @@ def test_two_hosts_local_srs_backup_and_restore_on_the_member(pool, tmp_path):
     assert raw(pool, vm.uuids[0]) != source
     restore(pool, repo, vm.uuids[0], point, "--to-vdi", vm.uuids[0])
     assert raw(pool, vm.uuids[0]) == source
+    assert vm.x.task.get_all() == []  # the imports' tasks were read, then destroyed
 
 
 def test_failed_import_to_sr_exits_non_zero_and_leaves_no_vdi(pool, tmp_path):
