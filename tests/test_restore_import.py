@@ -137,8 +137,11 @@ def test_sr_that_runs_out_of_space_fails_the_import_task(xensim_factory):
     assert reply.status == 200
     send_all(conn, reply, body)
     assert x.task.get_error_info(task) == ["VDI_IO_ERROR", "Device I/O errors"]
+    # The 1 MiB write did not fit: nothing of it was written, and the SR says so.
     record = x.SR.get_record(sr)
-    assert int(record["physical_utilisation"]) <= int(record["physical_size"])
+    assert int(record["physical_size"]) == used + 256 * 1024
+    assert int(record["physical_utilisation"]) == used
+    assert not any(raw(sim, x.VDI.get_uuid(vdi)))
 
 
 # -- xensim: 302 -----------------------------------------------------------------------

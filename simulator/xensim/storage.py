@@ -167,6 +167,9 @@ class Storage:
         vdis = [self.vdi(ref)["uuid"] for ref in self.db.find("VDI", SR=sr_ref)]
         return sum(disks.allocated(self.state_dir, uuid) for uuid in vdis)
 
+    def update_sr_usage(self, ref: str) -> None:
+        self.db.get("SR", ref)["physical_utilisation"] = self.sr_usage(ref)
+
     def set_sr_size(self, sr_ref: str, size: int) -> dict:
         """Control API: shrink (or grow) the SR's ``physical_size`` so it can fill up."""
         sr = self.db.get("SR", sr_ref)

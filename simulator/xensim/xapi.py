@@ -127,6 +127,8 @@ class Xapi:
     def _record(self, cls: str, ref: str) -> dict:
         if cls == "VDI" and self.db.exists("VDI", ref):
             self.storage.update_usage(ref)  # guests write behind our back
+        if cls == "SR" and self.db.exists("SR", ref):
+            self.storage.update_sr_usage(ref)
         return _typed(cls, self.db.record(cls, ref))
 
     def _all_records(self, cls: str) -> dict:
