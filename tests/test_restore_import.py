@@ -12,6 +12,7 @@ member's local SR follow the 302, checking the member's certificate.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import os
@@ -272,3 +273,27 @@ def test_redirect_to_a_member_with_an_unexpected_certificate_is_not_followed(
     line = one_line_error(r)
     assert "host1" in line and "certificate" in line, line
     assert raw(sim, vm.uuids[0]) == changed != before
+
+
+def test_redirect_is_followed_only_to_a_host_of_the_pool_over_https(pool):
+    """hosthttp._member over a real session: a Location that names no host of the pool,
+    or a plain-HTTP one, is refused; a member's is pinned to the master's record of it."""
+    from xencbt_cli.errors import CliError
+    from xencbt_cli.hosthttp import _member
+    from xencbt_cli.pool import Pool
+    from xencbt_core.secret import Secret
+    from xencbt_core.xapi import ApiTrust, Session
+
+    trust = ApiTrust(cafile=pool.info["ca_file"])
+    with Session(pool.info["xapi"], trust, password=Secret(pool.password)) as session:
+        p = Pool(session)
+        member = pool.info["hosts"][1]
+        netloc = urllib.parse.urlsplit(member["xapi"]).netloc
+        with pytest.raises(CliError, match="not one of its hosts"):
+            _member(p, "https://192.0.2.7:%s/import_raw_vdi?x=1" % netloc.split(":")[1])
+        with pytest.raises(CliError, match="non-HTTPS"):
+            _member(p, "http://%s/import_raw_vdi?x=1" % netloc)
+        where, pinned, name = _member(p, "https://%s/import_raw_vdi?x=1" % netloc)
+        der = ssl.PEM_cert_to_DER_cert(Path(member["cert_file"]).read_text())
+        assert (where, name) == (netloc, "host1")
+        assert pinned.normalized() == hashlib.sha256(der).hexdigest().upper()
