@@ -13,7 +13,7 @@ import urllib.parse
 from xencbt_core.errors import XapiError
 from xencbt_core.xapi import https_connection
 
-from . import command
+from . import command, testhook
 from .digest import Reading
 from .errors import CliError
 from .image import random_access, reader
@@ -169,6 +169,7 @@ def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
         upload = Upload(pool, ref, length, chunked=True)
         upload.open()
         for offset, n in extents:
+            testhook.pause("vdi-extent")
             upload.send(FRAME.pack(offset, n))
             for pos in range(offset, offset + n, CHUNK):
                 upload.send(h.pread(min(CHUNK, offset + n - pos), pos))
