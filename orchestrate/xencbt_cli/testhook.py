@@ -8,6 +8,7 @@ Unset (always, outside the test suite) it does nothing.  Steps:
 ``write-done``  repository.write_atomically: renamed into place (a prune's journal is
                 then in place while the swap has not happened)
 ``vdi-extent``  transfer.to_vdi: before each extent is sent (the VDI is partly rewritten)
+``restore-partial``  restore.to_file: PATH.partial is checked, not yet renamed to PATH
 """
 
 from __future__ import annotations
