@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 import nbd
-from secretwatch import WATCH
+from secretwatch import WATCH, traced
 
 BLOCK = 64 * 1024
 # Every xencbt run of the tests digests in chunks of 4 blocks (XENCBT_CHUNK_SIZE), so the
 # small simulated disks have many chunks: carried-over and rehashed ones, a short last one.
 CHUNK = 4 * BLOCK
-XENCBT = [sys.executable, "-m", "xencbt_cli.main"]
+# Every run is seen exec by exec by the secret watch (tests/execwatch.sh).
+XENCBT = traced([sys.executable, "-m", "xencbt_cli.main"])
 
 
 def sha(data: bytes | bytearray) -> str:
