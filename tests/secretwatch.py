@@ -319,7 +319,8 @@ def _unbase64(run: bytes) -> bytes:
     out = []
     for skip in range(4):
         part = run[skip:]
-        part = part[: len(part) - len(part) % 4]
+        rest = len(part) % 4  # 1: a stray character; 2, 3: padding that was stripped
+        part = part[:-1] if rest == 1 else part + b"=" * ((4 - rest) % 4)
         try:
             out.append(base64.b64decode(part))
         except ValueError:
