@@ -164,3 +164,19 @@ def test_backup_killed(crash: Aftermath, point: str):
         if killed:
             tally("kills survived")
     kills.done()
+
+
+def test_the_test_pause_is_inert_unless_set(monkeypatch):
+    """XENCBT_TEST_PAUSE (testhook.py) holds windows open for these tests only: unset, or
+    naming other steps, it never sleeps."""
+    from xencbt_cli import testhook
+
+    slept: list[float] = []
+    monkeypatch.setattr(testhook.time, "sleep", slept.append)
+    monkeypatch.delenv(testhook.ENV, raising=False)
+    testhook.pause("write-tmp")
+    monkeypatch.setenv(testhook.ENV, "vdi-extent=0.05,write-done=0.3")
+    testhook.pause("write-tmp")
+    assert slept == []
+    testhook.pause("write-done")
+    assert slept == [0.3]
