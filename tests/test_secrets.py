@@ -115,8 +115,7 @@ def test_the_run_wide_watch_sees_the_real_processes_and_learns_the_sessions(
 def test_password_from_stdin_reaches_the_plugin_through_a_private_file(xensim, tmp_path):
     """--password-file -: the plugin gets password=+FILE of a 0600 file in a 0700 dir that
     is gone afterwards; never the password itself."""
-    tmp = tmp_path / "tmpdir"
-    tmp.mkdir()
+    tmp = Path(tempfile.mkdtemp())  # inside the run's watched TMPDIR (secretwatch.py)
     env = cli_env(xensim)
     env.pop("XENCBT_PASSWORD_FILE")
     env["TMPDIR"] = str(tmp)
@@ -153,6 +152,7 @@ def test_password_from_stdin_reaches_the_plugin_through_a_private_file(xensim, t
     assert proc.returncode == 0, err
     assert seen and all(d == 0o700 and f == 0o600 for d, f in seen), seen
     assert not list(tmp.iterdir())  # removed when the run ended
+    tmp.rmdir()
     assert run(xensim, "list", "--repo", str(tmp_path / "r")).returncode == 0
 
 
