@@ -216,9 +216,10 @@ class Watch:
             for path, mode, data in self.keeper.caught:
                 self.counts["temp files caught"] += 1
                 self._judge_file(path, mode, data, wanted)
-            self.keeper.unmount()
         if basetemp is not None:
-            self._scan_files(basetemp, wanted)
+            self._scan_files(basetemp, wanted)  # TMPDIR too, while it is mounted
+        if self.keeper is not None:
+            self.keeper.unmount()
         self.findings = list(dict.fromkeys(self.findings))  # a PATH search repeats an exec
         return self.findings
 
