@@ -5,8 +5,9 @@ For each mutant: a fresh copy of the checkout (tracked and new files, not .venv)
 scratch directory, one small patch applied (it must apply exactly once), then the few
 test files that should catch it, run with this checkout's venv and the copy first on
 PYTHONPATH (so the copy's product code runs, in the tests' process and in every xencbt
-and plugin they start).  A mutant is caught when pytest exits non-zero; one that
-survives makes this script exit 1.  Run ``python tests/mutants.py [NAME...]``.
+and plugin they start).  The same tests first run on an unplanted copy and must pass
+(else exit 2).  A mutant is caught when pytest exits non-zero; one that survives makes
+this script exit 1.  Run ``python tests/mutants.py [NAME...]``.
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def environment(copy: Path) -> dict[str, str]:
 
 def imports_the_copy(copy: Path, env: dict[str, str], m: Mutant) -> bool:
     """The planted module is the one a test run imports (not the checkout's editable one)."""
+    if not m.path:  # the baseline: any product module
+        return imports_the_copy(copy, env, MUTANTS[0])
     module = m.path.split("/", 1)[1].removesuffix(".py").replace("/", ".")
     code = "import %s as m; print(m.__file__)" % module
     python = ROOT / ".venv" / "bin" / "python"
@@ -117,10 +120,11 @@ def imports_the_copy(copy: Path, env: dict[str, str], m: Mutant) -> bool:
     return out.strip().startswith(str(copy))
 
 
-def run(m: Mutant, scratch: Path) -> tuple[bool, str]:
+def run(m: Mutant, scratch: Path, planted: bool = True) -> tuple[bool, str]:
     copy = scratch / m.name.replace(" ", "-")
     copy_tree(copy)
-    plant(copy, m)
+    if planted:
+        plant(copy, m)
     env = environment(copy)
     if not imports_the_copy(copy, env, m):
         raise SystemExit("%s: the tests would not run the planted code" % m.name)
@@ -146,6 +150,13 @@ def main(names: list[str]) -> int:
     chosen = [m for m in MUTANTS if not names or m.name in names]
     survivors = 0
     with tempfile.TemporaryDirectory(prefix="xencbt-mutants-") as scratch:
+        # First the same tests on an unplanted copy: they must pass, or a "caught" below
+        # would prove nothing.
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        failed, detail = run(Mutant("baseline", "", "", "", tests), Path(scratch), False)
+        print("%-55s %s  (%s)" % ("no bug planted", "FAILS" if failed else "passes", detail))
+        if failed:
+            return 2
         for m in chosen:
             caught, detail = run(m, Path(scratch))
             survivors += not caught
