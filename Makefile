@@ -5,11 +5,12 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.deps-stamp
 DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils \
-            python3-cryptography python3-venv python3-pip e2fsprogs openssl
+            python3-cryptography python3-venv python3-pip e2fsprogs openssl \
+            strace
 # For the VM mount tests (tests/vmharness.py); installed without recommends (no GUI).
 VM_PKGS := qemu-system-x86 busybox-static nbd-client cpio
 
-.PHONY: deps demo check lint test faults bench clean deb deb-check rpm
+.PHONY: deps demo check lint test faults mutants bench clean deb deb-check rpm
 
 # $(call apt_ensure,PACKAGES[,APT-OPTIONS]): install the ones not installed yet; dpkg-query
 # first, so a second run never touches apt.
@@ -51,6 +52,10 @@ check: lint test
 # The fault-and-abuse suite alone (it is also part of `make check`).
 faults: deps
 	$(VENV)/bin/pytest -m reliability
+
+# Known bugs planted one at a time in a scratch copy; each must be caught (tests/mutants.py).
+mutants: deps
+	$(PY) tests/mutants.py
 
 # Benchmarks against the direct TLS path (not part of `make check`; < 15 min on 2 cores).
 # BENCH_QUICK=1 for a one-minute smoke run; results in bench/results/, table: see README.

@@ -11,13 +11,14 @@ import sys
 from pathlib import Path
 
 import nbd
-from secretwatch import WATCH
+from secretwatch import WATCH, traced
 
 BLOCK = 64 * 1024
 # Every xencbt run of the tests digests in chunks of 4 blocks (XENCBT_CHUNK_SIZE), so the
 # small simulated disks have many chunks: carried-over and rehashed ones, a short last one.
 CHUNK = 4 * BLOCK
-XENCBT = [sys.executable, "-m", "xencbt_cli.main"]
+# Every run is seen exec by exec by the secret watch (tests/execwatch.sh).
+XENCBT = traced([sys.executable, "-m", "xencbt_cli.main"])
 
 
 def sha(data: bytes | bytearray) -> str:
@@ -46,10 +47,19 @@ def cli_env(sim) -> dict[str, str]:
     return env
 
 
+class WatchedPopen(subprocess.Popen):
+    """A run whose output, once collected with ``communicate``, goes to the secret watch."""
+
+    def communicate(self, *args, **kwargs):
+        out, err = super().communicate(*args, **kwargs)
+        WATCH.output(" ".join(map(str, self.args[-3:])), out, err)
+        return out, err
+
+
 def xencbt(sim, *args: str, check: int | None = 0, popen: bool = False):
     argv = [*XENCBT, "--xapi-cafile", sim.info["ca_file"], *args]
     if popen:
-        return subprocess.Popen(
+        return WatchedPopen(
             argv, env=cli_env(sim), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
     r = subprocess.run(argv, env=cli_env(sim), capture_output=True, text=True, timeout=120)

@@ -156,15 +156,19 @@ def _simulator_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _secret_watch(tmp_path_factory) -> Iterator[None]:
-    """Issue #5: no password, session ref or export name in any process's argv or
-    environment, in any file under basetemp unless private, in any captured output
-    (tests/secretwatch.py).  Fails the run, naming where, if one is found."""
+    """Issue #5, #18: no password, session ref or export name in any exec's argv or
+    environment, in any file under basetemp unless private, in any temp file (deleted ones
+    too), in any captured output (tests/secretwatch.py).  Fails the run, naming where, if
+    one is found.  As root or in CI a TMPDIR that cannot be watched fails the run."""
     from tally import tally
 
-    WATCH.start()
+    required = os.geteuid() == 0 or bool(os.environ.get("CI"))
+    WATCH.setup(tmp_path_factory.getbasetemp(), required)
     yield
-    WATCH.stop()
+    WATCH.teardown()
     findings = WATCH.finish(tmp_path_factory.getbasetemp())
+    if WATCH.keeper is not None and not WATCH.keeper.watching:
+        tally("secret scans: deleted temp files NOT watched (no root)", 1)
     for name, count in WATCH.counts.items():
         tally("secret scans: " + name, count)
     tally("secrets found", len(findings))

@@ -1,11 +1,17 @@
 """Helpers (no tests) for killing ``xencbt`` at chosen moments and checking the aftermath.
 
 A kill point is a trigger (something observable: a snapshot VM appearing on the simulated
-host, a ``.partial`` file, a manifest temp file) plus a random delay after it; the run is
-then killed with SIGKILL, its process group is watched until every child is gone, and
-``Aftermath`` checks what the issue promises: verify passes, no half-written point is
-listed, the next backup succeeds byte-identical and the host keeps no snapshot of ours
-beyond the CBT bases the repository needs.
+host, a ``.partial`` file, a manifest temp file) plus a random delay after it.  Then the
+run is stopped (SIGSTOP) and the window is *confirmed*: the state that defines it still
+holds (the temp file is there, the journal is in place, the VDI is partly rewritten…).
+Only then is it killed with SIGKILL and the kill counted; a run that left the window
+first is continued (SIGCONT), must succeed, and is tried again (``Kills``).  Short
+windows are held open by injected latency: the simulator's API and read latency, and
+the product's test-only ``XENCBT_TEST_PAUSE`` (orchestrate/xencbt_cli/testhook.py).
+After a kill its process group is watched until every child is gone, and ``Aftermath``
+checks what the issue promises: verify passes, no half-written point is listed, the
+next backup succeeds byte-identical and the host keeps no snapshot of ours beyond the
+CBT bases the repository needs.
 """
 
 from __future__ import annotations
@@ -24,22 +30,58 @@ from collections.abc import Callable
 from pathlib import Path
 
 from cli_support import BLOCK, XENCBT, Vm, cli_env, content, rand, xencbt
+from secretwatch import WATCH
+from tally import tally
 
-KILLS_DEFAULT = 2  # per kill point in `make check`; XENCBT_KILLS=20 for a long local run
+KILLS_DEFAULT = 2  # confirmed kills per window in `make check`; XENCBT_KILLS=20 for more
+ATTEMPTS = 4  # runs allowed per confirmed kill before the window counts as missed
 
 
 def kills_per_point() -> int:
     return int(os.environ.get("XENCBT_KILLS", KILLS_DEFAULT))
 
 
+class Kills:
+    """Runs until ``kills_per_point()`` kills were confirmed inside the window (at most
+    ``ATTEMPTS`` runs per kill); ``done`` asserts they all were."""
+
+    def __init__(self, window: str):
+        self.window, self.wanted = window, kills_per_point()
+        self.confirmed = self.runs = 0
+
+    def __iter__(self):
+        while self.confirmed < self.wanted and self.runs < ATTEMPTS * self.wanted:
+            self.runs += 1
+            yield self.runs
+
+    def count(self, confirmed: bool) -> None:
+        if confirmed:
+            self.confirmed += 1
+            tally("kills confirmed: " + self.window)
+
+    def done(self) -> None:
+        print(
+            "%s: %d confirmed kills in %d runs (%d wanted)"
+            % (self.window, self.confirmed, self.runs, self.wanted)
+        )
+        assert self.confirmed == self.wanted, (
+            "%s: only %d of %d kills landed inside the window in %d runs: the test proves little"
+            % (self.window, self.confirmed, self.wanted, self.runs)
+        )
+
+
 # -- processes ---------------------------------------------------------------------------
-def start(sim, *args: str) -> subprocess.Popen:
+def start(sim, *args: str, pause: str = "") -> subprocess.Popen:
     """``xencbt ARGS`` in a process group of its own, so that its children can be found
-    after it is killed (they keep the group when re-parented)."""
+    after it is killed (they keep the group when re-parented).  ``pause``: the product's
+    XENCBT_TEST_PAUSE (testhook.py), which holds a short window open."""
     argv = [*XENCBT, "--xapi-cafile", sim.info["ca_file"], *args]
+    env = cli_env(sim)
+    if pause:
+        env["XENCBT_TEST_PAUSE"] = pause
     return subprocess.Popen(
         argv,
-        env=cli_env(sim),
+        env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
@@ -62,12 +104,51 @@ def group_members(pgid: int) -> list[str]:
     return found
 
 
+def state(pid: int) -> str:
+    """The process's state letter (T: stopped, Z: zombie), "" once it is gone."""
+    try:
+        stat = Path("/proc/%d/stat" % pid).read_text()
+    except OSError:
+        return ""
+    return stat[stat.rindex(")") + 2]
+
+
+def stop(proc: subprocess.Popen, timeout: float = 10.0) -> bool:
+    """SIGSTOP the xencbt process alone (its children run on, but nothing it does itself
+    (a rename, a call) can happen while it is stopped); whether it was still running."""
+    if proc.poll() is not None:
+        return False
+    os.kill(proc.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + timeout
+    while (s := state(proc.pid)) not in ("T", "t", "Z", ""):
+        assert time.monotonic() < deadline, "xencbt did not stop"
+        time.sleep(0.001)
+    return s in ("T", "t")
+
+
+def kill_if(proc: subprocess.Popen, confirm: Callable[[], object]) -> bool:
+    """Stop the run; when it is still inside the window (``confirm()`` true while it is
+    stopped), SIGKILL it (``kill``) and return True.  Otherwise continue it: it must then
+    finish with exit 0.  A run that already ended is a miss too."""
+    if stop(proc) and confirm():
+        assert "Traceback" not in kill(proc)
+        return True
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGCONT)
+    out, err = proc.communicate(timeout=180)
+    WATCH.output("xencbt run (continued, not killed)", out, err)
+    assert proc.returncode == 0, err
+    return False
+
+
 def kill(proc: subprocess.Popen, linger: float = 15.0) -> str:
     """SIGKILL the xencbt process alone (as the OOM killer or a timeout would), reap it,
-    and wait for its children to go by themselves; return its stderr.  Children still
-    there after ``linger`` seconds fail the test (and are then killed)."""
+    and wait for its children to go by themselves; return its stderr (which the secret
+    watch scans).  Children still there after ``linger`` seconds fail the test (and are
+    then killed)."""
     os.kill(proc.pid, signal.SIGKILL)
-    _, err = proc.communicate()
+    out, err = proc.communicate()
+    WATCH.output("xencbt run killed with SIGKILL", out, err)
     deadline = time.monotonic() + linger
     while (left := group_members(proc.pid)) and time.monotonic() < deadline:
         time.sleep(0.05)

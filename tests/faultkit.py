@@ -23,7 +23,8 @@ class Run:
     """A finished ``xencbt`` run: exit code, output, wall time."""
 
     def __init__(self, proc: subprocess.CompletedProcess | subprocess.Popen, out, err, seconds):
-        WATCH.output("xencbt %s" % " ".join(proc.args[3:]), out, err)
+        args = proc.args[proc.args.index("xencbt_cli.main") + 1 :]
+        WATCH.output("xencbt %s" % " ".join(args), out, err)
         self.returncode = proc.returncode
         self.stdout = out
         self.stderr = err

@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from secretwatch import WATCH
+from secretwatch import WATCH, traced
 
 ROOT = Path(__file__).resolve().parent.parent
 PLUGIN = ROOT / "plugin" / "xencbt.py"
@@ -40,7 +40,7 @@ def wait_for_file(path: Path, proc: subprocess.Popen, timeout: float = 30.0) -> 
 @contextlib.contextmanager
 def _process(argv: list[str], pidfile: Path, env: dict | None = None):
     proc = subprocess.Popen(
-        argv,
+        traced(argv),  # the secret watch sees every exec (tests/secretwatch.py)
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -57,6 +57,8 @@ def _process(argv: list[str], pidfile: Path, env: dict | None = None):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        WATCH.output("%s (stderr)" % " ".join(argv[:2]), proc.stderr.read())
+        proc.stderr.close()
 
 
 @contextlib.contextmanager
@@ -144,7 +146,7 @@ def run_plugin(params: list[str], run: str, verbose: bool = False, timeout: floa
         "--run",
         run,
     ]
-    r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run(traced(argv), capture_output=True, text=True, timeout=timeout)
     WATCH.output("nbdkit xencbt --run %s" % run, r.stdout, r.stderr)
     return r
 

@@ -2,7 +2,10 @@
 
 A test calls ``tally("faults injected", 3)`` for what it really did; conftest's
 ``pytest_terminal_summary`` prints the totals, so the summary is made of counts the
-tests produced, never of numbers written into the report.
+tests produced, never of numbers written into the report.  Kills are counted only when
+confirmed inside their window (crash_support.Kills: ``kills confirmed: <window>``, their
+sum ``kills survived``); the secret watch adds its coverage (``secret scans: execs
+seen``, ``encodings checked``, ``temp files caught``…) next to ``secrets found``.
 """
 
 from __future__ import annotations

@@ -6,16 +6,24 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+
+from secretwatch import WATCH, traced
 
 
-def test_demo_backs_up_restores_and_cleans_up(tmp_path):
+def test_demo_backs_up_restores_and_cleans_up():
+    # A temp dir of its own inside the run's watched TMPDIR (tests/secretwatch.py): every
+    # exec of the demo is seen, its simulator's secrets are known, its temp files read.
+    tmp_path = Path(tempfile.mkdtemp(prefix="backupdemo-"))
     done = subprocess.run(
-        [sys.executable, "-m", "xensim.backupdemo"],
+        traced([sys.executable, "-m", "xensim.backupdemo"]),
         capture_output=True,
         text=True,
         timeout=240,
         env={**os.environ, "TMPDIR": str(tmp_path)},
     )
+    WATCH.output("python -m xensim.backupdemo", done.stdout, done.stderr)
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
     assert out.count("byte-identical to the disk as it was at that backup") == 2
@@ -24,3 +32,4 @@ def test_demo_backs_up_restores_and_cleans_up(tmp_path):
     moved = re.findall(r"read from the host's NBD server: ([\d.]+ \w+)", out)
     assert moved[0] == "84.0 MiB" and all(m.endswith("KiB") for m in moved[1:]), moved
     assert list(tmp_path.iterdir()) == []  # temp dir, simulator and sockets all gone
+    tmp_path.rmdir()

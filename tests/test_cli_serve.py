@@ -55,16 +55,19 @@ def gone(pid: int, timeout: float = 30.0) -> bool:
 
 @pytest.fixture
 def chain(xensim_factory, tmp_path):
-    """A simulator, a VM with one 2 MiB + 512 disk, a full and an incremental point."""
+    """A simulator, a VM with one 2 MiB + 512 disk, a full and an incremental point; each
+    point carries ``model``, the guest's bytes when it was taken (the test's own truth: what
+    a point serves is compared with it, never with the point's digest, which the product
+    computed)."""
     sim = xensim_factory(disk_sizes="2M+512")
     vm = Vm(sim)
     repo = tmp_path / "repo"
     vm.write(0, {0: rand(2 * BLOCK), 20 * BLOCK: rand(BLOCK)})
     full = backup(sim, repo, "demo-vm")["vms"][0]["disks"][0]
-    full["model"] = content(vm.models[0])
+    full["model"] = bytes(vm.models[0])
     vm.write(0, {BLOCK: rand(BLOCK), 30 * BLOCK: None})
     incr = backup(sim, repo, "demo-vm")["vms"][0]["disks"][0]
-    incr["model"] = content(vm.models[0])
+    incr["model"] = bytes(vm.models[0])
     assert incr["type"] == "incremental"
     return sim, vm, repo, [full, incr]
 
@@ -85,14 +88,15 @@ def test_points_served_byte_identical_then_cleaned_up(chain, tmp_path):
                 ["nbdinfo", "--size", info["uri"]], capture_output=True, text=True, timeout=60
             )
             assert int(size.stdout) == len(vm.models[0])
-            assert content(read_uri(info["uri"])) == point["digest"] == point["model"]
+            assert read_uri(info["uri"]) == point["model"]
+            assert point["digest"] == content(point["model"])
             out = tmp_path / "converted.raw"
             subprocess.run(
                 ["qemu-img", "convert", "-f", "raw", "-O", "raw", info["uri"], str(out)],
                 check=True,
                 timeout=120,
             )
-            assert content(out.read_bytes()) == point["digest"]
+            assert out.read_bytes() == point["model"]
             proc.send_signal(sig)  # SIGINT too: kill -INT ends it like Ctrl-C
         assert not sock.exists() and not sock.parent.exists()
         assert gone(child)
@@ -108,7 +112,7 @@ def test_newest_point_by_default_and_loopback_tcp(chain):
         assert info["uri"] == "nbd://127.0.0.1:%d/" % port
         assert info["nbd_client"] == "nbd-client 127.0.0.1 %d /dev/nbd0 -readonly" % port
         assert info["point"] == points[-1]["point"]
-        assert content(read_uri(info["uri"])) == points[-1]["digest"]
+        assert read_uri(info["uri"]) == points[-1]["model"]
 
 
 def test_non_loopback_refused_without_tls(chain, tmp_path):
@@ -127,7 +131,7 @@ def test_non_loopback_refused_without_tls(chain, tmp_path):
         port = urlparse(info["uri"]).port
         assert info["tls"] and info["uri"].startswith("nbds://") and info["nbd_client"] is None
         uri = "nbds://alice@127.0.0.1:%d/?tls-psk-file=%s" % (port, psk)
-        assert content(read_uri(uri)) == points[-1]["digest"]
+        assert read_uri(uri) == points[-1]["model"]
         plain = subprocess.run(
             ["nbdinfo", "nbd://127.0.0.1:%d/" % port], capture_output=True, timeout=60
         )
@@ -154,7 +158,7 @@ def test_tls_certificates_require_a_client_certificate(chain, tmp_path):
         port = urlparse(info["uri"]).port
         assert "-cacertfile %s/ca-cert.pem" % certs in info["nbd_client"]
         uri = "nbds://127.0.0.1:%d/?tls-certificates=%s" % (port, mine)
-        assert content(read_uri(uri)) == points[-1]["digest"]
+        assert read_uri(uri) == points[-1]["model"]
         refused = subprocess.run(
             ["nbdinfo", "nbds://127.0.0.1:%d/?tls-certificates=%s" % (port, anonymous)],
             capture_output=True,
@@ -210,7 +214,7 @@ def test_chain_lock_shared_with_servers_exclusive_for_prune(chain, tmp_path):
             pass  # two serves of one chain at once are fine
         r = xencbt(sim, "prune", "--repo", str(repo), "--keep", "1", check=5)
         assert "locked" in r.stderr
-        assert content(read_uri(info["uri"])) == points[0]["digest"]
+        assert read_uri(info["uri"]) == points[0]["model"]
     assert len(json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout)) == 2
 
     with open(lock, "w") as f:  # a backup or prune holds the chain

@@ -103,6 +103,16 @@ def test_eight_vms_two_disks_jobs_8_two_hosts(xensim_factory, tmp_path):
     assert back == sources
 
 
+def blocked_in(budget: ConnectionBudget, timeout: float = 5.0) -> None:
+    """Return once a thread waits on the budget's condition: proof that it is blocked, not
+    merely not yet run.  (A notify removes the waiter at once, so after a release this
+    sees the thread only when it has re-checked and gone back to waiting.)"""
+    deadline = time.monotonic() + timeout
+    while not budget._cond._waiters:  # CPython's Condition: the waiting threads' locks
+        assert time.monotonic() < deadline, "no thread waits for the budget"
+        time.sleep(0.001)
+
+
 def test_budget_is_per_host_and_a_shared_disk_counts_on_every_host():
     """16 per host at once: two hosts can each run 16; a copy whose disk both hosts may
     serve takes its share from both, atomically (never one then the other)."""
@@ -119,8 +129,10 @@ def test_budget_is_per_host_and_a_shared_disk_counts_on_every_host():
             assert budget.used == {"h0": 16, "h1": 16}
             waiting = threading.Thread(target=shared_copy)
             waiting.start()
-            assert not got.wait(0.2)  # both hosts are full: it waits
-        assert not got.wait(0.2)  # h0 still is
+            blocked_in(budget)  # both hosts are full: it waits
+            assert not got.is_set()
+        blocked_in(budget)  # woken by the release of h1, it waits again: h0 still is full
+        assert not got.is_set()
     assert got.wait(5) and budget.used == {"h0": 4, "h1": 4}
     done.set()
     waiting.join(5)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import nbd
 from cli_support import BLOCK, xencbt
+from secretwatch import WATCH
 
 READY_TIMEOUT = 60.0
 
@@ -88,6 +89,7 @@ def ready_line(proc, timeout: float = READY_TIMEOUT) -> dict:
     if not line:
         proc.kill()
         _, err = proc.communicate()
+        WATCH.output("xencbt serve (stderr)", err)
         raise AssertionError("xencbt serve did not start (exit %s): %s" % (proc.returncode, err))
     return json.loads(line)
 
@@ -114,5 +116,7 @@ def stop(proc) -> tuple[int, str]:
     except subprocess.TimeoutExpired:
         proc.kill()
         _, err = proc.communicate()
+        WATCH.output("xencbt serve (stderr)", err)
         raise AssertionError("xencbt serve ignored SIGTERM for 60 s: %s" % err) from None
+    WATCH.output("xencbt serve (stderr)", err)
     return proc.returncode, err

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from . import image
+from . import image, testhook
 from .errors import CliError, LockBusy, RepositoryError
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,9 @@ def write_atomically(path: Path, content: str | bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        testhook.pause("write-tmp")
         os.replace(tmp, path)
+        testhook.pause("write-done")
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()  # e.g. ENOSPC half-way: leave nothing behind

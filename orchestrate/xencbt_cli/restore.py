@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import command, image
+from . import command, image, testhook
 from .digest import Reading
 from .errors import CliError, PointDamaged
 from .repository import Manifest, Repository
@@ -56,6 +56,7 @@ def to_file(
         reading = Reading(m, chain.sums_path(m.point))
         read_file(partial, fmt, reading)
         check(reading, "nothing was written to %s" % path)
+        testhook.pause("restore-partial")
         os.replace(partial, path)
     finally:
         if partial.exists():

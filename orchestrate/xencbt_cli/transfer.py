@@ -14,7 +14,7 @@ import struct
 
 from xencbt_core.errors import XapiError, XencbtError
 
-from . import command
+from . import command, testhook
 from .digest import Reading
 from .errors import CliError
 from .hosthttp import Download, ImportFailed, Upload
@@ -125,6 +125,7 @@ def differing(pool: Pool, ref: str, h, size: int, reading: Reading) -> list[tupl
 
 def _send_frames(upload: Upload, h, extents: list[tuple[int, int]]) -> None:
     for offset, n in extents:
+        testhook.pause("vdi-extent")
         upload.send(FRAME.pack(offset, n))
         for pos in range(offset, offset + n, CHUNK):
             upload.send(h.pread(min(CHUNK, offset + n - pos), pos))

@@ -9,11 +9,16 @@ to know to prove that no secret leaked:
 - ``Credentials``: the root password XAPI logins accept (changeable, as ``xe
   user-password-change`` does; the control API keeps the original) and every session ref
   ever issued, so a test can search logs and process lists for exactly those strings.
+  With ``XENSIM_SECRETS_LOG`` set, each is also appended to that file as it is issued: the
+  tests' secret watch then knows those of simulators it did not start (the demos').  This
+  is test plumbing, not xapi behaviour: xapi keeps no such record.
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -48,12 +53,23 @@ class ApiFaults:
             return {"bitmap": self.bitmap}
 
 
+def record(secret: str) -> None:
+    """Append ``secret`` to $XENSIM_SECRETS_LOG (a private file), when it is set."""
+    path = os.environ.get("XENSIM_SECRETS_LOG")
+    if not path:
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a") as f:
+        f.write(json.dumps({"secret": secret}) + "\n")
+
+
 class Credentials:
     def __init__(self, password: str) -> None:
         self.password = password
         self._passwords = [password]
         self._issued: list[str] = []
         self._lock = threading.Lock()
+        record(password)
 
     def accepts(self, password: object) -> bool:
         with self._lock:
@@ -65,10 +81,12 @@ class Credentials:
         with self._lock:
             self.password = password
             self._passwords.append(password)
+        record(password)
 
     def issued(self, ref: str) -> None:
         with self._lock:
             self._issued.append(ref)
+        record(ref)
 
     def secrets(self) -> dict:
         with self._lock:

@@ -1,0 +1,33 @@
+"""A test-only hook that holds a step open, so the crash tests can stop and kill the
+command inside windows that otherwise last one fsync (tests/crash_support.py).
+
+``XENCBT_TEST_PAUSE=step=seconds[,step=seconds…]`` makes ``pause(step)`` sleep that long.
+Unset (always, outside the test suite) it does nothing.  Steps:
+
+``write-tmp``   repository.write_atomically: the temp file is written, not yet renamed
+``write-done``  repository.write_atomically: renamed into place (a prune's journal is
+                then in place while the swap has not happened)
+``vdi-extent``  transfer.to_vdi: before each extent is sent (the VDI is partly rewritten)
+``restore-partial``  restore.to_file: PATH.partial is checked, not yet renamed to PATH
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+log = logging.getLogger(__name__)
+
+ENV = "XENCBT_TEST_PAUSE"
+
+
+def pause(step: str) -> None:
+    spec = os.environ.get(ENV)
+    if not spec:
+        return
+    for item in spec.split(","):
+        name, _, seconds = item.partition("=")
+        if name.strip() == step:
+            log.debug("test pause: %s for %s s", step, seconds)
+            time.sleep(float(seconds))

@@ -1,0 +1,170 @@
+"""``make mutants``: plant known bugs in a scratch copy of the tree, one at a time, and show
+that the default test suite catches each (issue #18).
+
+For each mutant: a fresh copy of the checkout (tracked and new files, not .venv) in a
+scratch directory, one small patch applied (it must apply exactly once), then the few
+test files that should catch it, run with this checkout's venv and the copy first on
+PYTHONPATH (so the copy's product code runs, in the tests' process and in every xencbt
+and plugin they start).  The same tests first run on an unplanted copy and must pass
+(else exit 2).  A mutant is caught when pytest exits non-zero; one that survives makes
+this script exit 1.  Run ``python tests/mutants.py [NAME...]``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTEST = ROOT / ".venv" / "bin" / "pytest"
+PACKAGES = ("orchestrate", "plugin", "simulator")  # where the importable code lives
+
+
+@dataclass
+class Mutant:
+    name: str
+    path: str
+    old: str
+    new: str
+    tests: tuple[str, ...]
+
+
+MUTANTS = [
+    Mutant(
+        # the plugin's block status (what qemu-img convert -B copies), not the bitmap
+        # arithmetic: the digest then re-hashes the corrupt image and verify passes
+        "one-block changes reported as holes",
+        "plugin/xencbt_core/export.py",
+        "        return self._spans(offset, count, 1 if one else MAX_EXTENTS, types)\n",
+        "        spans = self._spans(offset, count, 1 if one else MAX_EXTENTS, types)\n"
+        "        return [(o, n, self.unchanged_type if n <= BLOCK_SIZE else t)"
+        " for o, n, t in spans]\n",
+        ("tests/test_cli_serve.py",),
+    ),
+    Mutant(
+        "accept any NBD certificate",
+        "plugin/xencbt_core/trust.py",
+        '        """Raise TrustError unless the presented certificate is the expected one."""\n',
+        '        """Raise TrustError unless the presented certificate is the expected one."""\n'
+        "        return\n",
+        ("tests/test_plugin_trust.py",),
+    ),
+    Mutant(
+        "manifest written before its sums in repository.commit",
+        "orchestrate/xencbt_cli/repository.py",
+        "        if sums is not None:\n"
+        "            write_atomically(self.sums_path(manifest.point), sums)\n"
+        "        write_atomically(self.manifest_path(manifest.point), manifest.to_json())\n",
+        "        write_atomically(self.manifest_path(manifest.point), manifest.to_json())\n"
+        "        if sums is not None:\n"
+        "            write_atomically(self.sums_path(manifest.point), sums)\n",
+        ("tests/test_crash_backup.py::test_backup_killed[sums]",),
+    ),
+    Mutant(
+        "snapshot VMs not cleaned",
+        "orchestrate/xencbt_cli/backup.py",
+        "            self.pool.destroy_snapshot(ref, keep=needed)\n        self.sweep(vm)\n",
+        "            pass\n        self.sweep(vm)\n",
+        ("tests/test_crash_backup.py::test_backup_killed[snapshot]",),
+    ),
+]
+
+
+def copy_tree(dest: Path) -> None:
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, listed):
+        src = ROOT / os.fsdecode(name)
+        if src.is_file():
+            target = dest / os.fsdecode(name)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, target)
+
+
+def plant(copy: Path, m: Mutant) -> None:
+    path = copy / m.path
+    text = path.read_text()
+    if text.count(m.old) != 1:
+        raise SystemExit("mutant %r no longer applies to %s: update it" % (m.name, m.path))
+    path.write_text(text.replace(m.old, m.new))
+
+
+def environment(copy: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    paths = [str(copy / p) for p in PACKAGES]
+    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.pop("XENCBT_PLUGIN", None)
+    return env
+
+
+def imports_the_copy(copy: Path, env: dict[str, str], m: Mutant) -> bool:
+    """The planted module is the one a test run imports (not the checkout's editable one)."""
+    if not m.path:  # the baseline: any product module
+        return imports_the_copy(copy, env, MUTANTS[0])
+    module = m.path.split("/", 1)[1].removesuffix(".py").replace("/", ".")
+    code = "import %s as m; print(m.__file__)" % module
+    python = ROOT / ".venv" / "bin" / "python"
+    out = subprocess.run(
+        [str(python), "-c", code], cwd=copy, env=env, capture_output=True, text=True
+    ).stdout
+    return out.strip().startswith(str(copy))
+
+
+def run(m: Mutant, scratch: Path, planted: bool = True) -> tuple[bool, str]:
+    copy = scratch / m.name.replace(" ", "-")
+    copy_tree(copy)
+    if planted:
+        plant(copy, m)
+    env = environment(copy)
+    if not imports_the_copy(copy, env, m):
+        raise SystemExit("%s: the tests would not run the planted code" % m.name)
+    t0 = time.monotonic()
+    done = subprocess.run(
+        [str(PYTEST), "-x", "-q", "-p", "no:cacheprovider", *m.tests],
+        cwd=copy,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    failed = [line for line in done.stdout.splitlines() if line.startswith(("FAILED", "ERROR"))]
+    detail = "exit %d in %.0f s; %s" % (
+        done.returncode,
+        time.monotonic() - t0,
+        failed[0] if failed else done.stdout.strip().splitlines()[-1:],
+    )
+    shutil.rmtree(copy, ignore_errors=True)
+    return done.returncode != 0, detail
+
+
+def main(names: list[str]) -> int:
+    chosen = [m for m in MUTANTS if not names or m.name in names]
+    survivors = 0
+    with tempfile.TemporaryDirectory(prefix="xencbt-mutants-") as scratch:
+        # First the same tests on an unplanted copy: they must pass, or a "caught" below
+        # would prove nothing.
+        tests = tuple(dict.fromkeys(t for m in chosen for t in m.tests))
+        failed, detail = run(Mutant("baseline", "", "", "", tests), Path(scratch), False)
+        print("%-55s %s  (%s)" % ("no bug planted", "FAILS" if failed else "passes", detail))
+        if failed:
+            return 2
+        for m in chosen:
+            caught, detail = run(m, Path(scratch))
+            survivors += not caught
+            print("%-55s %s  (%s)" % (m.name, "CAUGHT" if caught else "SURVIVED", detail))
+            print("%55s by %s" % ("", " ".join(m.tests)), flush=True)
+    print("%d of %d planted bugs caught" % (len(chosen) - survivors, len(chosen)))
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
