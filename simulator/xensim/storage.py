@@ -51,6 +51,32 @@ class Storage:
     def _vbds(self, vdi_ref: str) -> list[str]:
         return self.db.find("VBD", VDI=vdi_ref)
 
+    def _attached(self, vdi_ref: str) -> list[str]:
+        """VBDs plugged to the VDI (xapi_vdi.ml check_operation_error: my_active_vbd_records)."""
+        return [r for r in self._vbds(vdi_ref) if self.db.get("VBD", r)["currently_attached"]]
+
+    def refuse_attached(self, vdi_ref: str, operation: str) -> None:
+        """``VDI.destroy`` and ``list_changed_blocks`` cannot run while a VBD is plugged
+        (xapi_vdi.ml check_operation_error, blocked_by_attach: VDI_IN_USE [vdi, op]);
+        list_changed_blocks still may when every plugged VBD belongs to a snapshot VM."""
+        attached = self._attached(vdi_ref)
+        if operation == "list_changed_blocks":
+            vms = [self.db.get("VBD", r)["VM"] for r in attached]
+            attached = [
+                vm for vm in vms if not (self.db.exists("VM", vm) and self._is_snapshot_vm(vm))
+            ]
+        if attached:
+            raise XapiError("VDI_IN_USE", vdi_ref, operation)
+
+    def _is_snapshot_vm(self, vm_ref: str) -> bool:
+        return bool(self.db.get("VM", vm_ref)["is_a_snapshot"])
+
+    def changed_blocks(self, from_ref: str, to_ref: str) -> str:
+        """message_forwarding.ml checks the operation on ``vdi_to`` only."""
+        self.db.get("VDI", from_ref)
+        self.refuse_attached(to_ref, "list_changed_blocks")
+        return self.cbt.changed_blocks(from_ref, to_ref)
+
     def update_usage(self, ref: str) -> None:
         rec = self.vdi(ref)
         rec["physical_utilisation"] = disks.allocated(self.state_dir, rec["uuid"])
@@ -75,12 +101,15 @@ class Storage:
         return ref
 
     def destroy_vdi(self, ref: str) -> None:
+        """Refused while a VBD is plugged; unplugged VBDs go with the VDI
+        (xapi_vdi.ml destroy_and_data_destroy_common)."""
         rec = self.vdi(ref)
-        if self._vbds(ref):
-            raise XapiError("VDI_IN_USE", ref, "destroy")
+        self.refuse_attached(ref, "destroy")
         self.cbt.forget(ref)
         with disks.locked(self.state_dir, rec["uuid"]):
             self.db.remove("VDI", ref)
+            for vbd in self._vbds(ref):
+                self.db.remove("VBD", vbd)
         disks.remove(self.state_dir, rec["uuid"])
 
     def resize(self, ref: str, size_value: object) -> None:
@@ -134,13 +163,24 @@ class Storage:
             raise XapiError("VDI_NO_CBT_METADATA", ref)
         if rec["type"] == "cbt_metadata":
             return
-        self._wait_unplugged(ref)
+        # xapi_vdi.ml _data_destroy marks the VDI cbt_metadata while it waits, "to minimize
+        # the chance of new VBDs referring to this VDI being created", and puts the type
+        # back when the wait fails: meanwhile get_nbd_info and new NBD connections fail.
+        kind = rec["type"]
+        rec["type"] = "cbt_metadata"
+        try:
+            self._wait_unplugged(ref)
+        except XapiError:
+            if self.db.exists("VDI", ref):
+                rec["type"] = kind
+            raise
         with disks.locked(self.state_dir, rec["uuid"]):
             disks.data_path(self.state_dir, rec["uuid"]).unlink(missing_ok=True)
             rec.update(type="cbt_metadata", physical_utilisation=0)
 
     def _wait_unplugged(self, ref: str) -> None:
-        """xapi waits a few seconds for VBDs to go away before VDI_IN_USE."""
+        """xapi waits a few seconds for VBDs to go away before VDI_IN_USE (xapi_vdi.ml
+        wait_for_vbds_to_be_unplugged_and_destroyed, 4 s: ``--in-use-wait``)."""
         deadline = time.monotonic() + self.in_use_wait
         while self._vbds(ref):
             left = deadline - time.monotonic()

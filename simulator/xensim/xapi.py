@@ -166,7 +166,7 @@ class Xapi:
         add("VDI.data_destroy", lambda c, r: st.data_destroy(r), 1)
         add(
             "VDI.list_changed_blocks",
-            lambda c, a, b: self.api_faults.corrupt(st.cbt.changed_blocks(a, b)),
+            lambda c, a, b: self.api_faults.corrupt(st.changed_blocks(a, b)),
             2,
         )
         add("VDI.get_nbd_info", self._nbd_info, 1)
