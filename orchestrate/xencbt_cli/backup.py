@@ -33,7 +33,7 @@ from . import digest, errors, image
 from .copier import ConnectionBudget, Copier
 from .errors import CliError, CommandFailed, RepositoryFull, describe_os_error
 from .ledger import Ledger
-from .pool import SNAPSHOT_PREFIX, Disk, Pool, Vm
+from .pool import SNAPSHOT_PREFIX, CleanupLagged, Disk, Pool, Vm
 from .repository import Chain, Manifest, Repository, new_point_id
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,8 @@ class VmResult:
     error: str = ""
     exit_code: int = 0
     disks: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    in_use_retries: int = 0  # calls tried again after VDI_IN_USE (dom0's NBD VBDs)
 
 
 def now_iso() -> str:
@@ -95,6 +97,7 @@ class Backup:
 
     def one(self, name: str) -> VmResult:
         result = VmResult(name)
+        retries = self.pool.in_use.retries_here
         try:
             self.backup_vm(name, result)
             result.ok = True
@@ -103,7 +106,13 @@ class Backup:
             result.error = scrub(text)
             result.exit_code = errors.exit_code(e)
             self.say("VM %s: backup FAILED: %s" % (name, result.error))
+        finally:
+            result.in_use_retries = self.pool.in_use.retries_here - retries
         return result
+
+    def warn(self, result: VmResult, text: str) -> None:
+        result.warnings.append(scrub(text))
+        self.say("VM %s: warning: %s" % (result.vm, text))
 
     def backup_vm(self, name: str, result: VmResult) -> None:
         vm = self.pool.vm(name)
@@ -130,9 +139,19 @@ class Backup:
                     committed.add(m.snapshot_uuid)
                     result.disks.append(summary(m, prev))
             finally:
-                self.pool.destroy_snapshot(snap_vm, keep=committed)
-            self.forget_old_bases(result.disks)
+                self.release(snap_vm, committed, result)
+            self.forget_old_bases(result.disks, result)
             self.sweep(vm)
+
+    def release(self, snap_vm: str, committed: set[str], result: VmResult) -> None:
+        """Destroy the snapshot VM; its VDIs keep only CBT metadata (committed) or go.
+
+        When the host still holds one after every retry (dom0's NBD VBDs), the points are
+        committed all the same: the VDI stays in the ledger and the next run cleans it."""
+        try:
+            self.pool.destroy_snapshot(snap_vm, keep=committed)
+        except CleanupLagged as e:
+            self.warn(result, lagging(e, self.pool.in_use.timeout))
 
     def ledger(self, vm: Vm) -> Ledger:
         return Ledger(self.repo.root / vm.uuid)
@@ -144,7 +163,10 @@ class Backup:
         needed = self.repo.needed_snapshots()
         for ref in self.pool.leftover_snapshots(vm):
             self.say("VM %s: destroying snapshot left by an interrupted run" % vm.name)
-            self.pool.destroy_snapshot(ref, keep=needed)
+            try:
+                self.pool.destroy_snapshot(ref, keep=needed)
+            except CleanupLagged as e:
+                log.warning("VM %s: %s", vm.name, lagging(e, self.pool.in_use.timeout))
         self.sweep(vm)
 
     def sweep(self, vm: Vm) -> None:
@@ -165,7 +187,8 @@ class Backup:
                 elif self.pool.call("VDI.get_type", ref) != "cbt_metadata":
                     self.pool.data_destroy(ref, uuid)
             except XapiError as e:
-                log.warning("VM %s: snapshot VDI %s stays for now: %s", vm.name, uuid, e)
+                # The code only: the parameters are refs, which never reach the output.
+                log.warning("VM %s: snapshot VDI %s stays for now: %s", vm.name, uuid, e.code)
         ledger.discard(gone)
 
     def plan(self, disk: Disk, snap: Disk, chain: Chain) -> Plan:
@@ -316,15 +339,30 @@ class Backup:
             finished=now_iso(),
         )
 
-    def forget_old_bases(self, disks: list[dict]) -> None:
-        """Destroy CBT metadata VDIs no chain of the repository diffs against any more."""
+    def forget_old_bases(self, disks: list[dict], result: VmResult) -> None:
+        """Destroy CBT metadata VDIs no chain of the repository diffs against any more
+        (one the host still holds stays in the ledger for the next run)."""
         needed = self.repo.needed_snapshots()
         for d in disks:
             old = d.get("previous_snapshot")
             if old and old not in needed:
                 ref = self.pool.vdi_ref(old)
-                if ref is not None and self.pool.call("VDI.get_is_a_snapshot", ref):
+                if ref is None or not self.pool.call("VDI.get_is_a_snapshot", ref):
+                    continue
+                try:
                     self.pool.destroy_vdi(ref, old)
+                except XapiError as e:
+                    if e.code != "VDI_IN_USE":
+                        raise
+                    self.warn(result, lagging(CleanupLagged([old], e), self.pool.in_use.timeout))
+
+
+def lagging(e: CleanupLagged, timeout: float) -> str:
+    return (
+        "the host still holds snapshot VDI(s) %s (VDI_IN_USE for %g s: dom0 is still "
+        "unplugging NBD connections); the backup is complete, the next backup of this VM "
+        "cleans them up" % (", ".join(e.uuids), timeout)
+    )
 
 
 def chain_damage(chain: Chain, m: Manifest) -> str | None:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from xencbt_core.errors import XapiError
+from xencbt_core.inuse import IN_USE, TIMEOUT, InUseRetry
 from xencbt_core.xapi import Session
 
 from .errors import CliError
@@ -38,10 +39,21 @@ class Disk:
     snapshot_of: str = NULL_REF
 
 
+class CleanupLagged(XapiError):
+    """Snapshot VDIs the host still held (VDI_IN_USE) after every retry: they stay in the
+    ledger and the next backup of the VM cleans them up.  Never fails a committed point."""
+
+    def __init__(self, uuids: list[str], error: XapiError):
+        super().__init__(error.code, error.params)
+        self.uuids = uuids
+
+
 class Pool:
-    def __init__(self, session: Session):
+    def __init__(self, session: Session, in_use_timeout: float = TIMEOUT):
         self.session = session
         self.call = session.call
+        # data_destroy, destroy and list_changed_blocks wait out dom0's NBD VBDs (inuse.py)
+        self.in_use = InUseRetry(session.call, in_use_timeout)
 
     def vm(self, name_or_uuid: str) -> Vm:
         if not name_or_uuid.strip():
@@ -115,15 +127,25 @@ class Pool:
         (their CBT log is the next backup's base), the others are destroyed."""
         disks = self.disks(snap_vm)
         self.call("VM.destroy", snap_vm)
+        lagged: list[str] = []
+        error = None
         for disk in disks:
-            if disk.uuid in keep:
-                self.data_destroy(disk.vdi_ref, disk.uuid)
-            else:
-                self.destroy_vdi(disk.vdi_ref, disk.uuid)
+            try:
+                if disk.uuid in keep:
+                    self.data_destroy(disk.vdi_ref, disk.uuid)
+                else:
+                    self.destroy_vdi(disk.vdi_ref, disk.uuid)
+            except XapiError as e:
+                if e.code != IN_USE:
+                    raise
+                lagged.append(disk.uuid)
+                error = e
+        if error is not None:
+            raise CleanupLagged(lagged, error)
 
     def data_destroy(self, ref: str, uuid: str) -> None:
         try:
-            self.call("VDI.data_destroy", ref)
+            self.in_use("VDI.data_destroy", ref)
         except XapiError as e:
             if e.code != "VDI_NO_CBT_METADATA":
                 raise
@@ -132,7 +154,7 @@ class Pool:
 
     def destroy_vdi(self, ref: str, uuid: str) -> None:
         log.info("destroying VDI %s", uuid)
-        self.call("VDI.destroy", ref)
+        self.in_use("VDI.destroy", ref)
 
     def vdi_ref(self, uuid: str) -> str | None:
         try:
@@ -151,7 +173,7 @@ class Pool:
     def changed_blocks(self, base_ref: str, snap_ref: str) -> str | None:
         """The base64 bitmap, or None when the CBT chain is broken between the two."""
         try:
-            return self.call("VDI.list_changed_blocks", base_ref, snap_ref)
+            return self.in_use("VDI.list_changed_blocks", base_ref, snap_ref)
         except XapiError as e:
             if e.code in BROKEN_CHAIN:
                 log.info("list_changed_blocks: %s", e)
