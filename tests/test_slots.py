@@ -1,0 +1,108 @@
+"""Issue #12 item 10: the 16-connections-per-host budget holds across processes.
+
+Slots are flock'ed files (plugin/xencbt_core/slots.py).  The last test runs two real
+plugin instances (nbdkit + nbdcopy) at once against one simulated host whose NBD server
+counts its peak and its refusals; the copies are compared with the simulator's raw file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import nbd
+from secretwatch import WATCH
+from servers import PLUGIN
+from xencbt_core.slots import PER_HOST, Slots, host_key
+
+HOLDER = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from xencbt_core.slots import Slots
+held = [Slots(sys.argv[1]).try_take("host") for _ in range(16)]
+assert all(held)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def test_sixteen_slots_per_host_shared_by_every_user(tmp_path):
+    slots = Slots(tmp_path / "run")
+    held = [slots.try_take("a") for _ in range(PER_HOST)]
+    assert all(held) and slots.try_take("a") is None
+    assert slots.try_take("b") is not None  # another host has its own 16
+    held.pop().release()
+    assert slots.try_take("a") is not None
+    # Shared by users like /tmp; a slot file needs only to be readable to be locked.
+    assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o1777
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").iterdir()} == {0o644}
+
+
+def test_host_key_is_the_certificate_whatever_the_address():
+    assert host_key("PEM", "10.0.0.1", 10809) == host_key("PEM", "fd00::5", 10809)
+    assert host_key("", "10.0.0.1", 10809) != host_key("", "10.0.0.2", 10809)
+
+
+def test_a_killed_process_frees_its_slots(tmp_path):
+    core = str(Path(PLUGIN).parent)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path), core], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "ready"
+        assert Slots(tmp_path).try_take("host") is None
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert Slots(tmp_path).try_take("host") is not None
+
+
+def test_two_plugin_instances_stay_within_the_hosts_16_connections(
+    xensim_factory, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("XENCBT_RUNTIME_DIR", str(tmp_path / "run"))
+    sim = xensim_factory(disk_sizes="8M", vbd_cleanup=0.05)
+    x = sim.session().xenapi
+    vm = x.VM.get_by_name_label("demo-vm")[0]
+    live = x.VBD.get_VDI(x.VM.get_VBDs(vm)[0])
+    with sim.guest_disk(x.VDI.get_uuid(live)) as uri:
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        h.pwrite(os.urandom(8 << 20), 0)
+        h.flush()
+        h.shutdown()
+    snap = x.VDI.get_uuid(x.VDI.snapshot(live, {}))
+    truth = (sim.state_dir / "vdis" / ("%s.raw" % snap)).read_bytes()
+    info = sim.info
+    params = [
+        "xapi=%s" % info["xapi"],
+        "password=+%s" % info["password_file"],
+        "xapi-cafile=%s" % info["ca_file"],
+        "vdi=%s" % snap,
+        "connections=16",
+    ]
+    # Reads wait at the gate, so each instance's pool grows as far as it is let.
+    sim.control.set_faults(hold_for=3)
+    procs = []
+    for i in range(2):
+        out = tmp_path / ("copy%d.raw" % i)
+        run = 'nbdcopy --connections=4 --requests=16 --request-size=262144 "$uri" %s' % out
+        argv = ["nbdkit", "-U", "-", "-v", "python", str(PLUGIN), *params, "--run", run]
+        procs.append((out, subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)))
+    logs = []
+    for out, proc in procs:
+        _, err = proc.communicate(timeout=120)
+        WATCH.output("nbdkit xencbt (concurrent)", "", err)
+        assert proc.returncode == 0, err[-3000:]
+        assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(truth).digest()
+        logs.append(err)
+    (counters,) = sim.control.counters().values()
+    assert counters["peak_connections"] <= 16
+    assert counters["refused"] == 0  # never pushed past the limit: both kept to the budget
+    # They really competed: one carried on with fewer connections, or waited for a slot.
+    assert any("connection slots" in err for err in logs), logs[0][-2000:]
