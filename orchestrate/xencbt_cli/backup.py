@@ -33,7 +33,7 @@ from . import digest, errors, image
 from .copier import ConnectionBudget, Copier
 from .errors import CliError, CommandFailed, RepositoryFull, describe_os_error
 from .ledger import Ledger
-from .pool import SNAPSHOT_PREFIX, CleanupLagged, Disk, Pool, Vm
+from .pool import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, Disk, NoCbt, Pool, Vm
 from .repository import Chain, Manifest, Repository, new_point_id
 
 log = logging.getLogger(__name__)
@@ -88,6 +88,7 @@ class Backup:
         self.wait = wait
         self.jobs = max(1, jobs)
         self.budget = ConnectionBudget()
+        self.no_cbt: dict[str, NoCbt] = {}  # disk uuid -> why it has no CBT (this run)
         self.chunk = digest.chunk_size()
 
     def run(self, vms: list[str]) -> list[VmResult]:
@@ -123,9 +124,7 @@ class Backup:
             for uuid in sorted(chains):
                 locks.enter_context(chains[uuid].lock(self.wait))
             self.clean(vm, chains)
-            for disk in disks:
-                if not disk.cbt_enabled:
-                    self.pool.enable_cbt(disk)
+            self.no_cbt.update(self.enable_cbt(vm, disks))
             result.point = new_point_id()
             snap_vm = self.pool.snapshot(vm, SNAPSHOT_PREFIX + result.point)
             committed: set[str] = set()
@@ -136,7 +135,8 @@ class Backup:
                     chain = chains[disk.uuid]
                     prev = chain.latest()
                     m = self.backup_disk(vm, disk, snaps[disk.vdi_ref], chain, result.point)
-                    committed.add(m.snapshot_uuid)
+                    if disk.uuid not in self.no_cbt:  # no CBT log to keep: the VDI goes
+                        committed.add(m.snapshot_uuid)
                     result.disks.append(summary(m, prev))
             finally:
                 self.release(snap_vm, committed, result)
@@ -152,6 +152,27 @@ class Backup:
             self.pool.destroy_snapshot(snap_vm, keep=committed)
         except CleanupLagged as e:
             self.warn(result, lagging(e, self.pool.in_use.timeout))
+
+    def enable_cbt(self, vm: Vm, disks: list[Disk]) -> dict[str, NoCbt]:
+        """Enable CBT where it is off; the disks that cannot have it (licence, SR, raw
+        VDI, reset on boot) are backed up in full, unless the host cannot even snapshot
+        them (raw, reset on boot): then the VM cannot be backed up through a snapshot."""
+        no_cbt = {}
+        for disk in disks:
+            if not disk.cbt_enabled:
+                why = self.pool.enable_cbt(disk)
+                if why is not None:
+                    no_cbt[disk.uuid] = why
+        for disk in disks:
+            why = no_cbt.get(disk.uuid)
+            if why is not None and why.code in NO_SNAPSHOT:
+                raise CliError(
+                    "disk %s (VDI %s) cannot be backed up: %s, and XenServer can neither "
+                    "track nor snapshot such a disk (%s), so VM.snapshot fails; make it a "
+                    "VHD-based, on-boot=persist disk, or detach it"
+                    % (disk.userdevice, disk.uuid, why.why, why.code)
+                )
+        return no_cbt
 
     def ledger(self, vm: Vm) -> Ledger:
         return Ledger(self.repo.root / vm.uuid)
@@ -193,6 +214,8 @@ class Backup:
 
     def plan(self, disk: Disk, snap: Disk, chain: Chain) -> Plan:
         prev = chain.latest()
+        if disk.uuid in self.no_cbt:
+            return Plan(reason=self.no_cbt[disk.uuid].reason)
         if self.full:
             return Plan(reason="a full backup was asked for (--full)")
         if prev is None:

@@ -17,6 +17,17 @@ log = logging.getLogger(__name__)
 SNAPSHOT_PREFIX = "xencbt-"
 NULL_REF = "OpaqueRef:NULL"
 BROKEN_CHAIN = ("SR_BACKEND_FAILURE_460", "SR_BACKEND_FAILURE_459")
+# VDI.enable_cbt failures that mean "no CBT on this disk", not "something broke"
+# (xapi_vdi.ml enable_cbt and check_operation_error, sm VDI.configure_blocktracking).
+NO_CBT = {
+    "LICENCE_RESTRICTION": "the pool's licence does not include changed block tracking",
+    "SR_OPERATION_NOT_SUPPORTED": "the disk's SR does not support changed block tracking",
+    "SR_BACKEND_FAILURE_66": "the VDI is raw, and only VHD-based VDIs track changes",
+    "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION": "the VDI is reset on boot (on-boot=reset)",
+}
+# ...and of those, the disks the host cannot snapshot either (xapi_vdi.ml: `snapshot when
+# reset_on_boot`; sm FileSR/LVHDSR _snapshot: "Raw VDI, snapshot or clone not permitted").
+NO_SNAPSHOT = ("SR_BACKEND_FAILURE_66", "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
 
 
 @dataclass
@@ -37,6 +48,21 @@ class Disk:
     virtual_size: int
     cbt_enabled: bool
     snapshot_of: str = NULL_REF
+
+
+@dataclass
+class NoCbt:
+    """Why a disk cannot have CBT: the host's error code and what it means."""
+
+    code: str
+    why: str
+
+    @property
+    def reason(self) -> str:
+        return "CBT is unavailable: %s (%s); this disk is backed up in full every time" % (
+            self.why,
+            self.code,
+        )
 
 
 class CleanupLagged(XapiError):
@@ -101,14 +127,18 @@ class Pool:
             )
         return sorted(found, key=lambda d: d.userdevice)
 
-    def enable_cbt(self, disk: Disk) -> None:
+    def enable_cbt(self, disk: Disk) -> NoCbt | None:
+        """Enable CBT; a NoCbt when the pool, SR or VDI cannot have it."""
         log.info("enabling CBT on VDI %s (%s)", disk.uuid, disk.name)
         try:
             self.call("VDI.enable_cbt", disk.vdi_ref)
         except XapiError as e:
+            if e.code in NO_CBT:
+                return NoCbt(e.code, NO_CBT[e.code])
             raise CliError(
-                "cannot enable CBT on VDI %s (%s): %s" % (disk.uuid, disk.name, e)
+                "cannot enable CBT on VDI %s (%s): %s" % (disk.uuid, disk.name, e.code)
             ) from None
+        return None
 
     def snapshot(self, vm: Vm, name: str) -> str:
         log.info("snapshotting VM %s (%s) as %s", vm.uuid, vm.name, name)
@@ -147,9 +177,9 @@ class Pool:
         try:
             self.in_use("VDI.data_destroy", ref)
         except XapiError as e:
-            if e.code != "VDI_NO_CBT_METADATA":
+            if e.code not in ("VDI_NO_CBT_METADATA", "SR_OPERATION_NOT_SUPPORTED"):
                 raise
-            log.warning("VDI %s has no CBT log any more; destroying it", uuid)
+            log.warning("VDI %s has no CBT log (%s); destroying it", uuid, e.code)
             self.destroy_vdi(ref, uuid)
 
     def destroy_vdi(self, ref: str, uuid: str) -> None:

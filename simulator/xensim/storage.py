@@ -75,6 +75,7 @@ class Storage:
         """message_forwarding.ml checks the operation on ``vdi_to`` only."""
         self.db.get("VDI", from_ref)
         self.refuse_attached(to_ref, "list_changed_blocks")
+        self.cbt.require_sr_support(to_ref)
         return self.cbt.changed_blocks(from_ref, to_ref)
 
     def update_usage(self, ref: str) -> None:
@@ -91,7 +92,8 @@ class Storage:
         if size < 0:
             raise sr_backend_failure(79, "negative size")
         rec = records.vdi(str(fields.get("name_label", "")), fields["SR"], size)
-        rec["virtual_size"] = size if exact_size else vhd_size(size)
+        raw = dict(fields.get("sm_config") or {}).get("type") == "raw"  # sm: no VHD rounding
+        rec["virtual_size"] = size if exact_size or raw else vhd_size(size)
         for key in ("name_description", "sharable", "read_only", "other_config", "sm_config"):
             if key in fields:
                 rec[key] = fields[key]
@@ -123,10 +125,30 @@ class Storage:
             self.cbt.resize(ref, size)
             rec["virtual_size"] = size
 
+    def refuse_snapshot(self, ref: str) -> None:
+        """What xapi and sm refuse to snapshot: a cbt_metadata VDI, a reset-on-boot one
+        (xapi_vdi.ml check_operation_error: `snapshot when reset_on_boot`) and a raw one
+        (sm FileSR/LVHDSR _snapshot: "Raw VDI, snapshot or clone not permitted")."""
+        self.refuse_metadata(ref)
+        rec = self.vdi(ref)
+        if rec.get("on_boot") == "reset":
+            raise XapiError("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
+        if rec["sm_config"].get("type") == "raw":
+            raise sr_backend_failure(38, "Raw VDI, snapshot or clone not permitted")
+
+    def set_on_boot(self, ref: str, value: str) -> None:
+        """xapi_vdi.ml set_on_boot; refused while CBT is on (allowed_when_cbt_enabled)."""
+        if value not in ("persist", "reset"):
+            raise XapiError("INVALID_VALUE", "on_boot", value)
+        self.refuse_metadata(ref)
+        if self.vdi(ref)["cbt_enabled"]:
+            raise XapiError("VDI_CBT_ENABLED", ref)
+        self.vdi(ref)["on_boot"] = value
+
     def snapshot_vdi(self, ref: str, locked: bool = False) -> str:
         """Copy the data (sparse) and hand over the CBT log, atomically w.r.t. guest
         writes: the caller may already hold the VDI's lock (VM.snapshot holds all)."""
-        self.refuse_metadata(ref)
+        self.refuse_snapshot(ref)
         live = self.vdi(ref)
         snap = dict(records.vdi(live["name_label"], live["SR"], live["virtual_size"]))
         for key in ("name_description", "type", "sharable", "sm_config"):
@@ -145,6 +167,8 @@ class Storage:
 
     def clone(self, ref: str) -> str:
         self.refuse_metadata(ref)
+        if self.vdi(ref)["sm_config"].get("type") == "raw":
+            raise sr_backend_failure(38, "Raw VDI, snapshot or clone not permitted")
         live = self.vdi(ref)
         copy = records.vdi(live["name_label"], live["SR"], live["virtual_size"])
         copy_ref = self.db.add("VDI", copy)
@@ -156,6 +180,7 @@ class Storage:
         return copy_ref
 
     def data_destroy(self, ref: str) -> None:
+        self.cbt.require_sr_support(ref)
         rec = self.vdi(ref)
         if not rec["is_a_snapshot"]:
             raise XapiError("OPERATION_NOT_ALLOWED", "VDI is not a snapshot")
@@ -217,7 +242,9 @@ class Storage:
         vbds = [(r, self.db.get("VBD", r)) for r in self.db.find("VBD", VM=vm_ref)]
         disks_ = [(r, v) for r, v in vbds if v["type"] == "Disk" and v["VDI"] != NULL_REF]
         for _, vbd in disks_:
-            self.refuse_metadata(vbd["VDI"])
+            # xapi_vm_clone.ml safe_clone_disks destroys the snapshots it made when one
+            # fails: checking them all first leaves the same nothing behind.
+            self.refuse_snapshot(vbd["VDI"])
         uuids = sorted({self.vdi(v["VDI"])["uuid"] for _, v in disks_})
         with contextlib.ExitStack() as stack:
             for uuid in uuids:
