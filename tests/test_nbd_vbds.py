@@ -114,7 +114,6 @@ def test_backups_with_8_connections_wait_out_the_vbds_and_leak_nothing(xensim_fa
         assert snaps == {u: "cbt_metadata" for u in bases}
         assert snap_vms == [] and vbds == {}
         assert ledger(repo, vm) == bases
-    tally("VDI_IN_USE retries", retries)
     assert peak > 1  # several connections really were open at once
     assert retries > 0  # the host really refused: without retries the backup failed
 
@@ -144,7 +143,6 @@ def test_clean_up_lagging_past_the_timeout_warns_and_the_next_run_finishes_it(
     (res,) = backup(sim, repo, "demo-vm")["vms"]
     assert res["ok"] and res["warnings"] == [], res
     assert res["disks"][0]["type"] == "incremental"
-    tally("VDI_IN_USE retries", res["in_use_retries"])
     second = res["disks"][0]["snapshot_uuid"]
     _, snaps, _, vbds = pool_state(vm.x)
     assert snaps == {second: "cbt_metadata"} and vbds == {}
