@@ -11,6 +11,11 @@ files removed; the repository keeps every point it had.  A run killed outright (
 power loss) leaves at most temp files, which the next run of the chain removes, and
 snapshots on the pool, which the next backup of the VM destroys: the snapshot VM by its
 name prefix, its VDIs through the ledger (ledger.py).
+
+The host refuses to destroy a VDI while dom0 still unplugs the VBDs of the copy's NBD
+connections (``VDI_IN_USE``): those calls are retried (inuse.py), and clean-up that lags
+past ``--in-use-timeout`` is a warning, never a failed backup; the ledger finishes it.
+A disk that cannot have CBT (licence, SR) is backed up in full every time, saying why.
 """
 
 from __future__ import annotations
@@ -377,6 +382,7 @@ class Backup:
                 except XapiError as e:
                     if e.code != "VDI_IN_USE":
                         raise
+                    Ledger(self.repo.root / result.vm_uuid).add({old})  # the next run's job
                     self.warn(result, lagging(CleanupLagged([old], e), self.pool.in_use.timeout))
 
 
