@@ -18,6 +18,7 @@ its end (after unplugging the connection's VBD), up to ``LINGER`` seconds.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 16  # the host's limit (REFERENCE §2)
 LINGER = 30.0  # at most, for the host to close a connection we ended (16 VBDs x ~2 s)
+LINGER_ENV = "XENCBT_LINGER"  # seconds, to change LINGER (0: do not wait)
 SLOT_WAIT_MAX = 1.0  # seconds between looks for a free slot
 
 
@@ -83,6 +85,7 @@ class Pool:
         self._preferred = 0
         self._closed = False
         self.slots = slots or Slots()
+        self.linger = linger()
         self._held: dict[int, Slot] = {}  # id(connection) -> its slot
 
     def start(self) -> int:
@@ -218,7 +221,7 @@ class Pool:
         self._wake()
 
     def _retire(self, conn: Connection, polite: bool) -> None:
-        conn.close(polite=polite, linger=LINGER if polite else 0.0)
+        conn.close(polite=polite, linger=self.linger if polite else 0.0)
         with self._lock:
             slot = self._held.pop(id(conn), None)
         if slot is not None:
@@ -324,6 +327,18 @@ class Pool:
         self._wake(everyone=True)
         for conn in idle:
             self._retire(conn, polite=True)
+
+
+def linger() -> float:
+    text = os.environ.get(LINGER_ENV, "")
+    try:
+        value = float(text) if text else LINGER
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        log.warning("%s=%r is not a number of seconds; using %g", LINGER_ENV, text, LINGER)
+        return LINGER
+    return value
 
 
 def _key(target: Target) -> str:
