@@ -1,13 +1,15 @@
 """Issue #12 item 10: the 16-connections-per-host budget holds across processes.
 
-Slots are flock'ed files (plugin/xencbt_core/slots.py).  The last test runs two real
-plugin instances (nbdkit + nbdcopy) at once against one simulated host whose NBD server
-counts its peak and its refusals; the copies are compared with the simulator's raw file.
+Slots are flock'ed files (plugin/xencbt_core/slots.py).  The last tests run two real
+plugin instances (nbdkit + nbdcopy), then three `xencbt backup` processes, at once against
+one simulated host whose NBD server counts its peak and its refusals; the copies are
+compared with the simulator's raw VDI files.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import stat
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 import nbd
+from cli_support import Vm, restored, xencbt
 from secretwatch import WATCH
 from servers import PLUGIN
 from xencbt_core.slots import PER_HOST, Slots, host_key
@@ -106,3 +109,42 @@ def test_two_plugin_instances_stay_within_the_hosts_16_connections(
     assert counters["refused"] == 0  # never pushed past the limit: both kept to the budget
     # They really competed: one carried on with fewer connections, or waited for a slot.
     assert any("connection slots" in err for err in logs), logs[0][-2000:]
+
+
+def test_three_concurrent_backups_share_one_hosts_budget(xensim_factory, tmp_path, monkeypatch):
+    """Three scheduled jobs at once (three xencbt processes, three VMs on one host), each
+    asking for 16 connections: the host never sees more than 16, refuses none, and every
+    disk restores byte-identical to the simulator's raw VDI file."""
+    monkeypatch.setenv("XENCBT_RUNTIME_DIR", str(tmp_path / "run"))
+    # 64 MiB: qemu-img's 8 parallel 2 MiB reads each, so each copy may want 8 connections.
+    sim = xensim_factory(vms=3, disk_sizes="64M", vbd_cleanup=0.05)
+    vms = [Vm(sim, name) for name in ("demo-vm", "demo-vm-2", "demo-vm-3")]
+    for vm in vms:
+        vm.write(0, {i << 20: os.urandom(1 << 20) for i in range(0, 64, 7)})
+    sim.control.set_faults(hold_for=3)  # reads wait at the gate: every copy piles up
+    procs = [
+        xencbt(
+            sim,
+            "--json",
+            "backup",
+            vm.name,
+            "--repo",
+            str(tmp_path / vm.name),
+            "--connections",
+            "16",
+            popen=True,
+        )
+        for vm in vms
+    ]
+    for vm, proc in zip(vms, procs):
+        out, err = proc.communicate(timeout=180)
+        WATCH.output("xencbt backup %s (concurrent)" % vm.name, out, err)
+        assert proc.returncode == 0, err[-3000:]
+        (res,) = json.loads(out)["vms"]
+        assert res["ok"], res
+    (counters,) = sim.control.counters().values()
+    assert counters["peak_connections"] <= 16 and counters["refused"] == 0, counters
+    for vm in vms:
+        truth = (sim.state_dir / "vdis" / ("%s.raw" % vm.uuids[0])).read_bytes()
+        assert truth == bytes(vm.models[0])
+        assert restored(sim, tmp_path / vm.name, tmp_path, vm.uuids[0]) == truth
