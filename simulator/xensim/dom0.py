@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 
 from . import records
 from .database import Database
@@ -61,7 +62,7 @@ class Dom0:
             n += 1
         return str(n)
 
-    def unplug(self, vbd_ref: str, wait) -> None:
+    def unplug(self, vbd_ref: str, wait: Callable[[float], bool]) -> None:
         """VBD.unplug then VBD.destroy, queued behind the host's other unplugs.
 
         ``wait(seconds)`` sleeps and returns True when the server is stopping: then the

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,7 +37,7 @@ class RawExport:
             os.close(fd)
         return data + bytes(length - len(data))
 
-    def detach(self, wait) -> None:
+    def detach(self, wait: Callable[[float], bool]) -> None:
         """The connection is over: unplug and destroy its VBD (blocks until done)."""
         if self.vbd is not None and self.dom0 is not None:
             self.dom0.unplug(self.vbd, wait)
