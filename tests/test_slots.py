@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import nbd
+import pytest
 from cli_support import Vm, restored, xencbt
 from secretwatch import WATCH
 from servers import PLUGIN
@@ -44,6 +47,42 @@ def test_sixteen_slots_per_host_shared_by_every_user(tmp_path):
     # Shared by users like /tmp; a slot file needs only to be readable to be locked.
     assert stat.S_IMODE((tmp_path / "run").stat().st_mode) == 0o1777
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "run").iterdir()} == {0o644}
+
+
+OTHER_USER = """
+import sys
+sys.path.insert(0, sys.argv[2])
+from xencbt_core.slots import Slots
+slots = Slots(sys.argv[1])
+got = [s for s in (slots.try_take("host") for _ in range(16)) if s is not None]
+print(len(got))
+"""
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a process as nobody")
+def test_two_users_share_one_budget():
+    """root holds 15 of a host's slots; a process running as nobody gets the 16th only."""
+    top = Path(tempfile.mkdtemp(prefix="xencbt-slots-"))
+    try:
+        top.chmod(0o755)  # nobody may traverse it; the runtime dir below is made 1777
+        held = [Slots(top / "run").try_take("host") for _ in range(15)]
+        assert all(held)
+        core = str(Path(PLUGIN).parent)
+        # The checkout may not be readable by nobody: give the child a copy of the core.
+        shutil.copytree(Path(core) / "xencbt_core", top / "lib" / "xencbt_core")
+        os.chmod(top / "lib", 0o755)
+        r = subprocess.run(
+            [sys.executable, "-c", OTHER_USER, str(top / "run"), str(top / "lib")],
+            capture_output=True,
+            text=True,
+            user="nobody",
+            group="nogroup",
+            timeout=60,
+        )
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == "1"
+    finally:
+        shutil.rmtree(top)
 
 
 def test_host_key_is_the_certificate_whatever_the_address():
