@@ -13,7 +13,13 @@ from __future__ import annotations
 from collections import Counter
 
 # The figures the issue asks for, printed in this order (others follow, sorted).
-HEADLINE = ("faults injected", "kills survived", "hostile inputs tried", "secrets found")
+HEADLINE = (
+    "faults injected",
+    "kills survived",
+    "hostile inputs tried",
+    "secrets found",
+    "VDI_IN_USE retries",  # clean-up calls xencbt tried again while dom0 held NBD VBDs
+)
 
 _counts: Counter[str] = Counter()
 

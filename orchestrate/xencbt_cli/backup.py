@@ -11,6 +11,11 @@ files removed; the repository keeps every point it had.  A run killed outright (
 power loss) leaves at most temp files, which the next run of the chain removes, and
 snapshots on the pool, which the next backup of the VM destroys: the snapshot VM by its
 name prefix, its VDIs through the ledger (ledger.py).
+
+The host refuses to destroy a VDI while dom0 still unplugs the VBDs of the copy's NBD
+connections (``VDI_IN_USE``): those calls are retried (inuse.py), and clean-up that lags
+past ``--in-use-timeout`` is a warning, never a failed backup; the ledger finishes it.
+A disk that cannot have CBT (licence, SR) is backed up in full every time, saying why.
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from . import digest, errors, image
 from .copier import ConnectionBudget, Copier
 from .errors import CliError, CommandFailed, RepositoryFull, describe_os_error
 from .ledger import Ledger
-from .pool import SNAPSHOT_PREFIX, Disk, Pool, Vm
+from .pool import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, Disk, NoCbt, Pool, Vm
 from .repository import Chain, Manifest, Repository, new_point_id
 
 log = logging.getLogger(__name__)
@@ -61,6 +66,8 @@ class VmResult:
     error: str = ""
     exit_code: int = 0
     disks: list[dict] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    in_use_retries: int = 0  # calls tried again after VDI_IN_USE (dom0's NBD VBDs)
 
 
 def now_iso() -> str:
@@ -86,6 +93,7 @@ class Backup:
         self.wait = wait
         self.jobs = max(1, jobs)
         self.budget = ConnectionBudget()
+        self.no_cbt: dict[str, NoCbt] = {}  # disk uuid -> why it has no CBT (this run)
         self.chunk = digest.chunk_size()
 
     def run(self, vms: list[str]) -> list[VmResult]:
@@ -95,6 +103,7 @@ class Backup:
 
     def one(self, name: str) -> VmResult:
         result = VmResult(name)
+        retries = self.pool.in_use.retries_here
         try:
             self.backup_vm(name, result)
             result.ok = True
@@ -103,7 +112,13 @@ class Backup:
             result.error = scrub(text)
             result.exit_code = errors.exit_code(e)
             self.say("VM %s: backup FAILED: %s" % (name, result.error))
+        finally:
+            result.in_use_retries = self.pool.in_use.retries_here - retries
         return result
+
+    def warn(self, result: VmResult, text: str) -> None:
+        result.warnings.append(scrub(text))
+        self.say("VM %s: warning: %s" % (result.vm, text))
 
     def backup_vm(self, name: str, result: VmResult) -> None:
         vm = self.pool.vm(name)
@@ -114,9 +129,7 @@ class Backup:
             for uuid in sorted(chains):
                 locks.enter_context(chains[uuid].lock(self.wait))
             self.clean(vm, chains)
-            for disk in disks:
-                if not disk.cbt_enabled:
-                    self.pool.enable_cbt(disk)
+            self.no_cbt.update(self.enable_cbt(vm, disks))
             result.point = new_point_id()
             snap_vm = self.pool.snapshot(vm, SNAPSHOT_PREFIX + result.point)
             committed: set[str] = set()
@@ -127,12 +140,44 @@ class Backup:
                     chain = chains[disk.uuid]
                     prev = chain.latest()
                     m = self.backup_disk(vm, disk, snaps[disk.vdi_ref], chain, result.point)
-                    committed.add(m.snapshot_uuid)
+                    if disk.uuid not in self.no_cbt:  # no CBT log to keep: the VDI goes
+                        committed.add(m.snapshot_uuid)
                     result.disks.append(summary(m, prev))
             finally:
-                self.pool.destroy_snapshot(snap_vm, keep=committed)
-            self.forget_old_bases(result.disks)
+                self.release(snap_vm, committed, result)
+            self.forget_old_bases(result.disks, result)
             self.sweep(vm)
+
+    def release(self, snap_vm: str, committed: set[str], result: VmResult) -> None:
+        """Destroy the snapshot VM; its VDIs keep only CBT metadata (committed) or go.
+
+        When the host still holds one after every retry (dom0's NBD VBDs), the points are
+        committed all the same: the VDI stays in the ledger and the next run cleans it."""
+        try:
+            self.pool.destroy_snapshot(snap_vm, keep=committed)
+        except CleanupLagged as e:
+            self.warn(result, lagging(e, self.pool.in_use.timeout))
+
+    def enable_cbt(self, vm: Vm, disks: list[Disk]) -> dict[str, NoCbt]:
+        """Enable CBT where it is off; the disks that cannot have it (licence, SR, raw
+        VDI, reset on boot) are backed up in full, unless the host cannot even snapshot
+        them (raw, reset on boot): then the VM cannot be backed up through a snapshot."""
+        no_cbt = {}
+        for disk in disks:
+            if not disk.cbt_enabled:
+                why = self.pool.enable_cbt(disk)
+                if why is not None:
+                    no_cbt[disk.uuid] = why
+        for disk in disks:
+            why = no_cbt.get(disk.uuid)
+            if why is not None and why.code in NO_SNAPSHOT:
+                raise CliError(
+                    "disk %s (VDI %s) cannot be backed up: %s, and XenServer can neither "
+                    "track nor snapshot such a disk (%s), so VM.snapshot fails; make it a "
+                    "VHD-based, on-boot=persist disk, or detach it"
+                    % (disk.userdevice, disk.uuid, why.why, why.code)
+                )
+        return no_cbt
 
     def ledger(self, vm: Vm) -> Ledger:
         return Ledger(self.repo.root / vm.uuid)
@@ -144,7 +189,10 @@ class Backup:
         needed = self.repo.needed_snapshots()
         for ref in self.pool.leftover_snapshots(vm):
             self.say("VM %s: destroying snapshot left by an interrupted run" % vm.name)
-            self.pool.destroy_snapshot(ref, keep=needed)
+            try:
+                self.pool.destroy_snapshot(ref, keep=needed)
+            except CleanupLagged as e:
+                log.warning("VM %s: %s", vm.name, lagging(e, self.pool.in_use.timeout))
         self.sweep(vm)
 
     def sweep(self, vm: Vm) -> None:
@@ -165,11 +213,14 @@ class Backup:
                 elif self.pool.call("VDI.get_type", ref) != "cbt_metadata":
                     self.pool.data_destroy(ref, uuid)
             except XapiError as e:
-                log.warning("VM %s: snapshot VDI %s stays for now: %s", vm.name, uuid, e)
+                # The code only: the parameters are refs, which never reach the output.
+                log.warning("VM %s: snapshot VDI %s stays for now: %s", vm.name, uuid, e.code)
         ledger.discard(gone)
 
     def plan(self, disk: Disk, snap: Disk, chain: Chain) -> Plan:
         prev = chain.latest()
+        if disk.uuid in self.no_cbt:
+            return Plan(reason=self.no_cbt[disk.uuid].reason)
         if self.full:
             return Plan(reason="a full backup was asked for (--full)")
         if prev is None:
@@ -316,15 +367,31 @@ class Backup:
             finished=now_iso(),
         )
 
-    def forget_old_bases(self, disks: list[dict]) -> None:
-        """Destroy CBT metadata VDIs no chain of the repository diffs against any more."""
+    def forget_old_bases(self, disks: list[dict], result: VmResult) -> None:
+        """Destroy CBT metadata VDIs no chain of the repository diffs against any more
+        (one the host still holds stays in the ledger for the next run)."""
         needed = self.repo.needed_snapshots()
         for d in disks:
             old = d.get("previous_snapshot")
             if old and old not in needed:
                 ref = self.pool.vdi_ref(old)
-                if ref is not None and self.pool.call("VDI.get_is_a_snapshot", ref):
+                if ref is None or not self.pool.call("VDI.get_is_a_snapshot", ref):
+                    continue
+                try:
                     self.pool.destroy_vdi(ref, old)
+                except XapiError as e:
+                    if e.code != "VDI_IN_USE":
+                        raise
+                    Ledger(self.repo.root / result.vm_uuid).add({old})  # the next run's job
+                    self.warn(result, lagging(CleanupLagged([old], e), self.pool.in_use.timeout))
+
+
+def lagging(e: CleanupLagged, timeout: float) -> str:
+    return (
+        "the host still holds snapshot VDI(s) %s (VDI_IN_USE for %g s: dom0 is still "
+        "unplugging NBD connections); the backup is complete, the next backup of this VM "
+        "cleans them up" % (", ".join(e.uuids), timeout)
+    )
 
 
 def chain_damage(chain: Chain, m: Manifest) -> str | None:

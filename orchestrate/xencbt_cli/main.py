@@ -70,6 +70,13 @@ def parser() -> argparse.ArgumentParser:
     )
     b.add_argument("--wait", action="store_true", help="wait for a locked chain")
     b.add_argument(
+        "--in-use-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="keep retrying snapshot clean-up the host refuses with VDI_IN_USE (default 30)",
+    )
+    b.add_argument(
         "--retry-timeout",
         type=float,
         default=60.0,
@@ -161,12 +168,20 @@ def cmd_backup(args, conf: settings.Settings) -> int:
         raise UsageError("--jobs must be at least 1")
     if not 0 < args.retry_timeout < float("inf"):
         raise UsageError("--retry-timeout must be a positive number of seconds")
+    if not 0 <= args.in_use_timeout < float("inf"):
+        raise UsageError("--in-use-timeout must be a number of seconds, 0 or more")
     repo = repository(args, conf)
     with conf.session() as session, conf.plugin_password() as password:
         progress = sys.stderr.isatty() and not args.json
         copier = Copier(conf, password, args.connections, progress, args.retry_timeout)
         job = Backup(
-            Pool(session), repo, copier, say, full=args.full, wait=args.wait, jobs=args.jobs
+            Pool(session, args.in_use_timeout),
+            repo,
+            copier,
+            say,
+            full=args.full,
+            wait=args.wait,
+            jobs=args.jobs,
         )
         results = job.run(args.vms)
     if args.json:

@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 
 from xencbt_core.errors import XapiError
+from xencbt_core.inuse import IN_USE, TIMEOUT, InUseRetry
 from xencbt_core.xapi import Session
 
 from .errors import CliError
@@ -16,6 +17,17 @@ log = logging.getLogger(__name__)
 SNAPSHOT_PREFIX = "xencbt-"
 NULL_REF = "OpaqueRef:NULL"
 BROKEN_CHAIN = ("SR_BACKEND_FAILURE_460", "SR_BACKEND_FAILURE_459")
+# VDI.enable_cbt failures that mean "no CBT on this disk", not "something broke"
+# (xapi_vdi.ml enable_cbt and check_operation_error, sm VDI.configure_blocktracking).
+NO_CBT = {
+    "LICENCE_RESTRICTION": "the pool's licence does not include changed block tracking",
+    "SR_OPERATION_NOT_SUPPORTED": "the disk's SR does not support changed block tracking",
+    "SR_BACKEND_FAILURE_66": "the VDI is raw, and only VHD-based VDIs track changes",
+    "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION": "the VDI is reset on boot (on-boot=reset)",
+}
+# ...and of those, the disks the host cannot snapshot either (xapi_vdi.ml: `snapshot when
+# reset_on_boot`; sm FileSR/LVHDSR _snapshot: "Raw VDI, snapshot or clone not permitted").
+NO_SNAPSHOT = ("SR_BACKEND_FAILURE_66", "VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
 
 
 @dataclass
@@ -38,10 +50,36 @@ class Disk:
     snapshot_of: str = NULL_REF
 
 
+@dataclass
+class NoCbt:
+    """Why a disk cannot have CBT: the host's error code and what it means."""
+
+    code: str
+    why: str
+
+    @property
+    def reason(self) -> str:
+        return "CBT is unavailable: %s (%s); this disk is backed up in full every time" % (
+            self.why,
+            self.code,
+        )
+
+
+class CleanupLagged(XapiError):
+    """Snapshot VDIs the host still held (VDI_IN_USE) after every retry: they stay in the
+    ledger and the next backup of the VM cleans them up.  Never fails a committed point."""
+
+    def __init__(self, uuids: list[str], error: XapiError):
+        super().__init__(error.code, error.params)
+        self.uuids = uuids
+
+
 class Pool:
-    def __init__(self, session: Session):
+    def __init__(self, session: Session, in_use_timeout: float = TIMEOUT):
         self.session = session
         self.call = session.call
+        # data_destroy, destroy and list_changed_blocks wait out dom0's NBD VBDs (inuse.py)
+        self.in_use = InUseRetry(session.call, in_use_timeout)
 
     def vm(self, name_or_uuid: str) -> Vm:
         if not name_or_uuid.strip():
@@ -89,14 +127,18 @@ class Pool:
             )
         return sorted(found, key=lambda d: d.userdevice)
 
-    def enable_cbt(self, disk: Disk) -> None:
+    def enable_cbt(self, disk: Disk) -> NoCbt | None:
+        """Enable CBT; a NoCbt when the pool, SR or VDI cannot have it."""
         log.info("enabling CBT on VDI %s (%s)", disk.uuid, disk.name)
         try:
             self.call("VDI.enable_cbt", disk.vdi_ref)
         except XapiError as e:
+            if e.code in NO_CBT:
+                return NoCbt(e.code, NO_CBT[e.code])
             raise CliError(
-                "cannot enable CBT on VDI %s (%s): %s" % (disk.uuid, disk.name, e)
+                "cannot enable CBT on VDI %s (%s): %s" % (disk.uuid, disk.name, e.code)
             ) from None
+        return None
 
     def snapshot(self, vm: Vm, name: str) -> str:
         log.info("snapshotting VM %s (%s) as %s", vm.uuid, vm.name, name)
@@ -115,24 +157,34 @@ class Pool:
         (their CBT log is the next backup's base), the others are destroyed."""
         disks = self.disks(snap_vm)
         self.call("VM.destroy", snap_vm)
+        lagged: list[str] = []
+        error = None
         for disk in disks:
-            if disk.uuid in keep:
-                self.data_destroy(disk.vdi_ref, disk.uuid)
-            else:
-                self.destroy_vdi(disk.vdi_ref, disk.uuid)
+            try:
+                if disk.uuid in keep:
+                    self.data_destroy(disk.vdi_ref, disk.uuid)
+                else:
+                    self.destroy_vdi(disk.vdi_ref, disk.uuid)
+            except XapiError as e:
+                if e.code != IN_USE:
+                    raise
+                lagged.append(disk.uuid)
+                error = e
+        if error is not None:
+            raise CleanupLagged(lagged, error)
 
     def data_destroy(self, ref: str, uuid: str) -> None:
         try:
-            self.call("VDI.data_destroy", ref)
+            self.in_use("VDI.data_destroy", ref)
         except XapiError as e:
-            if e.code != "VDI_NO_CBT_METADATA":
+            if e.code not in ("VDI_NO_CBT_METADATA", "SR_OPERATION_NOT_SUPPORTED"):
                 raise
-            log.warning("VDI %s has no CBT log any more; destroying it", uuid)
+            log.warning("VDI %s has no CBT log (%s); destroying it", uuid, e.code)
             self.destroy_vdi(ref, uuid)
 
     def destroy_vdi(self, ref: str, uuid: str) -> None:
         log.info("destroying VDI %s", uuid)
-        self.call("VDI.destroy", ref)
+        self.in_use("VDI.destroy", ref)
 
     def vdi_ref(self, uuid: str) -> str | None:
         try:
@@ -151,7 +203,7 @@ class Pool:
     def changed_blocks(self, base_ref: str, snap_ref: str) -> str | None:
         """The base64 bitmap, or None when the CBT chain is broken between the two."""
         try:
-            return self.call("VDI.list_changed_blocks", base_ref, snap_ref)
+            return self.in_use("VDI.list_changed_blocks", base_ref, snap_ref)
         except XapiError as e:
             if e.code in BROKEN_CHAIN:
                 log.info("list_changed_blocks: %s", e)

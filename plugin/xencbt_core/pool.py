@@ -7,11 +7,18 @@ export name the server refuses means the session died: the source is asked to re
 (log in again, call get_nbd_info again) before reconnecting.  When the host closes a new
 connection while we already hold others, it is most likely at its 16-connection limit:
 the pool shrinks to what it has and carries on.
+
+Each connection also holds one of the machine's 16 slots for its host (slots.py), so the
+host's limit holds across every xencbt process and plugin instance on this machine: with
+no slot free, a pool that has connections carries on with those, and one that has none
+waits for a slot.  A connection closed politely keeps its slot until the host has closed
+its end (after unplugging the connection's VBD), up to ``LINGER`` seconds.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
 import time
@@ -28,12 +35,20 @@ from .errors import (
     UpstreamError,
 )
 from .nbdproto import SECTOR
+from .slots import Slot, Slots, host_key
 from .trust import Expectation
 from .upstream import MAX_REQUEST, Connection, Target
 
 log = logging.getLogger(__name__)
 
 MAX_CONNECTIONS = 16  # the host's limit (REFERENCE §2)
+LINGER = 30.0  # at most, for the host to close a connection we ended (16 VBDs x ~2 s)
+LINGER_ENV = "XENCBT_LINGER"  # seconds, to change LINGER (0: do not wait)
+SLOT_WAIT_MAX = 1.0  # seconds between looks for a free slot
+
+
+class NoSlot(ConnectionDead):
+    """Every slot of the host is held by this machine's other connections."""
 
 
 class TargetSource(Protocol):
@@ -50,6 +65,7 @@ class Pool:
         size: int = 4,
         timeout: float = 60.0,
         retry_timeout: float = 60.0,
+        slots: Slots | None = None,
     ):
         if not 1 <= size <= MAX_CONNECTIONS:
             raise ValueError("connections must be 1..%d" % MAX_CONNECTIONS)
@@ -68,6 +84,9 @@ class Pool:
         self._open_lock = threading.Lock()
         self._preferred = 0
         self._closed = False
+        self.slots = slots or Slots()
+        self.linger = linger()
+        self._held: dict[int, Slot] = {}  # id(connection) -> its slot
 
     def start(self) -> int:
         """Open the first connection now, so that every setup error shows at start-up.
@@ -198,8 +217,15 @@ class Pool:
             else:
                 self._live -= 1
         if not keep:
-            conn.close(polite=healthy)
+            self._retire(conn, polite=healthy)
         self._wake()
+
+    def _retire(self, conn: Connection, polite: bool) -> None:
+        conn.close(polite=polite, linger=self.linger if polite else 0.0)
+        with self._lock:
+            slot = self._held.pop(id(conn), None)
+        if slot is not None:
+            slot.release()
 
     def _wake(self, everyone: bool = False) -> None:
         """Wake one waiter (all, when closing), outside the lock so it can take it."""
@@ -218,20 +244,70 @@ class Pool:
                 return self._open_any(self.source.refresh())
 
     def _open_any(self, targets: list[Target]) -> Connection:
+        """A connection to one of the export's addresses.  When this machine holds every
+        slot of their hosts, a pool with connections carries on with those (NoSlot); one
+        without any waits for a slot."""
+        warned = False
+        while True:
+            try:
+                return self._try_targets(targets)
+            except NoSlot as e:
+                with self._lock:
+                    if self._live > 1 or self._closed:  # _acquire counted this attempt
+                        raise
+                if not warned:
+                    log.warning("%s; waiting for another xencbt process to finish", e)
+                    warned = True
+                self._wait_for_slot(targets)
+
+    def _try_targets(self, targets: list[Target]) -> Connection:
         """Try every address of the export, starting with the one that last worked."""
-        errors = []
+        errors, busy = [], 0
         order = list(range(len(targets)))
         order = order[self._preferred :] + order[: self._preferred]
         for i in order:
+            slot = self.slots.try_take(_key(targets[i]))
+            if slot is None:
+                busy += 1
+                continue
             try:
                 conn = Connection.open(targets[i], self.expectation(targets[i]), self.timeout)
-            except ConnectionDead as e:
+            except BaseException as e:
+                slot.release()
+                if not isinstance(e, ConnectionDead):
+                    raise
                 errors.append(str(e))
                 continue
-            self._check_size(conn)
+            with self._lock:
+                self._held[id(conn)] = slot
+            try:
+                self._check_size(conn)
+            except BaseException:
+                self._retire(conn, polite=False)
+                raise
             self._preferred = i
             return conn
+        if busy and not errors:
+            raise NoSlot(
+                "all %d NBD connection slots of the host(s) of %s are in use on this machine"
+                % (self.slots.per_host, ", ".join(str(t) for t in targets))
+            )
         raise ConnectionDead("; ".join(errors) or "no NBD address to connect to")
+
+    def _wait_for_slot(self, targets: list[Target]) -> None:
+        """Until one of the hosts has a free slot (then try again: it may be taken)."""
+        pause = 0.05
+        while True:
+            for target in targets:
+                slot = self.slots.try_take(_key(target))
+                if slot is not None:
+                    slot.release()
+                    return
+            with self._lock:
+                if self._closed:
+                    raise UpstreamError("the connection pool is closed")
+            time.sleep(pause)
+            pause = min(pause * 2, SLOT_WAIT_MAX)
 
     def _check_size(self, conn: Connection) -> None:
         if self.size is None:
@@ -250,4 +326,20 @@ class Pool:
             self._live -= len(idle)
         self._wake(everyone=True)
         for conn in idle:
-            conn.close()
+            self._retire(conn, polite=True)
+
+
+def linger() -> float:
+    text = os.environ.get(LINGER_ENV, "")
+    try:
+        value = float(text) if text else LINGER
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        log.warning("%s=%r is not a number of seconds; using %g", LINGER_ENV, text, LINGER)
+        return LINGER
+    return value
+
+
+def _key(target: Target) -> str:
+    return host_key(target.cert, target.address, target.port)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from .cbt import Bitmap
 from .errors import ChainBroken, ConfigError, UpstreamError, XapiError
+from .inuse import InUseRetry
 from .upstream import Target
 from .xapi import Session
 
@@ -101,7 +102,10 @@ class XapiSource:
     def changed_since(self, since_uuid: str) -> Bitmap:
         base = self._lookup(since_uuid, role="since")
         try:
-            encoded = self.session.call("VDI.list_changed_blocks", base.ref, self.vdi.ref)
+            # Refused while a closed connection's VBD is still plugged (inuse.py).
+            encoded = InUseRetry(self.session.call)(
+                "VDI.list_changed_blocks", base.ref, self.vdi.ref
+            )
         except XapiError as e:
             if e.code.startswith("SR_BACKEND_FAILURE_4") or e.code in (
                 "VDI_NO_CBT_METADATA",

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import socket
 import ssl
+import time
 from dataclasses import dataclass, field
 
 from . import nbdproto as P
@@ -139,11 +140,16 @@ class Connection:
                 got,
             )
 
-    def close(self, polite: bool = True) -> None:
+    def close(self, polite: bool = True, linger: float = 0.0) -> None:
+        """Send DISC (when ``polite``) and close.  ``linger`` > 0: first wait that long at
+        most for the server to close its end, which xapi-nbd does only once dom0 has
+        unplugged the connection's VBD and the host counts the connection no more."""
         try:
             if polite:
                 self._handle += 1
                 _send(self.sock, P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, self._handle, 0, 0))
+                if linger > 0:
+                    _await_eof(self.sock, linger)
         except UpstreamError:
             pass
         finally:
@@ -151,6 +157,18 @@ class Connection:
                 self.sock.close()
             except OSError:
                 pass
+
+
+def _await_eof(sock: socket.socket, timeout: float) -> None:
+    """Read and drop whatever comes until the peer closes, an error, or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    try:
+        while (left := deadline - time.monotonic()) > 0:
+            sock.settimeout(left)
+            if not sock.recv(65536):
+                return
+    except (OSError, ValueError):
+        return  # reset, TLS EOF without close_notify, timeout: the wait is over either way
 
 
 def _starttls(sock: socket.socket, target: Target, expect: Expectation) -> ssl.SSLSocket:

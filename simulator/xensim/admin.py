@@ -27,6 +27,8 @@ class Admin:
             ("POST", "faults/refuse"): self._refuse,
             ("POST", "sessions/invalidate"): self._invalidate,
             ("POST", "cbt-off"): self._cbt_off,
+            ("POST", "licence"): self._licence,
+            ("POST", "sr-cbt"): self._sr_cbt,
             ("GET", "counters"): lambda a: self._counters(),
             ("POST", "counters/reset"): self._reset,
             # Reliability knobs (issue #5; xensim/hostile.py)
@@ -73,6 +75,27 @@ class Admin:
             self.xapi.storage.cbt.switch_off(ref)
             db.save()
         return {"vdi": db.get("VDI", ref)["uuid"], "cbt_enabled": False}
+
+    def _licence(self, args: dict) -> dict:
+        """An unlicensed pool: Pool_features (xen-api pool_features.ml) restricts CBT."""
+        db = self.xapi.db
+        with db.lock:
+            pool = db.get("pool", db.refs("pool")[0])
+            restrictions = pool.setdefault("restrictions", {})
+            restrictions["restrict_cbt"] = "false" if args["cbt"] else "true"
+            db.save()
+            return dict(restrictions)
+
+    def _sr_cbt(self, args: dict) -> dict:
+        """An SR whose driver lacks the VDI_CONFIG_CBT feature (xapi_vdi.ml
+        check_sm_feature_error)."""
+        db = self.xapi.db
+        name = str(args["sr"])
+        with db.lock:
+            ref = name if db.exists("SR", name) else db.by_uuid("SR", name)
+            db.get("SR", ref)["_cbt"] = bool(args["supported"])
+            db.save()
+        return {"sr": db.get("SR", ref)["uuid"], "cbt": bool(args["supported"])}
 
     def _counters(self) -> dict:
         return {name: c.to_dict() for name, c in self.counters.items()}

@@ -26,19 +26,42 @@ class Tracker:
     def _uuid(self, ref: str) -> str:
         return self.db.get("VDI", ref)["uuid"]
 
+    def require_sr_support(self, ref: str) -> None:
+        """CBT operations need the SR's VDI_CONFIG_CBT feature (xapi_vdi.ml
+        check_sm_feature_error): SR_OPERATION_NOT_SUPPORTED [sr] without it."""
+        sr = self.db.get("VDI", ref)["SR"]
+        if not self.db.get("SR", sr).get("_cbt", True):
+            raise XapiError("SR_OPERATION_NOT_SUPPORTED", sr)
+
     def enable(self, ref: str) -> None:
+        """In xapi's order: the SR's feature, then xapi_vdi.ml check_operation_error
+        (type, snapshot, on_boot), then Pool_features.assert_enabled (licence), then
+        sm's VDI.configure_blocktracking (raw VDIs: SR_BACKEND_FAILURE_66)."""
+        self.require_sr_support(ref)
         rec = self.db.get("VDI", ref)
-        if rec["is_a_snapshot"]:
-            raise XapiError("OPERATION_NOT_ALLOWED", "VDI is a snapshot")
         if rec["type"] == "cbt_metadata":
             raise XapiError("VDI_INCOMPATIBLE_TYPE", ref, "cbt_metadata")
+        if rec["is_a_snapshot"]:
+            raise XapiError("OPERATION_NOT_ALLOWED", "VDI is a snapshot")
+        if rec.get("on_boot") == "reset":
+            raise XapiError("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
+        if self._restricted():
+            raise XapiError("LICENCE_RESTRICTION", "CBT")
+        if rec["sm_config"].get("type") == "raw":
+            raise sr_backend_failure(66, "Raw VDI or snapshot not permitted")
         if rec["cbt_enabled"]:
             return
         with disks.locked(self.state_dir, rec["uuid"]):
             cbtlog.create(self.state_dir, rec["uuid"], rec["virtual_size"])
         rec.update(cbt_enabled=True, _cbt_prev=None, _cbt_next=None)
 
+    def _restricted(self) -> bool:
+        """xapi-types features.ml: CBT is ("restrict_cbt", Negative)."""
+        pool = self.db.get("pool", self.db.refs("pool")[0])
+        return pool.get("restrictions", {}).get("restrict_cbt") == "true"
+
     def disable(self, ref: str) -> None:
+        self.require_sr_support(ref)
         rec = self.db.get("VDI", ref)
         if rec["is_a_snapshot"]:
             raise XapiError("OPERATION_NOT_ALLOWED", "VDI is a snapshot")

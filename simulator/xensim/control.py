@@ -69,6 +69,17 @@ class Control:
         """Simulate a host crash: CBT switched off on the VDI (uuid or ref)."""
         return self._request("POST", "cbt-off", {"vdi": vdi})
 
+    # -- CBT availability (issue #12 item 4) ----------------------------------------------
+    def set_licence(self, cbt: bool) -> dict:
+        """``cbt=False``: an unlicensed pool, whose restrictions hold ``restrict_cbt``:
+        VDI.enable_cbt fails LICENCE_RESTRICTION. Returns the pool's restrictions."""
+        return self._request("POST", "licence", {"cbt": cbt})
+
+    def set_sr_cbt(self, sr: str, supported: bool) -> dict:
+        """An SR (uuid or ref) whose driver lacks VDI_CONFIG_CBT: every CBT call on its
+        VDIs fails SR_OPERATION_NOT_SUPPORTED."""
+        return self._request("POST", "sr-cbt", {"sr": sr, "supported": supported})
+
     # -- API reply latency (crash tests, latency.py) -----------------------------------
     def api_latency(self) -> dict:
         return self._request("GET", "api-latency")

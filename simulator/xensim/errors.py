@@ -5,6 +5,8 @@ from __future__ import annotations
 # SR backend failures come from sm's XE_SR_ERRORCODES table; xapi wraps them as
 # [SR_BACKEND_FAILURE_<n>, "", "<description> [opterr=<detail>]", ""].
 SM_ERRORS = {
+    38: "The requested method is not supported/implemented",
+    66: "Invalid VDI type",
     79: "VDI Invalid size",
     459: "Changed block tracking log is in an inconsistent state",
     460: "Failed to calculate changed blocks for given VDIs.",

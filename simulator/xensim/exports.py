@@ -1,7 +1,8 @@
 """What the host NBD servers export: a VDI's raw file, found from the export name.
 
 The export name is ``/<vdi-uuid>?session_id=<session ref>``; like xapi-nbd, the server
-checks the session and the VDI when the client asks for the export.
+checks the session and the VDI when the client asks for the export, then plugs a VBD in
+dom0 (dom0.py) that ``detach`` unplugs when the connection ends.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import disks
+from .dom0 import Dom0
 from .xapi import Xapi
 
 log = logging.getLogger(__name__)
@@ -22,6 +25,8 @@ log = logging.getLogger(__name__)
 class RawExport:
     path: Path
     size: int
+    vbd: str | None = None
+    dom0: Dom0 | None = None
 
     def pread(self, offset: int, length: int) -> bytes:
         """Sparse holes and any short tail read as zeros; OSError if the file is gone."""
@@ -31,6 +36,11 @@ class RawExport:
         finally:
             os.close(fd)
         return data + bytes(length - len(data))
+
+    def detach(self, wait: Callable[[float], bool]) -> None:
+        """The connection is over: unplug and destroy its VBD (blocks until done)."""
+        if self.vbd is not None and self.dom0 is not None:
+            self.dom0.unplug(self.vbd, wait)
 
 
 def parse(name: str) -> tuple[str, str] | None:
@@ -43,8 +53,9 @@ def parse(name: str) -> tuple[str, str] | None:
 
 
 class Resolver:
-    def __init__(self, xapi: Xapi) -> None:
+    def __init__(self, xapi: Xapi, dom0: Dom0) -> None:
         self.xapi = xapi
+        self.dom0 = dom0
 
     def __call__(self, name: str) -> RawExport | None:
         parsed = parse(name)
@@ -63,4 +74,11 @@ class Resolver:
                 return None
             size = db.get("VDI", found[0])["virtual_size"]
         path = disks.data_path(self.xapi.options.state_dir, uuid)
-        return RawExport(path, size) if path.exists() else None
+        if not path.exists():
+            return None
+        # main.ml with_attached_vdi: the VBD is plugged before the size reply.
+        vbd = self.dom0.plug(found[0])
+        if vbd is None:
+            log.info("NBD export refused: VBD.create failed")
+            return None
+        return RawExport(path, size, vbd, self.dom0)

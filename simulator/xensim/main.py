@@ -8,6 +8,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .dom0 import DEFAULT_CLEANUP
+
 log = logging.getLogger("xensim")
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -42,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--nbd-propagation", type=float, default=0.0, metavar="SECONDS")
     s.add_argument("--session-timeout", type=float, default=86400.0, metavar="SECONDS")
     s.add_argument("--in-use-wait", type=float, default=4.0, metavar="SECONDS")
+    s.add_argument("--vbd-cleanup", type=float, default=DEFAULT_CLEANUP, metavar="SECONDS")
     s.add_argument("--srs", choices=("shared", "local"), default="shared")
 
     g = sub.add_parser("guest-disk", help="serve a live VDI read-write as its guest sees it")
@@ -80,6 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
         propagation=args.nbd_propagation,
         session_timeout=args.session_timeout,
         in_use_wait=args.in_use_wait,
+        vbd_cleanup=args.vbd_cleanup,
         srs=args.srs,
     )
     return run(opts)

@@ -56,6 +56,8 @@ class Export(Protocol):
 
     def pread(self, offset: int, length: int) -> bytes: ...
 
+    # Optional: ``detach(wait)`` releases what the export holds on the host (exports.py).
+
 
 class Disconnect(Exception):
     """End the connection now, without an NBD error: how the host refuses most things."""
@@ -171,6 +173,9 @@ class NBDServer:
             try:
                 session.serve(tls=mode == "tls")
             finally:
+                # xapi-nbd unplugs and destroys the connection's VBD before it closes the
+                # socket and frees the slot (main.ml dec_conn; dom0.py).
+                session.detach()
                 self._counters.closed()
         except Exception:
             log.exception("NBD connection from %s failed", session.peer)
@@ -225,6 +230,7 @@ class Session:
         self.peer = peer
         self._server = server
         self._tls = False
+        self._export: Export | None = None
         self._reads = 0
         self._sent = 0  # read payload bytes sent on this connection, for drop_after_bytes
 
@@ -237,6 +243,12 @@ class Session:
             log.info("NBD connection from %s closed: %s", self.peer, e)
         except (OSError, EOFError) as e:  # ssl.SSLError is an OSError
             log.info("NBD connection from %s lost: %s", self.peer, e)
+
+    def detach(self) -> None:
+        """Release what the export holds on the host (its dom0 VBD), if it was opened."""
+        detach = getattr(self._export, "detach", None)
+        if detach is not None:
+            detach(self._server.sleep)
 
     def abort(self) -> None:
         """Wake the session's thread from any blocking call (used by stop())."""
@@ -262,6 +274,7 @@ class Session:
         export = self._server.resolve(name)
         if export is None:
             raise Disconnect("export name refused")
+        self._export = export
         self._send(struct.pack(">QH", export.size, TRANSMISSION_FLAGS) + bytes(124))
         return export
 

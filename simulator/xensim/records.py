@@ -28,7 +28,13 @@ def _base(name_label: str = "", name_description: str = "") -> dict:
 
 
 def pool(master: str, default_sr: str) -> dict:
-    return {**_base(""), "master": master, "default_SR": default_sr, "suspend_image_SR": NULL_REF}
+    return {
+        **_base(""),
+        "master": master,
+        "default_SR": default_sr,
+        "suspend_image_SR": NULL_REF,
+        "restrictions": {},  # licence: {"restrict_cbt": "true"} on an unlicensed pool
+    }
 
 
 def host(name: str, address: str, cert: str, subject: str = "") -> dict:

@@ -23,6 +23,7 @@ from typing import Any
 from . import certs, inventory
 from .admin import Admin
 from .database import Database, write_atomically
+from .dom0 import DEFAULT_CLEANUP, Dom0
 from .exports import Resolver
 from .faults import Counters, Faults
 from .nbdserver import NBDServer
@@ -45,6 +46,7 @@ class ServeOptions:
     propagation: float = 0.0
     session_timeout: float = 86400.0
     in_use_wait: float = 4.0
+    vbd_cleanup: float = DEFAULT_CLEANUP  # seconds to unplug+destroy an NBD VBD (dom0.py)
     srs: str = "shared"  # or "local": an SR per host, VMs spread over the hosts
 
 
@@ -160,7 +162,7 @@ class Simulator:
             mode=lambda: self.xapi.propagation.mode(ref),
             certfile=str(cert),
             keyfile=str(key),
-            resolve=Resolver(self.xapi),
+            resolve=Resolver(self.xapi, Dom0(self.db, ref, self.opts.vbd_cleanup)),
             faults=self.faults,
             counters=self.counters[self.names[ref]],
         )

@@ -56,6 +56,33 @@ class Storage:
     def _vbds(self, vdi_ref: str) -> list[str]:
         return self.db.find("VBD", VDI=vdi_ref)
 
+    def _attached(self, vdi_ref: str) -> list[str]:
+        """VBDs plugged to the VDI (xapi_vdi.ml check_operation_error: my_active_vbd_records)."""
+        return [r for r in self._vbds(vdi_ref) if self.db.get("VBD", r)["currently_attached"]]
+
+    def refuse_attached(self, vdi_ref: str, operation: str) -> None:
+        """``VDI.destroy`` and ``list_changed_blocks`` cannot run while a VBD is plugged
+        (xapi_vdi.ml check_operation_error, blocked_by_attach: VDI_IN_USE [vdi, op]);
+        list_changed_blocks still may when every plugged VBD belongs to a snapshot VM."""
+        attached = self._attached(vdi_ref)
+        if operation == "list_changed_blocks":
+            vms = [self.db.get("VBD", r)["VM"] for r in attached]
+            attached = [
+                vm for vm in vms if not (self.db.exists("VM", vm) and self._is_snapshot_vm(vm))
+            ]
+        if attached:
+            raise XapiError("VDI_IN_USE", vdi_ref, operation)
+
+    def _is_snapshot_vm(self, vm_ref: str) -> bool:
+        return bool(self.db.get("VM", vm_ref)["is_a_snapshot"])
+
+    def changed_blocks(self, from_ref: str, to_ref: str) -> str:
+        """message_forwarding.ml checks the operation on ``vdi_to`` only."""
+        self.db.get("VDI", from_ref)
+        self.refuse_attached(to_ref, "list_changed_blocks")
+        self.cbt.require_sr_support(to_ref)
+        return self.cbt.changed_blocks(from_ref, to_ref)
+
     def update_usage(self, ref: str) -> None:
         rec = self.vdi(ref)
         rec["physical_utilisation"] = disks.allocated(self.state_dir, rec["uuid"])
@@ -70,7 +97,8 @@ class Storage:
         if size < 0:
             raise sr_backend_failure(79, "negative size")
         rec = records.vdi(str(fields.get("name_label", "")), fields["SR"], size)
-        rec["virtual_size"] = size if exact_size else vhd_size(size)
+        raw = dict(fields.get("sm_config") or {}).get("type") == "raw"  # sm: no VHD rounding
+        rec["virtual_size"] = size if exact_size or raw else vhd_size(size)
         for key in ("name_description", "sharable", "read_only", "other_config", "sm_config"):
             if key in fields:
                 rec[key] = fields[key]
@@ -80,12 +108,15 @@ class Storage:
         return ref
 
     def destroy_vdi(self, ref: str) -> None:
+        """Refused while a VBD is plugged; unplugged VBDs go with the VDI
+        (xapi_vdi.ml destroy_and_data_destroy_common)."""
         rec = self.vdi(ref)
-        if self._vbds(ref):
-            raise XapiError("VDI_IN_USE", ref, "destroy")
+        self.refuse_attached(ref, "destroy")
         self.cbt.forget(ref)
         with disks.locked(self.state_dir, rec["uuid"]):
             self.db.remove("VDI", ref)
+            for vbd in self._vbds(ref):
+                self.db.remove("VBD", vbd)
         disks.remove(self.state_dir, rec["uuid"])
 
     def resize(self, ref: str, size_value: object) -> None:
@@ -99,10 +130,30 @@ class Storage:
             self.cbt.resize(ref, size)
             rec["virtual_size"] = size
 
+    def refuse_snapshot(self, ref: str) -> None:
+        """What xapi and sm refuse to snapshot: a cbt_metadata VDI, a reset-on-boot one
+        (xapi_vdi.ml check_operation_error: `snapshot when reset_on_boot`) and a raw one
+        (sm FileSR/LVHDSR _snapshot: "Raw VDI, snapshot or clone not permitted")."""
+        self.refuse_metadata(ref)
+        rec = self.vdi(ref)
+        if rec.get("on_boot") == "reset":
+            raise XapiError("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
+        if rec["sm_config"].get("type") == "raw":
+            raise sr_backend_failure(38, "Raw VDI, snapshot or clone not permitted")
+
+    def set_on_boot(self, ref: str, value: str) -> None:
+        """xapi_vdi.ml set_on_boot; refused while CBT is on (allowed_when_cbt_enabled)."""
+        if value not in ("persist", "reset"):
+            raise XapiError("INVALID_VALUE", "on_boot", value)
+        self.refuse_metadata(ref)
+        if self.vdi(ref)["cbt_enabled"]:
+            raise XapiError("VDI_CBT_ENABLED", ref)
+        self.vdi(ref)["on_boot"] = value
+
     def snapshot_vdi(self, ref: str, locked: bool = False) -> str:
         """Copy the data (sparse) and hand over the CBT log, atomically w.r.t. guest
         writes: the caller may already hold the VDI's lock (VM.snapshot holds all)."""
-        self.refuse_metadata(ref)
+        self.refuse_snapshot(ref)
         live = self.vdi(ref)
         snap = dict(records.vdi(live["name_label"], live["SR"], live["virtual_size"]))
         for key in ("name_description", "type", "sharable", "sm_config"):
@@ -121,6 +172,8 @@ class Storage:
 
     def clone(self, ref: str) -> str:
         self.refuse_metadata(ref)
+        if self.vdi(ref)["sm_config"].get("type") == "raw":
+            raise sr_backend_failure(38, "Raw VDI, snapshot or clone not permitted")
         live = self.vdi(ref)
         copy = records.vdi(live["name_label"], live["SR"], live["virtual_size"])
         copy_ref = self.db.add("VDI", copy)
@@ -132,6 +185,7 @@ class Storage:
         return copy_ref
 
     def data_destroy(self, ref: str) -> None:
+        self.cbt.require_sr_support(ref)
         rec = self.vdi(ref)
         if not rec["is_a_snapshot"]:
             raise XapiError("OPERATION_NOT_ALLOWED", "VDI is not a snapshot")
@@ -139,13 +193,24 @@ class Storage:
             raise XapiError("VDI_NO_CBT_METADATA", ref)
         if rec["type"] == "cbt_metadata":
             return
-        self._wait_unplugged(ref)
+        # xapi_vdi.ml _data_destroy marks the VDI cbt_metadata while it waits, "to minimize
+        # the chance of new VBDs referring to this VDI being created", and puts the type
+        # back when the wait fails: meanwhile get_nbd_info and new NBD connections fail.
+        kind = rec["type"]
+        rec["type"] = "cbt_metadata"
+        try:
+            self._wait_unplugged(ref)
+        except XapiError:
+            if self.db.exists("VDI", ref):
+                rec["type"] = kind
+            raise
         with disks.locked(self.state_dir, rec["uuid"]):
             disks.data_path(self.state_dir, rec["uuid"]).unlink(missing_ok=True)
             rec.update(type="cbt_metadata", physical_utilisation=0)
 
     def _wait_unplugged(self, ref: str) -> None:
-        """xapi waits a few seconds for VBDs to go away before VDI_IN_USE."""
+        """xapi waits a few seconds for VBDs to go away before VDI_IN_USE (xapi_vdi.ml
+        wait_for_vbds_to_be_unplugged_and_destroyed, 4 s: ``--in-use-wait``)."""
         deadline = time.monotonic() + self.in_use_wait
         while self._vbds(ref):
             left = deadline - time.monotonic()
@@ -232,7 +297,9 @@ class Storage:
         vbds = [(r, self.db.get("VBD", r)) for r in self.db.find("VBD", VM=vm_ref)]
         disks_ = [(r, v) for r, v in vbds if v["type"] == "Disk" and v["VDI"] != NULL_REF]
         for _, vbd in disks_:
-            self.refuse_metadata(vbd["VDI"])
+            # xapi_vm_clone.ml safe_clone_disks destroys the snapshots it made when one
+            # fails: checking them all first leaves the same nothing behind.
+            self.refuse_snapshot(vbd["VDI"])
         uuids = sorted({self.vdi(v["VDI"])["uuid"] for _, v in disks_})
         with contextlib.ExitStack() as stack:
             for uuid in uuids:

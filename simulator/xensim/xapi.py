@@ -163,12 +163,13 @@ class Xapi:
             lambda c, r, v: self._set("VDI", r, "name_description", v),
             2,
         )
+        add("VDI.set_on_boot", lambda c, r, v: st.set_on_boot(r, v), 2)
         add("VDI.enable_cbt", lambda c, r: st.cbt.enable(r), 1)
         add("VDI.disable_cbt", lambda c, r: st.cbt.disable(r), 1)
         add("VDI.data_destroy", lambda c, r: st.data_destroy(r), 1)
         add(
             "VDI.list_changed_blocks",
-            lambda c, a, b: self.api_faults.corrupt(st.cbt.changed_blocks(a, b)),
+            lambda c, a, b: self.api_faults.corrupt(st.changed_blocks(a, b)),
             2,
         )
         add("VDI.get_nbd_info", self._nbd_info, 1)
