@@ -89,7 +89,7 @@ class Backup:
         self.chunk = digest.chunk_size()
 
     def run(self, vms: list[str]) -> list[VmResult]:
-        self.repo.root.mkdir(parents=True, exist_ok=True)
+        self.repo.create()
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             return list(pool.map(self.one, vms))
 

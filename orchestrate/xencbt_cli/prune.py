@@ -33,12 +33,11 @@ def prune(chain: Chain, keep: int) -> list[str]:
     """Keep the newest ``keep`` points; return the points removed.  Hold the lock."""
     chain.clean()
     points = chain.points()
-    if keep < 1:
-        raise ValueError("keep must be at least 1")
-    if len(points) <= keep:
+    old = doomed(chain, keep)
+    if not old:
         return []
-    new_base, doomed = points[-keep], points[:-keep]
-    journal = {"point": new_base.point, "remove": [m.point for m in doomed]}
+    new_base = points[-keep]
+    journal = {"point": new_base.point, "remove": [m.point for m in old]}
     if new_base.base_point is not None:
         path = chain.image_path(new_base.point)
         partial = chain.partial_path(new_base.point)
@@ -51,6 +50,14 @@ def prune(chain: Chain, keep: int) -> list[str]:
         write_atomically(chain.path / JOURNAL, json.dumps(journal))
     finish(chain, journal)
     return journal["remove"]
+
+
+def doomed(chain: Chain, keep: int) -> list:
+    """The points a prune to ``keep`` removes, oldest first (changes nothing)."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    points = chain.points()
+    return points[:-keep] if len(points) > keep else []
 
 
 def finish(chain: Chain, journal: dict) -> None:

@@ -7,12 +7,23 @@ import sys
 from dataclasses import asdict
 
 from .backup import VmResult, human
-from .repository import Repository
+from .repository import Chain, Repository
 
 
 def emit_json(data: object) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
+
+
+def chain_usage(chain: Chain) -> int:
+    """Bytes the chain's files take on disk."""
+    return sum(p.lstat().st_blocks * 512 for p in chain.path.iterdir() if p.is_file())
+
+
+def point_usage(chain: Chain, point: str) -> int:
+    """Bytes a point's own files take on disk (its image, sums and manifest)."""
+    paths = (chain.image_path(point), chain.sums_path(point), chain.manifest_path(point))
+    return sum(p.lstat().st_blocks * 512 for p in paths if p.exists())
 
 
 def points(repo: Repository) -> list[dict]:

@@ -159,6 +159,12 @@ def verify(repo: Repository, vdis: list[str], say) -> int:
     for chain in chains:
         with chain.lock(wait=True, shared=True):
             check_chain(chain, report)
+    if not report.count and not report.failures:
+        # A monitoring check must not pass on an empty (or wrongly named) repository.
+        raise RepositoryError(
+            "no backup points in %s%s: nothing was verified"
+            % (repo.root, " for VDI " + ", ".join(vdis) if vdis else "")
+        )
     if report.failures:
         others = len(report.failures) - report.failed_points
         raise VerifyFailed(
