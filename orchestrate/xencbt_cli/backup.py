@@ -244,6 +244,7 @@ class Backup:
         partial = chain.partial_path(point)
         base_image = chain.image_path(plan.base.point) if plan.base else None
         with self.unpublished(chain, point, what):
+            chain.reserve(point)
             self.copier.copy(
                 self.budget,
                 self.pool.nbd_hosts(snap.vdi_ref),

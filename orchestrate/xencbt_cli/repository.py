@@ -241,9 +241,19 @@ class Chain:
             write_atomically(self.sums_path(manifest.point), sums)
         write_atomically(self.manifest_path(manifest.point), manifest.to_json())
 
+    def reserve(self, point: str) -> Path:
+        """An empty private ``<point>.qcow2.partial`` for a copy to write into: the tool
+        keeps its mode, whatever umask it runs with (nbdkit sets its own, 022)."""
+        partial = self.partial_path(point)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+        os.fchmod(fd, PRIVATE_FILE)
+        os.close(fd)
+        return partial
+
     def publish_image(self, point: str) -> Path:
-        """Rename ``<point>.qcow2.partial`` to ``<point>.qcow2`` durably."""
+        """Rename ``<point>.qcow2.partial`` to ``<point>.qcow2`` durably (and private)."""
         partial, final = self.partial_path(point), self.image_path(point)
+        os.chmod(partial, PRIVATE_FILE)
         image.fsync(partial)
         os.replace(partial, final)
         image.fsync_dir(self.path)
