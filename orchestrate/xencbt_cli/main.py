@@ -16,7 +16,7 @@ from xencbt_core import __version__
 from xencbt_core.errors import ConfigError, XencbtError
 from xencbt_core.secret import ScrubFilter, scrub
 
-from . import errors, report, restore, settings, verify
+from . import errors, progress, report, restore, settings, verify
 from .errors import UsageError
 
 log = logging.getLogger("xencbt_cli")
@@ -235,8 +235,8 @@ def cmd_backup(args, conf: settings.Settings) -> int:
         raise UsageError("--retry-timeout must be a positive number of seconds")
     repo = repository(args, conf)
     with conf.session() as session, conf.plugin_password() as password:
-        progress = sys.stderr.isatty() and not args.json
-        copier = Copier(conf, password, args.connections, progress, args.retry_timeout)
+        # Progress is xencbt's own lines (progress.py), not qemu-img's -p counter.
+        copier = Copier(conf, password, args.connections, False, args.retry_timeout)
         job = Backup(
             Pool(session), repo, copier, say, full=args.full, wait=args.wait, jobs=args.jobs
         )
@@ -413,6 +413,8 @@ def cmd_serve(args, conf: settings.Settings) -> int:
     return serve(args, conf, None if args.snapshot else repository(args, conf), say)
 
 
+SHOWS_PROGRESS = ("backup", "restore", "verify")
+
 COMMANDS = {
     "backup": cmd_backup,
     "list": cmd_list,
@@ -449,7 +451,9 @@ def main(argv: list[str] | None = None) -> int:
             },
             args.config,
         )
-        return COMMANDS[args.command](args, conf)
+        shown = args.command in SHOWS_PROGRESS and progress.wanted(args.json)
+        with progress.shown(shown):
+            return COMMANDS[args.command](args, conf)
     except KeyboardInterrupt:
         return fail("interrupted", errors.INTERRUPTED, args.json)
     except BrokenPipeError:

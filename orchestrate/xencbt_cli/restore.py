@@ -12,7 +12,7 @@ import logging
 import os
 from pathlib import Path
 
-from . import command, image
+from . import command, image, progress
 from .digest import Reading
 from .errors import CliError, CommandFailed, PointDamaged, UsageError
 from .repository import Chain, Manifest, Repository, nearest
@@ -74,13 +74,17 @@ def advice(chain: Chain | None, damaged: Manifest) -> str:
     )
 
 
-def read_file(path: Path, fmt: str, reading: Reading) -> None:
+def read_file(path: Path, fmt: str, reading: Reading, advance) -> None:
+    def update(data: bytes) -> None:
+        reading.update(data)
+        advance(len(data))
+
     if fmt == "qcow2":
-        command.stream(image.reader(path), reading.update)
+        command.stream(image.reader(path), update)
         return
     with open(path, "rb") as f:
         while chunk := f.read(command.CHUNK):
-            reading.update(chunk)
+            update(chunk)
 
 
 def to_file(
@@ -101,23 +105,17 @@ def to_file(
         # Created private before qemu-img writes a byte of the disk into it.
         os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         os.chmod(partial, 0o600)
+        label = "%s disk %s" % (m.vm_name, m.userdevice)
+        convert = ["qemu-img", "convert", "-f", "qcow2", "-O", fmt]
         try:
-            command.run(
-                [
-                    "qemu-img",
-                    "convert",
-                    "-f",
-                    "qcow2",
-                    "-O",
-                    fmt,
-                    chain.image_path(m.point),
-                    partial,
-                ]
-            )
+            with progress.percent(label + ": restore " + m.point, m.virtual_size) as report:
+                counted = [*convert, *(["-p"] if report else []), chain.image_path(m.point)]
+                command.run(progress.reporting([*counted, partial], report))
         except CommandFailed as e:  # an image of the chain too damaged to read at all
             raise CommandFailed("%s; %s" % (e, advice(chain, m))) from None
         reading = Reading(m, chain.sums_path(m.point))
-        read_file(partial, fmt, reading)
+        with progress.task(label + ": check", m.virtual_size) as advance:
+            read_file(partial, fmt, reading, advance)
         check(reading, "nothing was written to %s" % path, chain)
         os.chmod(partial, mode)  # --mode: what the user asked for, whatever the umask
         os.replace(partial, path)

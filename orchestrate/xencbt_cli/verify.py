@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import os
 
-from . import command, digest, image, prune
+from . import command, digest, image, progress, prune
 from .errors import CliError, RepositoryError, VerifyFailed
 from .repository import Chain, Manifest, Repository
 
@@ -60,12 +60,24 @@ def check_point(chain: Chain, m: Manifest, by_point: dict[str, Manifest]) -> str
     return content_problem(chain, m)
 
 
+def both(update, advance):
+    """A sink feeding the digest and the progress line."""
+
+    def sink(data: bytes) -> None:
+        update(data)
+        advance(len(data))
+
+    return sink
+
+
 def content_problem(chain: Chain, m: Manifest) -> str | None:
     """Whether the point's flattened content still hashes as recorded, and its sums are
     intact (the next incremental carries them over)."""
     reading = digest.Reading(m, chain.sums_path(m.point))
+    label = "%s disk %s: verify %s" % (m.vm_name, m.userdevice, m.point)
     try:
-        command.stream(image.reader(chain.image_path(m.point)), reading.update)
+        with progress.task(label, m.virtual_size) as advance:
+            command.stream(image.reader(chain.image_path(m.point)), both(reading.update, advance))
     except CliError as e:
         return "cannot read the image: %s" % e
     problem = reading.problem()
