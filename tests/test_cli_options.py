@@ -148,6 +148,17 @@ def test_a_busy_lock_names_its_holder(sim, tmp_path):
             "VDI %s is locked by another xencbt process (xencbt serve, pid %d): try later, "
             "or pass --wait" % (vdi, server.pid) in r.stderr
         )
+        # --wait says for whom it waits, then goes on once the server is gone.
+        waiting = xencbt(sim, "prune", "--repo", str(repo), "--keep", "1", "--wait", popen=True)
+        line = waiting.stderr.readline()
+        assert "VDI %s is in use by xencbt serve, pid %d: waiting for it" % (vdi, server.pid) in (
+            line
+        )
+        server.terminate()
+        assert server.wait(timeout=30) == 0
+        out, err = waiting.communicate(timeout=60)
+        # (the other disk's chain, not served, was pruned by the first run)
+        assert waiting.returncode == 0 and "removed 1 points of 1 VDIs" in err, err
     finally:
         server.terminate()
         assert server.wait(timeout=30) == 0

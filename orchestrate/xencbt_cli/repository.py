@@ -277,13 +277,21 @@ class Chain:
             yield
             return
         try:
+            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
             try:
-                mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-                fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
-                raise self._busy(shared) from None
+                if not wait:
+                    raise self._busy(shared) from None
+                # A wait can be long (a whole backup): say for whom.
+                log.warning(
+                    "VDI %s is in use by %s: waiting for it",
+                    self.vdi_uuid,
+                    ", ".join(holders(self.path / LOCK)) or "another xencbt",
+                )
+                fcntl.flock(fd, mode)
             yield
         finally:
             os.close(fd)  # releases the lock
