@@ -136,6 +136,12 @@ def test_after_a_damaged_point_the_nearest_intact_one_is_named(sim, tmp_path):
                    "--to-file", str(out), check=4)  # fmt: skip
         assert "the nearest intact point is %s (older): --at %s" % (p0, p0) in r.stderr
     assert not out.exists()
+    r = xencbt(sim, "verify", "--repo", str(repo), check=4)
+    for point in (p1, p2):
+        assert (
+            "note   VDI %s: the nearest intact point to %s is %s (older)" % (vm.uuids[0], point, p0)
+            in r.stderr
+        )
 
     # A full backup after them, and the oldest point damaged too: for the newest damaged
     # point the nearest intact one is the newer full.

@@ -132,7 +132,7 @@ def test_prune_reports_what_it_removed_and_dry_run_changes_nothing(sim, tmp_path
     assert left == [points[2]] * 2
 
     r = xencbt(sim, "prune", "--repo", str(repo), "--keep", "1")
-    assert "nothing to prune: no chain has more than 1 points" in r.stderr
+    assert "nothing to prune: no chain has more than 1 point" in r.stderr
 
 
 def test_a_busy_lock_names_its_holder(sim, tmp_path):
@@ -158,7 +158,7 @@ def test_a_busy_lock_names_its_holder(sim, tmp_path):
         assert server.wait(timeout=30) == 0
         out, err = waiting.communicate(timeout=60)
         assert waiting.returncode == 0, err
-        assert "VDI %s: merged and removed 1 old points" % vdi in err
+        assert "VDI %s: merged and removed 1 old point (" % vdi in err
     finally:
         server.terminate()
         assert server.wait(timeout=30) == 0

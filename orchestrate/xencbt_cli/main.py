@@ -295,16 +295,16 @@ def cmd_restore(args, conf: settings.Settings) -> int:
 
 def cmd_verify(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
+    exposed = warn_exposed(repo)
     count = verify.verify(repo, args.vdis, say)
-    warn_exposed(repo)
     if args.json:
-        report.emit_json({"ok": True, "points": count})
+        report.emit_json({"ok": True, "points": count, "open_to_others": exposed})
     else:
         say("%d points verified" % count)
     return errors.OK
 
 
-def warn_exposed(repo) -> None:
+def warn_exposed(repo) -> list[str]:
     """Disk images readable by other users: said, not failed (the data is sound)."""
     found = repo.exposed()
     if found:
@@ -314,6 +314,7 @@ def warn_exposed(repo) -> None:
             "(e.g. %s, mode %04o): xencbt repair makes them private (0700/0600)"
             % (len(found), repo.root, path, mode)
         )
+    return sorted(map(str, found))
 
 
 def cmd_repair(args, conf: settings.Settings) -> int:
@@ -340,50 +341,20 @@ def cmd_repair(args, conf: settings.Settings) -> int:
 
 
 def cmd_prune(args, conf: settings.Settings) -> int:
-    from .prune import doomed, prune
+    from .prune import prune_chain
 
     if args.keep < 1:
         raise UsageError("--keep must be at least 1")
     removed, freed = {}, 0
     for chain in repository(args, conf).chains():
-        if args.dry_run:
-            with chain.lock(args.wait, shared=True):
-                gone = [m.point for m in doomed(chain, args.keep)]
-                size = sum(report.point_usage(chain, p) for p in gone)
-        else:
-            with chain.lock(args.wait):
-                before = report.chain_usage(chain)
-                gone = prune(chain, args.keep)
-                size = before - report.chain_usage(chain)
+        gone, size = prune_chain(chain, args.keep, args.wait, args.dry_run)
         if gone:
             removed[chain.vdi_uuid] = gone
             freed += size
-            say(
-                "VDI %s: %s %d old points (%s), %s %s"
-                % (
-                    chain.vdi_uuid,
-                    "would remove" if args.dry_run else "merged and removed",
-                    len(gone),
-                    ", ".join(gone),
-                    "up to" if args.dry_run else "freed",
-                    report.human(size),
-                )
-            )
+            say(report.pruned_chain(chain.vdi_uuid, gone, size, args.dry_run))
     if args.json:
         report.emit_json({"removed": removed, "freed_bytes": freed, "dry_run": args.dry_run})
-    if not removed:
-        say("nothing to prune: no chain has more than %d points" % args.keep)
-    else:
-        say(
-            "%s %d points of %d VDIs, %s %s"
-            % (
-                "would remove" if args.dry_run else "removed",
-                sum(map(len, removed.values())),
-                len(removed),
-                "up to" if args.dry_run else "freed",
-                report.human(freed),
-            )
-        )
+    say(report.pruned(removed, freed, args.keep, args.dry_run))
     return errors.OK
 
 

@@ -7,7 +7,7 @@ import sys
 from dataclasses import asdict
 
 from .backup import VmResult, human
-from .repository import Chain, Repository
+from .repository import Repository
 
 
 def emit_json(data: object) -> None:
@@ -15,15 +15,31 @@ def emit_json(data: object) -> None:
     sys.stdout.write("\n")
 
 
-def chain_usage(chain: Chain) -> int:
-    """Bytes the chain's files take on disk."""
-    return sum(p.lstat().st_blocks * 512 for p in chain.path.iterdir() if p.is_file())
+def several(n: int, word: str) -> str:
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
 
 
-def point_usage(chain: Chain, point: str) -> int:
-    """Bytes a point's own files take on disk (its image, sums and manifest)."""
-    paths = (chain.image_path(point), chain.sums_path(point), chain.manifest_path(point))
-    return sum(p.lstat().st_blocks * 512 for p in paths if p.exists())
+def pruned_chain(vdi: str, gone: list[str], size: int, dry_run: bool) -> str:
+    return "VDI %s: %s %s (%s), %s %s" % (
+        vdi,
+        "would remove" if dry_run else "merged and removed",
+        several(len(gone), "old point"),
+        ", ".join(gone),
+        "up to" if dry_run else "freed",
+        human(size),
+    )
+
+
+def pruned(removed: dict[str, list[str]], freed: int, keep: int, dry_run: bool) -> str:
+    if not removed:
+        return "nothing to prune: no chain has more than %s" % several(keep, "point")
+    return "%s %s of %s, %s %s" % (
+        "would remove" if dry_run else "removed",
+        several(sum(map(len, removed.values())), "point"),
+        several(len(removed), "VDI"),
+        "up to" if dry_run else "freed",
+        human(freed),
+    )
 
 
 def points(repo: Repository) -> list[dict]:

@@ -18,7 +18,7 @@ import os
 
 from . import command, digest, image, progress, prune
 from .errors import CliError, RepositoryError, VerifyFailed
-from .repository import Chain, Manifest, Repository
+from .repository import Chain, Manifest, Repository, nearest
 
 log = logging.getLogger(__name__)
 
@@ -155,14 +155,32 @@ def check_chain(chain: Chain, report: Report) -> None:
             chain,
             "leftovers of an interrupted run: %s (%s)" % (", ".join(leftovers), REPAIRED_BY),
         )
+    good, bad = [], []
     for m in points:
         report.count += 1
         problem = check_point(chain, by_point[m.point], by_point)
         if problem:
             report.failed_points += 1
             report.fail(chain, m.point, problem)
+            bad.append(m.point)
         else:
             report.ok(chain, m.point)
+            good.append(m.point)
+    for point in [*bad, *damaged]:
+        advise(chain, point, good, report)
+
+
+def advise(chain: Chain, point: str, good: list[str], report: Report) -> None:
+    """Which point to restore instead of a damaged one: the nearest sound one."""
+    if not good:
+        report.note(chain, "no point of this VDI is intact: take a full backup (--full)")
+        return
+    near = nearest(point, good)[0]
+    report.note(
+        chain,
+        "the nearest intact point to %s is %s (%s): xencbt restore %s --at %s"
+        % (point, near, "newer" if near > point else "older", chain.vdi_uuid[:8], near),
+    )
 
 
 def verify(repo: Repository, vdis: list[str], say) -> int:
