@@ -197,8 +197,24 @@ def common() -> argparse.ArgumentParser:
     return g
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time: while progress lines are drawn,
+    that is rich's proxy, which prints the message above them instead of through them."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(verbose: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.addFilter(ScrubFilter())
     handler.setFormatter(logging.Formatter("xencbt: %(levelname)s: %(message)s"))
     root = logging.getLogger()
