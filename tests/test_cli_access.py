@@ -69,6 +69,9 @@ def test_new_repositories_and_restored_files_are_private_whatever_the_umask(sim,
     r = run(sim, "restore", "--repo", str(repo), vm.uuids[0], "--to-file", str(tmp_path / "x.raw"),
             "--mode", "999", check=2)  # fmt: skip
     assert "not an octal mode" in r.stderr
+    r = run(sim, "restore", "--repo", str(repo), vm.uuids[0], "--to-sr", "x", "--mode", "0644",
+            check=2)  # fmt: skip
+    assert "--format and --mode are about --to-file" in r.stderr
 
 
 def test_verify_warns_about_readable_points_and_repair_tightens_them(sim, tmp_path):

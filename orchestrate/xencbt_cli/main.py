@@ -137,7 +137,6 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument(
         "--mode",
         type=file_mode,
-        default=0o600,
         metavar="OCTAL",
         help="permissions of --to-file (default 0600)",
     )
@@ -290,9 +289,12 @@ def cmd_restore(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
     if args.to_file:
         fmt = restore.file_format(args.to_file, args.format)
-        m = restore.to_file(repo, args.vdi, args.at, args.to_file, fmt, args.force, args.mode)
+        mode = 0o600 if args.mode is None else args.mode
+        m = restore.to_file(repo, args.vdi, args.at, args.to_file, fmt, args.force, mode)
         target = str(args.to_file)
     else:
+        if args.format or args.mode is not None:
+            raise UsageError("--format and --mode are about --to-file")
         from .pool import Pool
         from .transfer import to_sr, to_vdi
 
