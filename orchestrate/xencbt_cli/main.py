@@ -24,19 +24,23 @@ log = logging.getLogger("xencbt_cli")
 EPILOG = """\
 exit codes:
   0  success
-  1  error (the message names the VM/VDI/point and what to do)
+  1  error (the message names the VM/VDI/point and what to do); verify of no points
   2  usage error (bad options, missing pool or password)
   3  partial failure: some VMs of a multi-VM backup failed, the others succeeded
   4  verify failed (the message names every failing point)
-  5  a VDI chain is locked by another xencbt (a backup or prune is running); see --wait
+  5  a VDI chain is locked by another xencbt (the message names it, with its pid); see --wait
   6  authentication failed: the pool refused the user or password (password changed?)
 130 interrupted
+With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.
+
+global options may also follow COMMAND (xencbt list --repo R --json).
 
 connection settings: --xapi/--user/--password-file override $XENCBT_XAPI, $XENCBT_USER,
 $XENCBT_PASSWORD_FILE, which override the config file (--config, else
 /etc/xencbt/xencbt.conf, else ~/.config/xencbt/xencbt.conf; INI section [xencbt] with
-xapi, user, password_file, xapi_cafile, thumbprint, repo). The password is only ever read
-from a file (or stdin with --password-file -), never taken on the command line.
+xapi, user, password_file, xapi_cafile, thumbprint, repo; "; comment" after a value is a
+comment). The password is only ever read from a file (or stdin with --password-file -),
+never taken on the command line.
 """
 
 
