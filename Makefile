@@ -5,7 +5,7 @@ VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.deps-stamp
 DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils \
-            python3-cryptography python3-venv python3-pip e2fsprogs openssl \
+            python3-cryptography python3-rich python3-venv python3-pip e2fsprogs openssl \
             strace
 # For the VM mount tests (tests/vmharness.py); installed without recommends (no GUI).
 VM_PKGS := qemu-system-x86 busybox-static nbd-client cpio

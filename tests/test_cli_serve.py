@@ -203,7 +203,12 @@ def test_clear_errors(chain, tmp_path):
     with open(image, "r+b") as f:
         f.write(b"garbage!")
     r = xencbt(sim, "--json", "serve", "--repo", str(repo), vm.uuids[0], check=1)
-    assert "qemu-nbd exited (1) before serving" in r.stderr and not r.stdout
+    assert "qemu-nbd exited (1) before serving" in r.stderr
+    # Never announced: stdout holds only the error, as JSON (issue #13 item 10).
+    assert json.loads(r.stdout) == {
+        "error": "qemu-nbd exited (1) before serving: see its messages above",
+        "exit_code": 1,
+    }
 
 
 def test_chain_lock_shared_with_servers_exclusive_for_prune(chain, tmp_path):

@@ -34,7 +34,7 @@ from xencbt_core.cbt import Bitmap
 from xencbt_core.errors import ConfigError, XapiError, XencbtError
 from xencbt_core.secret import scrub
 
-from . import digest, errors, image
+from . import digest, errors, image, progress
 from .copier import ConnectionBudget, Copier
 from .errors import CliError, CommandFailed, RepositoryFull, describe_os_error
 from .ledger import Ledger
@@ -97,7 +97,7 @@ class Backup:
         self.chunk = digest.chunk_size()
 
     def run(self, vms: list[str]) -> list[VmResult]:
-        self.repo.root.mkdir(parents=True, exist_ok=True)
+        self.repo.create()
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
             return list(pool.map(self.one, vms))
 
@@ -294,17 +294,21 @@ class Backup:
             self.say("%s: FULL backup: %s" % (what, plan.reason))
         partial = chain.partial_path(point)
         base_image = chain.image_path(plan.base.point) if plan.base else None
+        label = "%s disk %s" % (vm.name, disk.userdevice)
         with self.unpublished(chain, point, what):
-            self.copier.copy(
-                self.budget,
-                self.pool.nbd_hosts(snap.vdi_ref),
-                snap.uuid,
-                partial,
-                base_image,
-                plan.base.snapshot_uuid if plan.base else None,
-            )
+            chain.reserve(point)
+            with progress.percent(label + ": copy", snap.virtual_size) as report:
+                self.copier.copy(
+                    self.budget,
+                    self.pool.nbd_hosts(snap.vdi_ref),
+                    snap.uuid,
+                    partial,
+                    base_image,
+                    plan.base.snapshot_uuid if plan.base else None,
+                    report,
+                )
             copy_seconds = time.monotonic() - t0
-            sums, hashed = self.content_sums(partial, plan, snap.virtual_size)
+            sums, hashed = self.content_sums(partial, plan, snap.virtual_size, label)
             final = chain.publish_image(point)
             manifest = self.manifest(vm, disk, snap, plan, point, sums, final, started)
             manifest.hashed_bytes = hashed
@@ -313,17 +317,20 @@ class Backup:
             chain.commit(manifest, sums)
         return manifest
 
-    def content_sums(self, partial: Path, plan: Plan, size: int) -> tuple[bytes, int]:
+    def content_sums(self, partial: Path, plan: Plan, size: int, label: str) -> tuple[bytes, int]:
         """The new point's chunk digests and how many bytes of its image that read: all of
         it for a full (one pass), only the chunks the copy changed for an incremental."""
         if plan.base is None:
-            sums, got = digest.image_sums(partial, self.chunk)
+            with progress.task(label + ": digest", size) as advance:
+                sums, got = digest.image_sums(partial, self.chunk, advance)
             if got != size:
                 raise CliError("the copied image shows %d bytes, the snapshot %d" % (got, size))
             return sums, got
         assert plan.bitmap is not None and plan.base_sums is not None
         chunks = digest.dirty(plan.bitmap, plan.base.virtual_size, size, self.chunk)
-        return digest.rehash(partial, plan.base_sums, chunks, size, self.chunk)
+        reading = sum(digest.span(i, size, self.chunk)[1] for i in chunks)
+        with progress.task(label + ": digest", reading) as advance:
+            return digest.rehash(partial, plan.base_sums, chunks, size, self.chunk, advance)
 
     @contextlib.contextmanager
     def unpublished(self, chain: Chain, point: str, what: str):

@@ -107,11 +107,16 @@ class Copier:
         out: Path,
         base: Path | None,
         since: str | None,
+        report: Path | None = None,
     ) -> None:
-        """Full (``base`` None) or incremental copy of ``snapshot`` into ``out``."""
+        """Full (``base`` None) or incremental copy of ``snapshot`` into ``out``;
+        ``report``: a file for qemu-img's progress figures (progress.percent)."""
         with budget.take(self.connections, hosts) as n:
-            convert = ["qemu-img", "convert", "-f", "raw", *convert_options(base, n, self.progress)]
+            counted = self.progress or report is not None
+            convert = ["qemu-img", "convert", "-f", "raw", *convert_options(base, n, counted)]
             run = shlex.join(convert) + ' "$uri" ' + shlex.quote(str(out))
+            if report is not None:
+                run += " >" + shlex.quote(str(report))
             argv = [
                 "nbdkit",
                 "-U",

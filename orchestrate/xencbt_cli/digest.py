@@ -139,15 +139,22 @@ class ChunkHasher:
         return bytes(self.sums)
 
 
-def image_sums(path: Path, chunk: int) -> tuple[bytes, int]:
-    """(chunk digests, size) of the whole virtual disk ``path`` shows: one pass."""
+def image_sums(path: Path, chunk: int, advance=None) -> tuple[bytes, int]:
+    """(chunk digests, size) of the whole virtual disk ``path`` shows: one pass.
+    ``advance(n)`` is told the bytes hashed as they go (progress.task)."""
     hasher = ChunkHasher(chunk)
-    command.stream(image.reader(path), hasher.update)
+
+    def update(data: bytes) -> None:
+        hasher.update(data)
+        if advance:
+            advance(len(data))
+
+    command.stream(image.reader(path), update)
     return hasher.finish(), hasher.size
 
 
 def rehash(
-    path: Path, old: bytes, chunks: Iterable[int], size: int, chunk: int
+    path: Path, old: bytes, chunks: Iterable[int], size: int, chunk: int, advance=None
 ) -> tuple[bytes, int]:
     """``old`` (digests of the previous point, extended or cut to the new size) with the
     given chunks rehashed from the image, and how many bytes that read: only those
@@ -166,6 +173,8 @@ def rehash(
                 data = h.pread(min(READ, offset + length - pos), pos)
                 read += len(data)
                 digest.update(data)
+                if advance:
+                    advance(len(data))
             sums[i * SUM : (i + 1) * SUM] = digest.digest()
     return bytes(sums), read
 

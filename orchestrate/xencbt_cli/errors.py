@@ -77,8 +77,13 @@ def describe_os_error(e: OSError) -> str:
     what = "%s: %s" % (e.filename, e.strerror) if e.filename else str(e.strerror or e)
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
         return "%s: free space there and try again; nothing half-written was kept" % what
-    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return "%s: run as a user that may write there (see ls -l %s)" % (
+    if e.errno == errno.EROFS:
+        return (
+            "%s: the file system is read-only (list, verify, restore and serve work "
+            "there; backup, prune and repair need it writable)" % what
+        )
+    if e.errno in (errno.EACCES, errno.EPERM):
+        return "%s: run as a user allowed to do that there (see ls -l %s)" % (
             what,
             os.path.dirname(str(e.filename or ".")) or ".",
         )

@@ -12,10 +12,11 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
+from xencbt_core import __version__
 from xencbt_core.errors import ConfigError, XencbtError
 from xencbt_core.secret import ScrubFilter, scrub
 
-from . import errors, report, restore, settings, verify
+from . import errors, progress, report, restore, settings, verify
 from .errors import UsageError
 
 log = logging.getLogger("xencbt_cli")
@@ -23,40 +24,83 @@ log = logging.getLogger("xencbt_cli")
 EPILOG = """\
 exit codes:
   0  success
-  1  error (the message names the VM/VDI/point and what to do)
+  1  error (the message names the VM/VDI/point and what to do); verify of no points
   2  usage error (bad options, missing pool or password)
   3  partial failure: some VMs of a multi-VM backup failed, the others succeeded
   4  verify failed (the message names every failing point)
-  5  a VDI chain is locked by another xencbt (a backup or prune is running); see --wait
+  5  a VDI chain is locked by another xencbt (the message names it, with its pid); see --wait
   6  authentication failed: the pool refused the user or password (password changed?)
 130 interrupted
+With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.
+
+global options may also follow COMMAND (xencbt list --repo R --json).
 
 connection settings: --xapi/--user/--password-file override $XENCBT_XAPI, $XENCBT_USER,
 $XENCBT_PASSWORD_FILE, which override the config file (--config, else
 /etc/xencbt/xencbt.conf, else ~/.config/xencbt/xencbt.conf; INI section [xencbt] with
-xapi, user, password_file, xapi_cafile, thumbprint, repo). The password is only ever read
-from a file (or stdin with --password-file -), never taken on the command line.
+xapi, user, password_file, xapi_cafile, thumbprint, repo; "; comment" after a value is a
+comment). The password is only ever read from a file (or stdin with --password-file -),
+never taken on the command line.
 """
 
 
+class Parser(argparse.ArgumentParser):
+    """Usage errors become UsageError, so ``--json`` can report them as JSON too."""
+
+    def error(self, message: str):
+        raise UsageError("%s (see %s --help)" % (message, self.prog))
+
+
+def add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
+    """The options every command takes, before or after its name.  Repeated on each
+    subcommand with SUPPRESS defaults, so one given after the command overrides the same
+    one given before it and one not given there leaves the main parser's value alone."""
+
+    def default(value):
+        return argparse.SUPPRESS if suppress else value
+
+    p.add_argument(
+        "--xapi", metavar="URL", default=default(None), help="pool API, e.g. https://pool-master"
+    )
+    p.add_argument("--user", default=default(None), help="XAPI user (default root)")
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        default=default(None),
+        help="file holding the password, or -",
+    )
+    p.add_argument(
+        "--xapi-cafile", metavar="FILE", default=default(None), help="CA or certificate of the API"
+    )
+    p.add_argument(
+        "--thumbprint",
+        metavar="SHA256",
+        default=default(None),
+        help="pin the API certificate instead",
+    )
+    p.add_argument("--config", metavar="FILE", default=default(None), help="INI config file")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        default=default(False),
+        help="machine-readable output on stdout (errors too)",
+    )
+    p.add_argument("-v", "--verbose", action="count", default=default(0), help="-v info, -vv debug")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="xencbt",
         description=__doc__.splitlines()[0],
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--xapi", metavar="URL", help="pool API, e.g. https://pool-master")
-    p.add_argument("--user", help="XAPI user (default root)")
-    p.add_argument("--password-file", metavar="FILE", help="file holding the password, or -")
-    p.add_argument("--xapi-cafile", metavar="FILE", help="CA or certificate of the API")
-    p.add_argument("--thumbprint", metavar="SHA256", help="pin the API certificate instead")
-    p.add_argument("--config", metavar="FILE", help="INI config file")
-    p.add_argument("--json", action="store_true", help="machine-readable output on stdout")
-    p.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug")
+    p.add_argument("--version", action="version", version="xencbt " + __version__)
+    add_global_options(p, suppress=False)
     sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    g = [common()]
 
-    b = sub.add_parser("backup", help="back up VMs (full or incremental)")
+    b = sub.add_parser("backup", parents=g, help="back up VMs (full or incremental)")
     b.add_argument("vms", nargs="+", metavar="VM", help="VM name or uuid")
     b.add_argument("--repo", metavar="DIR")
     b.add_argument("--full", action="store_true", help="full backups even if CBT allows less")
@@ -85,10 +129,10 @@ def parser() -> argparse.ArgumentParser:
         "enabled on a network takes 10 s or more to answer)",
     )
 
-    s = sub.add_parser("list", help="list backup points")
+    s = sub.add_parser("list", parents=g, help="list backup points")
     s.add_argument("--repo", metavar="DIR")
 
-    r = sub.add_parser("restore", help="restore a point of a VDI")
+    r = sub.add_parser("restore", parents=g, help="restore a point of a VDI")
     r.add_argument("vdi", metavar="VDI", help="VDI uuid (or unique prefix) as in list")
     r.add_argument("--repo", metavar="DIR")
     r.add_argument("--at", metavar="POINT", help="point id (default: the newest)")
@@ -96,26 +140,41 @@ def parser() -> argparse.ArgumentParser:
     dest.add_argument("--to-file", type=Path, metavar="PATH")
     dest.add_argument("--to-sr", metavar="SR", help="new VDI on this SR (uuid or name)")
     dest.add_argument("--to-vdi", metavar="VDI", help="overwrite this VDI (differences only)")
-    r.add_argument("--format", choices=("raw", "qcow2"), default="raw")
+    r.add_argument(
+        "--format",
+        choices=("raw", "qcow2"),
+        help="of --to-file (default: from its extension, .raw/.img or .qcow2)",
+    )
+    r.add_argument(
+        "--mode",
+        type=file_mode,
+        metavar="OCTAL",
+        help="permissions of --to-file (default 0600)",
+    )
     r.add_argument("--force", action="store_true", help="overwrite an existing file")
 
-    v = sub.add_parser("verify", help="check images, chains and checksums (read-only)")
+    v = sub.add_parser("verify", parents=g, help="check images, chains and checksums (read-only)")
     v.add_argument("vdis", nargs="*", metavar="VDI")
     v.add_argument("--repo", metavar="DIR")
 
     rp = sub.add_parser(
-        "repair", help="remove what interrupted runs left; finish or undo interrupted prunes"
+        "repair",
+        parents=g,
+        help="remove what interrupted runs left; finish or undo interrupted prunes",
     )
     rp.add_argument("vdis", nargs="*", metavar="VDI")
     rp.add_argument("--repo", metavar="DIR")
     rp.add_argument("--wait", action="store_true", help="wait for a locked chain")
 
-    pr = sub.add_parser("prune", help="keep the newest N points of every chain")
+    pr = sub.add_parser("prune", parents=g, help="keep the newest N points of every chain")
     pr.add_argument("--repo", metavar="DIR")
     pr.add_argument("--keep", type=int, required=True, metavar="N")
     pr.add_argument("--wait", action="store_true", help="wait for a locked chain")
+    pr.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
 
-    sv = sub.add_parser("serve", help="serve a point (or a live snapshot) read-only over NBD")
+    sv = sub.add_parser(
+        "serve", parents=g, help="serve a point (or a live snapshot) read-only over NBD"
+    )
     sv.add_argument("vdi", metavar="VDI", help="uuid or prefix as in list (--snapshot: a pool VDI)")
     sv.add_argument("--repo", metavar="DIR")
     sv.add_argument("--at", metavar="POINT", help="point id (default: the newest)")
@@ -125,15 +184,47 @@ def parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-psk", metavar="FILE", help="TLS with this PSK file (user:hexkey)")
     tls.add_argument("--tls-certificates", metavar="DIR", help="TLS with DIR/{ca,server}-*.pem")
 
-    n = sub.add_parser("nbd", help="NBD on the pool's networks")
+    n = sub.add_parser("nbd", parents=g, help="NBD on the pool's networks")
     n.add_argument("action", choices=("status", "enable", "disable"))
     n.add_argument("--network", metavar="NAME|UUID")
     n.add_argument("--insecure", action="store_true", help="insecure_nbd (no TLS)")
     return p
 
 
+def file_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        mode = -1
+    if not 0 <= mode <= 0o777:
+        raise argparse.ArgumentTypeError("%r is not an octal mode such as 0600 or 0640" % text)
+    return mode
+
+
+def common() -> argparse.ArgumentParser:
+    g = argparse.ArgumentParser(add_help=False)
+    add_global_options(g, suppress=True)
+    return g
+
+
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time: while progress lines are drawn,
+    that is rich's proxy, which prints the message above them instead of through them."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stderr)
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
 def configure_logging(verbose: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.addFilter(ScrubFilter())
     handler.setFormatter(logging.Formatter("xencbt: %(levelname)s: %(message)s"))
     root = logging.getLogger()
@@ -172,8 +263,8 @@ def cmd_backup(args, conf: settings.Settings) -> int:
         raise UsageError("--in-use-timeout must be a number of seconds, 0 or more")
     repo = repository(args, conf)
     with conf.session() as session, conf.plugin_password() as password:
-        progress = sys.stderr.isatty() and not args.json
-        copier = Copier(conf, password, args.connections, progress, args.retry_timeout)
+        # Progress is xencbt's own lines (progress.py), not qemu-img's -p counter.
+        copier = Copier(conf, password, args.connections, False, args.retry_timeout)
         job = Backup(
             Pool(session, args.in_use_timeout),
             repo,
@@ -216,9 +307,13 @@ def cmd_list(args, conf: settings.Settings) -> int:
 def cmd_restore(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
     if args.to_file:
-        m = restore.to_file(repo, args.vdi, args.at, args.to_file, args.format, args.force)
+        fmt = restore.file_format(args.to_file, args.format)
+        mode = 0o600 if args.mode is None else args.mode
+        m = restore.to_file(repo, args.vdi, args.at, args.to_file, fmt, args.force, mode)
         target = str(args.to_file)
     else:
+        if args.format or args.mode is not None:
+            raise UsageError("--format and --mode are about --to-file")
         from .pool import Pool
         from .transfer import to_sr, to_vdi
 
@@ -236,16 +331,37 @@ def cmd_restore(args, conf: settings.Settings) -> int:
 
 
 def cmd_verify(args, conf: settings.Settings) -> int:
-    count = verify.verify(repository(args, conf), args.vdis, say)
+    repo = repository(args, conf)
+    exposed = warn_exposed(repo)
+    count = verify.verify(repo, args.vdis, say)
     if args.json:
-        report.emit_json({"ok": True, "points": count})
+        report.emit_json({"ok": True, "points": count, "open_to_others": exposed})
     else:
         say("%d points verified" % count)
     return errors.OK
 
 
+def warn_exposed(repo) -> list[str]:
+    """Disk images readable by other users: said, not failed (the data is sound)."""
+    found = repo.exposed()
+    if found:
+        path, mode = next(iter(found.items()))
+        say(
+            "xencbt: warning: %d directories and files of %s are open to other users "
+            "(e.g. %s, mode %04o): xencbt repair makes them private (0700/0600)"
+            % (len(found), repo.root, path, mode)
+        )
+    return sorted(map(str, found))
+
+
 def cmd_repair(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
+    opened = repo.tighten()
+    if opened:
+        say(
+            "made %d directories and files of %s private (directories 0700, files 0600)"
+            % (len(opened), repo.root)
+        )
     chains = [repo.find(v) for v in args.vdis] if args.vdis else repo.chains()
     removed = {}
     for chain in chains:
@@ -255,26 +371,27 @@ def cmd_repair(args, conf: settings.Settings) -> int:
             removed[chain.vdi_uuid] = gone
             say("VDI %s: removed %s" % (chain.vdi_uuid, ", ".join(gone)))
     if args.json:
-        report.emit_json({"removed": removed})
-    elif not removed:
+        report.emit_json({"removed": removed, "made_private": sorted(map(str, opened))})
+    elif not removed and not opened:
         say("nothing to repair")
     return errors.OK
 
 
 def cmd_prune(args, conf: settings.Settings) -> int:
-    from .prune import prune
+    from .prune import prune_chain
 
     if args.keep < 1:
         raise UsageError("--keep must be at least 1")
-    removed = {}
+    removed, freed = {}, 0
     for chain in repository(args, conf).chains():
-        with chain.lock(args.wait):
-            gone = prune(chain, args.keep)
+        gone, size = prune_chain(chain, args.keep, args.wait, args.dry_run)
         if gone:
             removed[chain.vdi_uuid] = gone
-            say("VDI %s: merged and removed %d old points" % (chain.vdi_uuid, len(gone)))
+            freed += size
+            say(report.pruned_chain(chain.vdi_uuid, gone, size, args.dry_run))
     if args.json:
-        report.emit_json({"removed": removed})
+        report.emit_json({"removed": removed, "freed_bytes": freed, "dry_run": args.dry_run})
+    say(report.pruned(removed, freed, args.keep, args.dry_run))
     return errors.OK
 
 
@@ -304,6 +421,8 @@ def cmd_serve(args, conf: settings.Settings) -> int:
     return serve(args, conf, None if args.snapshot else repository(args, conf), say)
 
 
+SHOWS_PROGRESS = ("backup", "restore", "verify")
+
 COMMANDS = {
     "backup": cmd_backup,
     "list": cmd_list,
@@ -317,7 +436,16 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # Whatever xencbt or its tools create (repository directories and images, restored
+    # files, temporary copies) is private whatever the caller's umask: disk images hold
+    # everything a VM has.  A restore's --mode loosens its one file explicitly.
+    os.umask(0o077)
+    as_json = "--json" in argv[: argv.index("--")] if "--" in argv else "--json" in argv
+    try:
+        args = parser().parse_args(argv)
+    except UsageError as e:
+        return fail(str(e), errors.USAGE, as_json)
     configure_logging(args.verbose)
     try:
         conf = settings.resolve(
@@ -331,25 +459,32 @@ def main(argv: list[str] | None = None) -> int:
             },
             args.config,
         )
-        return COMMANDS[args.command](args, conf)
+        shown = args.command in SHOWS_PROGRESS and progress.wanted(args.json)
+        with progress.shown(shown):
+            return COMMANDS[args.command](args, conf)
     except KeyboardInterrupt:
-        say("xencbt: interrupted")
-        return errors.INTERRUPTED
+        return fail("interrupted", errors.INTERRUPTED, args.json)
     except BrokenPipeError:
         # stdout went away (`xencbt list | head`): not an error worth a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return errors.OK
     except ConfigError as e:
-        say("xencbt: %s" % e)
-        return errors.USAGE
+        return fail(str(e), errors.USAGE, args.json)
     except XencbtError as e:
-        say("xencbt: %s" % scrub(str(e)))
-        return errors.exit_code(e)
+        return fail(str(e), errors.exit_code(e), args.json)
     except OSError as e:
         # The repository's or the target's file system said no (full, read-only, gone):
         # one line naming the file, not a traceback.
-        say("xencbt: %s" % scrub(errors.describe_os_error(e)))
-        return errors.ERROR
+        return fail(errors.describe_os_error(e), errors.ERROR, args.json)
+
+
+def fail(message: str, code: int, as_json: bool) -> int:
+    """One line on stderr; with --json also {"error", "exit_code"} on stdout."""
+    message = scrub(message)
+    say("xencbt: %s" % message)
+    if as_json:
+        report.emit_json({"error": message, "exit_code": code})
+    return code
 
 
 if __name__ == "__main__":

@@ -33,12 +33,11 @@ def prune(chain: Chain, keep: int) -> list[str]:
     """Keep the newest ``keep`` points; return the points removed.  Hold the lock."""
     chain.clean()
     points = chain.points()
-    if keep < 1:
-        raise ValueError("keep must be at least 1")
-    if len(points) <= keep:
+    old = doomed(chain, keep)
+    if not old:
         return []
-    new_base, doomed = points[-keep], points[:-keep]
-    journal = {"point": new_base.point, "remove": [m.point for m in doomed]}
+    new_base = points[-keep]
+    journal = {"point": new_base.point, "remove": [m.point for m in old]}
     if new_base.base_point is not None:
         path = chain.image_path(new_base.point)
         partial = chain.partial_path(new_base.point)
@@ -51,6 +50,38 @@ def prune(chain: Chain, keep: int) -> list[str]:
         write_atomically(chain.path / JOURNAL, json.dumps(journal))
     finish(chain, journal)
     return journal["remove"]
+
+
+def prune_chain(chain: Chain, keep: int, wait: bool, dry_run: bool) -> tuple[list[str], int]:
+    """Prune one chain under its lock: (the points removed, the bytes that freed); with
+    ``dry_run`` (under a shared lock, changing nothing) the points a prune would remove
+    and the bytes their own files take (more than it frees: the kept point absorbs their
+    data)."""
+    if dry_run:
+        with chain.lock(wait, shared=True):
+            gone = [m.point for m in doomed(chain, keep)]
+            return gone, sum(usage(chain, p) for p in gone)
+    with chain.lock(wait):
+        before = usage(chain)
+        gone = prune(chain, keep)
+        return gone, before - usage(chain)
+
+
+def usage(chain: Chain, point: str | None = None) -> int:
+    """Bytes on disk of a point's files (image, sums, manifest), or of the whole chain."""
+    if point is None:
+        paths = [p for p in chain.path.iterdir() if p.is_file()]
+    else:
+        paths = [chain.image_path(point), chain.sums_path(point), chain.manifest_path(point)]
+    return sum(p.lstat().st_blocks * 512 for p in paths if p.exists())
+
+
+def doomed(chain: Chain, keep: int) -> list:
+    """The points a prune to ``keep`` removes, oldest first (changes nothing)."""
+    if keep < 1:
+        raise ValueError("keep must be at least 1")
+    points = chain.points()
+    return points[:-keep] if len(points) > keep else []
 
 
 def finish(chain: Chain, journal: dict) -> None:

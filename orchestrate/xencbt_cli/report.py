@@ -15,6 +15,33 @@ def emit_json(data: object) -> None:
     sys.stdout.write("\n")
 
 
+def several(n: int, word: str) -> str:
+    return "%d %s%s" % (n, word, "" if n == 1 else "s")
+
+
+def pruned_chain(vdi: str, gone: list[str], size: int, dry_run: bool) -> str:
+    return "VDI %s: %s %s (%s), %s %s" % (
+        vdi,
+        "would remove" if dry_run else "merged and removed",
+        several(len(gone), "old point"),
+        ", ".join(gone),
+        "up to" if dry_run else "freed",
+        human(size),
+    )
+
+
+def pruned(removed: dict[str, list[str]], freed: int, keep: int, dry_run: bool) -> str:
+    if not removed:
+        return "nothing to prune: no chain has more than %s" % several(keep, "point")
+    return "%s %s of %s, %s %s" % (
+        "would remove" if dry_run else "removed",
+        several(sum(map(len, removed.values())), "point"),
+        several(len(removed), "VDI"),
+        "up to" if dry_run else "freed",
+        human(freed),
+    )
+
+
 def points(repo: Repository) -> list[dict]:
     rows = []
     for chain in repo.chains():

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,6 +36,33 @@ FORMAT = 2  # 2: chunked digest + sidecar; 1: whole-disk sha256 only (still read
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 POINT = re.compile(r"^\d{8}T\d{6}\.\d{6}Z$")
 LEFTOVER = (".partial", ".tmp")  # files only a writer in progress has
+# Disk images hold everything a VM has: only the repository's owner may read them.
+PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
+LOCK = ".lock"
+
+
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` where every directory created is 0700, whatever the umask."""
+    if path.is_dir():
+        return
+    make_dirs(path.parent)
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=PRIVATE_DIR)
+        os.chmod(path, PRIVATE_DIR)
+
+
+def exposed(path: Path) -> int | None:
+    """The mode of ``path`` when other users may use it, else None."""
+    mode = stat.S_IMODE(path.lstat().st_mode)
+    return mode if mode & 0o077 else None
+
+
+def nearest(point: str, others: list[str]) -> list[str]:
+    """``others`` ordered by how close in time they are to ``point`` (ids sort by time),
+    the older first of two as close."""
+    ids = sorted({*others, point})
+    at = ids.index(point)
+    return sorted(others, key=lambda p: (abs(ids.index(p) - at), p > point))
 
 
 def new_point_id(now: datetime.datetime | None = None) -> str:
@@ -101,7 +129,8 @@ def write_atomically(path: Path, content: str | bytes) -> None:
     tmp = path.with_name(path.name + ".tmp")
     data = content.encode("utf-8") if isinstance(content, str) else content
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+        os.fchmod(fd, PRIVATE_FILE)  # a tmp file left by an older run may be 0644
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -166,22 +195,45 @@ class Chain:
         return points[-1] if points else None
 
     def get(self, point: str | None) -> Manifest:
+        """The point ``point`` names (its id or a unique prefix of it), else the newest."""
         points, damaged = self.load()
+        if point is not None:
+            point = self.resolve(point, [m.point for m in points], damaged)
         if point in damaged:
+            usable = nearest(point, [m.point for m in points])
             raise RepositoryError(
                 "the manifest of point %s of VDI %s is unreadable (%s): xencbt cannot "
-                "restore that point; xencbt verify lists the damage, older points are usable"
-                % (point, self.vdi_uuid, damaged[point])
+                "restore that point; xencbt verify lists the damage; %s"
+                % (
+                    point,
+                    self.vdi_uuid,
+                    damaged[point],
+                    "the nearest usable point is %s (--at %s)" % (usable[0], usable[0])
+                    if usable
+                    else "no other point of this VDI is usable",
+                )
             )
         if not points:
             raise RepositoryError("%s has no backup points" % self)
         if point is None:
             return points[-1]
-        for m in points:
-            if m.point == point:
-                return m
+        return next(m for m in points if m.point == point)
+
+    def resolve(self, prefix: str, readable: list[str], damaged: dict[str, str]) -> str:
+        """The one point id ``prefix`` starts (a whole id always names itself)."""
+        ids = sorted({*readable, *damaged})
+        if prefix in ids:
+            return prefix
+        matches = [p for p in ids if prefix and p.startswith(prefix)]
+        if len(matches) == 1:
+            return matches[0]
+        if matches:
+            raise RepositoryError(
+                "point %s of VDI %s is ambiguous: %d points start with it (%s, …): give more "
+                "of it" % (prefix, self.vdi_uuid, len(matches), ", ".join(matches[:2]))
+            )
         raise RepositoryError(
-            "no point %s for VDI %s (xencbt list shows them)" % (point, self.vdi_uuid)
+            "no point %s for VDI %s (xencbt list shows them)" % (prefix, self.vdi_uuid)
         )
 
     def commit(self, manifest: Manifest, sums: bytes | None = None) -> None:
@@ -191,9 +243,19 @@ class Chain:
             write_atomically(self.sums_path(manifest.point), sums)
         write_atomically(self.manifest_path(manifest.point), manifest.to_json())
 
+    def reserve(self, point: str) -> Path:
+        """An empty private ``<point>.qcow2.partial`` for a copy to write into: the tool
+        keeps its mode, whatever umask it runs with (nbdkit sets its own, 022)."""
+        partial = self.partial_path(point)
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
+        os.fchmod(fd, PRIVATE_FILE)
+        os.close(fd)
+        return partial
+
     def publish_image(self, point: str) -> Path:
-        """Rename ``<point>.qcow2.partial`` to ``<point>.qcow2`` durably."""
+        """Rename ``<point>.qcow2.partial`` to ``<point>.qcow2`` durably (and private)."""
         partial, final = self.partial_path(point), self.image_path(point)
+        os.chmod(partial, PRIVATE_FILE)
         image.fsync(partial)
         os.replace(partial, final)
         image.fsync_dir(self.path)
@@ -210,24 +272,60 @@ class Chain:
 
     @contextlib.contextmanager
     def lock(self, wait: bool = False, shared: bool = False) -> Iterator[None]:
-        """Exclusive for writers; ``shared`` for readers (verify), which then never see a
-        writer's work in progress."""
-        self.path.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+        """Exclusive for writers; ``shared`` for readers (verify, serve), which then never
+        see a writer's work in progress, and which need no write access at all."""
+        fd = self._open_lock(shared)
+        if fd is None:
+            yield
+            return
         try:
+            mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
             try:
-                mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
-                fcntl.flock(fd, mode | (0 if wait else fcntl.LOCK_NB))
+                fcntl.flock(fd, mode | fcntl.LOCK_NB)
             except OSError as e:
                 if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
                     raise
-                raise LockBusy(
-                    "VDI %s is locked by another xencbt process (a backup or prune of the "
-                    "same VM is running): try later, or pass --wait" % self.vdi_uuid
-                ) from None
+                if not wait:
+                    raise self._busy(shared) from None
+                # A wait can be long (a whole backup): say for whom.
+                log.warning(
+                    "VDI %s is in use by %s: waiting for it",
+                    self.vdi_uuid,
+                    ", ".join(holders(self.path / LOCK)) or "another xencbt",
+                )
+                fcntl.flock(fd, mode)
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def _open_lock(self, shared: bool) -> int | None:
+        """The lock file's descriptor; for a reader, read-only, and None when it cannot be
+        had: a read-only file system (nobody can change the chain, so no lock is needed),
+        or a user who may read the repository but not create or open its lock."""
+        path = self.path / LOCK
+        if not shared:
+            make_dirs(self.path)
+            return os.open(path, os.O_RDWR | os.O_CREAT, PRIVATE_FILE)
+        try:
+            return os.open(path, os.O_RDONLY | os.O_CREAT, PRIVATE_FILE)
+        except OSError as e:
+            if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise
+            # Only whole points (a manifest written last) are visible without it.
+            log.info("%s: reading without the chain's lock (%s)", self, e.strerror)
+            return None
+
+    def _busy(self, shared: bool) -> LockBusy:
+        holder = ", ".join(holders(self.path / LOCK))
+        if shared:
+            return LockBusy(
+                "VDI %s is being backed up or pruned by another xencbt process (%s): try "
+                "again when it is done" % (self.vdi_uuid, holder or "a backup or prune")
+            )
+        return LockBusy(
+            "VDI %s is locked by another xencbt process (%s): try later, or pass --wait"
+            % (self.vdi_uuid, holder or "a backup, prune, verify or serve")
+        )
 
     def backing_names(self) -> set[str] | None:
         """Names of the images some image of this chain is backed by; None when an image
@@ -284,6 +382,34 @@ class Chain:
         return removed
 
 
+def holders(path: Path) -> list[str]:
+    """Who holds the flock of ``path``, e.g. ['xencbt backup, pid 123'], from /proc/locks
+    (the kernel's word: nothing to write, so readers without write access count too)."""
+    try:
+        st = os.stat(path)
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return []
+    me = "%02x:%02x:%d" % (os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+    found = []
+    for line in lines:
+        words = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; waiters have a "->".
+        if len(words) >= 6 and words[1] == "FLOCK" and words[5] == me:
+            found.append(describe_holder(int(words[4])))
+    return sorted(set(found))
+
+
+def describe_holder(pid: int) -> str:
+    try:
+        argv = Path("/proc/%d/cmdline" % pid).read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return "pid %d" % pid
+    commands = ("backup", "prune", "repair", "serve", "verify", "restore", "list")
+    what = next((a for a in argv[1:] if a in commands), None)
+    return "xencbt %s, pid %d" % (what, pid) if what else "pid %d" % pid
+
+
 class Repository:
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -294,6 +420,9 @@ class Repository:
 
     def chain(self, vm_uuid: str, vdi_uuid: str) -> Chain:
         return Chain(self.root / vm_uuid / vdi_uuid)
+
+    def create(self) -> None:
+        make_dirs(self.root)
 
     def chains(self) -> list[Chain]:
         self.require()
@@ -321,3 +450,26 @@ class Repository:
             if latest:
                 needed.add(latest.snapshot_uuid)
         return needed
+
+    def exposed(self) -> dict[Path, int]:
+        """Directories and files of the repository other users may use: path -> mode."""
+        self.require()
+        found = {}
+        paths = [self.root]
+        for vm_dir in sorted(self.root.iterdir()):
+            if vm_dir.is_dir() and UUID.match(vm_dir.name):
+                paths += [vm_dir, *sorted(vm_dir.rglob("*"))]
+        for path in paths:
+            if path.is_symlink():
+                continue
+            mode = exposed(path)
+            if mode is not None:
+                found[path] = mode
+        return found
+
+    def tighten(self) -> dict[Path, int]:
+        """Make every directory 0700 and file 0600; returns what was open: path -> mode."""
+        found = self.exposed()
+        for path in found:
+            os.chmod(path, PRIVATE_DIR if path.is_dir() else PRIVATE_FILE)
+        return found

@@ -12,37 +12,89 @@ import logging
 import os
 from pathlib import Path
 
-from . import command, image, testhook
+from . import command, image, progress, testhook
 from .digest import Reading
-from .errors import CliError, PointDamaged
-from .repository import Manifest, Repository
+from .errors import CliError, CommandFailed, PointDamaged, UsageError
+from .repository import Chain, Manifest, Repository, nearest
 
 log = logging.getLogger(__name__)
 
 
-def check(reading: Reading, where: str) -> None:
-    """PointDamaged unless what was read matches the manifest."""
+FORMATS = {".raw": "raw", ".img": "raw", ".qcow2": "qcow2"}
+NEAREST = 5  # points tried for the advice after a damaged one: each is read whole
+
+
+def file_format(path: Path, fmt: str | None) -> str:
+    """``--format``, else what the extension says; never a guess."""
+    if fmt:
+        return fmt
+    found = FORMATS.get(path.suffix.lower())
+    if found is None:
+        raise UsageError(
+            "cannot tell the format of %s from its name: give --format raw or --format "
+            "qcow2 (or name it .raw, .img or .qcow2)" % path
+        )
+    return found
+
+
+def check(reading: Reading, where: str, chain: Chain | None = None) -> None:
+    """PointDamaged unless what was read matches the manifest; the advice names the
+    nearest point (newer or older) that does read back as recorded."""
     problem = reading.problem()
     if problem:
         m = reading.m
         raise PointDamaged(
             "point %s of VDI %s does not read back as recorded (%s): its image or one it is "
-            "backed by is damaged (xencbt verify names it); %s; restore an older point"
-            % (m.point, m.vdi_uuid, problem, where)
+            "backed by is damaged (xencbt verify names it); %s; %s"
+            % (m.point, m.vdi_uuid, problem, where, advice(chain, m))
         )
 
 
-def read_file(path: Path, fmt: str, reading: Reading) -> None:
+def intact(chain: Chain, m: Manifest) -> bool:
+    reading = Reading(m, chain.sums_path(m.point))
+    try:
+        command.stream(image.reader(chain.image_path(m.point)), reading.update)
+    except CliError:
+        return False
+    return reading.problem() is None
+
+
+def advice(chain: Chain | None, damaged: Manifest) -> str:
+    if chain is None:
+        return "restore another point"
+    others = {m.point: m for m in chain.points() if m.point != damaged.point}
+    for point in nearest(damaged.point, list(others))[:NEAREST]:
+        if intact(chain, others[point]):
+            when = "newer" if point > damaged.point else "older"
+            return "the nearest intact point is %s (%s): --at %s" % (point, when, point)
+    if not others:
+        return "it is the only point of this VDI"
+    return "none of the %d nearest points reads back as recorded either: xencbt verify" % min(
+        NEAREST, len(others)
+    )
+
+
+def read_file(path: Path, fmt: str, reading: Reading, advance) -> None:
+    def update(data: bytes) -> None:
+        reading.update(data)
+        advance(len(data))
+
     if fmt == "qcow2":
-        command.stream(image.reader(path), reading.update)
+        command.stream(image.reader(path), update)
         return
     with open(path, "rb") as f:
         while chunk := f.read(command.CHUNK):
-            reading.update(chunk)
+            update(chunk)
 
 
 def to_file(
-    repo: Repository, vdi: str, at: str | None, path: Path, fmt: str, force: bool = False
+    repo: Repository,
+    vdi: str,
+    at: str | None,
+    path: Path,
+    fmt: str,
+    force: bool = False,
+    mode: int = 0o600,
 ) -> Manifest:
     chain = repo.find(vdi)
     m = chain.get(at)
@@ -50,13 +102,23 @@ def to_file(
         raise CliError("%s exists: remove it or pass --force" % path)
     partial = path.with_name(path.name + ".partial")
     try:
-        command.run(
-            ["qemu-img", "convert", "-f", "qcow2", "-O", fmt, chain.image_path(m.point), partial]
-        )
+        # Created private before qemu-img writes a byte of the disk into it.
+        os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        os.chmod(partial, 0o600)
+        label = "%s disk %s" % (m.vm_name, m.userdevice)
+        convert = ["qemu-img", "convert", "-f", "qcow2", "-O", fmt]
+        try:
+            with progress.percent(label + ": restore " + m.point, m.virtual_size) as report:
+                counted = [*convert, *(["-p"] if report else []), chain.image_path(m.point)]
+                command.run(progress.reporting([*counted, partial], report))
+        except CommandFailed as e:  # an image of the chain too damaged to read at all
+            raise CommandFailed("%s; %s" % (e, advice(chain, m))) from None
         reading = Reading(m, chain.sums_path(m.point))
-        read_file(partial, fmt, reading)
-        check(reading, "nothing was written to %s" % path)
+        with progress.task(label + ": check", m.virtual_size) as advance:
+            read_file(partial, fmt, reading, advance)
+        check(reading, "nothing was written to %s" % path, chain)
         testhook.pause("restore-partial")
+        os.chmod(partial, mode)  # --mode: what the user asked for, whatever the umask
         os.replace(partial, path)
     finally:
         if partial.exists():

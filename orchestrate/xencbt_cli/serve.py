@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import errno
-import fcntl
 import ipaddress
 import json
 import logging
@@ -37,9 +35,9 @@ from xencbt_core import nbdproto
 
 from . import command
 from .copier import Copier, plugin
-from .errors import OK, CliError, CommandFailed, LockBusy, UsageError
+from .errors import OK, CliError, CommandFailed, UsageError
 from .pool import Pool
-from .repository import UUID, Chain, Repository
+from .repository import UUID, Repository
 
 log = logging.getLogger(__name__)
 
@@ -332,26 +330,6 @@ def stop_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-@contextlib.contextmanager
-def shared_lock(chain: Chain) -> Iterator[None]:
-    """The chain's lock, shared: backups and prunes (exclusive) wait or fail meanwhile,
-    so no point of the served chain is merged or removed under the server."""
-    fd = os.open(chain.path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as e:
-            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise
-            raise LockBusy(
-                "VDI %s is being backed up or pruned by another xencbt process: try "
-                "again when it is done" % chain.vdi_uuid
-            ) from None
-        yield
-    finally:
-        os.close(fd)
-
-
 class Server:
     """One serve: where it listens, with what TLS, and how it announces itself."""
 
@@ -361,7 +339,9 @@ class Server:
 
     def point(self, repo: Repository, vdi: str, at: str | None) -> None:
         chain = repo.find(vdi)
-        with shared_lock(chain):
+        # Shared: backups and prunes (exclusive) wait or fail meanwhile, so no point of
+        # the served chain is merged or removed under the server.
+        with chain.lock(shared=True):
             m = chain.get(at)
             image = chain.image_path(m.point)
             what = {"vdi": chain.vdi_uuid, "point": m.point, "type": m.type}

@@ -5,7 +5,7 @@ The config file is INI with one ``[xencbt]`` section::
     [xencbt]
     xapi = https://pool-master.example.com
     user = root
-    password_file = /etc/xencbt/password
+    password_file = /etc/xencbt/password      ; mode 0600 (inline comments allowed)
     xapi_cafile = /etc/xencbt/pool-master.pem
     # thumbprint = AA:BB:...
     # repo = /srv/backup
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import logging
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -28,6 +30,8 @@ from xencbt_core.secret import Secret, read_password, write_private
 from xencbt_core.xapi import ApiTrust, Session
 
 from .errors import UsageError
+
+log = logging.getLogger(__name__)
 
 SYSTEM_CONFIG = Path("/etc/xencbt/xencbt.conf")
 USER_CONFIG = Path("~/.config/xencbt/xencbt.conf")
@@ -61,8 +65,16 @@ class Settings:
     def password(self) -> Secret:
         # Read once: from stdin (``-``) there is no second chance.
         if self._password is None:
-            spec = "-" if self.password_file == "-" else "+" + self.password_file
-            self._password = read_password(spec)
+            if self.password_file == "-":
+                self._password = read_password("-")
+                if not self._password.reveal():
+                    raise UsageError(
+                        "the password read from stdin (--password-file -) is empty: "
+                        "pipe the password in, or give --password-file FILE"
+                    )
+            else:
+                warn_if_exposed(self.password_file)
+                self._password = read_password("+" + self.password_file)
         return self._password
 
     def session(self) -> Session:
@@ -82,6 +94,21 @@ class Settings:
             yield "+" + path
 
 
+def warn_if_exposed(path: str) -> None:
+    """As ssh does for keys: a password file others may read gets a warning."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # reading it says why
+    if mode & 0o077:
+        log.warning(
+            "the password file %s is open to other users (mode %04o): chmod 600 %s",
+            path,
+            stat.S_IMODE(mode),
+            path,
+        )
+
+
 def config_file(explicit: str | None) -> Path | None:
     if explicit:
         if not Path(explicit).is_file():
@@ -96,7 +123,9 @@ def config_file(explicit: str | None) -> Path | None:
 def read_config(path: Path | None) -> dict[str, str]:
     if path is None:
         return {}
-    parser = configparser.ConfigParser()
+    # "; comment" after a value is a comment, as the README's example shows it (a ";" with
+    # whitespace before it: a value such as a URL may hold a bare ";"); so is "# comment".
+    parser = configparser.ConfigParser(inline_comment_prefixes=(";", "#"))
     try:
         parser.read(path, encoding="utf-8")
     except configparser.Error as e:

@@ -75,7 +75,7 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
 
             command.stream(reader(chain.image_path(m.point)), send)
             upload.finish()
-        check(reading, "the new VDI is destroyed")
+        check(reading, "the new VDI is destroyed", chain)
         pool.call("VDI.set_name_label", ref, name)
     except ImportFailed as e:
         gone = _destroy(pool, ref, uuid)
@@ -148,7 +148,7 @@ def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
     with random_access(chain.image_path(m.point)) as h:
         reading = Reading(m, chain.sums_path(m.point))
         extents = differing(pool, ref, h, m.virtual_size, reading)
-        check(reading, "nothing was written to VDI %s" % target)
+        check(reading, "nothing was written to VDI %s" % target, chain)
         length = sum(FRAME.size + n for _, n in extents) + FRAME.size
         again = "xencbt restore --repo %s %s --at %s --to-vdi %s" % (
             repo.root,

@@ -16,9 +16,9 @@ import dataclasses
 import logging
 import os
 
-from . import command, digest, image, prune
+from . import command, digest, image, progress, prune
 from .errors import CliError, RepositoryError, VerifyFailed
-from .repository import Chain, Manifest, Repository
+from .repository import Chain, Manifest, Repository, nearest
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +60,24 @@ def check_point(chain: Chain, m: Manifest, by_point: dict[str, Manifest]) -> str
     return content_problem(chain, m)
 
 
+def both(update, advance):
+    """A sink feeding the digest and the progress line."""
+
+    def sink(data: bytes) -> None:
+        update(data)
+        advance(len(data))
+
+    return sink
+
+
 def content_problem(chain: Chain, m: Manifest) -> str | None:
     """Whether the point's flattened content still hashes as recorded, and its sums are
     intact (the next incremental carries them over)."""
     reading = digest.Reading(m, chain.sums_path(m.point))
+    label = "%s disk %s: verify %s" % (m.vm_name, m.userdevice, m.point)
     try:
-        command.stream(image.reader(chain.image_path(m.point)), reading.update)
+        with progress.task(label, m.virtual_size) as advance:
+            command.stream(image.reader(chain.image_path(m.point)), both(reading.update, advance))
     except CliError as e:
         return "cannot read the image: %s" % e
     problem = reading.problem()
@@ -143,14 +155,32 @@ def check_chain(chain: Chain, report: Report) -> None:
             chain,
             "leftovers of an interrupted run: %s (%s)" % (", ".join(leftovers), REPAIRED_BY),
         )
+    good, bad = [], []
     for m in points:
         report.count += 1
         problem = check_point(chain, by_point[m.point], by_point)
         if problem:
             report.failed_points += 1
             report.fail(chain, m.point, problem)
+            bad.append(m.point)
         else:
             report.ok(chain, m.point)
+            good.append(m.point)
+    for point in [*bad, *damaged]:
+        advise(chain, point, good, report)
+
+
+def advise(chain: Chain, point: str, good: list[str], report: Report) -> None:
+    """Which point to restore instead of a damaged one: the nearest sound one."""
+    if not good:
+        report.note(chain, "no point of this VDI is intact: take a full backup (--full)")
+        return
+    near = nearest(point, good)[0]
+    report.note(
+        chain,
+        "the nearest intact point to %s is %s (%s): xencbt restore %s --at %s"
+        % (point, near, "newer" if near > point else "older", chain.vdi_uuid[:8], near),
+    )
 
 
 def verify(repo: Repository, vdis: list[str], say) -> int:
@@ -159,6 +189,12 @@ def verify(repo: Repository, vdis: list[str], say) -> int:
     for chain in chains:
         with chain.lock(wait=True, shared=True):
             check_chain(chain, report)
+    if not report.count and not report.failures:
+        # A monitoring check must not pass on an empty (or wrongly named) repository.
+        raise RepositoryError(
+            "no backup points in %s%s: nothing was verified"
+            % (repo.root, " for VDI " + ", ".join(vdis) if vdis else "")
+        )
     if report.failures:
         others = len(report.failures) - report.failed_points
         raise VerifyFailed(

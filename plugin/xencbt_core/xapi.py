@@ -70,6 +70,25 @@ class ApiTrust:
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
 
+    def unverified(self, host: str, port: int, why: str) -> str:
+        """Why the server's certificate was refused, naming the one it presented, and
+        what to do (never: pass the option that was passed)."""
+        found = presented(host, port)
+        shown = " (it presented a certificate with SHA-256 fingerprint %s)" % found if found else ""
+        if self.cafile:
+            return (
+                "cannot verify the XAPI server %s certificate against xapi-cafile %s: %s%s. "
+                "Is that file the pool master's certificate (the certificate part of its "
+                "/etc/xensource/xapi-ssl.pem), and does the URL name that host? If the "
+                "fingerprint is the master's, thumbprint= pins it instead"
+                % (host, self.cafile, why, shown)
+            )
+        return (
+            "cannot verify the XAPI server %s certificate: %s%s. Pass xapi-cafile= (the "
+            "pool master's certificate) or thumbprint= (its SHA-256 fingerprint)"
+            % (host, why, shown)
+        )
+
     def check(self, sock: ssl.SSLSocket, host: str) -> None:
         if not self.thumbprint:
             return
@@ -79,6 +98,16 @@ class ApiTrust:
                 "the XAPI server %s presented a certificate with SHA256 fingerprint %s, "
                 "not the pinned thumbprint=%s" % (host, fingerprint(der), self.thumbprint)
             )
+
+
+def presented(host: str, port: int) -> str | None:
+    """The SHA-256 fingerprint of the certificate ``host`` presents (unverified: only to
+    name it in an error), or None when it cannot be had."""
+    try:
+        pem = ssl.get_server_certificate((host, port), timeout=10)
+    except (OSError, ssl.SSLError, ValueError):
+        return None
+    return fingerprint(ssl.PEM_cert_to_DER_cert(pem))
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):
@@ -91,9 +120,7 @@ class _PinnedHTTPSConnection(http.client.HTTPSConnection):
             super().connect()
         except ssl.SSLCertVerificationError as e:
             raise TrustError(
-                "cannot verify the XAPI server %s certificate: %s. Pass xapi-cafile= (the "
-                "pool master's certificate) or thumbprint= (its SHA-256 fingerprint)"
-                % (self.host, e.verify_message)
+                self._trust.unverified(self.host, self.port, e.verify_message)
             ) from None
         self._trust.check(self.sock, self.host)
 
