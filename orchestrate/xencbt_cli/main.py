@@ -153,6 +153,7 @@ def repository(args, conf: settings.Settings):
 def cmd_backup(args, conf: settings.Settings) -> int:
     from .backup import Backup
     from .copier import Copier
+    from .network import warn_if_insecure
     from .pool import Pool
 
     if not 1 <= args.connections <= 16:
@@ -163,6 +164,7 @@ def cmd_backup(args, conf: settings.Settings) -> int:
         raise UsageError("--retry-timeout must be a positive number of seconds")
     repo = repository(args, conf)
     with conf.session() as session, conf.plugin_password() as password:
+        warn_if_insecure(session, say)
         progress = sys.stderr.isatty() and not args.json
         copier = Copier(conf, password, args.connections, progress, args.retry_timeout)
         job = Backup(

@@ -72,7 +72,8 @@ class ProtocolError(UpstreamError):
 
 
 class RequestFailed(UpstreamError):
-    """The server answered one request with an NBD error; the connection is fine."""
+    """The server answered one request with an NBD error.  The host's server serves no
+    more on that connection afterwards, so it is dropped; a fresh one may be opened."""
 
     def __init__(self, message: str, error: int):
         super().__init__(message)

@@ -31,7 +31,8 @@ HELP = {
     "key; ca: chain to cafile= and match get_nbd_info's subject",
     "cafile": "CA bundle for verify=ca",
     "connections": "upstream NBD connections, 1..%d (default 4)" % MAX_CONNECTIONS,
-    "tls": "require (default) or off: off accepts a host whose NBD network is insecure_nbd",
+    "tls": "require (default) or off: off accepts an nbd-info= record without a certificate "
+    "(with xapi=, an insecure_nbd network is read from XAPI and served plain, with a warning)",
     "nbd-info": "+FILE with a get_nbd_info record (JSON object or list): no XAPI needed",
     "changed": "+FILE with a base64 bitmap as list_changed_blocks returns (with nbd-info=)",
     "timeout": "seconds to wait for the NBD server on each operation (default 60)",

@@ -114,7 +114,9 @@ class Pool:
             try:
                 conn.pread_into(view, offset)
             except RequestFailed:
-                self._release(conn, healthy=True)
+                # The host's server stops serving a connection once it has sent an error
+                # reply (nbd lib/server.ml ``serve``): never lend this one out again.
+                self._release(conn, healthy=False, polite=False)
                 raise
             except PayloadCut as e:
                 # Keep the whole sectors that arrived; ask only for the rest, so a link
@@ -190,7 +192,7 @@ class Pool:
         )
         self._limit = self._live
 
-    def _release(self, conn: Connection, healthy: bool) -> None:
+    def _release(self, conn: Connection, healthy: bool, polite: bool | None = None) -> None:
         with self._lock:
             keep = healthy and not self._closed
             if keep:
@@ -198,7 +200,7 @@ class Pool:
             else:
                 self._live -= 1
         if not keep:
-            conn.close(polite=healthy)
+            conn.close(polite=healthy if polite is None else polite)
         self._wake()
 
     def _wake(self, everyone: bool = False) -> None:
