@@ -122,6 +122,13 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("action", choices=("status", "enable", "disable"))
     n.add_argument("--network", metavar="NAME|UUID")
     n.add_argument("--insecure", action="store_true", help="insecure_nbd (no TLS)")
+    n.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="enable: how long to wait for every host to serve NBD (default 60)",
+    )
     return p
 
 
@@ -279,7 +286,7 @@ def cmd_nbd(args, conf: settings.Settings) -> int:
                     print("%-40s %-36s %s" % (r["name"], r["uuid"], r["mode"] or "-"))
             return errors.OK
         if args.action == "enable":
-            nets.enable(args.network, args.insecure)
+            nets.enable(args.network, args.insecure, args.wait_timeout)
         else:
             nets.disable(args.network)
     return errors.OK

@@ -61,7 +61,9 @@ class Networks:
             )
         return matches[0]
 
-    def enable(self, network: str | None, insecure: bool) -> None:
+    def enable(
+        self, network: str | None, insecure: bool, timeout: float = PROPAGATION_TIMEOUT
+    ) -> None:
         ref = self.find(network)
         wanted = "insecure_nbd" if insecure else "nbd"
         other = "nbd" if insecure else "insecure_nbd"
@@ -80,7 +82,7 @@ class Networks:
             except XapiError as e:
                 raise CliError("cannot enable %s: %s" % (wanted, e)) from None
             self.say("enabled %s; waiting for the hosts to serve NBD" % wanted)
-        self.wait_ready()
+        self.wait_ready(timeout)
 
     def disable(self, network: str | None) -> None:
         ref = self.find(network)
