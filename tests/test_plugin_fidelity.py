@@ -12,7 +12,9 @@ import contextlib
 import hashlib
 import os
 import socket
+import ssl
 import time
+import xmlrpc.client
 from pathlib import Path
 
 import nbd
@@ -210,3 +212,38 @@ def test_a_session_given_to_a_member_follows_the_master(xensim_factory, tmp_path
     r = run_plugin(params, 'nbdcopy "$uri" %s' % out)
     assert r.returncode == 0, r.stderr
     assert sha_file(out) == sha_file(raw, size)
+
+
+# -- item 9: at most 500 sessions per originator (db_gc_util.ml timeout_sessions) ----------
+
+
+def test_plugin_whose_session_the_pool_destroyed_logs_in_again(xensim_factory, tmp_path):
+    # 500 newer sessions of the plugin's originator make the pool destroy the plugin's own
+    # (the least recently active); its next connection's export name is then dead, so it
+    # logs in again and fetches new NBD info instead of failing.
+    sim = xensim_factory(disk_sizes="4M")
+    uuid, raw, size = snapshot(sim)
+    want = raw.read_bytes()[:size]
+    proxy = xmlrpc.client.ServerProxy(
+        sim.info["xapi"], context=ssl.create_default_context(cafile=sim.info["ca_file"])
+    )
+    before = set(sim.control.issued_secrets()["sessions"])
+    with plugin_server(xapi_params(sim, uuid, "connections=2"), tmp_path) as (uri, _):
+        h = nbd.NBD()
+        h.connect_uri(uri)
+        assert h.pread(65536, 0) == want[:65536]  # one upstream connection, now idle
+        (plugin_session,) = set(sim.control.issued_secrets()["sessions"]) - before
+        for _ in range(500):
+            reply = proxy.session.login_with_password("root", sim.password, "1.1", "xencbt")
+            assert reply["Status"] == "Success"
+        assert proxy.pool.get_all(plugin_session)["ErrorDescription"][0] == "SESSION_INVALID"
+        sim.control.set_faults(hold_for=1.0)  # both reads wait: the second needs a new connection
+        buffers = [nbd.Buffer(65536) for _ in range(2)]
+        pending = {h.aio_pread(b, o) for b, o in zip(buffers, (65536, 2 * 65536))}
+        while pending:
+            h.poll(-1)
+            pending = {c for c in pending if not h.aio_command_completed(c)}
+        assert buffers[0].to_bytearray() == want[65536 : 2 * 65536]
+        assert buffers[1].to_bytearray() == want[2 * 65536 : 3 * 65536]
+        h.shutdown()
+    assert len(set(sim.control.issued_secrets()["sessions"]) - before) == 502  # logged in again
