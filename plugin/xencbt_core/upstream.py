@@ -29,8 +29,6 @@ from .trust import Expectation
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 2 * 1024 * 1024  # per NBD_CMD_READ; what Xen Orchestra uses against real hosts
-
-
 CONNECT_TIMEOUT = 5.0  # per address: a dead one must not stall the copy (REFERENCE §2)
 
 
