@@ -4,10 +4,15 @@ Ground truth: a model of what the guest wrote."""
 
 from __future__ import annotations
 
+import os
+import ssl
+import subprocess
 import time
+import xmlrpc.client
 from pathlib import Path
 
-from cli_support import BLOCK, Vm, backup, rand, restored_sha, xencbt
+from cli_support import BLOCK, XENCBT, Vm, backup, cli_env, rand, restored_sha, xencbt
+from secretwatch import WATCH
 
 
 def test_nbd_enable_completes_when_each_host_answers_on_one_address(xensim_factory):
@@ -71,3 +76,33 @@ def test_backup_through_a_members_api(xensim_factory, tmp_path):
     )
     assert r.returncode == 0
     assert restored_sha(sim, repo, tmp_path, vm.uuids[0]) == vm.digests()[0]
+
+
+def test_backup_with_a_session_file_given_to_a_member(xensim_factory, tmp_path):
+    # An orchestrator's session, used through a member's API: the command and the plugin
+    # (session=+FILE) take it to the master, and neither logs it out.
+    sim = xensim_factory(hosts=2, disk_sizes="1M", in_use_wait=0.5)
+    master, member = sim.info["hosts"]
+    bundle = tmp_path / "certs.pem"
+    bundle.write_text("".join(Path(h["cert_file"]).read_text() for h in (master, member)))
+    vm = Vm(sim)
+    vm.write(0, {5 * BLOCK: rand(BLOCK)})
+    session = sim.session()
+    session_file = tmp_path / "session"
+    fd = os.open(session_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(session.handle + "\n")
+    env = cli_env(sim)
+    del env["XENCBT_PASSWORD_FILE"]
+    env.update(XENCBT_XAPI=member["xapi"], XENCBT_SESSION_FILE=str(session_file))
+    repo = tmp_path / "repo"
+    argv = [*XENCBT, "--xapi-cafile", str(bundle), "backup", "demo-vm", "--repo", str(repo)]
+    r = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    WATCH.output("xencbt backup (session file)", r.stdout, r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert restored_sha(sim, repo, tmp_path, vm.uuids[0]) == vm.digests()[0]
+    # Still live: a given session is never logged out.  (Plain XML-RPC: the XenAPI module
+    # would silently log in again.)
+    ctx = ssl.create_default_context(cafile=master["cert_file"])
+    proxy = xmlrpc.client.ServerProxy(master["xapi"], context=ctx)
+    assert proxy.pool.get_all(session.handle)["Status"] == "Success"

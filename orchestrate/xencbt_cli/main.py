@@ -31,11 +31,12 @@ exit codes:
   6  authentication failed: the pool refused the user or password (password changed?)
 130 interrupted
 
-connection settings: --xapi/--user/--password-file override $XENCBT_XAPI, $XENCBT_USER,
-$XENCBT_PASSWORD_FILE, which override the config file (--config, else
-/etc/xencbt/xencbt.conf, else ~/.config/xencbt/xencbt.conf; INI section [xencbt] with
-xapi, user, password_file, xapi_cafile, thumbprint, repo). The password is only ever read
-from a file (or stdin with --password-file -), never taken on the command line.
+connection settings: --xapi/--user/--password-file/--session-file override $XENCBT_XAPI,
+$XENCBT_USER, $XENCBT_PASSWORD_FILE, $XENCBT_SESSION_FILE, which override the config file
+(--config, else /etc/xencbt/xencbt.conf, else ~/.config/xencbt/xencbt.conf; INI section
+[xencbt] with xapi, user, password_file, session_file, xapi_cafile, thumbprint, repo).
+The password is only ever read from a file (or stdin with --password-file -), never taken
+on the command line.
 """
 
 
@@ -49,6 +50,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--xapi", metavar="URL", help="pool API, e.g. https://pool-master")
     p.add_argument("--user", help="XAPI user (default root)")
     p.add_argument("--password-file", metavar="FILE", help="file holding the password, or -")
+    p.add_argument(
+        "--session-file",
+        metavar="FILE",
+        help="file holding a logged-in session ref to reuse instead (never logged out)",
+    )
     p.add_argument("--xapi-cafile", metavar="FILE", help="CA or certificate of the API")
     p.add_argument("--thumbprint", metavar="SHA256", help="pin the API certificate instead")
     p.add_argument("--config", metavar="FILE", help="INI config file")
@@ -319,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
                 "xapi": args.xapi,
                 "user": args.user,
                 "password_file": args.password_file,
+                "session_file": args.session_file,
                 "xapi_cafile": args.xapi_cafile,
                 "thumbprint": args.thumbprint,
                 "repo": getattr(args, "repo", None),

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from .errors import ConfigError
 from .pool import MAX_CONNECTIONS
-from .secret import Secret, read_file, read_password
+from .secret import Secret, read_file, read_password, register
 from .trust import MODES
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
@@ -79,7 +79,7 @@ class Params:
     def _set_session(self, key: str, value: str) -> None:
         if not value.startswith("+"):
             raise ConfigError("session= takes +FILE (a session ref on the command line leaks)")
-        self.session = Secret(read_file(value[1:], "session"))
+        self.session = Secret(register(read_file(value[1:], "session")))
 
     def _set_nbd_info(self, key: str, value: str) -> None:
         self.nbd_info = _plus_file(key, value)
