@@ -54,6 +54,11 @@ class ConnectionDead(UpstreamError):
     """The connection dropped or could not be made; a fresh one may succeed."""
 
 
+class Unreachable(ConnectionDead):
+    """Nothing accepted a TCP connection at that address (dead, filtered, or not one the
+    NBD server listens on, like a host's IPv6 addresses)."""
+
+
 class PayloadCut(ConnectionDead):
     """The connection died in the middle of a read's data.  What arrived is good (the host
     sends data only as it reads it, after a success header): ``received`` bytes of it."""

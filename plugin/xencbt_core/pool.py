@@ -25,11 +25,12 @@ from .errors import (
     ProtocolError,
     RequestFailed,
     RetriesExhausted,
+    Unreachable,
     UpstreamError,
 )
 from .nbdproto import SECTOR
 from .trust import Expectation
-from .upstream import MAX_REQUEST, Connection, Target
+from .upstream import MAX_REQUEST, Connection, Target, preference
 
 log = logging.getLogger(__name__)
 
@@ -220,15 +221,23 @@ class Pool:
                 return self._open_any(self.source.refresh())
 
     def _open_any(self, targets: list[Target]) -> Connection:
-        """Try every address of the export, starting with the one that last worked."""
+        """Try the export's addresses, IPv4 first, the one that last worked first among
+        its kind.  Once a server answered on IPv4 (busy at its 16 connections, say), the
+        IPv6 addresses are not tried: xapi-nbd listens on IPv4 only, and a dead address
+        costs a connect timeout."""
         errors = []
-        order = list(range(len(targets)))
-        order = order[self._preferred :] + order[: self._preferred]
+        order = sorted(
+            range(len(targets)), key=lambda i: (preference(targets[i]), i != self._preferred)
+        )
+        answered = False
         for i in order:
+            if answered and preference(targets[i]) > 0:
+                break
             try:
                 conn = Connection.open(targets[i], self.expectation(targets[i]), self.timeout)
             except ConnectionDead as e:
                 errors.append(str(e))
+                answered = answered or not isinstance(e, Unreachable)
                 continue
             self._check_size(conn)
             self._preferred = i

@@ -21,6 +21,7 @@ from .errors import (
     ProtocolError,
     RequestFailed,
     TrustError,
+    Unreachable,
     UpstreamError,
 )
 from .secret import Secret
@@ -108,7 +109,7 @@ class Connection:
             sock = socket.create_connection((target.address, target.port), connect_timeout)
             sock.settimeout(timeout)
         except OSError as e:
-            raise ConnectionDead(
+            raise Unreachable(
                 "cannot connect to the NBD server %s: %s" % (target, _why(e))
             ) from None
         try:
