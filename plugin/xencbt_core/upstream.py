@@ -196,8 +196,9 @@ def _starttls(sock: socket.socket, target: Target, expect: Expectation) -> ssl.S
     if rtype != P.REP_ACK:
         raise TrustError(
             "the NBD server %s refused TLS (%s); refusing to continue without it: the "
-            "network may be set to insecure_nbd (see `xencbt nbd status`), or something "
-            "between us is stripping TLS" % (target, P.REP_NAMES.get(rtype, hex(rtype)))
+            "network's purpose may have changed less than ~10 s ago (see `xencbt nbd "
+            "status`), or something between us is stripping TLS"
+            % (target, P.REP_NAMES.get(rtype, hex(rtype)))
         )
     try:
         tls = expect.context().wrap_socket(sock, server_hostname=None)
