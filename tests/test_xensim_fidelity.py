@@ -33,7 +33,7 @@ def user_vdi(x) -> str:
 # -- get_nbd_info (xen-api ocaml/xapi/xapi_vdi.ml _get_nbd_info) ---------------------------
 
 
-def test_nbd_info_lists_ipv6_in_cidr_form_and_skips_unplugged_pifs(xensim_factory):
+def test_nbd_info_lists_ipv6_in_cidr_form_and_skips_unplugged_pifs_and_pbds(xensim_factory):
     sim = xensim_factory(hosts=2, disk_sizes="1M")
     x = sim.session().xenapi
     vdi = user_vdi(x)
@@ -55,6 +55,14 @@ def test_nbd_info_lists_ipv6_in_cidr_form_and_skips_unplugged_pifs(xensim_factor
     assert [i["address"] for i in x.VDI.get_nbd_info(vdi)] == addresses[:3]
     x.PIF.plug(pif)
     assert [i["address"] for i in x.VDI.get_nbd_info(vdi)] == addresses
+    (host1_pbd,) = [p for p in x.SR.get_PBDs(x.VDI.get_SR(vdi)) if x.PBD.get_host(p) == member]
+    x.PBD.unplug(host1_pbd)  # demo-vm runs on the master: nothing of the SR is active here
+    assert [i["address"] for i in x.VDI.get_nbd_info(vdi)] == addresses[:3]
+    x.PBD.plug(host1_pbd)
+    (host0_pbd,) = [p for p in x.SR.get_PBDs(x.VDI.get_SR(vdi)) if x.PBD.get_host(p) != member]
+    with pytest.raises(XenAPI.Failure) as busy:
+        x.PBD.unplug(host0_pbd)
+    assert busy.value.details[0] == "VDI_IN_USE" and vdi in busy.value.details
     management = next(p for p in x.PIF.get_all() if x.PIF.get_management(p))
     with pytest.raises(XenAPI.Failure) as refused:
         x.PIF.unplug(management)

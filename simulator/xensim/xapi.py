@@ -198,6 +198,8 @@ class Xapi:
         )
         add("PIF.plug", lambda c, r: self._plug_pif(r, True), 1)
         add("PIF.unplug", lambda c, r: self._plug_pif(r, False), 1)
+        add("PBD.plug", lambda c, r: self._set("PBD", r, "currently_attached", True), 1)
+        add("PBD.unplug", lambda c, r: self._unplug_pbd(r), 1)
         add("VM.destroy", lambda c, r: st.destroy_vm(r), 1)
         add("VM.set_name_label", lambda c, r, v: self._set("VM", r, "name_label", v), 2)
         add("task.create", lambda c, label, desc: self.tasks.create(label, desc, c), 2)
@@ -264,6 +266,25 @@ class Xapi:
             raise XapiError("PIF_IS_MANAGEMENT_INTERFACE", ref)
         rec["currently_attached"] = attached
         self.propagation.changed(network.host_modes(self.db))
+        return ""
+
+    def _unplug_pbd(self, ref: str) -> str:
+        """xen-api ocaml/xapi/xapi_pbd.ml ``unplug``: refused with VDI_IN_USE while a VM
+        resident on the PBD's host has a VBD of that SR attached
+        (``get_active_vdis_by_pbd``).  An unplugged PBD drops its host from get_nbd_info."""
+        pbd = self.db.get("PBD", ref)
+        active = [
+            vbd["VDI"]
+            for vm in self.db.find("VM", resident_on=pbd["host"])
+            for vbd in (self.db.get("VBD", v) for v in self.db.find("VBD", VM=vm))
+            if vbd["currently_attached"]
+            and not vbd.get("empty")
+            and self.db.exists("VDI", vbd["VDI"])
+            and self.db.get("VDI", vbd["VDI"])["SR"] == pbd["SR"]
+        ]
+        if active:
+            raise XapiError("VDI_IN_USE", *active)
+        pbd["currently_attached"] = False
         return ""
 
     def _copy(self, ref: str, sr: str) -> str:
