@@ -35,12 +35,12 @@ With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.
 
 global options may also follow COMMAND (xencbt list --repo R --json).
 
-connection settings: --xapi/--user/--password-file override $XENCBT_XAPI, $XENCBT_USER,
-$XENCBT_PASSWORD_FILE, which override the config file (--config, else
-/etc/xencbt/xencbt.conf, else ~/.config/xencbt/xencbt.conf; INI section [xencbt] with
-xapi, user, password_file, xapi_cafile, thumbprint, repo; "; comment" after a value is a
-comment). The password is only ever read from a file (or stdin with --password-file -),
-never taken on the command line.
+connection settings: --xapi/--user/--password-file/--session-file override $XENCBT_XAPI,
+$XENCBT_USER, $XENCBT_PASSWORD_FILE, $XENCBT_SESSION_FILE, which override the config file
+(--config, else /etc/xencbt/xencbt.conf, else ~/.config/xencbt/xencbt.conf; INI section
+[xencbt] with xapi, user, password_file, session_file, xapi_cafile, thumbprint, repo;
+"; comment" after a value is a comment). The password is only ever read from a file (or
+stdin with --password-file -), never taken on the command line.
 """
 
 
@@ -68,6 +68,12 @@ def add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         metavar="FILE",
         default=default(None),
         help="file holding the password, or -",
+    )
+    p.add_argument(
+        "--session-file",
+        metavar="FILE",
+        default=default(None),
+        help="file holding a logged-in session ref to reuse instead (never logged out)",
     )
     p.add_argument(
         "--xapi-cafile", metavar="FILE", default=default(None), help="CA or certificate of the API"
@@ -188,6 +194,13 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("action", choices=("status", "enable", "disable"))
     n.add_argument("--network", metavar="NAME|UUID")
     n.add_argument("--insecure", action="store_true", help="insecure_nbd (no TLS)")
+    n.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="enable: how long to wait for every host to serve NBD (default 60)",
+    )
     return p
 
 
@@ -251,6 +264,7 @@ def repository(args, conf: settings.Settings):
 def cmd_backup(args, conf: settings.Settings) -> int:
     from .backup import Backup
     from .copier import Copier
+    from .network import warn_if_insecure
     from .pool import Pool
 
     if not 1 <= args.connections <= 16:
@@ -263,6 +277,7 @@ def cmd_backup(args, conf: settings.Settings) -> int:
         raise UsageError("--in-use-timeout must be a number of seconds, 0 or more")
     repo = repository(args, conf)
     with conf.session() as session, conf.plugin_password() as password:
+        warn_if_insecure(session, say)
         # Progress is xencbt's own lines (progress.py), not qemu-img's -p counter.
         copier = Copier(conf, password, args.connections, False, args.retry_timeout)
         job = Backup(
@@ -409,7 +424,7 @@ def cmd_nbd(args, conf: settings.Settings) -> int:
                     print("%-40s %-36s %s" % (r["name"], r["uuid"], r["mode"] or "-"))
             return errors.OK
         if args.action == "enable":
-            nets.enable(args.network, args.insecure)
+            nets.enable(args.network, args.insecure, args.wait_timeout)
         else:
             nets.disable(args.network)
     return errors.OK
@@ -453,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
                 "xapi": args.xapi,
                 "user": args.user,
                 "password_file": args.password_file,
+                "session_file": args.session_file,
                 "xapi_cafile": args.xapi_cafile,
                 "thumbprint": args.thumbprint,
                 "repo": getattr(args, "repo", None),

@@ -36,6 +36,7 @@ from xencbt_core import nbdproto
 from . import command
 from .copier import Copier, plugin
 from .errors import OK, CliError, CommandFailed, UsageError
+from .network import warn_if_insecure
 from .pool import Pool
 from .repository import UUID, Repository
 
@@ -403,6 +404,7 @@ def serve(args, conf, repo: Repository | None, say: Callable[[str], None]) -> in
         if args.at:
             raise UsageError("--at names a backup point; --snapshot serves the live VDI")
         with conf.session() as session, conf.plugin_password() as password:
+            warn_if_insecure(session, say)
             server.snapshot(Pool(session), Copier(conf, password, CONNECTIONS, False), args.vdi)
     return OK
 
