@@ -112,7 +112,11 @@ class Watch:
         this process and everything it starts (through the environment).  ``required``:
         a TMPDIR that cannot be watched fails instead of being reported."""
         self.private = basetemp / PRIVATE_DIR
-        (self.private / "execs").mkdir(parents=True, mode=0o700)
+        (self.private / "execs").mkdir(parents=True)
+        # Other local users' runs (test_cli_access) record their execs too: they may create
+        # files here (0600, theirs) but not list or read the others'.
+        self.private.chmod(0o711)
+        (self.private / "execs").chmod(0o1733)
         os.environ[EXEC_ENV] = str(self.private / "execs")
         os.environ[ISSUED_ENV] = str(self.private / "issued")
         self.tmpdir = basetemp / "tmpdir"

@@ -214,7 +214,7 @@ def test_failed_import_to_sr_exits_non_zero_and_leaves_no_vdi(pool, tmp_path):
     r = restore(pool, repo, vm.uuids[0], point, "--to-sr", "Local storage on host1", check=1)
     line = one_line_error(r)
     assert "VDI_IO_ERROR" in line and "was destroyed" in line, line
-    assert r.stdout == ""
+    assert json.loads(r.stdout) == {"error": line.removeprefix("xencbt: "), "exit_code": 1}
     assert vdi_uuids(vm.x) == before
 
 
