@@ -2,7 +2,7 @@
 
 A kill point is a trigger (something observable: a snapshot VM appearing on the simulated
 host, a ``.partial`` file, a manifest temp file) plus a random delay after it; the run is
-then killed with SIGKILL, its process group is watched until every child is gone, and
+then killed with SIGKILL, its session is watched until every child is gone, and
 ``Aftermath`` checks what the issue promises: verify passes, no half-written point is
 listed, the next backup succeeds byte-identical and the host keeps no snapshot of ours
 beyond the CBT bases the repository needs.
@@ -10,6 +10,7 @@ beyond the CBT bases the repository needs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -34,8 +35,8 @@ def kills_per_point() -> int:
 
 # -- processes ---------------------------------------------------------------------------
 def start(sim, *args: str) -> subprocess.Popen:
-    """``xencbt ARGS`` in a process group of its own, so that its children can be found
-    after it is killed (they keep the group when re-parented)."""
+    """``xencbt ARGS`` in a session of its own, so that its children can be found after
+    it is killed (they keep the session when re-parented)."""
     argv = [*XENCBT, "--xapi-cafile", sim.info["ca_file"], *args]
     return subprocess.Popen(
         argv,
@@ -47,7 +48,9 @@ def start(sim, *args: str) -> subprocess.Popen:
     )
 
 
-def group_members(pgid: int) -> list[str]:
+def session_members(sid: int) -> list[str]:
+    """Live processes of the session ``sid`` ("pid (name)"): everything a run started in
+    a session of its own left, whatever process group xencbt put it in."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -57,9 +60,25 @@ def group_members(pgid: int) -> list[str]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        if fields[0] not in "ZX" and int(fields[3]) == sid:
             found.append("%s %s" % (pid, stat[stat.index("(") : stat.rindex(")") + 1]))
     return found
+
+
+def wait_gone(sid: int, deadline: float) -> list[str]:
+    """Wait (on pidfds, no polling) until the session ``sid`` is empty or ``deadline``
+    (time.monotonic()) passes; return what is left."""
+    while (left := session_members(sid)) and time.monotonic() < deadline:
+        fds = []
+        for entry in left:
+            with contextlib.suppress(ProcessLookupError):
+                fds.append(os.pidfd_open(int(entry.split()[0])))
+        try:
+            select.select(fds, [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            for fd in fds:
+                os.close(fd)
+    return left
 
 
 def kill(proc: subprocess.Popen, linger: float = 15.0) -> str:
@@ -68,11 +87,10 @@ def kill(proc: subprocess.Popen, linger: float = 15.0) -> str:
     there after ``linger`` seconds fail the test (and are then killed)."""
     os.kill(proc.pid, signal.SIGKILL)
     _, err = proc.communicate()
-    deadline = time.monotonic() + linger
-    while (left := group_members(proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if left:
-        os.killpg(proc.pid, signal.SIGKILL)
+    left = wait_gone(proc.pid, time.monotonic() + linger)
+    for entry in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(entry.split()[0]), signal.SIGKILL)
     assert not left, "children of the killed xencbt still run: %s" % left
     return err
 

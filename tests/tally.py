@@ -10,7 +10,13 @@ from __future__ import annotations
 from collections import Counter
 
 # The figures the issue asks for, printed in this order (others follow, sorted).
-HEADLINE = ("faults injected", "kills survived", "hostile inputs tried", "secrets found")
+HEADLINE = (
+    "faults injected",
+    "kills survived",
+    "stray processes after a kill",
+    "hostile inputs tried",
+    "secrets found",
+)
 
 _counts: Counter[str] = Counter()
 

@@ -7,7 +7,9 @@
     → destroy the older base no chain needs any more.
 
 On failure the snapshot VM and the VDIs no manifest refers to are destroyed, partial
-files removed; the repository keeps every point it had.  A run killed outright (SIGKILL,
+files removed; the repository keeps every point it had.  SIGINT, SIGTERM and SIGHUP do the
+same (the copies are stopped first, children.py) and each VM says in one line what was
+undone.  A run killed outright (SIGKILL,
 power loss) leaves at most temp files, which the next run of the chain removes, and
 snapshots on the pool, which the next backup of the VM destroys: the snapshot VM by its
 name prefix, its VDIs through the ledger (ledger.py).
@@ -21,7 +23,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -30,8 +32,9 @@ from xencbt_core.errors import ConfigError, XapiError, XencbtError
 from xencbt_core.secret import scrub
 
 from . import digest, errors, image
+from .children import GROUP
 from .copier import ConnectionBudget, Copier
-from .errors import CliError, CommandFailed, RepositoryFull, describe_os_error
+from .errors import CliError, CommandFailed, Interrupted, RepositoryFull, describe_os_error
 from .ledger import Ledger
 from .pool import SNAPSHOT_PREFIX, Disk, Pool, Vm
 from .repository import Chain, Manifest, Repository, new_point_id
@@ -61,6 +64,7 @@ class VmResult:
     error: str = ""
     exit_code: int = 0
     disks: list[dict] = field(default_factory=list)
+    undone: list[str] = field(default_factory=list)  # what a failure took back
 
 
 def now_iso() -> str:
@@ -91,13 +95,26 @@ class Backup:
     def run(self, vms: list[str]) -> list[VmResult]:
         self.repo.root.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            return list(pool.map(self.one, vms))
+            futures = [pool.submit(self.one, name) for name in vms]
+            try:
+                wait(futures)
+            except Interrupted as e:
+                # The signal handler stopped the copies; each VM's thread undoes its work
+                # and says so.  Only then may xencbt exit.
+                wait(futures)
+                e.reported = True
+                raise
+            return [f.result() for f in futures]
 
     def one(self, name: str) -> VmResult:
         result = VmResult(name)
         try:
+            GROUP.check()
             self.backup_vm(name, result)
             result.ok = True
+        except Interrupted as e:
+            result.error, result.exit_code = "interrupted", e.exit_code
+            self.say("VM %s: interrupted by %s: %s" % (name, e.name, undone(result)))
         except (XencbtError, OSError) as e:
             text = describe_os_error(e) if isinstance(e, OSError) else str(e)
             result.error = scrub(text)
@@ -117,6 +134,7 @@ class Backup:
             for disk in disks:
                 if not disk.cbt_enabled:
                     self.pool.enable_cbt(disk)
+            GROUP.check()
             result.point = new_point_id()
             snap_vm = self.pool.snapshot(vm, SNAPSHOT_PREFIX + result.point)
             committed: set[str] = set()
@@ -124,13 +142,18 @@ class Backup:
                 snaps = {d.snapshot_of: d for d in self.pool.disks(snap_vm)}
                 self.ledger(vm).add({d.uuid for d in snaps.values()})
                 for disk in disks:
+                    GROUP.check()
                     chain = chains[disk.uuid]
                     prev = chain.latest()
-                    m = self.backup_disk(vm, disk, snaps[disk.vdi_ref], chain, result.point)
+                    snap = snaps[disk.vdi_ref]
+                    m = self.backup_disk(vm, disk, snap, chain, result)
                     committed.add(m.snapshot_uuid)
                     result.disks.append(summary(m, prev))
-            finally:
+            except BaseException:
                 self.pool.destroy_snapshot(snap_vm, keep=committed)
+                result.undone.append("snapshot %s destroyed" % (SNAPSHOT_PREFIX + result.point))
+                raise
+            self.pool.destroy_snapshot(snap_vm, keep=committed)
             self.forget_old_bases(result.disks)
             self.sweep(vm)
 
@@ -230,7 +253,10 @@ class Backup:
             base=prev, changed_bytes=changes.changed_bytes(), bitmap=changes, base_sums=sums
         )
 
-    def backup_disk(self, vm: Vm, disk: Disk, snap: Disk, chain: Chain, point: str) -> Manifest:
+    def backup_disk(
+        self, vm: Vm, disk: Disk, snap: Disk, chain: Chain, result: VmResult
+    ) -> Manifest:
+        point = result.point
         started, t0 = now_iso(), time.monotonic()
         plan = self.plan(disk, snap, chain)
         what = "VM %s disk %s (%s)" % (vm.name, disk.userdevice, disk.uuid)
@@ -243,7 +269,7 @@ class Backup:
             self.say("%s: FULL backup: %s" % (what, plan.reason))
         partial = chain.partial_path(point)
         base_image = chain.image_path(plan.base.point) if plan.base else None
-        with self.unpublished(chain, point, what):
+        with self.unpublished(chain, point, what, result.undone):
             self.copier.copy(
                 self.budget,
                 self.pool.nbd_hosts(snap.vdi_ref),
@@ -275,7 +301,7 @@ class Backup:
         return digest.rehash(partial, plan.base_sums, chunks, size, self.chunk)
 
     @contextlib.contextmanager
-    def unpublished(self, chain: Chain, point: str, what: str):
+    def unpublished(self, chain: Chain, point: str, what: str, undone: list[str]):
         """Until the manifest is written, a failure removes the point's files (the point
         never existed); a full repository gets one line saying so."""
         try:
@@ -286,6 +312,7 @@ class Backup:
                 for path in paths:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
+                        undone.append("%s removed" % path.name)
             if out_of_space(e):
                 raise RepositoryFull(
                     "the repository %s is full (no space left on device) while writing %s "
@@ -351,6 +378,15 @@ def summary(m: Manifest, prev: Manifest | None) -> dict:
     d = asdict(m)
     d["previous_snapshot"] = prev.snapshot_uuid if prev else None
     return d
+
+
+def undone(result: VmResult) -> str:
+    """What an interrupted VM's run took back, and what it kept, in one line."""
+    kept = ["disk %s" % d["userdevice"] for d in result.disks]
+    parts = result.undone or ["nothing was started on the pool"]
+    if kept:
+        parts.append("point %s kept for %s" % (result.point, ", ".join(kept)))
+    return "; ".join(parts) + "; locks released"
 
 
 def human(n: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +17,8 @@ from xencbt_core.errors import ConfigError, XencbtError
 from xencbt_core.secret import ScrubFilter, scrub
 
 from . import errors, report, restore, settings, verify
-from .errors import UsageError
+from .children import GROUP
+from .errors import Interrupted, UsageError
 
 log = logging.getLogger("xencbt_cli")
 
@@ -29,7 +31,8 @@ exit codes:
   4  verify failed (the message names every failing point)
   5  a VDI chain is locked by another xencbt (a backup or prune is running); see --wait
   6  authentication failed: the pool refused the user or password (password changed?)
-130 interrupted
+130 interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP: either way the
+    copies are stopped, the snapshot destroyed, partial files removed, locks released
 
 connection settings: --xapi/--user/--password-file override $XENCBT_XAPI, $XENCBT_USER,
 $XENCBT_PASSWORD_FILE, which override the config file (--config, else
@@ -135,6 +138,24 @@ def configure_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     for name in ("xencbt_cli", "xencbt_core"):
         logging.getLogger(name).setLevel(level)
+
+
+def on_stop_signal(signum, frame) -> None:
+    """SIGINT, SIGTERM, SIGHUP: stop the children (children.py), then unwind through every
+    ``finally`` that undoes a half-done step.  Later signals must not cut that short."""
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    GROUP.stop(signum)
+    raise Interrupted(signum)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def catch_stop_signals() -> None:
+    for s in STOP_SIGNALS:
+        if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN):  # nohup
+            signal.signal(s, on_stop_signal)
 
 
 def say(text: str) -> None:
@@ -304,6 +325,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure_logging(args.verbose)
+    catch_stop_signals()
     try:
         conf = settings.resolve(
             {
@@ -317,6 +339,10 @@ def main(argv: list[str] | None = None) -> int:
             args.config,
         )
         return COMMANDS[args.command](args, conf)
+    except Interrupted as e:
+        if not e.reported:
+            say("xencbt: interrupted by %s; nothing half-done was kept" % e.name)
+        return e.exit_code
     except KeyboardInterrupt:
         say("xencbt: interrupted")
         return errors.INTERRUPTED
@@ -335,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
         # one line naming the file, not a traceback.
         say("xencbt: %s" % scrub(errors.describe_os_error(e)))
         return errors.ERROR
+    finally:
+        GROUP.close()
 
 
 if __name__ == "__main__":
