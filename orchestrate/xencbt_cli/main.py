@@ -93,7 +93,11 @@ def parser() -> argparse.ArgumentParser:
     dest.add_argument("--to-sr", metavar="SR", help="new VDI on this SR (uuid or name)")
     dest.add_argument("--to-vdi", metavar="VDI", help="overwrite this VDI (differences only)")
     r.add_argument("--format", choices=("raw", "qcow2"), default="raw")
-    r.add_argument("--force", action="store_true", help="overwrite an existing file")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing file, or a VDI in use or of another VM (--to-vdi)",
+    )
 
     v = sub.add_parser("verify", help="check images, chains and checksums (read-only)")
     v.add_argument("vdis", nargs="*", metavar="VDI")
@@ -233,7 +237,7 @@ def cmd_restore(args, conf: settings.Settings) -> int:
             if args.to_sr:
                 m, target = to_sr(pool, repo, args.vdi, args.at, args.to_sr)
             else:
-                m, target = to_vdi(pool, repo, args.vdi, args.at, args.to_vdi)
+                m, target = to_vdi(pool, repo, args.vdi, args.at, args.to_vdi, args.force)
     if args.json:
         report.emit_json({"restored": asdict(m), "to": target})
     else:

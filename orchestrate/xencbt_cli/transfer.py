@@ -19,7 +19,7 @@ from .errors import CliError
 from .image import random_access, reader
 from .pool import Pool
 from .repository import UUID, Repository
-from .restore import check
+from .restore import check, in_use
 
 INCOMPLETE = " (restore incomplete)"  # name suffix until the import is proven complete
 
@@ -148,13 +148,17 @@ def differing(pool: Pool, ref: str, h, size: int, reading: Reading) -> list[tupl
     return extents
 
 
-def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
+def to_vdi(
+    pool: Pool, repo: Repository, vdi: str, at: str | None, target: str, force: bool = False
+):
     """Overwrite VDI ``target`` with the point, writing only the blocks that differ."""
     chain = repo.find(vdi)
     m = chain.get(at)
     ref = pool.vdi_ref(target)
     if ref is None:
         raise CliError("no VDI %s in the pool" % target)
+    if not force:
+        in_use(pool, ref, target, m)
     size = int(pool.call("VDI.get_virtual_size", ref))
     if size < m.virtual_size:
         raise CliError(
