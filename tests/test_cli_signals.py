@@ -130,7 +130,7 @@ class Terminal:
 
 
 PROGRESS = re.compile(r"^\(\d+\.\d+/100%\)$")
-ANNOUNCED = re.compile(r"^VM demo-vm disk \d+ \(")  # "…: FULL backup: …", said before
+ANNOUNCED = re.compile(r"^VM demo-vm(-\d+)? disk \d+ \(")  # "…: FULL backup: …", said before
 
 
 def said(text: str) -> list[str]:
@@ -173,3 +173,28 @@ def test_stop_signal_undoes_the_backup(slow, signum):
     sim.control.clear()
     r = xencbt(sim, "backup", "demo-vm", "--repo", str(repo))
     assert "interrupted run" not in r.stderr, r.stderr
+
+
+@pytest.mark.parametrize("jobs", ["1", "2"])
+def test_sigterm_says_one_line_per_vm(xensim_factory, tmp_path, jobs):
+    """Two VMs: with --jobs 1 the second has not started, with --jobs 2 both copy."""
+    sim = xensim_factory(disk_sizes="24M", vms=2, in_use_wait=0.2)
+    vms = [Vm(sim), Vm(sim, "demo-vm-2")]
+    sim.control.set_faults(read_latency=LATENCY)
+    repo = tmp_path / "repo"
+    args = ("backup", "demo-vm", "demo-vm-2", "--repo", str(repo), "--jobs", jobs, *ONE)
+    proc = start(sim, *args)
+    wait_until(lambda: all(files(repo, vm, ".partial") for vm in vms[: int(jobs)]), proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    lines = said(err)
+    assert len(lines) == 2, lines
+    for vm in vms:
+        (line,) = [x for x in lines if x.startswith("VM %s: interrupted by SIGTERM: " % vm.name)]
+        copying = vm is vms[0] or jobs == "2"
+        assert ("snapshot xencbt-" in line) == copying, line
+        assert line.endswith("not started, nothing to undo") == (not copying), line
+        assert host_snapshots(vm) == {"vms": [], "vdis": []}
+        assert not files(repo, vm, ".partial") and not files(repo, vm, ".qcow2")
+    assert session_members(proc.pid) == []

@@ -65,6 +65,7 @@ class VmResult:
     exit_code: int = 0
     disks: list[dict] = field(default_factory=list)
     undone: list[str] = field(default_factory=list)  # what a failure took back
+    locked: bool = False  # the VM's chains were locked: its run had begun
 
 
 def now_iso() -> str:
@@ -130,6 +131,7 @@ class Backup:
         with contextlib.ExitStack() as locks:
             for uuid in sorted(chains):
                 locks.enter_context(chains[uuid].lock(self.wait))
+            result.locked = True
             self.clean(vm, chains)
             for disk in disks:
                 if not disk.cbt_enabled:
@@ -382,8 +384,10 @@ def summary(m: Manifest, prev: Manifest | None) -> dict:
 
 def undone(result: VmResult) -> str:
     """What an interrupted VM's run took back, and what it kept, in one line."""
-    kept = ["disk %s" % d["userdevice"] for d in result.disks]
+    if not result.locked:
+        return "not started, nothing to undo"
     parts = result.undone or ["nothing was started on the pool"]
+    kept = ["disk %s" % d["userdevice"] for d in result.disks]
     if kept:
         parts.append("point %s kept for %s" % (result.point, ", ".join(kept)))
     return "; ".join(parts) + "; locks released"

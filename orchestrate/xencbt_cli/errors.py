@@ -15,7 +15,9 @@ PARTIAL = 3
 VERIFY_FAILED = 4
 LOCKED = 5
 AUTH = 6
-INTERRUPTED = 130  # 128 + the signal: SIGINT 130, SIGTERM 143, SIGHUP 129
+HUNG_UP = 129  # 128 + the signal, as a shell reports it: SIGHUP
+INTERRUPTED = 130  # SIGINT (Ctrl-C)
+TERMINATED = 143  # SIGTERM
 
 
 class CliError(XencbtError):
