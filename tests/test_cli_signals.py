@@ -198,3 +198,45 @@ def test_sigterm_says_one_line_per_vm(xensim_factory, tmp_path, jobs):
         assert host_snapshots(vm) == {"vms": [], "vdis": []}
         assert not files(repo, vm, ".partial") and not files(repo, vm, ".qcow2")
     assert session_members(proc.pid) == []
+
+
+def vdi_uuids(vm: Vm) -> set[str]:
+    return {r["uuid"] for r in vm.x.VDI.get_all_records().values()}
+
+
+@pytest.mark.parametrize("to", ["--to-file", "--to-sr", "mid-call"])
+def test_sigterm_undoes_a_restore(xensim_factory, tmp_path, to):
+    """Mid-restore (data is being written, or a XAPI call is waiting for its reply): the
+    partial file is removed, the new VDI destroyed."""
+    sim = xensim_factory(disk_sizes="128M", in_use_wait=0.2)
+    vm = Vm(sim)
+    vm.write(0, {0: rand(1 << 20)})
+    repo = tmp_path / "repo"
+    xencbt(sim, "backup", "demo-vm", "--repo", str(repo))
+    vdis = vdi_uuids(vm)
+    out = tmp_path / "restored.raw"
+    sr = vm.x.SR.get_uuid(vm.x.VDI.get_SR(vm.vdis[0]))
+    if to == "mid-call":  # the VDI exists, the reply to VDI.get_uuid is held back
+        sim.control.set_api_latency({"VDI.get_uuid": 2.0})
+    target = ("--to-file", str(out)) if to == "--to-file" else ("--to-sr", sr)
+    proc = start(sim, "restore", "--repo", str(repo), vm.uuids[0], *target)
+
+    def writing() -> bool:
+        if to == "--to-file":
+            return out.with_name(out.name + ".partial").exists()
+        if to == "mid-call":
+            return bool(vdi_uuids(vm) - vdis)
+        raws = [sim.state_dir / "vdis" / (uuid + ".raw") for uuid in vdi_uuids(vm) - vdis]
+        return any(raw.exists() and raw.stat().st_blocks for raw in raws)
+
+    assert wait_until(writing, proc), "the restore ended before it was seen writing"
+    if to == "mid-call":  # past VDI.create's reply (an interruption there leaves the VDI
+        time.sleep(random.uniform(0.2, 1.5))  # named "… (restore incomplete)")
+    os.kill(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    assert said(err) == ["xencbt: interrupted by SIGTERM; nothing half-done was kept"]
+    assert list(tmp_path.glob("restored*")) == []
+    sim.control.set_api_latency({})
+    assert vdi_uuids(vm) == vdis
+    assert session_members(proc.pid) == []

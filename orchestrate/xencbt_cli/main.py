@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return COMMANDS[args.command](args, conf)
     except Interrupted as e:
+        log.debug("interrupted at", exc_info=True)
         if not e.reported:
             say("xencbt: interrupted by %s; nothing half-done was kept" % e.name)
         return e.exit_code

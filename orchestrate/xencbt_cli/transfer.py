@@ -96,8 +96,9 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
         "tags": [],
     }
     ref = pool.call("VDI.create", record)
-    uuid = pool.call("VDI.get_uuid", ref)
+    uuid = "(new)"  # until known: interrupted before, the cleanup still has the ref
     try:
+        uuid = pool.call("VDI.get_uuid", ref)
         upload = Upload(pool, ref, m.virtual_size, chunked=False)
         upload.open()
         reading = Reading(m, chain.sums_path(m.point))
