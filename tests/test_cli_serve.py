@@ -222,6 +222,17 @@ def test_chain_lock_shared_with_servers_exclusive_for_prune(chain, tmp_path):
         assert "being backed up or pruned" in r.stderr
 
 
+def test_sighup_ends_a_serve_as_sigterm_does(chain):
+    """The terminal went away: the server is stopped, the socket removed, exit 0."""
+    sim, vm, repo, points = chain
+    with serving(sim, "--repo", str(repo), vm.uuids[0]) as (info, proc):
+        sock = Path(parse_qs(urlparse(info["uri"]).query)["socket"][0])
+        [(child, _)] = children(proc.pid)
+        proc.send_signal(signal.SIGHUP)
+        assert proc.wait(60) == 0
+    assert gone(child) and not sock.exists()
+
+
 def test_server_dies_with_a_killed_xencbt(chain):
     sim, vm, repo, points = chain
     proc = xencbt(sim, "--json", "serve", "--repo", str(repo), vm.uuids[0], popen=True)
@@ -230,7 +241,7 @@ def test_server_dies_with_a_killed_xencbt(chain):
         [(child, _)] = children(proc.pid)
         proc.kill()
         proc.wait()
-        assert gone(child)  # PR_SET_PDEATHSIG: no orphaned qemu-nbd keeps the chain open
+        assert gone(child)  # the guard (children.py): no orphaned qemu-nbd keeps the chain open
     finally:
         if proc.poll() is None:
             proc.kill()
