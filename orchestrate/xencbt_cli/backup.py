@@ -23,7 +23,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,17 +95,17 @@ class Backup:
 
     def run(self, vms: list[str]) -> list[VmResult]:
         self.repo.root.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            futures = [pool.submit(self.one, name) for name in vms]
-            try:
+        futures: list[Future] = []
+        try:
+            with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+                futures = [pool.submit(self.one, name) for name in vms]
                 wait(futures)
-            except Interrupted as e:
-                # The signal handler stopped the copies; each VM's thread undoes its work
-                # and says so.  Only then may xencbt exit.
-                wait(futures)
-                e.reported = True
-                raise
-            return [f.result() for f in futures]
+        except Interrupted as e:
+            # The signal handler stopped the copies; leaving the pool waited for each VM's
+            # thread to undo its work and say so.
+            e.reported = bool(futures)
+            raise
+        return [f.result() for f in futures]
 
     def one(self, name: str) -> VmResult:
         result = VmResult(name)
