@@ -18,10 +18,11 @@ import signal
 import subprocess
 import threading
 import time
+from pathlib import Path
 
 import pytest
-from cli_support import XENCBT, Vm, cli_env, rand, served, xencbt
-from crash_support import files, session_members, start, wait_gone, wait_until
+from cli_support import XENCBT, Vm, cli_env, content, rand, served, xencbt
+from crash_support import files, listing, session_members, start, wait_gone, wait_until
 from tally import tally
 
 pytestmark = pytest.mark.reliability
@@ -240,3 +241,35 @@ def test_sigterm_undoes_a_restore(xensim_factory, tmp_path, to):
     sim.control.set_api_latency({})
     assert vdi_uuids(vm) == vdis
     assert session_members(proc.pid) == []
+
+
+def stopped(sid: int) -> bool:
+    """Every process of the session is stopped (state T), xencbt's guard apart."""
+    states = []
+    for entry in session_members(sid):
+        pid = entry.split()[0]
+        try:
+            argv = Path("/proc", pid, "cmdline").read_bytes()
+            stat = Path("/proc", pid, "stat").read_text()
+        except OSError:
+            continue
+        if b"trap" not in argv:
+            states.append(stat[stat.rindex(")") + 2])
+    return bool(states) and set(states) == {"T"}
+
+
+def test_ctrl_z_pauses_the_copies_and_fg_resumes_them(slow):
+    sim, vm, repo = slow
+    proc = start(sim, "backup", "demo-vm", "--repo", str(repo), *ONE)
+    wait_until(lambda: files(repo, vm, ".partial"), proc)
+    os.killpg(proc.pid, signal.SIGTSTP)  # Ctrl-Z: the terminal signals the foreground group
+    eventually(lambda: stopped(proc.pid), 5.0)
+    time.sleep(2 * LATENCY)  # the reads in flight when it stopped are answered
+    before = served(sim)
+    time.sleep(3 * LATENCY)
+    assert served(sim) == before, "the host is still read while xencbt is stopped"
+    os.killpg(proc.pid, signal.SIGCONT)  # fg
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    (row,) = [r for r in listing(sim, repo) if r["vdi_uuid"] == vm.uuids[0]]
+    assert row["digest"] == content(bytes(vm.models[0]))

@@ -16,8 +16,8 @@ The group is inherited by everything they start (nbdkit's server and its --run c
 nbdcopy's qemu-nbd); none of these tools leaves its group.  Being outside the terminal's
 foreground group also keeps Ctrl-C (SIGINT to that group) from reaching them directly:
 xencbt stops them itself, clients before servers, and what they say about it is not
-shown (``stop``).  A systemd scope would do the same under systemd; the group works
-everywhere.
+shown (``stop``); Ctrl-Z and ``fg`` reach them through xencbt too (``signal``).  A
+systemd scope would do the same under systemd; the group works everywhere.
 """
 
 from __future__ import annotations
@@ -91,6 +91,15 @@ class Children:
             log.warning("%s (pid %d) did not stop on SIGTERM: killed", name, pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to every child (SIGSTOP/SIGCONT: Ctrl-Z and fg), never to the
+        guard: stopped, it could not do its job should xencbt be killed meanwhile."""
+        with self._lock:
+            pgid = self._guard.pid if self._guard is not None else None
+        for pid, _ in self.members(pgid) if pgid else []:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
 
     def members(self, pgid: int) -> list[tuple[int, str]]:
         """Live processes of the group but the guard: (pid, command name)."""

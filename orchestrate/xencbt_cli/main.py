@@ -156,10 +156,21 @@ def on_stop_signal(signum, frame) -> None:
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def on_suspend(signum, frame) -> None:
+    """Ctrl-Z: the children are not in the terminal's process group; pause them with us.
+    SIGSTOP, not SIGTSTP, for ourselves: the kernel drops a SIGTSTP to an orphaned group
+    (no job-control shell), which would leave the children stopped and us waiting."""
+    GROUP.signal(signal.SIGSTOP)
+    os.kill(os.getpid(), signal.SIGSTOP)  # stops here until SIGCONT (fg, bg)
+    GROUP.signal(signal.SIGCONT)
+
+
 def catch_stop_signals() -> None:
     for s in STOP_SIGNALS:
         if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN):  # nohup
             signal.signal(s, on_stop_signal)
+    if signal.getsignal(signal.SIGTSTP) == signal.SIG_DFL:
+        signal.signal(signal.SIGTSTP, on_suspend)
 
 
 def say(text: str) -> None:
