@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import signal
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from xencbt_core.errors import ConfigError, XencbtError
 from xencbt_core.secret import ScrubFilter, scrub
 
-from . import errors, report, restore, settings, verify
+from . import errors, report, restore, settings, signals, verify
 from .children import GROUP
 from .errors import Interrupted, UsageError
 
@@ -142,35 +141,6 @@ def configure_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     for name in ("xencbt_cli", "xencbt_core"):
         logging.getLogger(name).setLevel(level)
-
-
-def on_stop_signal(signum, frame) -> None:
-    """SIGINT, SIGTERM, SIGHUP: stop the children (children.py), then unwind through every
-    ``finally`` that undoes a half-done step.  Later signals must not cut that short."""
-    for s in STOP_SIGNALS:
-        signal.signal(s, signal.SIG_IGN)
-    GROUP.stop(signum)
-    raise Interrupted(signum)
-
-
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def on_suspend(signum, frame) -> None:
-    """Ctrl-Z: the children are not in the terminal's process group; pause them with us.
-    SIGSTOP, not SIGTSTP, for ourselves: the kernel drops a SIGTSTP to an orphaned group
-    (no job-control shell), which would leave the children stopped and us waiting."""
-    GROUP.signal(signal.SIGSTOP)
-    os.kill(os.getpid(), signal.SIGSTOP)  # stops here until SIGCONT (fg, bg)
-    GROUP.signal(signal.SIGCONT)
-
-
-def catch_stop_signals() -> None:
-    for s in STOP_SIGNALS:
-        if not (s == signal.SIGHUP and signal.getsignal(s) == signal.SIG_IGN):  # nohup
-            signal.signal(s, on_stop_signal)
-    if signal.getsignal(signal.SIGTSTP) == signal.SIG_DFL:
-        signal.signal(signal.SIGTSTP, on_suspend)
 
 
 def say(text: str) -> None:
@@ -340,7 +310,7 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     configure_logging(args.verbose)
-    catch_stop_signals()
+    signals.catch()
     try:
         conf = settings.resolve(
             {
