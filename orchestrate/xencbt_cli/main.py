@@ -16,8 +16,9 @@ from xencbt_core import __version__
 from xencbt_core.errors import ConfigError, XencbtError
 from xencbt_core.secret import ScrubFilter, scrub
 
-from . import errors, progress, report, restore, settings, verify
-from .errors import UsageError
+from . import errors, progress, report, restore, settings, signals, verify
+from .children import GROUP
+from .errors import Interrupted, UsageError
 
 log = logging.getLogger("xencbt_cli")
 
@@ -30,7 +31,8 @@ exit codes:
   4  verify failed (the message names every failing point)
   5  a VDI chain is locked by another xencbt (the message names it, with its pid); see --wait
   6  authentication failed: the pool refused the user or password (password changed?)
-130 interrupted
+130 interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP: either way the
+    copies are stopped, the snapshot destroyed, partial files removed, locks released
 With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.
 
 global options may also follow COMMAND (xencbt list --repo R --json).
@@ -157,7 +159,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="OCTAL",
         help="permissions of --to-file (default 0600)",
     )
-    r.add_argument("--force", action="store_true", help="overwrite an existing file")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing file, or a VDI in use or of another VM (--to-vdi)",
+    )
 
     v = sub.add_parser("verify", parents=g, help="check images, chains and checksums (read-only)")
     v.add_argument("vdis", nargs="*", metavar="VDI")
@@ -337,7 +343,7 @@ def cmd_restore(args, conf: settings.Settings) -> int:
             if args.to_sr:
                 m, target = to_sr(pool, repo, args.vdi, args.at, args.to_sr)
             else:
-                m, target = to_vdi(pool, repo, args.vdi, args.at, args.to_vdi)
+                m, target = to_vdi(pool, repo, args.vdi, args.at, args.to_vdi, args.force)
     if args.json:
         report.emit_json({"restored": asdict(m), "to": target})
     else:
@@ -462,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         return fail(str(e), errors.USAGE, as_json)
     configure_logging(args.verbose)
+    signals.catch()
     try:
         conf = settings.resolve(
             {
@@ -478,6 +485,14 @@ def main(argv: list[str] | None = None) -> int:
         shown = args.command in SHOWS_PROGRESS and progress.wanted(args.json)
         with progress.shown(shown):
             return COMMANDS[args.command](args, conf)
+    except Interrupted as e:
+        log.debug("interrupted at", exc_info=True)
+        message = "interrupted by %s; nothing half-done was kept" % e.name
+        if not e.reported:  # a backup said per VM what it undid
+            say("xencbt: %s" % message)
+        if args.json:
+            report.emit_json({"error": message, "exit_code": e.exit_code})
+        return e.exit_code
     except KeyboardInterrupt:
         return fail("interrupted", errors.INTERRUPTED, args.json)
     except BrokenPipeError:
@@ -492,6 +507,8 @@ def main(argv: list[str] | None = None) -> int:
         # The repository's or the target's file system said no (full, read-only, gone):
         # one line naming the file, not a traceback.
         return fail(errors.describe_os_error(e), errors.ERROR, args.json)
+    finally:
+        GROUP.close()
 
 
 def fail(message: str, code: int, as_json: bool) -> int:

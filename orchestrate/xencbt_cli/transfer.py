@@ -21,7 +21,7 @@ from .hosthttp import Download, ImportFailed, Upload
 from .image import random_access, reader
 from .pool import Pool
 from .repository import UUID, Repository
-from .restore import check
+from .restore import check, in_use
 
 INCOMPLETE = " (restore incomplete)"  # name suffix until the import is proven complete
 
@@ -64,8 +64,9 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
         "tags": [],
     }
     ref = pool.call("VDI.create", record)
-    uuid = pool.call("VDI.get_uuid", ref)
+    uuid = "(new)"  # until known: interrupted before, the cleanup still has the ref
     try:
+        uuid = pool.call("VDI.get_uuid", ref)
         reading = Reading(m, chain.sums_path(m.point))
         with Upload(pool, ref, m.virtual_size, chunked=False) as upload:
 
@@ -132,13 +133,17 @@ def _send_frames(upload: Upload, h, extents: list[tuple[int, int]]) -> None:
     upload.send(FRAME.pack(0, 0))
 
 
-def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
+def to_vdi(
+    pool: Pool, repo: Repository, vdi: str, at: str | None, target: str, force: bool = False
+):
     """Overwrite VDI ``target`` with the point, writing only the blocks that differ."""
     chain = repo.find(vdi)
     m = chain.get(at)
     ref = pool.vdi_ref(target)
     if ref is None:
         raise CliError("no VDI %s in the pool" % target)
+    if not force:
+        in_use(pool, ref, target, m)
     size = int(pool.call("VDI.get_virtual_size", ref))
     if size < m.virtual_size:
         raise CliError(

@@ -265,6 +265,12 @@ class Session:
             raise XencbtError("cannot reach XAPI at %s: %s" % (self.url, _describe(e))) from None
         except xmlrpc.client.Fault as e:
             raise XencbtError("XAPI at %s: %s" % (self.url, e.faultString)) from None
+        except BaseException:
+            # Interrupted mid-call (Ctrl-C, SIGTERM): xmlrpc.client resets its connection
+            # after an Exception only; left half-way, every later call (the cleanup's, the
+            # logout) would fail with "Request-sent".  Reconnect instead.
+            self._proxy("close")()
+            raise
         return _parse(result)
 
     def logout(self) -> None:
