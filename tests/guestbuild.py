@@ -146,15 +146,23 @@ def initial_files() -> dict[str, dict[str, File]]:
 
 
 def luks_header(work: Path, size: int) -> Path:
-    """A LUKS2 volume image with cheap key derivation (formatting inside a TCG appliance
-    would calibrate pbkdf for seconds, and every open would pay that again)."""
+    """A LUKS1 volume image (2 MiB header) with cheap key derivation: formatting inside a
+    TCG appliance would calibrate pbkdf for seconds, and every open would pay that again."""
     image, key = work / "luks.img", work / "luks.key"
     key.write_text(KEY)
     key.chmod(0o600)
     with open(image, "wb") as f:
         f.truncate(size)
-    argv = ["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks2", "--pbkdf", "pbkdf2"]
-    argv += ["--pbkdf-force-iterations", "1000", "--key-file", str(key), str(image)]
+    argv = ["cryptsetup", "luksFormat", "--batch-mode", "--type", "luks1"]
+    argv += [
+        "--pbkdf-force-iterations",
+        "1000",
+        "--hash",
+        "sha256",
+        "--key-file",
+        str(key),
+        str(image),
+    ]
     subprocess.run(argv, check=True, capture_output=True)
     return image
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import logging
 import os
 import posixpath
@@ -171,11 +172,16 @@ class Session:
         if key is not None and guest.encrypted():
             guest.open_encrypted(key)
         self.fs = guest.readable()
-        self.locked = guest.encrypted() if key is None else []
-        self.os = guest.operating_systems() if self.fs else []
+        self.locked = guest.encrypted()
         self.mounted: object = None
         if not self.fs:
             raise GuestError(self.nothing_found())
+
+    @functools.cached_property
+    def os(self) -> list[dict]:
+        """Inspection mounts every file system in turn (seconds under TCG): only when a
+        path under the OS's root or the overview asks for it."""
+        return self.guest.operating_systems()
 
     def nothing_found(self) -> str:
         where = "%s at point %s" % (self.sel.target, self.sel.point)

@@ -11,7 +11,7 @@ of seconds) and booted at every run (seconds with KVM, 10-20 s under TCG).  On m
 where /dev/kvm exists but a guest cannot run on it (nested virtualisation that hangs or
 aborts the vCPU), the first start under KVM is given KVM_TIMEOUT seconds, then the
 appliance is killed and started under TCG; the verdict is remembered in the cache
-directory (``xencbt-kvm-unusable``) so later runs go straight to TCG.
+directory (``.xencbt-kvm-unusable-UID``) so later runs go straight to TCG.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .errors import CliError
 log = logging.getLogger(__name__)
 
 KVM_TIMEOUT = 30.0  # a KVM appliance is up in a few seconds
-KVM_VERDICT = "xencbt-kvm-unusable"
+KVM_VERDICT = ".xencbt-kvm-unusable"  # + "-UID": the cache directory may be shared
 NO_FILE_SYSTEM = {"unknown", "swap", "crypto_LUKS", "LVM2_member", "linux_raid_member"}
 
 
@@ -88,6 +88,7 @@ class Guest:
         self.images = images
         self.say = say
         self.g = None
+        self.keyed: dict[str, str] = {}  # opened LUKS volumes: /dev/mapper/… -> device
 
     @contextlib.contextmanager
     def opened(self) -> Iterator[Guest]:
@@ -124,7 +125,7 @@ class Guest:
         return g
 
     def _launch(self) -> None:
-        verdict = Path(self.cachedir) / KVM_VERDICT
+        verdict = Path(self.cachedir) / ("%s-%d" % (KVM_VERDICT, os.getuid()))
         tcg = "force_tcg" in os.environ.get("LIBGUESTFS_BACKEND_SETTINGS", "")
         if not tcg and kvm_usable() and verdict.exists():
             self.say(
@@ -190,7 +191,15 @@ class Guest:
         return dict(self.g.list_filesystems())
 
     def encrypted(self) -> list[str]:
-        return sorted(d for d, t in self.filesystems().items() if t == "crypto_LUKS")
+        """LUKS volumes not opened yet (list_filesystems leaves them out)."""
+        g = self.g
+        opened = set(self.keyed.values())
+        found = []
+        for device in [*g.list_partitions(), *g.list_devices(), *g.lvs()]:
+            with contextlib.suppress(RuntimeError):
+                if g.vfs_type(device) == "crypto_LUKS" and device not in opened:
+                    found.append(device)
+        return sorted(found)
 
     def open_encrypted(self, key: str) -> None:
         """Open every LUKS volume read-only with ``key`` (handed to the appliance over its
@@ -198,6 +207,7 @@ class Guest:
         for n, device in enumerate(self.encrypted()):
             try:
                 self.g.cryptsetup_open(device, key, "xencbt%d" % n, readonly=True)
+                self.keyed["/dev/mapper/xencbt%d" % n] = device
             except RuntimeError:
                 raise GuestError(
                     "the key in --guest-key-file does not open the encrypted volume %s" % device

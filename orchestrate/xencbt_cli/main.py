@@ -145,6 +145,8 @@ def files_parser(sub) -> None:
     out.add_argument("--tar", metavar="FILE|-", help="get: write a tar archive")
     f.add_argument("--force", action="store_true", help="get: replace existing files")
     f.add_argument("--guest-key-file", metavar="FILE", help="passphrase of LUKS volumes")
+    # --json after the command too (SUPPRESS: absent, it leaves the global one alone)
+    f.add_argument("--json", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
 
 def configure_logging(verbose: int) -> None:
