@@ -30,6 +30,9 @@ from conftest import Simulator
 from guestbuild import DATA, EFI, KEY, ROOT, File, GuestModel
 from secretwatch import WATCH
 
+# The module's scene (disks built, two backups, one appliance for the changes) is set up
+# within the first test's time.
+pytestmark = pytest.mark.timeout(900)
 TIMEOUT = 600  # one appliance under TCG on a loaded 2-core machine, plus the KVM probe
 USER = "xencbt-files-test"
 

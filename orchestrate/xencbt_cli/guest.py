@@ -62,6 +62,10 @@ def cache_dir(private: str) -> str:
     """Where libguestfs keeps the appliance it builds (per user inside): its own choice
     ($LIBGUESTFS_CACHEDIR, else $TMPDIR, else /var/tmp) when writable, else ~/.cache, else
     a private directory (the appliance is then rebuilt at every run)."""
+    asked = os.environ.get("LIBGUESTFS_CACHEDIR")
+    if asked and not os.path.exists(asked):
+        with contextlib.suppress(OSError):
+            os.makedirs(asked, 0o700)
     for candidate in (
         os.environ.get("LIBGUESTFS_CACHEDIR"),
         os.environ.get("TMPDIR"),

@@ -127,8 +127,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """PATHs may follow options (``files get VM --at P /etc --to D``): a plain parse gives
+    every positional its values at their first run and rejects the later ones."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_mixing", False):  # parse_known_intermixed_args calls us back
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
 def files_parser(sub) -> None:
     f = sub.add_parser("files", help="list or extract files of a point (libguestfs, no root)")
+    f.__class__ = IntermixedParser
     f.add_argument("action", choices=("ls", "get"))
     f.add_argument("target", metavar="VM|VDI", help="as in list: uuid, prefix or name")
     f.add_argument(
