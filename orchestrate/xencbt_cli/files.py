@@ -40,7 +40,10 @@ from .repository import Chain, Manifest, Repository
 log = logging.getLogger(__name__)
 
 BATCH = 500
-KEEP_MODE = 0o1777  # setuid/setgid bits are not restored: the files land on this machine
+KEEP_MODE = 0o1777
+DIRECTORY = {
+    "st_mode": stat.S_IFDIR
+}  # setuid/setgid bits are not restored: the files land on this machine
 
 
 class PathNotFound(GuestError):
@@ -210,11 +213,19 @@ class Session:
             self.guest.mount_os(self.os[0])
         self.mounted = want
 
-    def lstat(self, gp: GuestPath) -> dict:
+    def find(self, gp: GuestPath) -> tuple[GuestPath, dict]:
+        """``gp`` with its directories resolved inside the guest, and its lstat.
+
+        The appliance's kernel would resolve an absolute symlink among the directories
+        (``/bin -> /usr/bin``) against the appliance's own root; ``realpath`` runs
+        chrooted into the guest.  The last component stays as it is (a link is a link)."""
         self.mount(gp)
         g = self.guest.g
+        parent, name = posixpath.split(gp.path)
         try:
-            return g.lstatns(gp.path)
+            if name:
+                gp = GuestPath(gp.fs, posixpath.join(g.realpath(parent), name))
+            return gp, g.lstatns(gp.path)
         except RuntimeError:
             pass
         hint = ""
@@ -263,8 +274,11 @@ def entry(session: Session, parent: str, name: str, st: dict) -> dict:
     return row
 
 
-def listing(session: Session, gp: GuestPath) -> list[dict]:
-    st = session.lstat(gp)
+def listing(session: Session, gp: GuestPath, st: dict | None = None) -> list[dict]:
+    """The entries of a directory, or the file ``gp`` is; ``st`` given: a directory
+    already found."""
+    if st is None:
+        gp, st = session.find(gp)
     g = session.guest.g
     if not stat.S_ISDIR(st["st_mode"]):
         parent, name = posixpath.split(gp.path)
@@ -342,7 +356,7 @@ def safe_name(name: str) -> str:
 def walk(session: Session, gp: GuestPath) -> list[Item]:
     """Everything under ``gp`` (itself first, parents before children); never follows
     symlinks.  The root of a file system or OS (``/``) extracts as its contents."""
-    st = session.lstat(gp)
+    gp, st = session.find(gp)
     parent, name = posixpath.split(gp.path)
     top = Item(gp, safe_name(name) if name else "", entry(session, parent or "/", name, st))
     items, todo = [top], [top]
@@ -350,7 +364,7 @@ def walk(session: Session, gp: GuestPath) -> list[Item]:
         item = todo.pop()
         if item.row["type"] != "directory":
             continue
-        for row in listing(session, item.gp):
+        for row in listing(session, item.gp, DIRECTORY):
             rel = posixpath.join(item.rel, safe_name(row["name"]))
             child = Item(GuestPath(item.gp.fs, row["path"]), rel, row)
             items.append(child)

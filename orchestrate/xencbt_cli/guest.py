@@ -208,6 +208,7 @@ class Guest:
     def open_encrypted(self, key: str) -> None:
         """Open every LUKS volume read-only with ``key`` (handed to the appliance over its
         private channel, never on a command line), then activate LVM inside them."""
+        self.g.set_trace(False)  # LIBGUESTFS_TRACE=1 would print the key with the call
         for n, device in enumerate(self.encrypted()):
             try:
                 self.g.cryptsetup_open(device, key, "xencbt%d" % n, readonly=True)
