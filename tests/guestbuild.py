@@ -82,7 +82,7 @@ class GuestModel:
         view = {}
         for fs, mountpoint in MOUNTS.items():
             for path, f in self.fs[fs].items():
-                view[os.path.normpath(mountpoint + path) if path != "/" else mountpoint] = f
+                view[mountpoint.rstrip("/") + path] = f
         return view
 
 
@@ -102,6 +102,16 @@ def write(g: guestfs.GuestFS, model: GuestModel, fs: str, path: str, f: File) ->
     if fs != EFI and f.target is None:  # vfat keeps no modes; its times are 2 s coarse
         g.utimens(path, f.mtime, 0, f.mtime, 0)
     model.fs[fs][path] = f
+
+
+def settle(g: guestfs.GuestFS, model: GuestModel, fs: str) -> None:
+    """Give directories their model times again, deepest first: writing into a directory
+    changed its mtime."""
+    if fs == EFI:
+        return
+    dirs = [(p, f) for p, f in model.fs[fs].items() if f.data is None and f.target is None]
+    for path, f in sorted(dirs, key=lambda d: -d[0].count("/")):
+        g.utimens(path, f.mtime, 0, f.mtime, 0)
 
 
 def remove(g: guestfs.GuestFS, model: GuestModel, fs: str, path: str) -> None:
@@ -198,6 +208,7 @@ def build(work: Path) -> tuple[list[Path], GuestModel]:
         g.mount(fs if fs != LUKS_MAP else "/dev/mapper/" + LUKS_MAP, "/")
         for path, f in files.items():
             write(g, model, fs, path, f)
+        settle(g, model, fs)
         g.umount_all()
     g.cryptsetup_close("/dev/mapper/" + LUKS_MAP)
     g.shutdown()
@@ -223,10 +234,12 @@ def change(uris: list[str], model: GuestModel) -> GuestModel:
     write(g, new, ROOT, "/etc/hostname", File(b"renamed-vm\n", 0o644, t))
     remove(g, new, ROOT, "/home/alice/to-delete.bin")
     write(g, new, ROOT, "/home/alice/new.txt", File(b"added later\n", 0o640, t + 1))
+    settle(g, new, ROOT)
     g.umount_all()
     g.mount(DATA, "/")
     write(g, new, DATA, "/projects/report.bin", File(os.urandom(3 * 1024 * 1024), 0o600, t + 2))
     remove(g, new, DATA, "/projects/old.txt")
+    settle(g, new, DATA)
     g.umount_all()
     g.shutdown()
     g.close()
