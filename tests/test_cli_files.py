@@ -38,8 +38,8 @@ USER = "xencbt-files-test"
 
 
 class Scene:
-    def __init__(self, sim: Simulator, repo: Path, cache: Path, points: list[str], models):
-        self.sim, self.repo, self.cache = sim, repo, cache
+    def __init__(self, sim: Simulator, repo: Path, cache: Path, points: list[str], models, vdis):
+        self.sim, self.repo, self.cache, self.vdis = sim, repo, cache, vdis
         self.points = points  # oldest first
         self.models: list[GuestModel] = models
 
@@ -97,7 +97,7 @@ def scene(tmp_path_factory) -> Scene:
             model2 = guestbuild.change([uri0, uri1], model1)
         second = backup(sim, repo, "demo-vm")["vms"][0]["disks"][0]["point"]
         assert first < second
-        yield Scene(sim, repo, work / "cache", [first, second], [model1, model2])
+        yield Scene(sim, repo, work / "cache", [first, second], [model1, model2], vdis)
     finally:
         assert sim.stop() == 0, sim.stderr()
 
@@ -220,6 +220,12 @@ def test_a_path_missing_at_that_point_names_the_older_one(scene: Scene) -> None:
     )
     assert "does not exist" in r.stderr and scene.points[0] in r.stderr
     assert len(r.stderr.strip().splitlines()[-1]) < 400 and "Traceback" not in r.stderr
+
+
+def test_one_vdi_without_a_file_system_of_its_own(scene: Scene) -> None:
+    """Disk 1 alone holds only half of an LVM volume group: nothing to mount, said so."""
+    r = scene.files("ls", "--repo", str(scene.repo), scene.vdis[1], check=1)
+    assert "no file system found" in r.stderr and "Traceback" not in r.stderr, r.stderr
 
 
 def test_luks_volume_opens_with_guest_key_file(scene: Scene, tmp_path: Path) -> None:
