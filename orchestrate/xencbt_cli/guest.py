@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -137,28 +138,29 @@ class Guest:
                 "software emulation (TCG)" % verdict
             )
             tcg = True
+        kvm = not tcg and kvm_usable()
         if not appliance_built(self.cachedir):
             self.say(
                 "xencbt: building the libguestfs appliance in %s (first start for this user: "
-                "about a minute), then starting it" % self.cachedir
+                "up to a minute), then starting it" % self.cachedir
             )
-        else:
-            self.say(
-                "xencbt: starting the libguestfs appliance (a few seconds with KVM, "
-                "10-30 s under TCG)"
-            )
+        self.say(
+            "xencbt: starting the libguestfs appliance %s"
+            % ("(a few seconds with KVM)" if kvm else "under software emulation (TCG, 10-30 s)")
+        )
         started = time.monotonic()
-        if tcg or not kvm_usable():
-            self._start(force_tcg=tcg)
-        elif not self._start_watched():
-            self.say(
-                "xencbt: note: /dev/kvm is present but the appliance did not start on it "
-                "within %d s: falling back to software emulation (TCG, slower); remembered "
-                "in %s (remove it to try KVM again)" % (KVM_TIMEOUT, verdict)
-            )
-            with contextlib.suppress(OSError):
-                verdict.touch()
-            self._start(force_tcg=True)
+        with ticking(started):
+            if not kvm:
+                self._start(force_tcg=tcg)
+            elif not self._start_watched():
+                self.say(
+                    "\rxencbt: note: /dev/kvm is present but the appliance did not start on it "
+                    "within %d s: falling back to software emulation (TCG, slower); "
+                    "remembered in %s (remove it to try KVM again)" % (KVM_TIMEOUT, verdict)
+                )
+                with contextlib.suppress(OSError):
+                    verdict.touch()
+                self._start(force_tcg=True)
         self.say("xencbt: appliance up in %.1f s" % (time.monotonic() - started))
 
     def _start(self, force_tcg: bool) -> None:
@@ -251,6 +253,29 @@ class Guest:
                 self.g.mount_ro(device, mountpoint)
             except RuntimeError as e:
                 log.warning("cannot mount %s at %s: %s", device, mountpoint, last_line(e))
+
+
+@contextlib.contextmanager
+def ticking(started: float) -> Iterator[None]:
+    """On a terminal, the seconds spent so far, every second, until the appliance is up."""
+    if not sys.stderr.isatty():
+        yield
+        return
+    done = threading.Event()
+
+    def tick() -> None:
+        while not done.wait(1.0):
+            sys.stderr.write("\r  %d s " % (time.monotonic() - started))
+            sys.stderr.flush()
+
+    thread = threading.Thread(target=tick, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+        sys.stderr.write("\r")
 
 
 def last_line(error: Exception) -> str:
