@@ -201,8 +201,11 @@ def test_get_tar_of_a_named_file_system(scene: Scene) -> None:
         DATA + ":/projects",
         "--tar",
         "-",
+        "--json",
         text=False,
     )
+    # --json: the summary goes to stderr, stdout is the archive alone (whole records)
+    assert len(r.stdout) % tarfile.RECORDSIZE == 0 and r.stdout.endswith(bytes(1024))
     model = scene.models[0].fs[DATA]
     with tarfile.open(fileobj=io.BytesIO(r.stdout), mode="r:") as tar:
         members = {m.name: m for m in tar.getmembers()}

@@ -29,6 +29,7 @@ import stat
 import sys
 import tarfile
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -328,8 +329,6 @@ def print_listing(rows: list[dict], long: bool) -> None:
         if not long:
             print(r["name"] + ("/" if r["type"] == "directory" else ""))
             continue
-        import time
-
         when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["mtime"]))
         link = " -> %s" % r["target"] if "target" in r else ""
         print("%-10s %s %12d  %s  %s%s" % (r["type"], r["mode"], r["size"], when, r["name"], link))
