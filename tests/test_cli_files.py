@@ -264,6 +264,11 @@ def test_refusals_that_need_no_appliance(scene: Scene, tmp_path: Path) -> None:
     assert "exists: pass --force" in r.stderr and "appliance" not in r.stderr
     r = scene.files(*base, check=2)
     assert "--to DIR or --tar" in r.stderr
+    for path in ("/etc/../../x", "etc/hostname", ROOT + ":/a/../../b"):
+        r = scene.files(
+            "get", "--repo", str(scene.repo), "demo-vm", path, "--to", str(tmp_path), check=2
+        )
+        assert "absolute and has no '..'" in r.stderr and "appliance" not in r.stderr
     r = scene.files("ls", "--repo", str(scene.repo), "no-such-vm", check=1)
     assert "no VM or VDI matching no-such-vm" in r.stderr
 

@@ -163,9 +163,13 @@ def parse_path(text: str, filesystems: dict[str, str], locked: list[str] = ()) -
         )
     else:
         fs, path = None, text
+    check_path(text, path)
+    return GuestPath(fs, posixpath.normpath(path).replace("//", "/"))
+
+
+def check_path(text: str, path: str) -> None:
     if not path.startswith("/") or ".." in path.split("/"):
         raise UsageError("%s: a guest path is absolute and has no '..'" % text)
-    return GuestPath(fs, posixpath.normpath(path).replace("//", "/"))
 
 
 class Session:
@@ -526,6 +530,9 @@ def read_key(path: str | None) -> str | None:
 
 def precheck(args) -> None:
     """Refusals that need no appliance (cheap, and nothing boots for nothing)."""
+    for text in args.paths:
+        fs, sep, rest = text.partition(":")
+        check_path(text, (rest or "/") if sep and fs.startswith("/dev/") else text)
     if args.action == "get":
         if not args.paths:
             raise UsageError("files get: name at least one PATH")
