@@ -252,6 +252,16 @@ def test_luks_volume_opens_with_guest_key_file(scene: Scene, tmp_path: Path) -> 
         assert tar.extractfile("secret.txt").read() == b"the secret\n"
 
 
+def test_a_wrong_guest_key_is_named_not_shown(scene: Scene, tmp_path: Path) -> None:
+    key = tmp_path / "wrong.key"
+    key.write_text("not the passphrase\n")
+    key.chmod(0o600)
+    WATCH.register("not the passphrase")
+    args = ["ls", "--repo", str(scene.repo), "demo-vm", "--guest-key-file", str(key)]
+    r = scene.files(*args, check=1)
+    assert "does not open the encrypted volume " + guestbuild.SECRET in r.stderr, r.stderr
+
+
 def test_refusals_that_need_no_appliance(scene: Scene, tmp_path: Path) -> None:
     existing = tmp_path / "out.tar"
     existing.write_bytes(b"keep")
