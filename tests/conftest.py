@@ -160,6 +160,17 @@ def _simulator_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _slot_dir(tmp_path_factory) -> Iterator[None]:
+    """The machine-wide NBD connection slots (plugin/xencbt_core/slots.py) of this run
+    apart from those of any other run on the machine (another checkout's suite, a real
+    backup), and not left behind in /var/tmp/xencbt."""
+    run = tmp_path_factory.getbasetemp() / "slots"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XENCBT_RUNTIME_DIR", str(run))
+        yield
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _secret_watch(tmp_path_factory) -> Iterator[None]:
     """Issue #5, #18: no password, session ref or export name in any exec's argv or
     environment, in any file under basetemp unless private, in any temp file (deleted ones

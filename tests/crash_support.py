@@ -26,6 +26,7 @@ import select
 import signal
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -72,11 +73,14 @@ class Kills:
 
 
 # -- processes ---------------------------------------------------------------------------
-def start(sim, *args: str, pause: str = "") -> subprocess.Popen:
+def start(sim, *args: str, pause: str = "", untraced: bool = False) -> subprocess.Popen:
     """``xencbt ARGS`` in a session of its own, so that its children can be found after
     it is killed (they keep the session when re-parented).  ``pause``: the product's
-    XENCBT_TEST_PAUSE (testhook.py), which holds a short window open."""
-    argv = [*XENCBT, "--xapi-cafile", sim.info["ca_file"], *args]
+    XENCBT_TEST_PAUSE (testhook.py), which holds a short window open.  ``untraced``:
+    not under the secret watch's strace, whose ptrace changes job control (a stopped
+    tracee is resumed by its tracer, not by SIGCONT alone); /proc sampling still runs."""
+    cli = [sys.executable, "-m", "xencbt_cli.main"] if untraced else XENCBT
+    argv = [*cli, "--xapi-cafile", sim.info["ca_file"], *args]
     env = cli_env(sim)
     if pause:
         env["XENCBT_TEST_PAUSE"] = pause

@@ -196,6 +196,8 @@ def parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-psk", metavar="FILE", help="TLS with this PSK file (user:hexkey)")
     tls.add_argument("--tls-certificates", metavar="DIR", help="TLS with DIR/{ca,server}-*.pem")
 
+    files_parser(sub, g)
+
     n = sub.add_parser("nbd", parents=g, help="NBD on the pool's networks")
     n.add_argument("action", choices=("status", "enable", "disable"))
     n.add_argument("--network", metavar="NAME|UUID")
@@ -240,6 +242,43 @@ class StderrHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """PATHs may follow options (``files get VM --at P /etc --to D``): a plain parse gives
+    every positional its values at their first run and rejects the later ones."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_mixing", False):  # parse_known_intermixed_args calls us back
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
+def files_parser(sub, parents: list) -> None:
+    f = sub.add_parser(
+        "files", parents=parents, help="list or extract files of a point (libguestfs, no root)"
+    )
+    f.__class__ = IntermixedParser
+    f.add_argument("action", choices=("ls", "get"))
+    f.add_argument("target", metavar="VM|VDI", help="as in list: uuid, prefix or name")
+    f.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="FS:/path (FS as files ls names it) or /path under the guest OS's root",
+    )
+    f.add_argument("--repo", metavar="DIR")
+    f.add_argument("--at", metavar="POINT", help="point id (default: the newest)")
+    f.add_argument("--long", "-l", action="store_true", help="ls: type, mode, size, time")
+    out = f.add_mutually_exclusive_group()
+    out.add_argument("--to", metavar="DIR", help="get: extract into DIR")
+    out.add_argument("--tar", metavar="FILE|-", help="get: write a tar archive")
+    f.add_argument("--force", action="store_true", help="get: replace existing files")
+    f.add_argument("--guest-key-file", metavar="FILE", help="passphrase of LUKS volumes")
 
 
 def configure_logging(verbose: int) -> None:
@@ -444,6 +483,22 @@ def cmd_serve(args, conf: settings.Settings) -> int:
 
 SHOWS_PROGRESS = ("backup", "restore", "verify")
 
+
+def cmd_files(args, conf: settings.Settings) -> int:
+    from . import files
+
+    if args.action == "get" and not (args.to or args.tar):
+        raise UsageError("files get: give --to DIR or --tar FILE|-")
+    result = files.run(args, repository(args, conf), say)
+    if args.json and args.tar != "-":  # stdout holds the archive then
+        report.emit_json(result)
+    elif args.action == "ls":
+        files.print_result(result, args.long)
+    else:
+        say("extracted %s" % files.summary(result))
+    return errors.OK
+
+
 COMMANDS = {
     "backup": cmd_backup,
     "list": cmd_list,
@@ -453,6 +508,7 @@ COMMANDS = {
     "repair": cmd_repair,
     "nbd": cmd_nbd,
     "serve": cmd_serve,
+    "files": cmd_files,
 }
 
 

@@ -16,7 +16,7 @@ from xencbt_core.errors import XapiError, XencbtError
 
 from . import command, testhook
 from .digest import Reading
-from .errors import CliError
+from .errors import CliError, Interrupted
 from .hosthttp import Download, ImportFailed, Upload
 from .image import random_access, reader
 from .pool import Pool
@@ -84,8 +84,11 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
             "restore of VDI %s point %s to SR %s failed: %s; %s"
             % (m.vdi_uuid, m.point, sr, e.reason, gone)
         ) from None
-    except BaseException:
-        log.warning("restore failed: %s", _destroy(pool, ref, uuid))
+    except BaseException as e:
+        gone = _destroy(pool, ref, uuid)
+        # Interrupted and cleaned up: main says "nothing half-done was kept", no more.
+        quiet = isinstance(e, (Interrupted, KeyboardInterrupt)) and gone.endswith("destroyed")
+        (log.info if quiet else log.warning)("restore failed: %s", gone)
         raise
     return m, uuid
 
@@ -161,6 +164,8 @@ def to_vdi(
             m.point,
             target,
         )
+        if force:
+            again += " --force"
         upload: Upload | None = None
         try:
             with Upload(pool, ref, length, chunked=True) as upload:
