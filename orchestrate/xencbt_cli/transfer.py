@@ -14,7 +14,7 @@ import struct
 
 from xencbt_core.errors import XapiError, XencbtError
 
-from . import command, testhook
+from . import command, progress, testhook
 from .digest import Reading
 from .errors import CliError, Interrupted
 from .hosthttp import Download, ImportFailed, Upload
@@ -68,13 +68,16 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
     try:
         uuid = pool.call("VDI.get_uuid", ref)
         reading = Reading(m, chain.sums_path(m.point))
+        label = "%s disk %s: restore %s" % (m.vm_name, m.userdevice, m.point)
         with Upload(pool, ref, m.virtual_size, chunked=False) as upload:
+            with progress.task(label, m.virtual_size) as advance:
 
-            def send(data: bytes) -> None:
-                reading.update(data)
-                upload.send(data)
+                def send(data: bytes) -> None:
+                    reading.update(data)
+                    upload.send(data)
+                    advance(len(data))
 
-            command.stream(reader(chain.image_path(m.point)), send)
+                command.stream(reader(chain.image_path(m.point)), send)
             upload.finish()
         check(reading, "the new VDI is destroyed", chain)
         pool.call("VDI.set_name_label", ref, name)
@@ -127,12 +130,14 @@ def differing(pool: Pool, ref: str, h, size: int, reading: Reading) -> list[tupl
     return extents
 
 
-def _send_frames(upload: Upload, h, extents: list[tuple[int, int]]) -> None:
+def _send_frames(upload: Upload, h, extents: list[tuple[int, int]], advance) -> None:
     for offset, n in extents:
         testhook.pause("vdi-extent")
         upload.send(FRAME.pack(offset, n))
         for pos in range(offset, offset + n, CHUNK):
-            upload.send(h.pread(min(CHUNK, offset + n - pos), pos))
+            data = h.pread(min(CHUNK, offset + n - pos), pos)
+            upload.send(data)
+            advance(len(data))
     upload.send(FRAME.pack(0, 0))
 
 
@@ -168,8 +173,11 @@ def to_vdi(
             again += " --force"
         upload: Upload | None = None
         try:
+            label = "%s disk %s: restore %s" % (m.vm_name, m.userdevice, m.point)
+            changed = sum(n for _, n in extents)
             with Upload(pool, ref, length, chunked=True) as upload:
-                _send_frames(upload, h, extents)
+                with progress.task(label, changed) as advance:
+                    _send_frames(upload, h, extents, advance)
                 upload.finish()
         except ImportFailed as e:
             if not e.started:
