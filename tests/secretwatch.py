@@ -117,6 +117,8 @@ class Watch:
         # files here (0600, theirs) but not list or read the others'.
         self.private.chmod(0o711)
         (self.private / "execs").chmod(0o1733)
+        for d in (basetemp, basetemp.parent):  # the way there (search only, no listing)
+            d.chmod(d.stat().st_mode & 0o7777 | 0o011)
         os.environ[EXEC_ENV] = str(self.private / "execs")
         os.environ[ISSUED_ENV] = str(self.private / "issued")
         self.tmpdir = basetemp / "tmpdir"

@@ -289,7 +289,8 @@ def test_non_root_user_reads_a_read_only_repository(scene: Scene) -> None:
     if os.geteuid() == 0:
         pw = pwd.getpwnam(local_user())
         user = pw.pw_uid, pw.pw_gid
-        base = Path(tempfile.mkdtemp(prefix="xencbt-files-"))
+        # Not under the run's TMPDIR: the secret watch's tmpfs is private to root.
+        base = Path(tempfile.mkdtemp(prefix="xencbt-files-", dir="/var/tmp"))
         base.chmod(0o755)
         repo = base / "repo"
         shutil.copytree(scene.repo, repo, symlinks=True)
