@@ -198,7 +198,7 @@ def test_sigterm_says_one_line_per_vm(xensim_factory, tmp_path, jobs):
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 143, err
     lines = said(err)
-    assert len(lines) == 2, lines
+    assert len(lines) == 2, (lines, err)
     for vm in vms:
         (line,) = [x for x in lines if x.startswith("VM %s: interrupted by SIGTERM: " % vm.name)]
         copying = vm is vms[0] or jobs == "2"

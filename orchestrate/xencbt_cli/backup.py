@@ -123,16 +123,27 @@ class Backup:
             self.backup_vm(name, result)
             result.ok = True
         except Interrupted as e:
-            result.error, result.exit_code = "interrupted", e.exit_code
-            self.say("VM %s: interrupted by %s: %s" % (name, e.name, undone(result)))
-        except (XencbtError, OSError) as e:
-            text = describe_os_error(e) if isinstance(e, OSError) else str(e)
-            result.error = scrub(text)
-            result.exit_code = errors.exit_code(e)
-            self.say("VM %s: backup FAILED: %s" % (name, result.error))
+            self.interrupted(result, e)
+        except Exception as e:
+            if GROUP.signum is not None:
+                # It failed because the stop signal took its copies or calls away: what
+                # the user asked for, not a failure of its own.
+                log.debug("VM %s: stopped while %s", name, type(e).__name__, exc_info=True)
+                self.interrupted(result, Interrupted(GROUP.signum))
+            elif isinstance(e, (XencbtError, OSError)):
+                text = describe_os_error(e) if isinstance(e, OSError) else str(e)
+                result.error = scrub(text)
+                result.exit_code = errors.exit_code(e)
+                self.say("VM %s: backup FAILED: %s" % (name, result.error))
+            else:
+                raise
         finally:
             result.in_use_retries = self.pool.in_use.retries_here - retries
         return result
+
+    def interrupted(self, result: VmResult, e: Interrupted) -> None:
+        result.error, result.exit_code = "interrupted", e.exit_code
+        self.say("VM %s: interrupted by %s: %s" % (result.vm, e.name, undone(result)))
 
     def warn(self, result: VmResult, text: str) -> None:
         result.warnings.append(scrub(text))
