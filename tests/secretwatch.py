@@ -158,7 +158,7 @@ class Watch:
                 continue
             self._seen.add((pid, argv))
             self.counts["processes inspected"] += 1
-            name = argv.split(b"\0")[0].decode(errors="replace")
+            name = _command_name(argv.split(b"\0"))
             try:
                 environ = Path("/proc/%d/environ" % pid).read_bytes()
             except OSError:
@@ -454,6 +454,22 @@ class TempKeeper:
 
 
 # -- processes and files ------------------------------------------------------------------
+def _command_name(argv: list[bytes]) -> str:
+    """The command a process runs, looking through execwatch.sh's wrappers: sampled between
+    its execs, a traced command shows up as ``sh …/execwatch.sh CMD …`` or ``strace … -- CMD
+    …``, and an allowance for CMD's argv (``where="argv (CMD)"``) must hold at every stage."""
+    words = [w.decode(errors="replace") for w in argv if w]
+    name = os.path.basename(words[0]) if words else ""
+    if any(os.path.basename(w) == EXECWATCH.name for w in words[:2]):
+        at = next(i for i, w in enumerate(words) if os.path.basename(w) == EXECWATCH.name)
+        inner = words[at + 1 : at + 2]
+    elif name == "strace" and "--" in words:
+        inner = words[words.index("--") + 1 :][:1]
+    else:
+        return words[0] if words else ""
+    return os.path.basename(inner[0]) if inner else name
+
+
 def _descendants(root: int) -> Iterator[int]:
     stack, seen = [root], set()
     while stack:
