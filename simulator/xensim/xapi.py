@@ -21,6 +21,7 @@ from .latency import ApiLatency
 from .sessions import Sessions
 from .storage import Storage
 from .tasks import Tasks
+from .vms import Vms
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +58,7 @@ class Xapi:
         self.api_faults = ApiFaults()
         self.storage = Storage(db, options.state_dir, options.in_use_wait)
         self.tasks = Tasks(db, self)
+        self.vms = Vms(db, self.storage, lambda: self.master)
         self.propagation = network.Propagation(network.host_modes(db), options.propagation)
         self.master = db.get("pool", db.refs("pool")[0])["master"]
         self.latency = ApiLatency()
@@ -106,7 +108,20 @@ class Xapi:
 
     # -- generic per-class calls --------------------------------------------------------
     def _register_generic(self) -> None:
-        for cls in ("pool", "host", "network", "PIF", "SR", "PBD", "VM", "VBD", "VDI", "task"):
+        for cls in (
+            "pool",
+            "host",
+            "network",
+            "PIF",
+            "SR",
+            "PBD",
+            "VM",
+            "VBD",
+            "VDI",
+            "task",
+            "VIF",
+            "VTPM",
+        ):
             self._add(f"{cls}.get_all", lambda c, cls=cls: self.db.refs(cls), 0)
             self._add(f"{cls}.get_all_records", lambda c, cls=cls: self._all_records(cls), 0)
             self._add(f"{cls}.get_record", lambda c, r, cls=cls: self._record(cls, r), 1)
@@ -175,8 +190,7 @@ class Xapi:
         add("VDI.get_nbd_info", self._nbd_info, 1)
         add("VBD.create", lambda c, rec: st.create_vbd(rec), 1)
         add("VBD.destroy", lambda c, r: st.destroy_vbd(r), 1)
-        add("VM.snapshot", lambda c, r, name: st.snapshot_vm(r, name), 2)
-        add("VM.destroy", lambda c, r: st.destroy_vm(r), 1)
+        self.vms.register(add)
         add("VM.set_name_label", lambda c, r, v: self._set("VM", r, "name_label", v), 2)
         add("task.create", lambda c, label, desc: self.tasks.create(label, desc, c), 2)
         add("task.destroy", lambda c, r: self.tasks.destroy(r), 1)
