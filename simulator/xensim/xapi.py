@@ -132,12 +132,32 @@ class Xapi:
                     lambda c, n, cls=cls: self.db.find(cls, name_label=n),
                     1,
                 )
+            if "other_config" in records.field_names(cls):
+                self._map_methods(cls, "other_config")
             for field in records.field_names(cls):
                 self._add(
                     f"{cls}.get_{field}",
                     lambda c, r, cls=cls, f=field: self._field(cls, r, f),
                     1,
                 )
+
+    def _map_methods(self, cls: str, name: str) -> None:
+        """The generated map setters of every (StaticRW/RW) map field (xen-api
+        ``ocaml/idl/datamodel_utils.ml``): add_to_ fails ``MAP_DUPLICATE_KEY`` on a key
+        already there; remove_from_ of a missing key is a no-op."""
+
+        def add_to(c, ref, key, value):
+            current = self.db.get(cls, ref)[name]
+            if key in current:
+                raise XapiError("MAP_DUPLICATE_KEY", cls, name, ref, key)
+            current[key] = value
+
+        def remove_from(c, ref, key):
+            self.db.get(cls, ref)[name].pop(key, None)
+
+        self._add(f"{cls}.set_{name}", lambda c, r, v: self._set(cls, r, name, dict(v)), 2)
+        self._add(f"{cls}.add_to_{name}", add_to, 3)
+        self._add(f"{cls}.remove_from_{name}", remove_from, 2)
 
     def _record(self, cls: str, ref: str) -> dict:
         if cls == "VDI" and self.db.exists("VDI", ref):
@@ -192,6 +212,8 @@ class Xapi:
         add("VBD.destroy", lambda c, r: st.destroy_vbd(r), 1)
         self.vms.register(add)
         add("VM.set_name_label", lambda c, r, v: self._set("VM", r, "name_label", v), 2)
+        # datamodel.ml: name_label is RW on networks (xe network-param-set name-label=)
+        add("network.set_name_label", lambda c, r, v: self._set("network", r, "name_label", v), 2)
         add("task.create", lambda c, label, desc: self.tasks.create(label, desc, c), 2)
         add("task.destroy", lambda c, r: self.tasks.destroy(r), 1)
         add("task.cancel", lambda c, r: self.tasks.cancel(r), 1)

@@ -1,0 +1,171 @@
+"""VM points and ``xencbt restore-vm`` through the real CLI on the simulator: a whole VM
+(2 disks, 2 VIFs on different networks, a vTPM, an empty CD drive) comes back after a
+disaster, beside its original, and in another pool; every disk byte-identical to the
+simulator's raw data captured at backup time (not the product's digest)."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+from cli_support import BLOCK, Vm, backup, rand, xencbt
+
+NULL = "OpaqueRef:NULL"
+SR = "Local storage"
+CONFIG = ("VCPUs_max", "VCPUs_at_startup", "memory_static_max", "memory_dynamic_min")
+CONFIG += ("HVM_boot_policy", "HVM_boot_params", "platform", "NVRAM", "bios_strings", "tags")
+
+
+def raw(sim, vdi_uuid: str, size: int) -> bytes:
+    """The simulator's own data file of a VDI: the independent truth."""
+    data = (Path(sim.state_dir) / "vdis" / (vdi_uuid + ".raw")).read_bytes()
+    return data[:size] + bytes(max(0, size - len(data)))
+
+
+def snapshot_of_vm(x, ref: str) -> dict:
+    """What the test compares: configuration, VIFs, disks by userdevice, vTPM."""
+    rec = x.VM.get_record(ref)
+    vifs = {}
+    for v in rec["VIFs"]:
+        vif = x.VIF.get_record(v)
+        vifs[vif["device"]] = (vif["MAC"], x.network.get_name_label(vif["network"]))
+    vbds = {}
+    for v in rec["VBDs"]:
+        vbd = x.VBD.get_record(v)
+        vdi = None if vbd["VDI"] == NULL else x.VDI.get_uuid(vbd["VDI"])
+        vbds[vbd["userdevice"]] = (vbd["type"], vbd["bootable"], vbd["empty"], vdi)
+    tpm = [x.VTPM.get_contents(t) for t in rec["VTPMs"]]
+    return {
+        "name": rec["name_label"],
+        "config": {k: rec[k] for k in CONFIG},
+        "vifs": vifs,
+        "vbds": vbds,
+        "vtpm": tpm,
+        "power": rec["power_state"],
+        "blocked": rec["blocked_operations"],
+    }
+
+
+def prepared(sim, repo: Path):
+    """demo-vm with data on both disks and an empty CD drive, backed up; returns the VM,
+    its state before and the raw data of each disk at backup time (by userdevice)."""
+    vm = Vm(sim)
+    vm.write(0, {0: rand(BLOCK), 5 * BLOCK: rand(3 * BLOCK)})
+    vm.write(1, {BLOCK: rand(BLOCK)})
+    cd = {"VM": vm.ref, "VDI": NULL, "userdevice": "3", "type": "CD", "empty": True, "mode": "RO"}
+    vm.x.VBD.create(cd)
+    backup(sim, repo, "demo-vm")
+    truth = {str(i): raw(sim, u, len(m)) for i, (u, m) in enumerate(zip(vm.uuids, vm.models))}
+    return vm, snapshot_of_vm(vm.x, vm.ref), truth
+
+
+def restore_vm(sim, repo: Path, *args: str, check: int | None = 0):
+    r = xencbt(
+        sim,
+        "--json",
+        "restore-vm",
+        "--repo",
+        str(repo),
+        "demo-vm",
+        "--to-sr",
+        SR,
+        *args,
+        check=check,
+    )
+    return json.loads(r.stdout) if r.stdout else {}, r
+
+
+def destroy_vm_and_disks(x, ref: str) -> None:
+    vdis = [x.VBD.get_VDI(v) for v in x.VM.get_VBDs(ref) if x.VBD.get_type(v) == "Disk"]
+    x.VM.hard_shutdown(ref)
+    x.VM.destroy(ref)
+    for vdi in vdis:
+        x.VDI.destroy(vdi)
+
+
+def check_disks(sim, x, new: dict, truth: dict[str, bytes]) -> None:
+    disks = {d: v for d, (kind, _, _, v) in new["vbds"].items() if kind == "Disk"}
+    assert sorted(disks) == sorted(truth)
+    for device, data in truth.items():
+        assert raw(sim, disks[device], len(data)) == data, "disk %s differs" % device
+
+
+def test_vm_point_holds_the_configuration_privately_and_is_listed(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, before, _ = prepared(xensim, repo)
+    points = repo / vm.uuid / "points"
+    manifests = sorted(points.glob("*Z.json"))
+    assert len(manifests) == 1
+    manifest = json.loads(manifests[0].read_text())
+    assert sorted(d["userdevice"] for d in manifest["disks"]) == ["0", "1"]
+    config = points / manifest["config"]
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    records = json.loads(config.read_text())
+    assert records["vtpms"][0]["contents"] == before["vtpm"][0]
+    assert {v["network"]["name_label"] for v in records["vifs"]} == {
+        n for _, n in before["vifs"].values()
+    }
+    assert [r["type"] for r in records["vbds"] if r["empty"]] == ["CD"]
+    text = xencbt(xensim, "list", "--repo", str(repo)).stdout
+    assert "VM point %s" % manifest["point"] in text and before["vtpm"][0] not in text
+    xencbt(xensim, "verify", "--repo", str(repo))
+    records["vm"]["VCPUs_max"] = "8"  # a change that still parses: only the sha256 tells
+    config.write_text(json.dumps(records))
+    r = xencbt(xensim, "verify", "--repo", str(repo), check=4)
+    assert "configuration" in r.stderr and before["vtpm"][0] not in r.stderr + r.stdout
+
+
+def test_restore_vm_after_disaster_is_the_same_vm_with_the_same_macs(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, before, truth = prepared(xensim, repo)
+    destroy_vm_and_disks(vm.x, vm.ref)
+    out, r = restore_vm(xensim, repo)
+    assert out["macs_changed"] is False and not out["started"]
+    new = snapshot_of_vm(vm.x, vm.x.VM.get_by_uuid(out["vm_uuid"]))
+    for key in ("name", "config", "vifs", "vtpm"):
+        assert new[key] == before[key], key
+    assert {d: v[:3] for d, v in new["vbds"].items()} == {
+        d: v[:3] for d, v in before["vbds"].items()
+    }
+    assert new["power"] == "Halted" and new["blocked"] == {}
+    check_disks(xensim, vm.x, new, truth)
+    assert before["vtpm"][0] not in r.stdout + r.stderr
+
+
+def test_restore_vm_beside_the_original_gets_new_macs_and_can_start(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, before, truth = prepared(xensim, repo)
+    out, r = restore_vm(xensim, repo, "--name", "copy", "--start")
+    assert out["macs_changed"] is True and "new MAC" in r.stderr
+    new = snapshot_of_vm(vm.x, vm.x.VM.get_by_uuid(out["vm_uuid"]))
+    assert new["name"] == "copy" and new["power"] == "Running"
+    assert sorted(new["vifs"]) == sorted(before["vifs"])
+    for device, (mac, network) in new["vifs"].items():
+        assert mac != before["vifs"][device][0] and network == before["vifs"][device][1]
+    check_disks(xensim, vm.x, new, truth)
+
+
+def test_restore_vm_into_another_pool_maps_networks_or_refuses(xensim_factory, tmp_path):
+    repo = tmp_path / "repo"
+    first = xensim_factory()
+    vm, before, truth = prepared(first, repo)
+    second = xensim_factory()
+    x = second.session().xenapi
+    x.network.set_name_label(x.network.get_by_name_label("NBD network")[0], "storage")
+    vms, vdis = set(x.VM.get_all()), set(x.VDI.get_all())
+    out, r = restore_vm(second, repo, check=1)
+    assert (
+        "NBD network" in r.stderr and "--network" in r.stderr and "nothing was created" in r.stderr
+    )
+    assert set(x.VM.get_all()) == vms and set(x.VDI.get_all()) == vdis
+    out, _ = restore_vm(second, repo, "--network", "NBD network=storage")
+    new = snapshot_of_vm(x, x.VM.get_by_uuid(out["vm_uuid"]))
+    assert out["macs_changed"] is False and new["config"] == before["config"]
+    assert {d: mac for d, (mac, _) in new["vifs"].items()} == {
+        d: mac for d, (mac, _) in before["vifs"].items()
+    }
+    assert sorted(n for _, n in new["vifs"].values()) == sorted(
+        ["Pool-wide network associated with eth0", "storage"]
+    )
+    check_disks(second, x, new, truth)
