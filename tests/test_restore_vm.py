@@ -5,11 +5,15 @@ simulator's raw data captured at backup time (not the product's digest)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
+import random
 import stat
+import time
 from pathlib import Path
 
 from cli_support import BLOCK, Vm, backup, rand, xencbt
+from crash_support import kill, kills_per_point, start, stop
 
 NULL = "OpaqueRef:NULL"
 SR = "Local storage"
@@ -78,7 +82,8 @@ def restore_vm(sim, repo: Path, *args: str, check: int | None = 0):
 
 def destroy_vm_and_disks(x, ref: str) -> None:
     vdis = [x.VBD.get_VDI(v) for v in x.VM.get_VBDs(ref) if x.VBD.get_type(v) == "Disk"]
-    x.VM.hard_shutdown(ref)
+    if x.VM.get_power_state(ref) == "Running":
+        x.VM.hard_shutdown(ref)
     x.VM.destroy(ref)
     for vdi in vdis:
         x.VDI.destroy(vdi)
@@ -169,3 +174,82 @@ def test_restore_vm_into_another_pool_maps_networks_or_refuses(xensim_factory, t
         ["Pool-wide network associated with eth0", "storage"]
     )
     check_disks(second, x, new, truth)
+
+
+def test_prune_removes_a_vm_point_with_its_disks_and_keeps_the_newer_ones(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    vm.write(0, {2 * BLOCK: rand(BLOCK)})
+    second = backup(xensim, repo, "demo-vm")["vms"][0]["point"]
+    points = repo / vm.uuid / "points"
+    assert len(list(points.glob("*Z.json"))) == 2
+    xencbt(xensim, "prune", "--repo", str(repo), "--keep", "1")
+    assert sorted(p.name for p in points.iterdir()) == [
+        second + ".config.json",
+        second + ".json",
+    ]
+    xencbt(xensim, "verify", "--repo", str(repo))
+
+
+def repository_state(repo: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(repo.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def pool_state(x) -> tuple[set, set]:
+    return set(x.VM.get_all()), set(x.VDI.get_all())
+
+
+def marked(x) -> list[str]:
+    found = []
+    for cls in (x.VM, x.VDI):
+        for rec in cls.get_all_records().values():
+            if "xencbt-restore" in rec["other_config"]:
+                found.append(rec["uuid"])
+    return found
+
+
+def discard_restored(x, before: tuple[set, set]) -> int:
+    """Destroy whole VMs a run completed before its kill (unmarked, unblocked)."""
+    vms, _ = pool_state(x)
+    for ref in vms - before[0]:
+        rec = x.VM.get_record(ref)
+        assert "xencbt-restore" not in rec["other_config"] and rec["blocked_operations"] == {}
+        assert len(rec["VIFs"]) == 2 and len(rec["VTPMs"]) == 1 and len(rec["VBDs"]) == 3
+        destroy_vm_and_disks(x, ref)
+    return len(vms - before[0])
+
+
+def test_restore_vm_killed_at_random_moments_leaves_nothing_after_repair(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    x = vm.x
+    destroy_vm_and_disks(x, vm.ref)
+    xensim.control.set_api_latency({m: 0.05 for m in ("VBD.create", "VIF.create", "VTPM.create")})
+    files, before = repository_state(repo), pool_state(x)
+    t0 = time.monotonic()
+    out, _ = restore_vm(xensim, repo)
+    duration = time.monotonic() - t0
+    discard_restored(x, before)
+    runs, landed = max(10, kills_per_point()), 0
+    for run in range(runs):
+        proc = start(xensim, "restore-vm", "--repo", str(repo), "demo-vm", "--to-sr", SR)
+        time.sleep(random.uniform(0.3, duration))  # the kill moment, not a poll
+        if stop(proc):
+            kill(proc)
+            landed += bool(marked(x))
+        else:
+            assert proc.wait(timeout=120) == 0, proc.stderr.read()
+        if run % 2:
+            xencbt(xensim, "repair", "--repo", str(repo))
+        else:  # the next restore-vm cleans up first, then restores whole
+            restore_vm(xensim, repo)
+        assert marked(x) == []
+        discard_restored(x, before)
+        assert pool_state(x) == before
+        assert repository_state(repo) == files
+    print("restore-vm: %d of %d kills landed while a VM was being built" % (landed, runs))
+    assert landed >= runs // 3, "too few kills landed inside restore-vm's building"
