@@ -7,13 +7,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import random
+import signal
 import stat
 import time
 from pathlib import Path
 
+import pytest
+import XenAPI
 from cli_support import BLOCK, Vm, backup, rand, xencbt
-from crash_support import kill, kills_per_point, start, stop
+from crash_support import kill, kills_per_point, start, stop, wait_until
 
 NULL = "OpaqueRef:NULL"
 SR = "Local storage"
@@ -253,3 +257,43 @@ def test_restore_vm_killed_at_random_moments_leaves_nothing_after_repair(xensim,
         assert repository_state(repo) == files
     print("restore-vm: %d of %d kills landed while a VM was being built" % (landed, runs))
     assert landed >= runs // 3, "too few kills landed inside restore-vm's building"
+
+
+def building(x) -> str | None:
+    """The VM a restore-vm run is building, once its first VBD exists."""
+    for ref, rec in x.VM.get_all_records().items():
+        if "xencbt-restore" in rec["other_config"] and rec["VBDs"]:
+            return ref
+    return None
+
+
+def test_restore_vm_cannot_be_started_while_built_and_sigterm_undoes_it(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    x = vm.x
+    before = pool_state(x)
+    xensim.control.set_api_latency({"VBD.create": 0.5})
+    proc = start(xensim, "restore-vm", "--repo", str(repo), "demo-vm", "--to-sr", SR)
+    ref = wait_until(lambda: building(x), proc)
+    assert ref is not None, proc.communicate()
+    assert stop(proc)
+    with pytest.raises(XenAPI.Failure) as info:
+        x.VM.start(ref, False, False)  # blocked while it is being built
+    assert info.value.details[0] == "OPERATION_BLOCKED"
+    os.kill(proc.pid, signal.SIGCONT)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "destroying what it created" in err
+    assert marked(x) == [] and pool_state(x) == before  # no repair needed
+
+
+def test_restore_vm_failure_destroys_what_it_created(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    x = vm.x
+    before = pool_state(x)
+    xensim.control.fail_imports_after(BLOCK)  # the host fails the first import
+    out, r = restore_vm(xensim, repo, check=1)
+    assert out["exit_code"] == 1 and "destroying what it created" in r.stderr
+    assert marked(x) == [] and pool_state(x) == before

@@ -22,7 +22,7 @@ import socket
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
-from xencbt_core.errors import XapiError
+from xencbt_core.errors import XapiError, XencbtError
 from xencbt_core.secret import register
 
 from . import testhook
@@ -213,18 +213,40 @@ class Builder:
         testhook.pause("restore-vm-commit")
         self.call("VM.remove_from_other_config", self.vm, MARK)
 
+    def marked_vdis(self) -> list[tuple[str, str]]:
+        """VDIs of this run not yet known to it: one whose restore was interrupted."""
+        known = {ref for ref, _ in self.vdis}
+        try:
+            records = self.call("VDI.get_all_records")
+        except (XencbtError, OSError):
+            return []
+        return [
+            (ref, rec["uuid"])
+            for ref, rec in records.items()
+            if rec.get("other_config", {}).get(MARK) == self.mark and ref not in known
+        ]
+
     def undo(self) -> str:
-        gone = []
+        """Destroy what this run created; what cannot be destroyed keeps its mark, for
+        the next restore-vm or repair.  Says what became of it."""
+        self.pool.session.reset_connection()  # the interrupted call may have broken it
+        done, left = [], []
         if self.vm is not None:
-            with contextlib.suppress(XapiError):
-                destroy_vm(self.pool, self.vm, [r for r, _ in self.vdis])
-                gone.append("the VM")
-        for ref, uuid in self.vdis:
-            with contextlib.suppress(XapiError):
+            try:
+                destroy_vm(self.pool, self.vm)
+                done.append("the VM")
+            except (XencbtError, OSError) as e:
+                left.append("the VM (%s)" % e)
+        for ref, uuid in self.vdis + self.marked_vdis():
+            try:
                 self.pool.destroy_vdi(ref, uuid)
-        if self.vdis:
-            gone.append("%d disk(s)" % len(self.vdis))
-        return " and ".join(gone) or "nothing"
+                done.append("VDI %s" % uuid)
+            except (XencbtError, OSError) as e:
+                left.append("VDI %s (%s)" % (uuid, e))
+        text = ", ".join(done) or "nothing"
+        if left:
+            text += "; left for the next restore-vm or repair: " + ", ".join(left)
+        return text
 
 
 def wire(value):
