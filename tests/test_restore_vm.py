@@ -297,3 +297,35 @@ def test_restore_vm_failure_destroys_what_it_created(xensim, tmp_path):
     out, r = restore_vm(xensim, repo, check=1)
     assert out["exit_code"] == 1 and "destroying what it created" in r.stderr
     assert marked(x) == [] and pool_state(x) == before
+
+
+def test_killed_after_the_disks_lost_their_mark_repair_still_takes_them(xensim, tmp_path):
+    """The VM's mark goes last: a run killed just before leaves a marked VM whose disks
+    are no longer marked, and repair destroys them with it."""
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    x = vm.x
+    before = pool_state(x)
+    proc = start(
+        xensim,
+        "restore-vm",
+        "--repo",
+        str(repo),
+        "demo-vm",
+        "--to-sr",
+        SR,
+        pause="restore-vm-commit=30",
+    )
+
+    def committing():
+        ref = building(x)
+        if ref is None or x.VM.get_blocked_operations(ref):
+            return None
+        disks = [x.VBD.get_VDI(v) for v in x.VM.get_VBDs(ref) if x.VBD.get_type(v) == "Disk"]
+        return all("xencbt-restore" not in x.VDI.get_other_config(d) for d in disks)
+
+    assert wait_until(committing, proc, timeout=120), proc.communicate()
+    kill(proc)
+    assert len(marked(x)) == 1  # the VM alone
+    xencbt(xensim, "repair", "--repo", str(repo))
+    assert marked(x) == [] and pool_state(x) == before
