@@ -329,3 +329,14 @@ def test_killed_after_the_disks_lost_their_mark_repair_still_takes_them(xensim, 
     assert len(marked(x)) == 1  # the VM alone
     xencbt(xensim, "repair", "--repo", str(repo))
     assert marked(x) == [] and pool_state(x) == before
+
+
+def test_a_configuration_without_its_vm_manifest_is_no_vm_point_and_goes(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    points = repo / vm.uuid / "points"
+    (manifest,) = points.glob("*Z.json")
+    manifest.unlink()  # as a run killed between the configuration and the manifest
+    assert "VM point" not in xencbt(xensim, "list", "--repo", str(repo)).stdout
+    backup(xensim, repo, "demo-vm")  # the next backup removes the stray configuration
+    assert len(list(points.glob("*.config.json"))) == len(list(points.glob("*Z.json"))) == 1

@@ -208,6 +208,8 @@ class Backup:
         """Leftovers of an interrupted run: files, and snapshots on the host."""
         for chain in chains.values():
             chain.clean()
+        for path in VmPoints(self.repo, vm.uuid).strays():  # a run killed before its
+            path.unlink()  # VM manifest: its configuration alone is no VM point
         needed = self.repo.needed_snapshots()
         for ref in self.pool.leftover_snapshots(vm):
             self.say("VM %s: destroying snapshot left by an interrupted run" % vm.name)
