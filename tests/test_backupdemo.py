@@ -31,5 +31,16 @@ def test_demo_backs_up_restores_and_cleans_up():
     # Incrementals move kilobytes, the full moves the whole VM (84 MiB).
     moved = re.findall(r"read from the host's NBD server: ([\d.]+ \w+)", out)
     assert moved[0] == "84.0 MiB" and all(m.endswith("KiB") for m in moved[1:]), moved
+    # It ends with a whole-VM restore shown next to the original: same VCPUs, memory,
+    # vTPM and networks, its own disks and new MACs (the original is still there).
+    rows = {
+        line.strip().split("  ")[0]: line.split()
+        for line in out.splitlines()
+        if line.startswith("    demo-vm")
+    }
+    original, copy = rows["demo-vm"], rows["demo-vm (restored)"]
+    assert original[2:6] == copy[3:7] and copy[6] == "yes", (original, copy)
+    macs = [re.findall(r"\w\w(?::\w\w){5}", " ".join(r)) for r in (original, copy)]
+    assert len(macs[0]) == 2 and not set(macs[0]) & set(macs[1]), macs
     assert list(tmp_path.iterdir()) == []  # temp dir, simulator and sockets all gone
     tmp_path.rmdir()

@@ -128,8 +128,11 @@ def test_prune_reports_what_it_removed_and_dry_run_changes_nothing(sim, tmp_path
     assert out["removed"] == {uuid: points[:2] for uuid in vm.uuids}
     assert out["freed_bytes"] > 0 and out["dry_run"] is False
     assert "removed 4 points of 2 VDIs, freed " in r.stderr
-    left = sorted(p.stem for p in repo.rglob("2*.json"))
+    left = sorted(p.stem for p in repo.rglob("2*.json") if p.parent.name != "points")
     assert left == [points[2]] * 2
+    # The VM points went with them: only the kept one's manifest and configuration stay.
+    vm_points = sorted(p.name for p in repo.rglob("points/*"))
+    assert vm_points == [points[2] + ".config.json", points[2] + ".json"]
 
     r = xencbt(sim, "prune", "--repo", str(repo), "--keep", "1")
     assert "nothing to prune: no chain has more than 1 point" in r.stderr

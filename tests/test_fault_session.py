@@ -176,8 +176,15 @@ def test_master_moves_mid_backup_and_between_runs(xensim_factory, tmp_path):
     assert r.returncode == 0, r
     for disk, uuid in enumerate(vm.uuids):
         assert restored_sha(sim, repo, tmp_path, uuid) == sha(vm.models[disk])
-    # Points are the manifests; dot files (the snapshot ledger) are not.
-    points = sorted({p.stem for p in repo.rglob("*.json") if not p.name.startswith(".")})
+    # Points are the disks' manifests; dot files (the snapshot ledger) and the VM points
+    # (REPO/<vm>/points/) are not.
+    points = sorted(
+        {
+            p.stem
+            for p in repo.rglob("*.json")
+            if not p.name.startswith(".") and p.parent.name != "points"
+        }
+    )
     assert restored_sha(sim, repo, tmp_path, vm.uuids[0], points[1]) == second[0]
     x = sim.session(url=host1["xapi"], cafile=host1["cert_file"]).xenapi
     assert not x.VM.get_snapshots(vm.ref)

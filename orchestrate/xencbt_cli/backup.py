@@ -36,13 +36,14 @@ from xencbt_core.cbt import Bitmap
 from xencbt_core.errors import ConfigError, XapiError, XencbtError
 from xencbt_core.secret import scrub
 
-from . import digest, errors, image, progress
+from . import digest, errors, image, progress, vmpoint
 from .children import GROUP
 from .copier import ConnectionBudget, Copier
 from .errors import CliError, CommandFailed, Interrupted, RepositoryFull, describe_os_error
 from .ledger import Ledger
 from .pool import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, Disk, NoCbt, Pool, Vm
 from .repository import Chain, Manifest, Repository, new_point_id
+from .vmpoint import VmManifest, VmPoints
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,8 @@ class Backup:
                     if disk.uuid not in self.no_cbt:  # no CBT log to keep: the VDI goes
                         committed.add(m.snapshot_uuid)
                     result.disks.append(summary(m, prev))
+                GROUP.check()
+                self.commit_vm_point(vm, snap_vm, result)
             except BaseException:
                 self.release(snap_vm, committed, result)
                 result.undone.append("snapshot %s destroyed" % (SNAPSHOT_PREFIX + result.point))
@@ -183,6 +186,26 @@ class Backup:
             self.release(snap_vm, committed, result)
             self.forget_old_bases(result.disks, result)
             self.sweep(vm)
+
+    def commit_vm_point(self, vm: Vm, snap_vm: str, result: VmResult) -> None:
+        """The VM's configuration from the same snapshot as its disks, then the VM
+        manifest, last: only then does the VM point exist (vmpoint.py)."""
+        points = VmPoints(self.repo, vm.uuid)
+        config = vmpoint.capture(self.pool.call, snap_vm, vm.name)
+        digest_ = points.write_config(result.point, config)
+        disks = [
+            {"userdevice": d["userdevice"], "vdi_uuid": d["vdi_uuid"], "point": d["point"]}
+            for d in result.disks
+        ]
+        manifest = VmManifest(
+            result.point,
+            vm.uuid,
+            vm.name,
+            disks,
+            points.config_path(result.point).name,
+            digest_,
+        )
+        points.commit(manifest)
 
     def release(self, snap_vm: str, committed: set[str], result: VmResult) -> None:
         """Destroy the snapshot VM; its VDIs keep only CBT metadata (committed) or go.
@@ -222,6 +245,8 @@ class Backup:
         """Leftovers of an interrupted run: files, and snapshots on the host."""
         for chain in chains.values():
             chain.clean()
+        for path in VmPoints(self.repo, vm.uuid).strays():  # a run killed before its
+            path.unlink()  # VM manifest: its configuration alone is no VM point
         needed = self.repo.needed_snapshots()
         for ref in self.pool.leftover_snapshots(vm):
             self.say("VM %s: destroying snapshot left by an interrupted run" % vm.name)

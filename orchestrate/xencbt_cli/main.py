@@ -165,6 +165,22 @@ def parser() -> argparse.ArgumentParser:
         help="overwrite an existing file, or a VDI in use or of another VM (--to-vdi)",
     )
 
+    rv = sub.add_parser("restore-vm", parents=g, help="rebuild a whole VM from a VM point")
+    rv.add_argument("vm", metavar="VM", help="VM name or uuid as in list")
+    rv.add_argument("--repo", metavar="DIR")
+    rv.add_argument("--at", metavar="POINT", help="VM point id (default: the newest)")
+    rv.add_argument("--to-sr", required=True, metavar="SR", help="SR for the disks (uuid or name)")
+    rv.add_argument("--name", help="name of the new VM (default: the original's)")
+    rv.add_argument(
+        "--network",
+        action="append",
+        default=[],
+        metavar="FROM=TO",
+        help="put the VIFs of network FROM (name or uuid) on network TO of this pool",
+    )
+    rv.add_argument("--new-macs", action="store_true", help="new MAC addresses for the VIFs")
+    rv.add_argument("--start", action="store_true", help="start the VM once restored")
+
     v = sub.add_parser("verify", parents=g, help="check images, chains and checksums (read-only)")
     v.add_argument("vdis", nargs="*", metavar="VDI")
     v.add_argument("--repo", metavar="DIR")
@@ -360,6 +376,7 @@ def cmd_list(args, conf: settings.Settings) -> int:
     if args.json:
         report.emit_json(rows)
     else:
+        report.print_vm_points(repo)
         report.print_points(rows)
     return errors.OK
 
@@ -387,6 +404,24 @@ def cmd_restore(args, conf: settings.Settings) -> int:
         report.emit_json({"restored": asdict(m), "to": target})
     else:
         say("restored VDI %s point %s to %s" % (m.vdi_uuid, m.point, target))
+    return errors.OK
+
+
+def cmd_restore_vm(args, conf: settings.Settings) -> int:
+    from .pool import Pool
+    from .restore_vm import Options, restore_vm
+
+    repo = repository(args, conf)
+    opts = Options(args.vm, args.at, args.to_sr, args.name, args.network, args.new_macs, args.start)
+    with conf.session() as session:
+        done = restore_vm(Pool(session), repo, opts, say)
+    for note in done.notes:
+        say("note: " + note)
+    if args.json:
+        report.emit_json(asdict(done))
+    else:
+        say("restored VM %s point %s as %s" % (done.source_vm, done.point, done.name))
+        print(done.vm_uuid)
     return errors.OK
 
 
@@ -430,11 +465,42 @@ def cmd_repair(args, conf: settings.Settings) -> int:
         if gone:
             removed[chain.vdi_uuid] = gone
             say("VDI %s: removed %s" % (chain.vdi_uuid, ", ".join(gone)))
+    removed.update(vm_leftovers(repo, conf))
     if args.json:
         report.emit_json({"removed": removed, "made_private": sorted(map(str, opened))})
     elif not removed and not opened:
         say("nothing to repair")
     return errors.OK
+
+
+def vm_leftovers(repo, conf: settings.Settings) -> dict[str, list[str]]:
+    """VM points' stray configurations; with pool options, what killed restore-vm runs
+    left on the pool (restore_vm.py)."""
+    from .vmpoint import all_vm_points
+
+    removed = {}
+    for points in all_vm_points(repo):
+        strays = points.strays()
+        for path in strays:
+            path.unlink()
+        if strays:
+            removed[points.vm_uuid + "/points"] = [p.name for p in strays]
+            say("VM %s: removed %s" % (points.vm_uuid, ", ".join(p.name for p in strays)))
+    if conf.xapi:
+        from .pool import Pool
+        from .restore_vm import clean_leftovers
+
+        try:
+            with conf.session() as session:
+                gone = clean_leftovers(Pool(session))
+        except (XencbtError, OSError) as e:
+            # The repository is repaired all the same; the pool waits for the next run.
+            say("xencbt: warning: leftovers of restore-vm runs not checked: %s" % scrub(str(e)))
+            gone = []
+        if gone:
+            removed["pool"] = gone
+            say("destroyed what interrupted restore-vm runs left: %s" % ", ".join(gone))
+    return removed
 
 
 def cmd_prune(args, conf: settings.Settings) -> int:
@@ -481,7 +547,7 @@ def cmd_serve(args, conf: settings.Settings) -> int:
     return serve(args, conf, None if args.snapshot else repository(args, conf), say)
 
 
-SHOWS_PROGRESS = ("backup", "restore", "verify")
+SHOWS_PROGRESS = ("backup", "restore", "restore-vm", "verify")
 
 
 def cmd_files(args, conf: settings.Settings) -> int:
@@ -503,6 +569,7 @@ COMMANDS = {
     "backup": cmd_backup,
     "list": cmd_list,
     "restore": cmd_restore,
+    "restore-vm": cmd_restore_vm,
     "verify": cmd_verify,
     "prune": cmd_prune,
     "repair": cmd_repair,

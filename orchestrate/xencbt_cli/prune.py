@@ -20,7 +20,7 @@ import json
 import logging
 import os
 
-from . import image
+from . import image, vmpoint
 from .errors import RepositoryError
 from .repository import Chain, write_atomically
 
@@ -92,6 +92,7 @@ def finish(chain: Chain, journal: dict) -> None:
         m.bytes_on_disk = image.disk_usage(chain.image_path(m.point))
         chain.commit(m)
     for point in reversed(journal["remove"]):
+        vmpoint.forget(chain.path.parent, point)  # the VM point first (vmpoint.py)
         chain.remove(point)
     with contextlib.suppress(FileNotFoundError):
         (chain.path / JOURNAL).unlink()

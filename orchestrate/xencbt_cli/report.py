@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 from .backup import VmResult, human
 from .repository import Repository
+from .vmpoint import all_vm_points
 
 
 def emit_json(data: object) -> None:
@@ -43,11 +44,35 @@ def pruned(removed: dict[str, list[str]], freed: int, keep: int, dry_run: bool) 
 
 
 def points(repo: Repository) -> list[dict]:
+    """Per-VDI rows (as before); each says which VM point it belongs to, if any."""
+    in_vm_point = {}
+    for vm_m in vm_points(repo):
+        for d in vm_m["disks"]:
+            in_vm_point[(d["vdi_uuid"], d["point"])] = vm_m["point"]
     rows = []
     for chain in repo.chains():
         for m in chain.points():
-            rows.append(asdict(m))
+            row = asdict(m)
+            row["vm_point"] = in_vm_point.get((m.vdi_uuid, m.point))
+            rows.append(row)
     return rows
+
+
+def vm_points(repo: Repository) -> list[dict]:
+    """The VM points: VM, point id and its disks' points (never the configuration)."""
+    found = []
+    for points in all_vm_points(repo):
+        for m in points.manifests():
+            found.append(
+                {"vm_uuid": m.vm_uuid, "vm_name": m.vm_name, "point": m.point, "disks": m.disks}
+            )
+    return found
+
+
+def print_vm_points(repo: Repository) -> None:
+    for p in vm_points(repo):
+        disks = ", ".join("%s: VDI %s" % (d["userdevice"], d["vdi_uuid"]) for d in p["disks"])
+        print("VM %s (%s)  VM point %s  disks %s" % (p["vm_name"], p["vm_uuid"], p["point"], disks))
 
 
 def print_points(rows: list[dict]) -> None:

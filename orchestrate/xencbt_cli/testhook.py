@@ -9,6 +9,8 @@ Unset (always, outside the test suite) it does nothing.  Steps:
                 then in place while the swap has not happened)
 ``vdi-extent``  transfer.to_vdi: before each extent is sent (the VDI is partly rewritten)
 ``restore-partial``  restore.to_file: PATH.partial is checked, not yet renamed to PATH
+``restore-vm-device``  restore_vm.build: before each VBD is created (the VM is half built)
+``restore-vm-commit``  restore_vm.Builder.finish: the disks' marks are gone, the VM's not
 """
 
 from __future__ import annotations

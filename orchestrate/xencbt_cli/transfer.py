@@ -44,11 +44,20 @@ def resolve_sr(pool: Pool, sr: str) -> str:
     return refs[0]
 
 
-def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
-    """A new VDI on ``sr`` with the point's content; returns (manifest, new VDI uuid)."""
+def to_sr(
+    pool: Pool,
+    repo: Repository,
+    vdi: str,
+    at: str | None,
+    sr: str,
+    name: str | None = None,
+    other_config: dict | None = None,
+):
+    """A new VDI on ``sr`` with the point's content; returns (manifest, new VDI uuid).
+    restore-vm names it and marks it (``other_config``) so a killed run's VDI is found."""
     chain = repo.find(vdi)
     m = chain.get(at)
-    name = "%s (restored %s)" % (m.vdi_name, m.point)
+    name = name or "%s (restored %s)" % (m.vdi_name, m.point)
     record = {
         # A restore killed half-way leaves a VDI that says so; the operator deletes it.
         "name_label": name + INCOMPLETE,
@@ -58,7 +67,7 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
         "type": "user",
         "sharable": False,
         "read_only": False,
-        "other_config": {},
+        "other_config": dict(other_config or {}),
         "xenstore_data": {},
         "sm_config": {},
         "tags": [],

@@ -19,6 +19,7 @@ import os
 from . import command, digest, image, progress, prune
 from .errors import CliError, RepositoryError, VerifyFailed
 from .repository import Chain, Manifest, Repository, nearest
+from .vmpoint import all_vm_points
 
 log = logging.getLogger(__name__)
 
@@ -183,12 +184,30 @@ def advise(chain: Chain, point: str, good: list[str], report: Report) -> None:
     )
 
 
+def check_vm_points(repo: Repository, report: Report) -> None:
+    """Each VM point's configuration is there, matches its sha256 and parses, and each
+    of its disks' points exists (vmpoint.py)."""
+    for points in all_vm_points(repo):
+        for vm_m in points.manifests():
+            try:
+                points.load_config(vm_m)
+                for d in vm_m.disks:
+                    repo.chain(vm_m.vm_uuid, d["vdi_uuid"]).get(d["point"])
+            except RepositoryError as e:
+                report.failures.append("VM %s point %s: %s" % (vm_m.vm_uuid, vm_m.point, e))
+                report.say("FAILED " + report.failures[-1])
+                continue
+            report.say("ok     VM %s point %s (configuration)" % (vm_m.vm_uuid, vm_m.point))
+
+
 def verify(repo: Repository, vdis: list[str], say) -> int:
     chains = [repo.find(v) for v in vdis] if vdis else repo.chains()
     report = Report(say)
     for chain in chains:
         with chain.lock(wait=True, shared=True):
             check_chain(chain, report)
+    if not vdis:
+        check_vm_points(repo, report)
     if not report.count and not report.failures:
         # A monitoring check must not pass on an empty (or wrongly named) repository.
         raise RepositoryError(

@@ -256,6 +256,12 @@ class Session:
                 self._ref = None
                 return self._raw_call(method, self.ref().reveal(), *args)
 
+    def reset_connection(self) -> None:
+        """A fresh HTTPS connection for the next call: one interrupted mid-request (a
+        signal while undoing work) cannot carry another request."""
+        with self._lock:
+            self._proxy = self._make_proxy()
+
     def _raw_call(self, method: str, *args):
         try:
             result = getattr(self._proxy, method)(*args)

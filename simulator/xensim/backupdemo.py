@@ -10,6 +10,7 @@ an administrator would. Everything started is stopped, even on failure.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -139,6 +140,45 @@ class Demo:
         print("    %d points verified" % verified["points"])
         self.restore_and_compare(disk0["uuid"])
         self.summary()
+        self.whole_vm()
+
+    def whole_vm(self) -> None:
+        """restore-vm beside the original: same configuration, new MACs, its own disks."""
+        step("restoring the whole VM from its newest VM point, beside the original")
+        out = self.xencbt(
+            "--json",
+            "restore-vm",
+            "--repo",
+            str(self.repo),
+            "demo-vm",
+            "--to-sr",
+            "Local storage",
+            "--name",
+            "demo-vm (restored)",
+        )
+        restored = json.loads(out)
+        print("    new VM %s (point %s)" % (restored["vm_uuid"], restored["point"]))
+        with self.api() as (api, s):
+            fmt = "    %-20s %-8s %-6s %-8s %-5s %-32s %s"
+            print(
+                fmt % ("VM", "power", "VCPUs", "memory", "vTPM", "disks (userdevice: VDI)", "VIFs")
+            )
+            for name in ("demo-vm", "demo-vm (restored)"):
+                print(fmt % vm_row(api, s, name))
+
+    @contextlib.contextmanager
+    def api(self):
+        import ssl
+        import xmlrpc.client
+
+        ctx = ssl.create_default_context(cafile=self.info["ca_file"])
+        api = xmlrpc.client.ServerProxy(self.info["xapi"], context=ctx)
+        password = Path(self.info["password_file"]).read_text().strip()
+        s = api.session.login_with_password("root", password, "1.1", "demo")["Value"]
+        try:
+            yield api, s
+        finally:
+            api.session.logout(s)
 
     def first_disk(self) -> dict:
         import ssl
@@ -218,6 +258,35 @@ class Demo:
                     row.get("restored", "-"),
                 )
             )
+
+
+def vm_row(api, s, name: str) -> tuple:
+    def get(method, *args):
+        target = api
+        for part in method.split("."):
+            target = getattr(target, part)
+        return target(s, *args)["Value"]
+
+    vm = get("VM.get_by_name_label", name)[0]
+    rec = get("VM.get_record", vm)
+    disks = []
+    for vbd in rec["VBDs"]:
+        vdi = get("VBD.get_VDI", vbd)
+        if get("VBD.get_type", vbd) == "Disk":
+            disks.append("%s: %s" % (get("VBD.get_userdevice", vbd), get("VDI.get_uuid", vdi)[:8]))
+    vifs = []
+    for vif in rec["VIFs"]:
+        net = get("network.get_name_label", get("VIF.get_network", vif))
+        vifs.append("%s %s on %s" % (get("VIF.get_device", vif), get("VIF.get_MAC", vif), net))
+    return (
+        name,
+        rec["power_state"],
+        rec["VCPUs_at_startup"],
+        human(int(rec["memory_static_max"])),
+        "yes" if rec["VTPMs"] else "no",
+        ", ".join(sorted(disks)),
+        "; ".join(sorted(vifs)),
+    )
 
 
 def human(n: int) -> str:

@@ -20,7 +20,7 @@ from .errors import XapiError, handle_invalid, uuid_invalid
 log = logging.getLogger(__name__)
 
 NULL_REF = "OpaqueRef:NULL"
-CLASSES = ("pool", "host", "network", "PIF", "SR", "PBD", "VM", "VBD", "VDI", "task")
+CLASSES = ("pool", "host", "network", "PIF", "SR", "PBD", "VM", "VBD", "VDI", "task", "VIF", "VTPM")
 
 # (class, field) -> (class holding the forward link, name of that link field)
 REVERSE = {
@@ -32,6 +32,9 @@ REVERSE = {
     ("VM", "VBDs"): ("VBD", "VM"),
     ("VM", "snapshots"): ("VM", "snapshot_of"),
     ("VDI", "VBDs"): ("VBD", "VDI"),
+    ("VM", "VIFs"): ("VIF", "VM"),
+    ("VM", "VTPMs"): ("VTPM", "VM"),
+    ("network", "VIFs"): ("VIF", "network"),
     ("VDI", "snapshots"): ("VDI", "snapshot_of"),
 }
 

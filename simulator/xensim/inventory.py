@@ -9,10 +9,13 @@ control-domain VMs, which clients must filter out.
 
 from __future__ import annotations
 
+import base64
+import os
+import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import disks, records
+from . import disks, records, vms
 from .database import Database
 
 
@@ -63,7 +66,24 @@ def build(
     for i in range(vm_count):
         host, sr_ref = placement[i % len(placement)]
         name = "demo-vm" if i == 0 else f"demo-vm-{i + 1}"
-        _demo_vm(db, state_dir, name, sr_ref, disk_sizes, host)
+        vm_ref = _demo_vm(db, state_dir, name, sr_ref, disk_sizes, host)
+        # demo-vm: a VIF on each network and a vTPM (a UEFI guest); the others one VIF.
+        _devices(db, vm_ref, [mgmt, nbd] if i == 0 else [mgmt], vtpm=i == 0)
+
+
+def _devices(db: Database, vm_ref: str, networks: list[str], vtpm: bool) -> None:
+    vm = db.get("VM", vm_ref)
+    seed = vm["other_config"]["mac_seed"]
+    for device, net in enumerate(networks):
+        vif = records.vif(vm_ref, net, str(device), vms.gen_mac(device, seed))
+        vif["currently_attached"] = True
+        db.add("VIF", vif)
+    if vtpm:
+        vm["HVM_boot_params"] = {"firmware": "uefi", "order": "dc"}
+        vm["platform"]["secureboot"] = "true"
+        vm["NVRAM"] = {"EFI-variables": base64.b64encode(os.urandom(96)).decode()}
+        contents = base64.b64encode(os.urandom(64)).decode()
+        db.add("VTPM", records.vtpm(vm_ref, True, contents))
 
 
 def ipv6_addresses(index: int) -> list[str]:
@@ -88,9 +108,25 @@ def _local_srs(db: Database, host_refs: list[str], hosts: list[HostSpec]) -> lis
 
 def _demo_vm(
     db: Database, state_dir: Path, name: str, sr_ref: str, sizes: list[int], host: str
-) -> None:
+) -> str:
     vm = records.vm(name)
-    vm["resident_on"] = host
+    vm.update(
+        resident_on=host,
+        name_description="A simulated guest",
+        VCPUs_max=4,
+        VCPUs_at_startup=2,
+        memory_static_max=2 << 30,
+        memory_dynamic_max=2 << 30,
+        memory_dynamic_min=1 << 30,
+        memory_static_min=512 << 20,
+        platform={"acpi": "1", "apic": "true", "pae": "true", "viridian": "true", "nx": "true"},
+        bios_strings={"bios-vendor": "Xen", "system-manufacturer": "Xen"},
+        tags=["demo"],
+        other_config={
+            "mac_seed": str(uuidlib.uuid4()),
+            "base_template_name": "Other install media",
+        },
+    )
     vm_ref = db.add("VM", vm)
     for device, size in enumerate(sizes):
         vdi = records.vdi(f"{name} disk {device}", sr_ref, size)
@@ -99,3 +135,4 @@ def _demo_vm(
         vbd = records.vbd(vm_ref, vdi_ref, str(device))
         vbd["currently_attached"] = True
         db.add("VBD", vbd)
+    return vm_ref

@@ -14,7 +14,6 @@ import secrets
 import signal
 import ssl
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -222,9 +221,11 @@ class Simulator:
 
 def run(opts: ServeOptions) -> int:
     opts.state_dir.mkdir(parents=True, exist_ok=True)
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+    # SIGTERM/SIGINT are blocked before any thread starts (threads inherit the mask) and
+    # taken by sigwait in the main thread: a process-directed signal the kernel handed to
+    # a server thread would never wake a main thread asleep in Event.wait.
+    stops = {signal.SIGTERM, signal.SIGINT}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     sim = Simulator(opts)
     sim.start()
     try:
@@ -233,8 +234,7 @@ def run(opts: ServeOptions) -> int:
         sys.stdout.write(json.dumps(info) + "\n")
         sys.stdout.flush()
         log.info("xensim ready: %s", info["xapi"])
-        stop.wait()
-        log.info("stopping")
+        log.info("stopping on signal %d", signal.sigwait(stops))
     finally:
         sim.stop()
         (opts.state_dir / "serve.json").unlink(missing_ok=True)

@@ -22,6 +22,7 @@ from .latency import ApiLatency
 from .sessions import Session, Sessions
 from .storage import Storage
 from .tasks import Tasks
+from .vms import Vms
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class Xapi:
         self.api_faults = ApiFaults()
         self.storage = Storage(db, options.state_dir, options.in_use_wait)
         self.tasks = Tasks(db, self)
+        self.vms = Vms(db, self.storage, lambda: self.master)
         self.propagation = network.Propagation(network.host_modes(db), options.propagation)
         self.master = db.get("pool", db.refs("pool")[0])["master"]
         self.latency = ApiLatency()
@@ -122,7 +124,20 @@ class Xapi:
 
     # -- generic per-class calls --------------------------------------------------------
     def _register_generic(self) -> None:
-        for cls in ("pool", "host", "network", "PIF", "SR", "PBD", "VM", "VBD", "VDI", "task"):
+        for cls in (
+            "pool",
+            "host",
+            "network",
+            "PIF",
+            "SR",
+            "PBD",
+            "VM",
+            "VBD",
+            "VDI",
+            "task",
+            "VIF",
+            "VTPM",
+        ):
             self._add(f"{cls}.get_all", lambda c, cls=cls: self.db.refs(cls), 0)
             self._add(f"{cls}.get_all_records", lambda c, cls=cls: self._all_records(cls), 0)
             self._add(f"{cls}.get_record", lambda c, r, cls=cls: self._record(cls, r), 1)
@@ -133,12 +148,32 @@ class Xapi:
                     lambda c, n, cls=cls: self.db.find(cls, name_label=n),
                     1,
                 )
+            if "other_config" in records.field_names(cls):
+                self._map_methods(cls, "other_config")
             for field in records.field_names(cls):
                 self._add(
                     f"{cls}.get_{field}",
                     lambda c, r, cls=cls, f=field: self._field(cls, r, f),
                     1,
                 )
+
+    def _map_methods(self, cls: str, name: str) -> None:
+        """The generated map setters of every (StaticRW/RW) map field (xen-api
+        ``ocaml/idl/datamodel_utils.ml``): add_to_ fails ``MAP_DUPLICATE_KEY`` on a key
+        already there; remove_from_ of a missing key is a no-op."""
+
+        def add_to(c, ref, key, value):
+            current = self.db.get(cls, ref)[name]
+            if key in current:
+                raise XapiError("MAP_DUPLICATE_KEY", cls, name, ref, key)
+            current[key] = value
+
+        def remove_from(c, ref, key):
+            self.db.get(cls, ref)[name].pop(key, None)
+
+        self._add(f"{cls}.set_{name}", lambda c, r, v: self._set(cls, r, name, dict(v)), 2)
+        self._add(f"{cls}.add_to_{name}", add_to, 3)
+        self._add(f"{cls}.remove_from_{name}", remove_from, 2)
 
     def _record(self, cls: str, ref: str) -> dict:
         if cls == "VDI" and self.db.exists("VDI", ref):
@@ -191,20 +226,14 @@ class Xapi:
         add("VDI.get_nbd_info", self._nbd_info, 1)
         add("VBD.create", lambda c, rec: st.create_vbd(rec), 1)
         add("VBD.destroy", lambda c, r: st.destroy_vbd(r), 1)
-        # ocaml/idl/datamodel_vm.ml: snapshot(vm, new_name[, ignore_vdis]); the VDIs listed
-        # get no snapshot and no VBD in the snapshot VM (xapi_vm_clone.ml ``clone``).
-        add(
-            "VM.snapshot",
-            lambda c, r, name, ignore=(): st.snapshot_vm(r, name, self._vdi_refs(ignore)),
-            2,
-            optional=1,
-        )
+        self.vms.register(add)  # VM.snapshot (with ignore_vdis), VM.destroy, VIFs, vTPMs
         add("PIF.plug", lambda c, r: self._plug_pif(r, True), 1)
         add("PIF.unplug", lambda c, r: self._plug_pif(r, False), 1)
         add("PBD.plug", lambda c, r: self._set("PBD", r, "currently_attached", True), 1)
         add("PBD.unplug", lambda c, r: self._unplug_pbd(r), 1)
-        add("VM.destroy", lambda c, r: st.destroy_vm(r), 1)
         add("VM.set_name_label", lambda c, r, v: self._set("VM", r, "name_label", v), 2)
+        # datamodel.ml: name_label is RW on networks (xe network-param-set name-label=)
+        add("network.set_name_label", lambda c, r, v: self._set("network", r, "name_label", v), 2)
         add("task.create", lambda c, label, desc: self.tasks.create(label, desc, c), 2)
         add("task.destroy", lambda c, r: self.tasks.destroy(r), 1)
         add("task.cancel", lambda c, r: self.tasks.cancel(r), 1)
@@ -252,13 +281,6 @@ class Xapi:
         change(self.db, ref, value)
         self.propagation.changed(network.host_modes(self.db))
         return ""
-
-    def _vdi_refs(self, refs: Any) -> list[str]:
-        if not isinstance(refs, (list, tuple)):
-            raise XapiError("FIELD_TYPE_ERROR", "ignore_vdis")
-        for ref in refs:
-            self.db.get("VDI", ref)
-        return list(refs)
 
     def _plug_pif(self, ref: str, attached: bool) -> str:
         """xen-api ocaml/xapi/xapi_pif.ml ``unplug``: the management PIF stays up.  An

@@ -1,0 +1,342 @@
+"""VM points and ``xencbt restore-vm`` through the real CLI on the simulator: a whole VM
+(2 disks, 2 VIFs on different networks, a vTPM, an empty CD drive) comes back after a
+disaster, beside its original, and in another pool; every disk byte-identical to the
+simulator's raw data captured at backup time (not the product's digest)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import stat
+import time
+from pathlib import Path
+
+import pytest
+import XenAPI
+from cli_support import BLOCK, Vm, backup, rand, xencbt
+from crash_support import kill, kills_per_point, start, stop, wait_until
+
+NULL = "OpaqueRef:NULL"
+SR = "Local storage"
+CONFIG = ("VCPUs_max", "VCPUs_at_startup", "memory_static_max", "memory_dynamic_min")
+CONFIG += ("HVM_boot_policy", "HVM_boot_params", "platform", "NVRAM", "bios_strings", "tags")
+
+
+def raw(sim, vdi_uuid: str, size: int) -> bytes:
+    """The simulator's own data file of a VDI: the independent truth."""
+    data = (Path(sim.state_dir) / "vdis" / (vdi_uuid + ".raw")).read_bytes()
+    return data[:size] + bytes(max(0, size - len(data)))
+
+
+def snapshot_of_vm(x, ref: str) -> dict:
+    """What the test compares: configuration, VIFs, disks by userdevice, vTPM."""
+    rec = x.VM.get_record(ref)
+    vifs = {}
+    for v in rec["VIFs"]:
+        vif = x.VIF.get_record(v)
+        vifs[vif["device"]] = (vif["MAC"], x.network.get_name_label(vif["network"]))
+    vbds = {}
+    for v in rec["VBDs"]:
+        vbd = x.VBD.get_record(v)
+        vdi = None if vbd["VDI"] == NULL else x.VDI.get_uuid(vbd["VDI"])
+        vbds[vbd["userdevice"]] = (vbd["type"], vbd["bootable"], vbd["empty"], vdi)
+    tpm = [x.VTPM.get_contents(t) for t in rec["VTPMs"]]
+    return {
+        "name": rec["name_label"],
+        "config": {k: rec[k] for k in CONFIG},
+        "vifs": vifs,
+        "vbds": vbds,
+        "vtpm": tpm,
+        "power": rec["power_state"],
+        "blocked": rec["blocked_operations"],
+    }
+
+
+def prepared(sim, repo: Path):
+    """demo-vm with data on both disks and an empty CD drive, backed up; returns the VM,
+    its state before and the raw data of each disk at backup time (by userdevice)."""
+    vm = Vm(sim)
+    vm.write(0, {0: rand(BLOCK), 5 * BLOCK: rand(3 * BLOCK)})
+    vm.write(1, {BLOCK: rand(BLOCK)})
+    cd = {"VM": vm.ref, "VDI": NULL, "userdevice": "3", "type": "CD", "empty": True, "mode": "RO"}
+    vm.x.VBD.create(cd)
+    backup(sim, repo, "demo-vm")
+    truth = {str(i): raw(sim, u, len(m)) for i, (u, m) in enumerate(zip(vm.uuids, vm.models))}
+    return vm, snapshot_of_vm(vm.x, vm.ref), truth
+
+
+def restore_vm(sim, repo: Path, *args: str, check: int | None = 0):
+    r = xencbt(
+        sim,
+        "--json",
+        "restore-vm",
+        "--repo",
+        str(repo),
+        "demo-vm",
+        "--to-sr",
+        SR,
+        *args,
+        check=check,
+    )
+    return json.loads(r.stdout) if r.stdout else {}, r
+
+
+def destroy_vm_and_disks(x, ref: str) -> None:
+    vdis = [x.VBD.get_VDI(v) for v in x.VM.get_VBDs(ref) if x.VBD.get_type(v) == "Disk"]
+    if x.VM.get_power_state(ref) == "Running":
+        x.VM.hard_shutdown(ref)
+    x.VM.destroy(ref)
+    for vdi in vdis:
+        x.VDI.destroy(vdi)
+
+
+def check_disks(sim, x, new: dict, truth: dict[str, bytes]) -> None:
+    disks = {d: v for d, (kind, _, _, v) in new["vbds"].items() if kind == "Disk"}
+    assert sorted(disks) == sorted(truth)
+    for device, data in truth.items():
+        assert raw(sim, disks[device], len(data)) == data, "disk %s differs" % device
+
+
+def test_vm_point_holds_the_configuration_privately_and_is_listed(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, before, _ = prepared(xensim, repo)
+    points = repo / vm.uuid / "points"
+    manifests = sorted(points.glob("*Z.json"))
+    assert len(manifests) == 1
+    manifest = json.loads(manifests[0].read_text())
+    assert sorted(d["userdevice"] for d in manifest["disks"]) == ["0", "1"]
+    config = points / manifest["config"]
+    assert stat.S_IMODE(config.stat().st_mode) == 0o600
+    records = json.loads(config.read_text())
+    assert records["vtpms"][0]["contents"] == before["vtpm"][0]
+    assert {v["network"]["name_label"] for v in records["vifs"]} == {
+        n for _, n in before["vifs"].values()
+    }
+    assert [r["type"] for r in records["vbds"] if r["empty"]] == ["CD"]
+    text = xencbt(xensim, "list", "--repo", str(repo)).stdout
+    assert "VM point %s" % manifest["point"] in text and before["vtpm"][0] not in text
+    xencbt(xensim, "verify", "--repo", str(repo))
+    records["vm"]["VCPUs_max"] = "8"  # a change that still parses: only the sha256 tells
+    config.write_text(json.dumps(records))
+    r = xencbt(xensim, "verify", "--repo", str(repo), check=4)
+    assert "configuration" in r.stderr and before["vtpm"][0] not in r.stderr + r.stdout
+
+
+def test_restore_vm_after_disaster_is_the_same_vm_with_the_same_macs(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, before, truth = prepared(xensim, repo)
+    destroy_vm_and_disks(vm.x, vm.ref)
+    out, r = restore_vm(xensim, repo)
+    assert out["macs_changed"] is False and not out["started"]
+    new = snapshot_of_vm(vm.x, vm.x.VM.get_by_uuid(out["vm_uuid"]))
+    for key in ("name", "config", "vifs", "vtpm"):
+        assert new[key] == before[key], key
+    assert {d: v[:3] for d, v in new["vbds"].items()} == {
+        d: v[:3] for d, v in before["vbds"].items()
+    }
+    assert new["power"] == "Halted" and new["blocked"] == {}
+    check_disks(xensim, vm.x, new, truth)
+    assert before["vtpm"][0] not in r.stdout + r.stderr
+
+
+def test_restore_vm_beside_the_original_gets_new_macs_and_can_start(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, before, truth = prepared(xensim, repo)
+    out, r = restore_vm(xensim, repo, "--name", "copy", "--start")
+    assert out["macs_changed"] is True and "new MAC" in r.stderr
+    new = snapshot_of_vm(vm.x, vm.x.VM.get_by_uuid(out["vm_uuid"]))
+    assert new["name"] == "copy" and new["power"] == "Running"
+    assert sorted(new["vifs"]) == sorted(before["vifs"])
+    for device, (mac, network) in new["vifs"].items():
+        assert mac != before["vifs"][device][0] and network == before["vifs"][device][1]
+    check_disks(xensim, vm.x, new, truth)
+
+
+def test_restore_vm_into_another_pool_maps_networks_or_refuses(xensim_factory, tmp_path):
+    repo = tmp_path / "repo"
+    first = xensim_factory()
+    vm, before, truth = prepared(first, repo)
+    second = xensim_factory()
+    x = second.session().xenapi
+    x.network.set_name_label(x.network.get_by_name_label("NBD network")[0], "storage")
+    vms, vdis = set(x.VM.get_all()), set(x.VDI.get_all())
+    out, r = restore_vm(second, repo, check=1)
+    assert (
+        "NBD network" in r.stderr and "--network" in r.stderr and "nothing was created" in r.stderr
+    )
+    assert set(x.VM.get_all()) == vms and set(x.VDI.get_all()) == vdis
+    out, _ = restore_vm(second, repo, "--network", "NBD network=storage")
+    new = snapshot_of_vm(x, x.VM.get_by_uuid(out["vm_uuid"]))
+    assert out["macs_changed"] is False and new["config"] == before["config"]
+    assert {d: mac for d, (mac, _) in new["vifs"].items()} == {
+        d: mac for d, (mac, _) in before["vifs"].items()
+    }
+    assert sorted(n for _, n in new["vifs"].values()) == sorted(
+        ["Pool-wide network associated with eth0", "storage"]
+    )
+    check_disks(second, x, new, truth)
+
+
+def test_prune_removes_a_vm_point_with_its_disks_and_keeps_the_newer_ones(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    vm.write(0, {2 * BLOCK: rand(BLOCK)})
+    second = backup(xensim, repo, "demo-vm")["vms"][0]["point"]
+    points = repo / vm.uuid / "points"
+    assert len(list(points.glob("*Z.json"))) == 2
+    xencbt(xensim, "prune", "--repo", str(repo), "--keep", "1")
+    assert sorted(p.name for p in points.iterdir()) == [
+        second + ".config.json",
+        second + ".json",
+    ]
+    xencbt(xensim, "verify", "--repo", str(repo))
+
+
+def repository_state(repo: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(repo)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(repo.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }
+
+
+def pool_state(x) -> tuple[set, set]:
+    return set(x.VM.get_all()), set(x.VDI.get_all())
+
+
+def marked(x) -> list[str]:
+    found = []
+    for cls in (x.VM, x.VDI):
+        for rec in cls.get_all_records().values():
+            if "xencbt-restore" in rec["other_config"]:
+                found.append(rec["uuid"])
+    return found
+
+
+def discard_restored(x, before: tuple[set, set]) -> int:
+    """Destroy whole VMs a run completed before its kill (unmarked, unblocked)."""
+    vms, _ = pool_state(x)
+    for ref in vms - before[0]:
+        rec = x.VM.get_record(ref)
+        assert "xencbt-restore" not in rec["other_config"] and rec["blocked_operations"] == {}
+        assert len(rec["VIFs"]) == 2 and len(rec["VTPMs"]) == 1 and len(rec["VBDs"]) == 3
+        destroy_vm_and_disks(x, ref)
+    return len(vms - before[0])
+
+
+def test_restore_vm_killed_at_random_moments_leaves_nothing_after_repair(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    x = vm.x
+    destroy_vm_and_disks(x, vm.ref)
+    xensim.control.set_api_latency({m: 0.05 for m in ("VBD.create", "VIF.create", "VTPM.create")})
+    files, before = repository_state(repo), pool_state(x)
+    t0 = time.monotonic()
+    out, _ = restore_vm(xensim, repo)
+    duration = time.monotonic() - t0
+    discard_restored(x, before)
+    runs, landed = max(10, kills_per_point()), 0
+    for run in range(runs):
+        proc = start(xensim, "restore-vm", "--repo", str(repo), "demo-vm", "--to-sr", SR)
+        time.sleep(random.uniform(0.3, duration))  # the kill moment, not a poll
+        if stop(proc):
+            kill(proc)
+            landed += bool(marked(x))
+        else:
+            assert proc.wait(timeout=120) == 0, proc.stderr.read()
+        if run % 2:
+            xencbt(xensim, "repair", "--repo", str(repo))
+        else:  # the next restore-vm cleans up first, then restores whole
+            restore_vm(xensim, repo)
+        assert marked(x) == []
+        discard_restored(x, before)
+        assert pool_state(x) == before
+        assert repository_state(repo) == files
+    print("restore-vm: %d of %d kills landed while a VM was being built" % (landed, runs))
+    assert landed >= runs // 3, "too few kills landed inside restore-vm's building"
+
+
+def building(x) -> str | None:
+    """The VM a restore-vm run is building, once its first VBD exists."""
+    for ref, rec in x.VM.get_all_records().items():
+        if "xencbt-restore" in rec["other_config"] and rec["VBDs"]:
+            return ref
+    return None
+
+
+def test_restore_vm_cannot_be_started_while_built_and_sigterm_undoes_it(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    x = vm.x
+    before = pool_state(x)
+    xensim.control.set_api_latency({"VBD.create": 0.5})
+    proc = start(xensim, "restore-vm", "--repo", str(repo), "demo-vm", "--to-sr", SR)
+    ref = wait_until(lambda: building(x), proc)
+    assert ref is not None, proc.communicate()
+    assert stop(proc)
+    with pytest.raises(XenAPI.Failure) as info:
+        x.VM.start(ref, False, False)  # blocked while it is being built
+    assert info.value.details[0] == "OPERATION_BLOCKED"
+    os.kill(proc.pid, signal.SIGCONT)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "destroying what it created" in err
+    assert marked(x) == [] and pool_state(x) == before  # no repair needed
+
+
+def test_restore_vm_failure_destroys_what_it_created(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    x = vm.x
+    before = pool_state(x)
+    xensim.control.fail_imports_after(BLOCK)  # the host fails the first import
+    out, r = restore_vm(xensim, repo, check=1)
+    assert out["exit_code"] == 1 and "destroying what it created" in r.stderr
+    assert marked(x) == [] and pool_state(x) == before
+
+
+def test_killed_after_the_disks_lost_their_mark_repair_still_takes_them(xensim, tmp_path):
+    """The VM's mark goes last: a run killed just before leaves a marked VM whose disks
+    are no longer marked, and repair destroys them with it."""
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    x = vm.x
+    before = pool_state(x)
+    proc = start(
+        xensim,
+        "restore-vm",
+        "--repo",
+        str(repo),
+        "demo-vm",
+        "--to-sr",
+        SR,
+        pause="restore-vm-commit=30",
+    )
+
+    def committing():
+        ref = building(x)
+        if ref is None or x.VM.get_blocked_operations(ref):
+            return None
+        disks = [x.VBD.get_VDI(v) for v in x.VM.get_VBDs(ref) if x.VBD.get_type(v) == "Disk"]
+        return all("xencbt-restore" not in x.VDI.get_other_config(d) for d in disks)
+
+    assert wait_until(committing, proc, timeout=120), proc.communicate()
+    kill(proc)
+    assert len(marked(x)) == 1  # the VM alone
+    xencbt(xensim, "repair", "--repo", str(repo))
+    assert marked(x) == [] and pool_state(x) == before
+
+
+def test_a_configuration_without_its_vm_manifest_is_no_vm_point_and_goes(xensim, tmp_path):
+    repo = tmp_path / "repo"
+    vm, _, _ = prepared(xensim, repo)
+    points = repo / vm.uuid / "points"
+    (manifest,) = points.glob("*Z.json")
+    manifest.unlink()  # as a run killed between the configuration and the manifest
+    assert "VM point" not in xencbt(xensim, "list", "--repo", str(repo)).stdout
+    backup(xensim, repo, "demo-vm")  # the next backup removes the stray configuration
+    assert len(list(points.glob("*.config.json"))) == len(list(points.glob("*Z.json"))) == 1
