@@ -283,7 +283,7 @@ def test_restore_vm_cannot_be_started_while_built_and_sigterm_undoes_it(xensim, 
     os.kill(proc.pid, signal.SIGCONT)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 143, err  # 128 + SIGTERM, as #13 has it
     assert "destroying what it created" in err
     assert marked(x) == [] and pool_state(x) == before  # no repair needed
 

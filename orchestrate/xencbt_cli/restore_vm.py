@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import signal
 import socket
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -294,20 +293,6 @@ def clean_leftovers(pool: Pool) -> list[str]:
     return gone
 
 
-@contextlib.contextmanager
-def terminating_interrupts():
-    """SIGTERM interrupts like SIGINT, so the run undoes what it created."""
-
-    def interrupt(signum, frame):
-        raise KeyboardInterrupt
-
-    old = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, old)
-
-
 def original_exists(pool: Pool, uuid: str) -> bool:
     try:
         pool.call("VM.get_by_uuid", uuid)
@@ -339,12 +324,11 @@ def restore_vm(pool: Pool, repo: Repository, opts: Options, say) -> Restored:
             "the original VM %s is still in this pool: the restored VM gets new MAC "
             "addresses" % m.vm_uuid
         )
-    with terminating_interrupts():
-        try:
-            build(builder, repo, config, chains, sr, networks, keep_macs, result)
-        except BaseException:
-            say("restore-vm failed: destroying what it created (%s)" % builder.undo())
-            raise
+    try:  # SIGINT/SIGTERM/SIGHUP raise Interrupted here (signals.py)
+        build(builder, repo, config, chains, sr, networks, keep_macs, result)
+    except BaseException:
+        say("restore-vm failed: destroying what it created (%s)" % builder.undo())
+        raise
     if opts.start:
         pool.call("VM.start", builder.vm, False, False)
         result.started = True
