@@ -136,3 +136,9 @@ def restored_sha(sim, repo: Path, tmp: Path, vdi: str, point: str | None = None)
 
 def served(sim) -> int:
     return sum(c["bytes_served"] for c in sim.control.counters().values())
+
+
+def disk_rows(listed: dict) -> list[dict]:
+    """Every disk point of ``xencbt list --json`` (VMs > points > disks), one row each."""
+    assert set(listed) >= {"repository", "vms"}, listed
+    return [d for vm in listed["vms"] for p in vm["points"] for d in p["disks"]]

@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cli_support import BLOCK, XENCBT, Vm, cli_env, content, rand, xencbt
+from cli_support import BLOCK, XENCBT, Vm, cli_env, content, disk_rows, rand, xencbt
 from secretwatch import WATCH
 from tally import tally
 
@@ -260,7 +260,7 @@ def scribble(vm: Vm) -> None:
 
 
 def listing(sim, repo: Path) -> list[dict]:
-    return json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout)
+    return disk_rows(json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout))
 
 
 def chain_dirs(repo: Path, vm: Vm) -> list[Path]:

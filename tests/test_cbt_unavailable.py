@@ -11,7 +11,7 @@ import json
 
 import pytest
 import XenAPI
-from cli_support import BLOCK, Vm, backup, rand, restored, xencbt
+from cli_support import BLOCK, Vm, backup, disk_rows, rand, restored, xencbt
 
 
 @pytest.fixture
@@ -62,7 +62,7 @@ def test_disks_without_cbt_are_backed_up_in_full_every_time(sim, tmp_path, case,
         points.append((res["point"], truth))
         assert snapshots_left(vm) == []  # no CBT log to keep: every snapshot is gone
         assert not vm.x.VDI.get_cbt_enabled(vm.vdis[0])
-    rows = json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout)
+    rows = disk_rows(json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout))
     assert {r["type"] for r in rows} == {"full"} and all(code in r["reason"] for r in rows)
     text = xencbt(sim, "list", "--repo", str(repo)).stdout
     assert code in text

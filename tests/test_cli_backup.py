@@ -7,7 +7,7 @@ import json
 import subprocess
 
 import pytest
-from cli_support import BLOCK, CHUNK, Vm, backup, rand, restored_sha, served, sha, xencbt
+from cli_support import BLOCK, CHUNK, Vm, backup, disk_rows, rand, restored_sha, served, sha, xencbt
 
 
 @pytest.fixture
@@ -96,7 +96,7 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     backings = [i.get("backing-filename") for i in json.loads(chain.stdout)]
     assert backings == [p + ".qcow2" for p, _ in reversed(history[:-1])] + [None]
 
-    listing = json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout)
+    listing = disk_rows(json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout))
     assert len(listing) == 8
     assert "4 of" not in xencbt(sim, "verify", "--repo", str(repo)).stderr
 
@@ -108,7 +108,7 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
     assert not x.VM.get_snapshots(vm.ref)
 
     xencbt(sim, "prune", "--repo", str(repo), "--keep", "2")
-    listing = json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout)
+    listing = disk_rows(json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout))
     assert sorted({r["point"] for r in listing}) == [p for p, _ in history[-2:]]
     for point, digests in history[-2:]:
         for disk, uuid in enumerate(vm.uuids):

@@ -10,7 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_support import XENCBT, Vm, cli_env, rand, xencbt
+from cli_support import XENCBT, Vm, cli_env, disk_rows, rand, xencbt
 from xencbt_core import __version__
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -67,7 +67,7 @@ def test_global_options_after_the_command(sim, tmp_path):
     assert "xencbt: INFO:" in r.stderr  # -v after the command counts
     r = bare(sim, "list", "--repo", repo, "--json")
     assert r.returncode == 0, r.stderr
-    rows = json.loads(r.stdout)
+    rows = disk_rows(json.loads(r.stdout))
     assert len(rows) == 2 and {row["type"] for row in rows} == {"full"}
     r = bare(sim, "nbd", "status", "--xapi-cafile", ca, "--json")
     assert r.returncode == 0 and json.loads(r.stdout), r.stderr

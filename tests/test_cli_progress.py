@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from cli_support import BLOCK, XENCBT, Vm, cli_env, rand, xencbt
+from cli_support import BLOCK, XENCBT, Vm, cli_env, disk_rows, rand, xencbt
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 # "demo-vm-2 disk 0: copy ━━━━━━━━ 1.2/4.0 MiB 1.1 MiB/s 0:00:03"
@@ -124,7 +124,7 @@ def test_one_line_per_disk_in_flight_on_a_terminal(sim, tmp_path):
     labels = set(progress_lines(lines))
     assert {label.split(": verify")[0] for label in labels} == {"%s disk 0" % n for n in NAMES}
 
-    vdi = json.loads(xencbt(sim, "--json", "list", "--repo", repo).stdout)[0]["vdi_uuid"]
+    vdi = disk_rows(json.loads(xencbt(sim, "--json", "list", "--repo", repo).stdout))[0]["vdi_uuid"]
     out = tmp_path / "disk.raw"
     r, lines = on_a_terminal(sim, "restore", vdi, "--repo", repo, "--to-file", str(out))
     assert r.returncode == 0

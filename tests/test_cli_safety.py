@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_support import BLOCK, Vm, backup, rand, restored_sha, sha, xencbt
+from cli_support import BLOCK, Vm, backup, disk_rows, rand, restored_sha, sha, xencbt
 
 
 def cmdlines() -> list[str]:
@@ -57,7 +57,7 @@ def test_interrupted_run_leaves_nothing_visible_and_next_run_cleans(xensim_facto
     sim.control.clear()
     snaps = vm.x.VM.get_snapshots(vm.ref)
     assert len(snaps) == 1 and vm.x.VM.get_name_label(snaps[0]).startswith("xencbt-")
-    listing = json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout)
+    listing = disk_rows(json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout))
     assert len(listing) == 2  # the interrupted point does not exist
 
     r = xencbt(sim, "--json", "backup", "demo-vm", "--repo", str(repo))

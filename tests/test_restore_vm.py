@@ -118,6 +118,17 @@ def test_vm_point_holds_the_configuration_privately_and_is_listed(xensim, tmp_pa
     assert [r["type"] for r in records["vbds"] if r["empty"]] == ["CD"]
     text = xencbt(xensim, "list", "--repo", str(repo)).stdout
     assert "VM point %s" % manifest["point"] in text and before["vtpm"][0] not in text
+    listed = json.loads(xencbt(xensim, "--json", "list", "--repo", str(repo)).stdout)
+    (vm_row,) = listed["vms"]  # the same structure as the text: VM > points > disks
+    (point,) = vm_row["points"]
+    assert (vm_row["vm_uuid"], point["point"], point["vm_point"]) == (
+        vm.uuid,
+        manifest["point"],
+        True,
+    )
+    assert [(d["userdevice"], d["vdi_uuid"]) for d in point["disks"]] == sorted(
+        (d["userdevice"], d["vdi_uuid"]) for d in manifest["disks"]
+    )
     xencbt(xensim, "verify", "--repo", str(repo))
     records["vm"]["VCPUs_max"] = "8"  # a change that still parses: only the sha256 tells
     config.write_text(json.dumps(records))
@@ -337,6 +348,7 @@ def test_a_configuration_without_its_vm_manifest_is_no_vm_point_and_goes(xensim,
     points = repo / vm.uuid / "points"
     (manifest,) = points.glob("*Z.json")
     manifest.unlink()  # as a run killed between the configuration and the manifest
-    assert "VM point" not in xencbt(xensim, "list", "--repo", str(repo)).stdout
+    text = xencbt(xensim, "list", "--repo", str(repo)).stdout
+    assert "VM point" not in text and "disk points only, no VM configuration" in text
     backup(xensim, repo, "demo-vm")  # the next backup removes the stray configuration
     assert len(list(points.glob("*.config.json"))) == len(list(points.glob("*Z.json"))) == 1

@@ -366,7 +366,7 @@ def cmd_backup(args, conf: settings.Settings) -> int:
 
 def cmd_list(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
-    rows = report.points(repo)
+    listed = report.listing(repo)
     for chain in repo.chains():
         for point, why in chain.damaged().items():
             say(
@@ -374,10 +374,9 @@ def cmd_list(args, conf: settings.Settings) -> int:
                 "that point is not listed; xencbt verify" % (chain.vdi_uuid, point, why)
             )
     if args.json:
-        report.emit_json(rows)
+        report.emit_json(listed)
     else:
-        report.print_vm_points(repo)
-        report.print_points(rows)
+        report.print_listing(listed)
     return errors.OK
 
 

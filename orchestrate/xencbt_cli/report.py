@@ -43,19 +43,36 @@ def pruned(removed: dict[str, list[str]], freed: int, keep: int, dry_run: bool) 
     )
 
 
-def points(repo: Repository) -> list[dict]:
-    """Per-VDI rows (as before); each says which VM point it belongs to, if any."""
+def listing(repo: Repository) -> dict:
+    """The repository as ``list`` shows it: per VM, its points (oldest first), each with
+    its disks' points and whether it is a whole VM point (configuration committed) or
+    disks only (backed up before VM points existed, or a run stopped before its VM
+    manifest).  Text and JSON share this structure."""
     in_vm_point = {}
     for vm_m in vm_points(repo):
         for d in vm_m["disks"]:
             in_vm_point[(d["vdi_uuid"], d["point"])] = vm_m["point"]
-    rows = []
+    vms: dict[str, dict] = {}
     for chain in repo.chains():
         for m in chain.points():
             row = asdict(m)
             row["vm_point"] = in_vm_point.get((m.vdi_uuid, m.point))
-            rows.append(row)
-    return rows
+            vm = vms.setdefault(m.vm_uuid, {"vm_uuid": m.vm_uuid, "points": {}})
+            vm["vm_name"] = m.vm_name  # the newest name the VM had
+            point = vm["points"].setdefault(m.point, {"point": m.point, "disks": []})
+            point["disks"].append(row)
+    for vm in vms.values():
+        vm["points"] = [vm["points"][p] for p in sorted(vm["points"])]
+        for point in vm["points"]:
+            point["disks"].sort(key=lambda r: int(r["userdevice"]))
+            point["vm_point"] = all(r["vm_point"] == point["point"] for r in point["disks"])
+    ordered = sorted(vms.values(), key=lambda v: (v["vm_name"], v["vm_uuid"]))
+    return {"repository": str(repo.root), "vms": ordered}
+
+
+def disk_rows(listed: dict) -> list[dict]:
+    """Every disk point of a ``listing``, one row each."""
+    return [d for vm in listed["vms"] for p in vm["points"] for d in p["disks"]]
 
 
 def vm_points(repo: Repository) -> list[dict]:
@@ -69,36 +86,30 @@ def vm_points(repo: Repository) -> list[dict]:
     return found
 
 
-def print_vm_points(repo: Repository) -> None:
-    for p in vm_points(repo):
-        disks = ", ".join("%s: VDI %s" % (d["userdevice"], d["vdi_uuid"]) for d in p["disks"])
-        print("VM %s (%s)  VM point %s  disks %s" % (p["vm_name"], p["vm_uuid"], p["point"], disks))
-
-
-def print_points(rows: list[dict]) -> None:
-    if not rows:
+def print_listing(listed: dict) -> None:
+    if not listed["vms"]:
         print("no backup points")
         return
-    current = None
-    for r in rows:
-        if (r["vm_uuid"], r["vdi_uuid"]) != current:
-            current = r["vm_uuid"], r["vdi_uuid"]
-            print(
-                "VM %s (%s)  disk %s  VDI %s (%s)"
-                % (r["vm_name"], r["vm_uuid"], r["userdevice"], r["vdi_uuid"], r["vdi_name"])
-            )
-        kind = r["type"] + (" (%s)" % r["reason"] if r["reason"] else "")
-        print(
-            "  %s  %-12s changed %-10s on disk %-10s size %s  %s"
-            % (
-                r["point"],
-                r["type"],
-                human(r["changed_bytes"]),
-                human(r["bytes_on_disk"]),
-                human(r["virtual_size"]),
-                kind if r["reason"] else "",
-            )
-        )
+    for vm in listed["vms"]:
+        print("VM %s (%s)" % (vm["vm_name"], vm["vm_uuid"]))
+        for p in vm["points"]:
+            what = "VM point" if p["vm_point"] else "disk points only, no VM configuration:"
+            print("  %s %s  %s" % (what, p["point"], several(len(p["disks"]), "disk")))
+            for r in p["disks"]:
+                print("    " + disk_line(r))
+
+
+def disk_line(r: dict) -> str:
+    return "disk %-3s %-8s changed %-10s on disk %-10s size %-10s VDI %s (%s)%s" % (
+        r["userdevice"],
+        r["type"],
+        human(r["changed_bytes"]),
+        human(r["bytes_on_disk"]),
+        human(r["virtual_size"]),
+        r["vdi_uuid"],
+        r["vdi_name"],
+        "  " + r["reason"] if r["reason"] else "",
+    )
 
 
 def print_backup(results: list[VmResult]) -> None:
