@@ -16,7 +16,7 @@ from xencbt_core import __version__
 from xencbt_core.errors import ConfigError, XencbtError
 from xencbt_core.secret import ScrubFilter, scrub
 
-from . import errors, progress, report, restore, settings, verify
+from . import errors, progress, repoconfig, report, restore, settings, verify
 from .errors import UsageError
 
 log = logging.getLogger("xencbt_cli")
@@ -127,6 +127,15 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="keep reconnecting to a host's NBD server this long (default 60; NBD just "
         "enabled on a network takes 10 s or more to answer)",
+    )
+
+    ini = sub.add_parser("init", parents=g, help="create a repository with its settings")
+    ini.add_argument("--repo", metavar="DIR")
+    ini.add_argument(
+        "--compression",
+        choices=("zstd", "none"),
+        default="zstd",
+        help="of the clusters of new points (default zstd)",
     )
 
     s = sub.add_parser("list", parents=g, help="list backup points")
@@ -262,9 +271,11 @@ def cmd_backup(args, conf: settings.Settings) -> int:
     if not 0 <= args.in_use_timeout < float("inf"):
         raise UsageError("--in-use-timeout must be a number of seconds, 0 or more")
     repo = repository(args, conf)
+    config = repoconfig.ensure(repo, say)
     with conf.session() as session, conf.plugin_password() as password:
         # Progress is xencbt's own lines (progress.py), not qemu-img's -p counter.
         copier = Copier(conf, password, args.connections, False, args.retry_timeout)
+        copier.compression = config.compression
         job = Backup(
             Pool(session, args.in_use_timeout),
             repo,
@@ -288,9 +299,29 @@ def cmd_backup(args, conf: settings.Settings) -> int:
     return codes.pop() if len(codes) == 1 else errors.ERROR
 
 
+def cmd_init(args, conf: settings.Settings) -> int:
+    repo = repository(args, conf)
+    config = repoconfig.RepoConfig(compression=args.compression)
+    repoconfig.init(repo, config)
+    if args.json:
+        report.emit_json({"repository": str(repo.root), "settings": asdict(config)})
+    else:
+        say("created repository %s (%s)" % (repo.root, config.describe()))
+    return errors.OK
+
+
 def cmd_list(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
     rows = report.points(repo)
+    config = repoconfig.load(repo)
+    if not args.json:
+        print(
+            "repository %s: %s"
+            % (
+                repo.root,
+                config.describe() if config else "no settings file (older than xencbt init)",
+            )
+        )
     for chain in repo.chains():
         for point, why in chain.damaged().items():
             say(
@@ -425,6 +456,7 @@ SHOWS_PROGRESS = ("backup", "restore", "verify")
 
 COMMANDS = {
     "backup": cmd_backup,
+    "init": cmd_init,
     "list": cmd_list,
     "restore": cmd_restore,
     "verify": cmd_verify,

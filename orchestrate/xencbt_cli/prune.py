@@ -20,9 +20,9 @@ import json
 import logging
 import os
 
-from . import image
+from . import image, repoconfig
 from .errors import RepositoryError
-from .repository import Chain, write_atomically
+from .repository import Chain, Repository, write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def prune(chain: Chain, keep: int) -> list[str]:
     if new_base.base_point is not None:
         path = chain.image_path(new_base.point)
         partial = chain.partial_path(new_base.point)
-        image.flatten(path, partial)
+        image.flatten(path, partial, compression=compression_of(chain))
         image.fsync(partial)
         write_atomically(chain.path / JOURNAL, json.dumps(journal))
         os.replace(partial, path)
@@ -65,6 +65,13 @@ def prune_chain(chain: Chain, keep: int, wait: bool, dry_run: bool) -> tuple[lis
         before = usage(chain)
         gone = prune(chain, keep)
         return gone, before - usage(chain)
+
+
+def compression_of(chain: Chain) -> str:
+    """The repository's compression, which a rewritten image keeps (else a prune would
+    store the merged point uncompressed)."""
+    config = repoconfig.load(Repository(chain.path.parent.parent))
+    return config.compression if config else "none"
 
 
 def usage(chain: Chain, point: str | None = None) -> int:

@@ -50,6 +50,12 @@ def points(repo: Repository) -> list[dict]:
     return rows
 
 
+def shrunk(r: dict) -> str:
+    """e.g. "zstd 3.2:1": the compression and changed bytes per byte on disk."""
+    ratio = r.get("ratio")
+    return "%s %s" % (r.get("compression", "none"), "%.1f:1" % ratio if ratio else "-")
+
+
 def print_points(rows: list[dict]) -> None:
     if not rows:
         print("no backup points")
@@ -64,12 +70,13 @@ def print_points(rows: list[dict]) -> None:
             )
         kind = r["type"] + (" (%s)" % r["reason"] if r["reason"] else "")
         print(
-            "  %s  %-12s changed %-10s on disk %-10s size %s  %s"
+            "  %s  %-12s changed %-10s on disk %-10s %-12s size %s  %s"
             % (
                 r["point"],
                 r["type"],
                 human(r["changed_bytes"]),
                 human(r["bytes_on_disk"]),
+                shrunk(r),
                 human(r["virtual_size"]),
                 kind if r["reason"] else "",
             )
@@ -83,7 +90,7 @@ def print_backup(results: list[VmResult]) -> None:
             continue
         for d in res.disks:
             print(
-                "%-20s disk %-3s %-12s %s  changed %s, on disk %s, %.1f s"
+                "%-20s disk %-3s %-12s %s  changed %s, on disk %s (%s), %.1f s"
                 % (
                     res.vm,
                     d["userdevice"],
@@ -91,6 +98,7 @@ def print_backup(results: list[VmResult]) -> None:
                     d["point"],
                     human(d["changed_bytes"]),
                     human(d["bytes_on_disk"]),
+                    shrunk(d),
                     d["seconds"],
                 )
             )

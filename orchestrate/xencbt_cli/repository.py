@@ -91,6 +91,8 @@ class Manifest:
     base_point: str | None = None
     changed_bytes: int = 0
     bytes_on_disk: int = 0
+    compression: str = "none"  # of the image's clusters (repoconfig.py)
+    ratio: float | None = None  # changed_bytes / bytes_on_disk, when both are known
     started: str = ""
     finished: str = ""
     seconds: float = 0.0
