@@ -9,7 +9,7 @@ import stat
 import subprocess
 
 import pytest
-from cli_support import BLOCK, Vm, backup, rand, restored, xencbt
+from cli_support import BLOCK, Vm, backup, rand, restored, served, xencbt
 
 # Guest data that compresses (text) next to data that does not (random).
 TEXT = (b"xencbt compresses the clusters of its images with zstd. " * 5000)[: 4 * BLOCK]
@@ -129,3 +129,21 @@ def test_zstd_takes_less_space_than_none_for_the_same_data(sim, tmp_path):
         sizes[compression] = the_disk(backup(sim, repo, "demo-vm"))["bytes_on_disk"]
         assert restored(sim, repo, tmp_path, vm.uuids[0]) == vm.models[0]
     assert sizes["zstd"] * 3 < sizes["none"], sizes
+
+
+def test_zstd_incremental_of_a_grown_disk_reads_the_cut_cluster_whole(xensim_factory, tmp_path):
+    """qemu-img convert -c writes whole clusters: the cluster that the old, unaligned end
+    of a grown disk cuts is read whole, one block more than the changed one."""
+    sim = xensim_factory(disk_sizes="1M+512", in_use_wait=0.5)
+    repo = tmp_path / "repo"
+    vm = Vm(sim)
+    size = len(vm.models[0])
+    vm.write(0, {0: rand(BLOCK), (size // BLOCK) * BLOCK: rand(size % BLOCK)})
+    backup(sim, repo, "demo-vm")
+    vm.resize(0, size + 8 * BLOCK)
+    vm.write(0, {(size // BLOCK + 3) * BLOCK: rand(BLOCK)})
+    sim.control.reset_counters()
+    disk = the_disk(backup(sim, repo, "demo-vm"))
+    assert disk["type"] == "incremental" and disk["compression"] == "zstd"
+    assert served(sim) == 2 * BLOCK
+    assert restored(sim, repo, tmp_path, vm.uuids[0]) == vm.models[0]

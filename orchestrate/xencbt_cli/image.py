@@ -85,13 +85,25 @@ def flatten(path: Path, out: Path, fmt: str = "qcow2", compression: str = "none"
 
 
 def rebased(path: Path, base: Path, out: Path, compression: str = "none") -> None:
-    """A copy of what ``path`` shows, backed by ``base`` (same directory) and holding
-    only the clusters where the two differ: ``convert -B`` compares with the backing
-    and leaves equal clusters unallocated.  Used instead of ``qemu-img rebase``, which in
-    qemu 7.2 has no -c and would store the merged clusters uncompressed."""
-    options = compress_options(compression)
-    argv = ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", *options]
-    command.run([*argv, "-B", base.name, "-F", "qcow2", path, out])
+    """``out``: what ``path`` shows, backed by ``base`` (same directory) instead of its
+    own backing chain.  A sparse copy of ``path`` is rebased in safe mode (qemu-img
+    compares the old and the new backing and copies into it the clusters where they
+    differ); ``convert -B`` alone would not do (it trusts that the source's backing and
+    the new one show the same and copies only the source's own clusters).  qemu 7.2's
+    rebase has no -c: with compression, a second pass (``convert -c -B``, now right, as
+    the copy's backing is ``base``) writes it compressed."""
+    work = out if compression == "none" else out.with_name(path.name + ".rebase.partial")
+    command.run(["cp", "--sparse=always", "--", path, work])
+    try:
+        command.run(["qemu-img", "rebase", "-f", "qcow2", "-b", base.name, "-F", "qcow2", work])
+        if work != out:
+            options = compress_options(compression)
+            argv = ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", *options]
+            command.run([*argv, "-B", base.name, "-F", "qcow2", work, out])
+    finally:
+        if work != out:
+            with contextlib.suppress(FileNotFoundError):
+                work.unlink()
 
 
 def fsync(path: Path) -> None:

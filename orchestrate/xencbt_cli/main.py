@@ -175,9 +175,29 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--repo", metavar="DIR")
     rp.add_argument("--wait", action="store_true", help="wait for a locked chain")
 
-    pr = sub.add_parser("prune", parents=g, help="keep the newest N points of every chain")
+    pr = sub.add_parser(
+        "prune",
+        parents=g,
+        help="remove points a retention policy does not keep (restic's --keep-* rules)",
+    )
+    pr.add_argument("vms", nargs="*", metavar="VM", help="VM name or uuid (default: all)")
     pr.add_argument("--repo", metavar="DIR")
-    pr.add_argument("--keep", type=int, required=True, metavar="N")
+    pr.add_argument("--keep", type=keep_count, metavar="N", help="the same as --keep-last N")
+    for rule, what in (
+        ("last", "the newest N points"),
+        ("hourly", "the newest point of each of the last N hours that have one"),
+        ("daily", "the newest point of each of the last N days that have one"),
+        ("weekly", "the newest point of each of the last N ISO weeks that have one"),
+        ("monthly", "the newest point of each of the last N months that have one"),
+        ("yearly", "the newest point of each of the last N years that have one"),
+    ):
+        pr.add_argument(
+            "--keep-" + rule,
+            type=keep_count,
+            default=0,
+            metavar="N",
+            help="keep %s (UTC; N or unlimited)" % what,
+        )
     pr.add_argument("--wait", action="store_true", help="wait for a locked chain")
     pr.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
 
@@ -198,6 +218,18 @@ def parser() -> argparse.ArgumentParser:
     n.add_argument("--network", metavar="NAME|UUID")
     n.add_argument("--insecure", action="store_true", help="insecure_nbd (no TLS)")
     return p
+
+
+def keep_count(text: str) -> int:
+    if text == "unlimited":
+        return -1
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError("%r is not a count of 1 or more, or unlimited" % text)
+    return n
 
 
 def file_mode(text: str) -> int:
@@ -409,20 +441,44 @@ def cmd_repair(args, conf: settings.Settings) -> int:
 
 
 def cmd_prune(args, conf: settings.Settings) -> int:
-    from .prune import prune_chain
+    from .prune import retain
+    from .retention import Policy
 
-    if args.keep < 1:
-        raise UsageError("--keep must be at least 1")
-    removed, freed = {}, 0
-    for chain in repository(args, conf).chains():
-        gone, size = prune_chain(chain, args.keep, args.wait, args.dry_run)
-        if gone:
-            removed[chain.vdi_uuid] = gone
-            freed += size
-            say(report.pruned_chain(chain.vdi_uuid, gone, size, args.dry_run))
+    if args.keep is not None and args.keep_last:
+        raise UsageError("--keep is --keep-last: give one of them")
+    policy = Policy(
+        last=args.keep if args.keep is not None else args.keep_last,
+        hourly=args.keep_hourly,
+        daily=args.keep_daily,
+        weekly=args.keep_weekly,
+        monthly=args.keep_monthly,
+        yearly=args.keep_yearly,
+    )
+    if policy.empty():
+        raise UsageError("say what to keep: --keep-last N (or --keep N), --keep-daily N, ...")
+    repo = repository(args, conf)
+    removed, freed, vms = {}, 0, []
+    for vm_uuid, chains in report.vms(repo, args.vms).items():
+        done = retain(chains, policy, args.wait, args.dry_run)
+        vms.append(report.retained(vm_uuid, chains, done))
+        if not args.json:
+            for line in report.retained_lines(vms[-1], args.dry_run):
+                say(line)
+        for vdi, gone in done["removed"].items():
+            say(report.pruned_chain(vdi, gone, done["freed_by_vdi"][vdi], args.dry_run))
+        removed.update(done["removed"])
+        freed += done["freed_bytes"]
     if args.json:
-        report.emit_json({"removed": removed, "freed_bytes": freed, "dry_run": args.dry_run})
-    say(report.pruned(removed, freed, args.keep, args.dry_run))
+        report.emit_json(
+            {
+                "removed": removed,
+                "freed_bytes": freed,
+                "dry_run": args.dry_run,
+                "policy": asdict(policy),
+                "vms": vms,
+            }
+        )
+    say(report.pruned(removed, freed, policy, args.dry_run))
     return errors.OK
 
 

@@ -67,7 +67,7 @@ def nearest(point: str, others: list[str]) -> list[str]:
 
 def new_point_id(now: datetime.datetime | None = None) -> str:
     """A sortable UTC timestamp, e.g. 20250102T030405.678901Z."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = (now or testhook.now()).astimezone(datetime.timezone.utc)
     return now.strftime("%Y%m%dT%H%M%S.%fZ")
 
 
