@@ -84,6 +84,14 @@ def flatten(path: Path, out: Path, fmt: str = "qcow2", compression: str = "none"
     command.run(["qemu-img", "convert", "-f", "qcow2", "-O", fmt, *options, path, out])
 
 
+def onto(path: Path, base: Path, out: Path, compression: str = "none") -> None:
+    """``out``: ``path``'s own clusters over ``base`` (in ``out``'s directory), which must
+    show what ``path``'s backing shows (``convert -B`` trusts that, and copies no more)."""
+    options = compress_options(compression)
+    argv = ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", *options]
+    command.run([*argv, "-B", base.name, "-F", "qcow2", path, out])
+
+
 def rebased(path: Path, base: Path, out: Path, compression: str = "none") -> None:
     """``out``: what ``path`` shows, backed by ``base`` (same directory) instead of its
     own backing chain.  A sparse copy of ``path`` is rebased in safe mode (qemu-img

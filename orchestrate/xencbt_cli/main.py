@@ -201,6 +201,12 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--wait", action="store_true", help="wait for a locked chain")
     pr.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
 
+    cp = sub.add_parser("copy", parents=g, help="copy the points another repository lacks")
+    cp.add_argument("vms", nargs="*", metavar="VM", help="VM name or uuid (default: all)")
+    cp.add_argument("--repo", metavar="DIR", help="the repository to copy from")
+    cp.add_argument("--to", metavar="DIR", required=True, help="the repository to copy into")
+    cp.add_argument("--wait", action="store_true", help="wait for a locked chain")
+
     sv = sub.add_parser(
         "serve", parents=g, help="serve a point (or a live snapshot) read-only over NBD"
     )
@@ -482,6 +488,31 @@ def cmd_prune(args, conf: settings.Settings) -> int:
     return errors.OK
 
 
+def cmd_copy(args, conf: settings.Settings) -> int:
+    from .copy import copy_repository
+    from .repository import Repository
+
+    src = repository(args, conf)
+    dst = Repository(args.to)
+    if dst.root.resolve() == src.root.resolve():
+        raise UsageError("--to names the repository itself")
+    chains = [c for cs in report.vms(src, args.vms).values() for c in cs]
+    copied = copy_repository(src, dst, chains, args.wait, say)
+    if args.json:
+        report.emit_json({"copied": copied, "to": str(dst.root)})
+    say(
+        "copied %s of %s to %s"
+        % (
+            report.several(sum(map(len, copied.values())), "point"),
+            report.several(len(copied), "VDI"),
+            dst.root,
+        )
+        if copied
+        else "nothing to copy: %s has every point" % dst.root
+    )
+    return errors.OK
+
+
 def cmd_nbd(args, conf: settings.Settings) -> int:
     from .network import Networks
 
@@ -517,6 +548,7 @@ COMMANDS = {
     "restore": cmd_restore,
     "verify": cmd_verify,
     "prune": cmd_prune,
+    "copy": cmd_copy,
     "repair": cmd_repair,
     "nbd": cmd_nbd,
     "serve": cmd_serve,
