@@ -149,21 +149,6 @@ def retain(chains: list[Chain], policy: retention.Policy, wait: bool, dry_run: b
     }
 
 
-def prune_chain(chain: Chain, keep: int, wait: bool, dry_run: bool) -> tuple[list[str], int]:
-    """Prune one chain under its lock: (the points removed, the bytes that freed); with
-    ``dry_run`` (under a shared lock, changing nothing) the points a prune would remove
-    and the bytes their own files take (more than it frees: the kept point absorbs their
-    data)."""
-    if dry_run:
-        with chain.lock(wait, shared=True):
-            gone = [m.point for m in doomed(chain, keep)]
-            return gone, sum(usage(chain, p) for p in gone)
-    with chain.lock(wait):
-        before = usage(chain)
-        gone = prune(chain, keep)
-        return gone, before - usage(chain)
-
-
 def compression_of(chain: Chain) -> str:
     """The repository's compression, which a rewritten image keeps (else a prune would
     store the merged point uncompressed)."""
@@ -178,14 +163,6 @@ def usage(chain: Chain, point: str | None = None) -> int:
     else:
         paths = [chain.image_path(point), chain.sums_path(point), chain.manifest_path(point)]
     return sum(p.lstat().st_blocks * 512 for p in paths if p.exists())
-
-
-def doomed(chain: Chain, keep: int) -> list:
-    """The points a prune to ``keep`` removes, oldest first (changes nothing)."""
-    if keep < 1:
-        raise ValueError("keep must be at least 1")
-    points = chain.points()
-    return points[:-keep] if len(points) > keep else []
 
 
 def finish(chain: Chain, journal: dict) -> None:

@@ -407,7 +407,7 @@ def describe_holder(pid: int) -> str:
         argv = Path("/proc/%d/cmdline" % pid).read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return "pid %d" % pid
-    commands = ("backup", "prune", "repair", "serve", "verify", "restore", "list")
+    commands = ("backup", "prune", "repair", "serve", "verify", "restore", "list", "copy")
     what = next((a for a in argv[1:] if a in commands), None)
     return "xencbt %s, pid %d" % (what, pid) if what else "pid %d" % pid
 
