@@ -2,11 +2,12 @@
 
 A step takes a kept point P whose base chain holds points to remove, back to the kept
 point K before them (none: P becomes standalone).  P's image is rewritten into
-``P.qcow2.partial`` (sparse, fsync'd): the whole chain flattened, or, with K, only the
-clusters where P's view differs from K's (``qemu-img convert -B K``), compressed as the
-repository says.  A journal ``.prune.json`` {point, base, remove} is written atomically,
-then the rewritten image is renamed over ``P.qcow2`` (atomic; newer points name it as
-their backing file and see the very same bytes).  Then P's manifest gets its new base,
+``P.qcow2.partial`` (sparse, fsync'd): the whole chain flattened, or, with K, a copy of
+P rebased onto K in safe mode (image.rebased: it gains the clusters where its old base
+and K differ), compressed as the repository says.  A journal ``.prune.json`` {point,
+base, remove} is written atomically, then the rewritten image is renamed over
+``P.qcow2`` (atomic; newer points name it as their backing file and see the very same
+bytes).  Then P's manifest gets its new base,
 the removed points go newest first (manifest first, then image and sums: every point
 still listed keeps its whole chain at every step), and the journal goes.  P's sums and
 digest stay as they are: its view, which they hash, is the same before and after.  After
