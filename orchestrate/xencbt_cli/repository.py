@@ -461,6 +461,8 @@ class Repository:
         for vm_dir in sorted(self.root.iterdir()):
             if vm_dir.is_dir() and UUID.match(vm_dir.name):
                 paths += [vm_dir, *sorted(vm_dir.rglob("*"))]
+            elif vm_dir.is_file():  # repository.conf (repoconfig.py)
+                paths.append(vm_dir)
         for path in paths:
             if path.is_symlink():
                 continue
