@@ -9,6 +9,9 @@ DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils \
             strace
 # For the VM mount tests (tests/vmharness.py); installed without recommends (no GUI).
 VM_PKGS := qemu-system-x86 busybox-static nbd-client cpio
+# For `xencbt files` (libguestfs; its appliance boots a kernel from /boot) and its tests
+# (tests/test_cli_files.py; cryptsetup-bin makes the guest's LUKS header); without recommends.
+GUESTFS_PKGS := libguestfs-tools python3-guestfs libguestfs-xfs linux-image-amd64 cryptsetup-bin
 
 .PHONY: deps demo check lint test faults mutants bench clean deb deb-check rpm
 
@@ -33,6 +36,7 @@ deps: $(STAMP)
 $(STAMP): pyproject.toml
 	$(call apt_ensure,$(DEB_PKGS))
 	$(call apt_ensure,$(VM_PKGS),--no-install-recommends)
+	$(call apt_ensure,$(GUESTFS_PKGS),--no-install-recommends)
 	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev]'
 	@touch $@

@@ -6,8 +6,10 @@
 ``xensim_factory``  function scope; call ``xensim_factory(hosts=2, vms=1,
                     disk_sizes="4M,1M+512", nbd_purpose="insecure_nbd",
                     nbd_propagation=0.5, session_timeout=2, in_use_wait=0.5,
-                    state_dir=PATH)`` for other shapes; every simulator it started is
-                    stopped (SIGTERM, exit code 0 asserted) at teardown.
+                    auth_fail_delay=5, state_dir=PATH)`` for other shapes (a refused
+                    login waits 0.2 s unless auth_fail_delay is given); every
+                    simulator it started is stopped (SIGTERM, exit code 0 asserted)
+                    at teardown.
 
 A ``Simulator`` handle has:
   ``.info``        the ready line (dict: xapi, user, password_file, ca_file, control,
@@ -126,6 +128,9 @@ def xensim_factory(tmp_path: Path) -> Iterator:
 
     def start(state_dir: Path | None = None, **options: object) -> Simulator:
         state_dir = state_dir or tmp_path / f"xensim{len(started)}"
+        # A refused login costs 5 s on xensim as on xapi; tests that do not measure that
+        # delay keep it short.
+        options.setdefault("auth_fail_delay", 0.2)
         args: list[str] = []
         for name, value in options.items():
             args += [f"--{name.replace('_', '-')}", str(value)]
@@ -152,6 +157,17 @@ def _simulator_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     path = os.environ.get("PYTHONPATH", "")
     if sim_dir not in path.split(os.pathsep):
         monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in (sim_dir, path) if p))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _slot_dir(tmp_path_factory) -> Iterator[None]:
+    """The machine-wide NBD connection slots (plugin/xencbt_core/slots.py) of this run
+    apart from those of any other run on the machine (another checkout's suite, a real
+    backup), and not left behind in /var/tmp/xencbt."""
+    run = tmp_path_factory.getbasetemp() / "slots"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XENCBT_RUNTIME_DIR", str(run))
+        yield
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -8,7 +8,7 @@ Only then is it killed with SIGKILL and the kill counted; a run that left the wi
 first is continued (SIGCONT), must succeed, and is tried again (``Kills``).  Short
 windows are held open by injected latency: the simulator's API and read latency, and
 the product's test-only ``XENCBT_TEST_PAUSE`` (orchestrate/xencbt_cli/testhook.py).
-After a kill its process group is watched until every child is gone, and ``Aftermath``
+After a kill its session is watched until every child is gone, and ``Aftermath``
 checks what the issue promises: verify passes, no half-written point is listed, the
 next backup succeeds byte-identical and the host keeps no snapshot of ours beyond the
 CBT bases the repository needs.
@@ -16,6 +16,7 @@ CBT bases the repository needs.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -25,6 +26,7 @@ import select
 import signal
 import struct
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -71,11 +73,14 @@ class Kills:
 
 
 # -- processes ---------------------------------------------------------------------------
-def start(sim, *args: str, pause: str = "") -> subprocess.Popen:
-    """``xencbt ARGS`` in a process group of its own, so that its children can be found
-    after it is killed (they keep the group when re-parented).  ``pause``: the product's
-    XENCBT_TEST_PAUSE (testhook.py), which holds a short window open."""
-    argv = [*XENCBT, "--xapi-cafile", sim.info["ca_file"], *args]
+def start(sim, *args: str, pause: str = "", untraced: bool = False) -> subprocess.Popen:
+    """``xencbt ARGS`` in a session of its own, so that its children can be found after
+    it is killed (they keep the session when re-parented).  ``pause``: the product's
+    XENCBT_TEST_PAUSE (testhook.py), which holds a short window open.  ``untraced``:
+    not under the secret watch's strace, whose ptrace changes job control (a stopped
+    tracee is resumed by its tracer, not by SIGCONT alone); /proc sampling still runs."""
+    cli = [sys.executable, "-m", "xencbt_cli.main"] if untraced else XENCBT
+    argv = [*cli, "--xapi-cafile", sim.info["ca_file"], *args]
     env = cli_env(sim)
     if pause:
         env["XENCBT_TEST_PAUSE"] = pause
@@ -89,7 +94,9 @@ def start(sim, *args: str, pause: str = "") -> subprocess.Popen:
     )
 
 
-def group_members(pgid: int) -> list[str]:
+def session_members(sid: int) -> list[str]:
+    """Live processes of the session ``sid`` ("pid (name)"): everything a run started in
+    a session of its own left, whatever process group xencbt put it in."""
     found = []
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -99,7 +106,7 @@ def group_members(pgid: int) -> list[str]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[2]) == pgid:
+        if fields[0] not in "ZX" and int(fields[3]) == sid:
             found.append("%s %s" % (pid, stat[stat.index("(") : stat.rindex(")") + 1]))
     return found
 
@@ -141,6 +148,22 @@ def kill_if(proc: subprocess.Popen, confirm: Callable[[], object]) -> bool:
     return False
 
 
+def wait_gone(sid: int, deadline: float) -> list[str]:
+    """Wait (on pidfds, no polling) until the session ``sid`` is empty or ``deadline``
+    (time.monotonic()) passes; return what is left."""
+    while (left := session_members(sid)) and time.monotonic() < deadline:
+        fds = []
+        for entry in left:
+            with contextlib.suppress(ProcessLookupError):
+                fds.append(os.pidfd_open(int(entry.split()[0])))
+        try:
+            select.select(fds, [], [], max(0.0, deadline - time.monotonic()))
+        finally:
+            for fd in fds:
+                os.close(fd)
+    return left
+
+
 def kill(proc: subprocess.Popen, linger: float = 15.0) -> str:
     """SIGKILL the xencbt process alone (as the OOM killer or a timeout would), reap it,
     and wait for its children to go by themselves; return its stderr (which the secret
@@ -149,11 +172,10 @@ def kill(proc: subprocess.Popen, linger: float = 15.0) -> str:
     os.kill(proc.pid, signal.SIGKILL)
     out, err = proc.communicate()
     WATCH.output("xencbt run killed with SIGKILL", out, err)
-    deadline = time.monotonic() + linger
-    while (left := group_members(proc.pid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if left:
-        os.killpg(proc.pid, signal.SIGKILL)
+    left = wait_gone(proc.pid, time.monotonic() + linger)
+    for entry in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(entry.split()[0]), signal.SIGKILL)
     assert not left, "children of the killed xencbt still run: %s" % left
     return err
 

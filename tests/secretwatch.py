@@ -112,7 +112,13 @@ class Watch:
         this process and everything it starts (through the environment).  ``required``:
         a TMPDIR that cannot be watched fails instead of being reported."""
         self.private = basetemp / PRIVATE_DIR
-        (self.private / "execs").mkdir(parents=True, mode=0o700)
+        (self.private / "execs").mkdir(parents=True)
+        # Other local users' runs (test_cli_access) record their execs too: they may create
+        # files here (0600, theirs) but not list or read the others'.
+        self.private.chmod(0o711)
+        (self.private / "execs").chmod(0o1733)
+        for d in (basetemp, basetemp.parent):  # the way there (search only, no listing)
+            d.chmod(d.stat().st_mode & 0o7777 | 0o011)
         os.environ[EXEC_ENV] = str(self.private / "execs")
         os.environ[ISSUED_ENV] = str(self.private / "issued")
         self.tmpdir = basetemp / "tmpdir"
@@ -152,7 +158,7 @@ class Watch:
                 continue
             self._seen.add((pid, argv))
             self.counts["processes inspected"] += 1
-            name = argv.split(b"\0")[0].decode(errors="replace")
+            name = _command_name(argv.split(b"\0"))
             try:
                 environ = Path("/proc/%d/environ" % pid).read_bytes()
             except OSError:
@@ -448,6 +454,22 @@ class TempKeeper:
 
 
 # -- processes and files ------------------------------------------------------------------
+def _command_name(argv: list[bytes]) -> str:
+    """The command a process runs, looking through execwatch.sh's wrappers: sampled between
+    its execs, a traced command shows up as ``sh …/execwatch.sh CMD …`` or ``strace … -- CMD
+    …``, and an allowance for CMD's argv (``where="argv (CMD)"``) must hold at every stage."""
+    words = [w.decode(errors="replace") for w in argv if w]
+    name = os.path.basename(words[0]) if words else ""
+    if any(os.path.basename(w) == EXECWATCH.name for w in words[:2]):
+        at = next(i for i, w in enumerate(words) if os.path.basename(w) == EXECWATCH.name)
+        inner = words[at + 1 : at + 2]
+    elif name == "strace" and "--" in words:
+        inner = words[words.index("--") + 1 :][:1]
+    else:
+        return words[0] if words else ""
+    return os.path.basename(inner[0]) if inner else name
+
+
 def _descendants(root: int) -> Iterator[int]:
     stack, seen = [root], set()
     while stack:

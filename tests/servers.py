@@ -57,7 +57,8 @@ def _process(argv: list[str], pidfile: Path, env: dict | None = None):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        WATCH.output("%s (stderr)" % " ".join(argv[:2]), proc.stderr.read())
+        proc.output = proc.stderr.read()  # kept for the test: the pipe is closed here
+        WATCH.output("%s (stderr)" % " ".join(argv[:2]), proc.output)
         proc.stderr.close()
 
 

@@ -16,6 +16,7 @@ from collections import Counter
 HEADLINE = (
     "faults injected",
     "kills survived",
+    "stray processes after a kill",
     "hostile inputs tried",
     "secrets found",
     "VDI_IN_USE retries",  # clean-up calls xencbt tried again while dom0 held NBD VBDs

@@ -131,6 +131,16 @@ def test_one_line_per_disk_in_flight_on_a_terminal(sim, tmp_path):
     labels = set(progress_lines(lines))
     assert any(label.endswith(": check") for label in labels), "\n".join(lines)
 
+    # Into the pool: a new VDI, then in place over it (only the differing blocks).
+    x = Vm(sim, NAMES[0]).x
+    sr = x.SR.get_uuid(x.VDI.get_SR(x.VDI.get_by_uuid(vdi)))
+    r, lines = on_a_terminal(sim, "--json", "restore", vdi, "--repo", repo, "--to-sr", sr)
+    assert r.returncode == 0, "\n".join(lines)
+    assert not progress_lines(lines)  # --json: nothing drawn
+    r, lines = on_a_terminal(sim, "restore", vdi, "--repo", repo, "--to-sr", sr)
+    assert r.returncode == 0, "\n".join(lines)
+    assert any(": restore " in label for label in progress_lines(lines)), "\n".join(lines)
+
 
 def test_nothing_of_it_on_a_pipe_or_with_json(sim, tmp_path):
     repo = str(tmp_path / "repo")

@@ -47,7 +47,7 @@ def test_restore_to_sr_and_to_vdi(xensim_factory, tmp_path):
     assert sha(read_vdi(sim, new_uuid, size)) == sha(old)
 
     # Back to the first point in place: only the two blocks changed since are written,
-    # which the next backup's CBT diff shows.
+    # which the next backup's CBT diff shows.  The simulated VM runs: --force.
     xencbt(
         sim,
         "restore",
@@ -58,6 +58,7 @@ def test_restore_to_sr_and_to_vdi(xensim_factory, tmp_path):
         first["point"],
         "--to-vdi",
         vm.uuids[0],
+        "--force",
     )
     assert sha(read_vdi(sim, vm.uuids[0], size)) == sha(old)
     vm.models[0][:] = old
@@ -101,6 +102,7 @@ def test_damaged_point_is_refused_into_the_pool_and_nothing_is_written(xensim_fa
 
     vm.write(0, {3 * BLOCK: rand(BLOCK)})
     current = bytes(vm.models[0])
-    r = xencbt(sim, "restore", "--repo", str(repo), vm.uuids[0], "--to-vdi", vm.uuids[0], check=4)
+    args = ("restore", "--repo", str(repo), vm.uuids[0], "--to-vdi", vm.uuids[0], "--force")
+    r = xencbt(sim, *args, check=4)
     assert "nothing was written to VDI %s" % vm.uuids[0] in r.stderr
     assert read_vdi(sim, vm.uuids[0], size) == current

@@ -292,7 +292,7 @@ def test_no_secret_in_argv_or_debug_output(disk, tmp_path, xensim):
         subprocess.run(["nbdcopy", uri, "null:"], check=True)
         cmdline = Path("/proc/%d/cmdline" % proc.pid).read_bytes().decode()
         environ = Path("/proc/%d/environ" % proc.pid).read_bytes().decode(errors="replace")
-    output = proc.stderr.read()
+    output = proc.output
     for text in (cmdline, environ, output):
         assert xensim.password not in text
         assert "OpaqueRef:" not in text and "session_id" not in text

@@ -16,7 +16,16 @@ from pathlib import Path
 import pytest
 from cli_support import XENCBT, Vm, cli_env, rand
 from faultkit import argv, run, running, wait_until
-from secretwatch import EXEC_ENV, ISSUED_ENV, WATCH, TempKeeper, Watch, traced
+from secretwatch import (
+    EXEC_ENV,
+    EXECWATCH,
+    ISSUED_ENV,
+    WATCH,
+    TempKeeper,
+    Watch,
+    _command_name,
+    traced,
+)
 from tally import tally
 
 pytestmark = pytest.mark.reliability
@@ -64,6 +73,28 @@ def test_generic_patterns_and_outputs():
     assert len(findings) == 3, findings
     assert sum("session_id=" in f for f in findings) == 2
     assert all("pid 1" not in f for f in findings)
+
+
+def test_an_allowance_holds_while_the_command_is_still_in_its_execwatch_wrappers():
+    """A traced qemu-nbd given a fake export name on purpose: sampled between execwatch.sh's
+    execs, the process is ``sh execwatch.sh qemu-nbd …`` or ``strace … -- qemu-nbd …``, and
+    the allowance for qemu-nbd's argv must cover it (CI saw the strace stage once), while the
+    same argv under any other command is still found."""
+    export = "/x?session_id=OpaqueRef:fake"
+    w = Watch()
+    w.allow(export, where="argv (qemu-nbd)")
+    stages = [  # each stage's argv, as a process sampled at that moment shows it
+        ["/bin/sh", str(EXECWATCH), "qemu-nbd", "-x", export],
+        ["strace", "-DDD", "-f", "-o", "log", "--", "qemu-nbd", "-x", export],
+        ["qemu-nbd", "-x", export],
+        ["strace", "-f", "--", "nbdkit", "-e", export],
+    ]
+    for pid, words in enumerate(stages):
+        name = _command_name([x.encode() for x in words])
+        w.output("pid %d argv (%s)" % (pid, name), " ".join(words))
+    findings = w.finish(None)
+    assert findings and all(f.startswith("pid 3 argv (nbdkit)") for f in findings), findings
+    tally("secret scans: self-tests", 1)
 
 
 def test_files_holding_secrets_must_be_private_and_not_in_a_repository(tmp_path):

@@ -62,7 +62,8 @@ print(len(got))
 @pytest.mark.skipif(os.getuid() != 0, reason="needs root to run a process as nobody")
 def test_two_users_share_one_budget():
     """root holds 15 of a host's slots; a process running as nobody gets the 16th only."""
-    top = Path(tempfile.mkdtemp(prefix="xencbt-slots-"))
+    # Not under the run's TMPDIR: the secret watch's tmpfs is private to root.
+    top = Path(tempfile.mkdtemp(prefix="xencbt-slots-", dir="/var/tmp"))
     try:
         top.chmod(0o755)  # nobody may traverse it; the runtime dir below is made 1777
         held = [Slots(top / "run").try_take("host") for _ in range(15)]

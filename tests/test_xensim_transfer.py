@@ -96,14 +96,14 @@ def test_transfer_refusals(api):
     status, _, _ = http_request(sim, "GET", f"/export_raw_vdi?session_id={session.handle}&vdi=nope")
     assert status == 404
     status, _, _ = http_request(
-        sim, "GET", f"/export_raw_vdi?session_id={session.handle}&vdi={vdi}&format=vhd"
+        sim, "GET", f"/export_raw_vdi?session_id={session.handle}&vdi={vdi}&format=vmdk"
     )
-    assert status == 404
+    assert status == 404  # importexport.ml Format.of_string: raw, vhd, tar, qcow2 only
     path = f"/import_raw_vdi?session_id={session.handle}&vdi={vdi}&format=raw"
     status, _, _ = http_request(
         sim, "PUT", path, iter([b"x" * 512]), {"Transfer-Encoding": "chunked"}
     )
-    assert status == 403  # xapi cannot take a transfer encoding
+    assert status == 404  # import_raw_vdi.ml: "Chunked encoding not yet implemented"
     # import_raw_vdi.ml answers 200 before writing; the write past the end fails the task.
     too_big = bytes((4 << 20) + 512)
     task = x.task.create("import", "too big")

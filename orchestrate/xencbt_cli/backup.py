@@ -7,7 +7,9 @@
     → destroy the older base no chain needs any more.
 
 On failure the snapshot VM and the VDIs no manifest refers to are destroyed, partial
-files removed; the repository keeps every point it had.  A run killed outright (SIGKILL,
+files removed; the repository keeps every point it had.  SIGINT, SIGTERM and SIGHUP do the
+same (the copies are stopped first, children.py) and each VM says in one line what was
+undone.  A run killed outright (SIGKILL,
 power loss) leaves at most temp files, which the next run of the chain removes, and
 snapshots on the pool, which the next backup of the VM destroys: the snapshot VM by its
 name prefix, its VDIs through the ledger (ledger.py).
@@ -26,7 +28,7 @@ import errno
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -35,8 +37,9 @@ from xencbt_core.errors import ConfigError, XapiError, XencbtError
 from xencbt_core.secret import scrub
 
 from . import digest, errors, image, progress
+from .children import GROUP
 from .copier import ConnectionBudget, Copier
-from .errors import CliError, CommandFailed, RepositoryFull, describe_os_error
+from .errors import CliError, CommandFailed, Interrupted, RepositoryFull, describe_os_error
 from .ledger import Ledger
 from .pool import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, Disk, NoCbt, Pool, Vm
 from .repository import Chain, Manifest, Repository, new_point_id
@@ -68,6 +71,8 @@ class VmResult:
     disks: list[dict] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     in_use_retries: int = 0  # calls tried again after VDI_IN_USE (dom0's NBD VBDs)
+    undone: list[str] = field(default_factory=list)  # what a failure took back
+    locked: bool = False  # the VM's chains were locked: its run had begun
 
 
 def now_iso() -> str:
@@ -98,23 +103,47 @@ class Backup:
 
     def run(self, vms: list[str]) -> list[VmResult]:
         self.repo.create()
-        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-            return list(pool.map(self.one, vms))
+        futures: list[Future] = []
+        try:
+            with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+                futures = [pool.submit(self.one, name) for name in vms]
+                wait(futures)
+        except Interrupted as e:
+            # The signal handler stopped the copies; leaving the pool waited for each VM's
+            # thread to undo its work and say so.
+            e.reported = bool(futures)
+            raise
+        return [f.result() for f in futures]
 
     def one(self, name: str) -> VmResult:
         result = VmResult(name)
         retries = self.pool.in_use.retries_here
         try:
+            GROUP.check()
             self.backup_vm(name, result)
             result.ok = True
-        except (XencbtError, OSError) as e:
-            text = describe_os_error(e) if isinstance(e, OSError) else str(e)
-            result.error = scrub(text)
-            result.exit_code = errors.exit_code(e)
-            self.say("VM %s: backup FAILED: %s" % (name, result.error))
+        except Interrupted as e:
+            self.interrupted(result, e)
+        except Exception as e:
+            if GROUP.signum is not None:
+                # It failed because the stop signal took its copies or calls away: what
+                # the user asked for, not a failure of its own.
+                log.debug("VM %s: stopped while %s", name, type(e).__name__, exc_info=True)
+                self.interrupted(result, Interrupted(GROUP.signum))
+            elif isinstance(e, (XencbtError, OSError)):
+                text = describe_os_error(e) if isinstance(e, OSError) else str(e)
+                result.error = scrub(text)
+                result.exit_code = errors.exit_code(e)
+                self.say("VM %s: backup FAILED: %s" % (name, result.error))
+            else:
+                raise
         finally:
             result.in_use_retries = self.pool.in_use.retries_here - retries
         return result
+
+    def interrupted(self, result: VmResult, e: Interrupted) -> None:
+        result.error, result.exit_code = "interrupted", e.exit_code
+        self.say("VM %s: interrupted by %s: %s" % (result.vm, e.name, undone(result)))
 
     def warn(self, result: VmResult, text: str) -> None:
         result.warnings.append(scrub(text))
@@ -128,8 +157,10 @@ class Backup:
         with contextlib.ExitStack() as locks:
             for uuid in sorted(chains):
                 locks.enter_context(chains[uuid].lock(self.wait))
+            result.locked = True
             self.clean(vm, chains)
             self.no_cbt.update(self.enable_cbt(vm, disks))
+            GROUP.check()
             result.point = new_point_id()
             snap_vm = self.pool.snapshot(vm, SNAPSHOT_PREFIX + result.point)
             committed: set[str] = set()
@@ -137,14 +168,19 @@ class Backup:
                 snaps = {d.snapshot_of: d for d in self.pool.disks(snap_vm)}
                 self.ledger(vm).add({d.uuid for d in snaps.values()})
                 for disk in disks:
+                    GROUP.check()
                     chain = chains[disk.uuid]
                     prev = chain.latest()
-                    m = self.backup_disk(vm, disk, snaps[disk.vdi_ref], chain, result.point)
+                    snap = snaps[disk.vdi_ref]
+                    m = self.backup_disk(vm, disk, snap, chain, result)
                     if disk.uuid not in self.no_cbt:  # no CBT log to keep: the VDI goes
                         committed.add(m.snapshot_uuid)
                     result.disks.append(summary(m, prev))
-            finally:
+            except BaseException:
                 self.release(snap_vm, committed, result)
+                result.undone.append("snapshot %s destroyed" % (SNAPSHOT_PREFIX + result.point))
+                raise
+            self.release(snap_vm, committed, result)
             self.forget_old_bases(result.disks, result)
             self.sweep(vm)
 
@@ -281,7 +317,10 @@ class Backup:
             base=prev, changed_bytes=changes.changed_bytes(), bitmap=changes, base_sums=sums
         )
 
-    def backup_disk(self, vm: Vm, disk: Disk, snap: Disk, chain: Chain, point: str) -> Manifest:
+    def backup_disk(
+        self, vm: Vm, disk: Disk, snap: Disk, chain: Chain, result: VmResult
+    ) -> Manifest:
+        point = result.point
         started, t0 = now_iso(), time.monotonic()
         plan = self.plan(disk, snap, chain)
         what = "VM %s disk %s (%s)" % (vm.name, disk.userdevice, disk.uuid)
@@ -295,7 +334,7 @@ class Backup:
         partial = chain.partial_path(point)
         base_image = chain.image_path(plan.base.point) if plan.base else None
         label = "%s disk %s" % (vm.name, disk.userdevice)
-        with self.unpublished(chain, point, what):
+        with self.unpublished(chain, point, what, result.undone):
             chain.reserve(point)
             with progress.percent(label + ": copy", snap.virtual_size) as report:
                 self.copier.copy(
@@ -334,7 +373,7 @@ class Backup:
             return digest.rehash(partial, plan.base_sums, chunks, size, self.chunk, advance)
 
     @contextlib.contextmanager
-    def unpublished(self, chain: Chain, point: str, what: str):
+    def unpublished(self, chain: Chain, point: str, what: str, undone: list[str]):
         """Until the manifest is written, a failure removes the point's files (the point
         never existed); a full repository gets one line saying so."""
         try:
@@ -345,6 +384,7 @@ class Backup:
                 for path in paths:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
+                        undone.append("%s removed" % path.name)
             if out_of_space(e):
                 raise RepositoryFull(
                     "the repository %s is full (no space left on device) while writing %s "
@@ -432,6 +472,17 @@ def summary(m: Manifest, prev: Manifest | None) -> dict:
 def ratio(changed: int, on_disk: int) -> float | None:
     """How many times smaller the point is on disk than the data it holds changed."""
     return round(changed / on_disk, 2) if changed and on_disk else None
+
+
+def undone(result: VmResult) -> str:
+    """What an interrupted VM's run took back, and what it kept, in one line."""
+    if not result.locked:
+        return "not started, nothing to undo"
+    parts = result.undone or ["nothing was started on the pool"]
+    kept = ["disk %s" % d["userdevice"] for d in result.disks]
+    if kept:
+        parts.append("point %s kept for %s" % (result.point, ", ".join(kept)))
+    return "; ".join(parts) + "; locks released"
 
 
 def human(n: int) -> str:

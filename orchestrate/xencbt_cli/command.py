@@ -11,20 +11,38 @@ from collections.abc import Callable, Sequence
 
 from xencbt_core.secret import scrub
 
+from .children import GROUP
 from .errors import CommandFailed
 
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 SETPRIV = shutil.which("setpriv")  # util-linux
+# Run by libnbd instead of us: join the children's group, then become the command.
+JOIN = "import os, sys; os.setpgid(0, int(sys.argv[1])); os.execvp(sys.argv[2], sys.argv[2:])"
 
 
 def bound(argv: Sequence[str]) -> list[str]:
-    """``argv`` made to die with us: if xencbt is killed (SIGKILL, OOM), an nbdkit or
-    qemu-img left running would go on reading a snapshot the next run destroys and hold
-    NBD connections the host counts against its limit."""
+    """``argv`` made to die with its parent process, for a server that a client starts
+    (nbdcopy's ``[ qemu-nbd ]``): should the client die before connecting, the server
+    would wait for its first client for as long as xencbt runs.  Only the direct child
+    of a single process gets this (children.py says why it is no guard against our
+    own death: the process group is)."""
     argv = [str(a) for a in argv]
     return [SETPRIV, "--pdeathsig", "KILL", "--", *argv] if SETPRIV else argv
+
+
+def joined(argv: Sequence[str]) -> list[str]:
+    """``argv`` for a command a library starts for us (libnbd's socket activation):
+    it joins the children's process group first, as if started by ``start``."""
+    return [sys.executable, "-I", "-S", "-c", JOIN, str(GROUP.pgid()), *bound(argv)]
+
+
+def start(argv: Sequence[str], **options) -> subprocess.Popen:
+    """Every external command starts here, in the children's process group (children.py):
+    it never outlives xencbt and a stop signal reaches it through us only."""
+    log.debug("running %s", shown(argv))
+    return GROUP.popen([str(a) for a in argv], stdin=subprocess.DEVNULL, **options)
 
 
 def shown(argv: Sequence[str]) -> str:
@@ -35,24 +53,26 @@ def run(argv: Sequence[str], *, passthrough: bool = False) -> str:
     """Run ``argv``; return its stdout (text).  Raise CommandFailed naming it on failure.
 
     ``passthrough``: the command talks to the user's terminal (progress): its output goes
-    to our stderr, never to stdout, which belongs to --json.
+    to our stderr, never to stdout, which belongs to --json.  Its stderr is kept either
+    way: errors are summed up in one line, an interrupted run's never shown.
     """
-    log.debug("running %s", shown(argv))
-    proc = subprocess.run(
-        bound(argv),
-        stdin=subprocess.DEVNULL,
+    proc = start(
+        argv,
         stdout=sys.stderr if passthrough else subprocess.PIPE,
-        stderr=None if passthrough else subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
     )
+    with proc:
+        out, err = proc.communicate()
+    GROUP.check()  # Interrupted if we stopped it: its complaints are not news
     if proc.returncode != 0:
-        raise failed(argv[0], proc.returncode, proc.stderr or "")
+        raise failed(argv[0], proc.returncode, err or "")
     # Warnings of a run that succeeded (the plugin reconnecting, a host at its connection
     # limit) are worth knowing: shown with -v.
-    for line in (proc.stderr or "").splitlines()[:50]:
+    for line in (err or "").splitlines()[:50]:
         if line.strip():
             log.info("%s: %s", argv[0], scrub(line.strip()))
-    return proc.stdout or ""
+    return out or ""
 
 
 def failed(name: str, code: int, stderr: str) -> CommandFailed:
@@ -82,13 +102,7 @@ def summary(stderr: str) -> str:
 
 def stream(argv: Sequence[str], sink: Callable[[bytes], None]) -> None:
     """Run ``argv`` and feed its stdout to ``sink`` chunk by chunk."""
-    log.debug("running %s", shown(argv))
-    proc = subprocess.Popen(
-        bound(argv),
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = start(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert proc.stdout is not None
         while chunk := proc.stdout.read(CHUNK):
@@ -96,5 +110,6 @@ def stream(argv: Sequence[str], sink: Callable[[bytes], None]) -> None:
     finally:
         proc.stdout.close()
         _, err = proc.communicate()
+    GROUP.check()  # Interrupted if we stopped it: its complaints are not news
     if proc.returncode != 0:
         raise failed(argv[0], proc.returncode, err.decode(errors="replace"))

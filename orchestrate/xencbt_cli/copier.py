@@ -80,7 +80,7 @@ class Copier:
         if not shutil.which("nbdkit"):
             raise CliError("nbdkit is not installed (apt install nbdkit nbdkit-plugin-python)")
         self.settings = settings
-        self.password = password  # "+FILE"
+        self.password = password  # "password=+FILE" or "session=+FILE"
         self.connections = connections
         self.progress = progress
         self.retry_timeout = retry_timeout
@@ -88,7 +88,7 @@ class Copier:
 
     def params(self, snapshot: str, since: str | None, connections: int) -> list[str]:
         s = self.settings
-        params = ["xapi=%s" % s.xapi, "user=%s" % s.user, "password=%s" % self.password]
+        params = ["xapi=%s" % s.xapi, "user=%s" % s.user, self.password]
         if s.xapi_cafile:
             params.append("xapi-cafile=%s" % s.xapi_cafile)
         if s.thumbprint:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import signal
 
 from xencbt_core.errors import AuthenticationFailed, XencbtError
 
@@ -14,7 +15,9 @@ PARTIAL = 3
 VERIFY_FAILED = 4
 LOCKED = 5
 AUTH = 6
-INTERRUPTED = 130
+HUNG_UP = 129  # 128 + the signal, as a shell reports it: SIGHUP
+INTERRUPTED = 130  # SIGINT (Ctrl-C)
+TERMINATED = 143  # SIGTERM
 
 
 class CliError(XencbtError):
@@ -63,6 +66,22 @@ class VerifyFailed(CliError):
     """A point failed verification; the message names it."""
 
     exit_code = VERIFY_FAILED
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived: the children are stopped, what the run had
+    half done is undone on the way out.  A KeyboardInterrupt, so that ``except
+    Exception`` never swallows it; exit code 128 + the signal, as a shell reports it."""
+
+    def __init__(self, signum: int, reported: bool = False):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.reported = reported  # the command already said what was undone
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
 
 
 def exit_code(error: BaseException) -> int:

@@ -51,12 +51,12 @@ def reader(path: Path) -> list[str]:
 
 @contextlib.contextmanager
 def random_access(path: Path) -> Iterator:
-    """What the image shows, random access: qemu-nbd (socket activated, bound to us, so
-    it never outlives us) read through libnbd."""
+    """What the image shows, random access: qemu-nbd (socket activated by libnbd, in the
+    children's process group, so it never outlives us) read through libnbd."""
     import nbd
 
     h = nbd.NBD()
-    argv = command.bound(["qemu-nbd", "-r", "-f", "qcow2", str(path)])
+    argv = command.joined(["qemu-nbd", "-r", "-f", "qcow2", str(path)])
     log.debug("running %s", command.shown(argv))
     try:
         h.connect_systemd_socket_activation(argv)

@@ -16,8 +16,9 @@ from xencbt_core import __version__
 from xencbt_core.errors import ConfigError, XencbtError
 from xencbt_core.secret import ScrubFilter, scrub
 
-from . import errors, progress, repoconfig, report, restore, settings, verify
-from .errors import UsageError
+from . import errors, progress, repoconfig, report, restore, settings, signals, verify
+from .children import GROUP
+from .errors import Interrupted, UsageError
 
 log = logging.getLogger("xencbt_cli")
 
@@ -30,17 +31,18 @@ exit codes:
   4  verify failed (the message names every failing point)
   5  a VDI chain is locked by another xencbt (the message names it, with its pid); see --wait
   6  authentication failed: the pool refused the user or password (password changed?)
-130 interrupted
+130 interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP: either way the
+    copies are stopped, the snapshot destroyed, partial files removed, locks released
 With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.
 
 global options may also follow COMMAND (xencbt list --repo R --json).
 
-connection settings: --xapi/--user/--password-file override $XENCBT_XAPI, $XENCBT_USER,
-$XENCBT_PASSWORD_FILE, which override the config file (--config, else
-/etc/xencbt/xencbt.conf, else ~/.config/xencbt/xencbt.conf; INI section [xencbt] with
-xapi, user, password_file, xapi_cafile, thumbprint, repo; "; comment" after a value is a
-comment). The password is only ever read from a file (or stdin with --password-file -),
-never taken on the command line.
+connection settings: --xapi/--user/--password-file/--session-file override $XENCBT_XAPI,
+$XENCBT_USER, $XENCBT_PASSWORD_FILE, $XENCBT_SESSION_FILE, which override the config file
+(--config, else /etc/xencbt/xencbt.conf, else ~/.config/xencbt/xencbt.conf; INI section
+[xencbt] with xapi, user, password_file, session_file, xapi_cafile, thumbprint, repo;
+"; comment" after a value is a comment). The password is only ever read from a file (or
+stdin with --password-file -), never taken on the command line.
 """
 
 
@@ -68,6 +70,12 @@ def add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         metavar="FILE",
         default=default(None),
         help="file holding the password, or -",
+    )
+    p.add_argument(
+        "--session-file",
+        metavar="FILE",
+        default=default(None),
+        help="file holding a logged-in session ref to reuse instead (never logged out)",
     )
     p.add_argument(
         "--xapi-cafile", metavar="FILE", default=default(None), help="CA or certificate of the API"
@@ -160,7 +168,11 @@ def parser() -> argparse.ArgumentParser:
         metavar="OCTAL",
         help="permissions of --to-file (default 0600)",
     )
-    r.add_argument("--force", action="store_true", help="overwrite an existing file")
+    r.add_argument(
+        "--force",
+        action="store_true",
+        help="overwrite an existing file, or a VDI in use or of another VM (--to-vdi)",
+    )
 
     v = sub.add_parser("verify", parents=g, help="check images, chains and checksums (read-only)")
     v.add_argument("vdis", nargs="*", metavar="VDI")
@@ -219,10 +231,19 @@ def parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-psk", metavar="FILE", help="TLS with this PSK file (user:hexkey)")
     tls.add_argument("--tls-certificates", metavar="DIR", help="TLS with DIR/{ca,server}-*.pem")
 
+    files_parser(sub, g)
+
     n = sub.add_parser("nbd", parents=g, help="NBD on the pool's networks")
     n.add_argument("action", choices=("status", "enable", "disable"))
     n.add_argument("--network", metavar="NAME|UUID")
     n.add_argument("--insecure", action="store_true", help="insecure_nbd (no TLS)")
+    n.add_argument(
+        "--wait-timeout",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="enable: how long to wait for every host to serve NBD (default 60)",
+    )
     return p
 
 
@@ -270,6 +291,43 @@ class StderrHandler(logging.StreamHandler):
         pass
 
 
+class IntermixedParser(argparse.ArgumentParser):
+    """PATHs may follow options (``files get VM --at P /etc --to D``): a plain parse gives
+    every positional its values at their first run and rejects the later ones."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        if getattr(self, "_mixing", False):  # parse_known_intermixed_args calls us back
+            return super().parse_known_args(args, namespace)
+        self._mixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._mixing = False
+
+
+def files_parser(sub, parents: list) -> None:
+    f = sub.add_parser(
+        "files", parents=parents, help="list or extract files of a point (libguestfs, no root)"
+    )
+    f.__class__ = IntermixedParser
+    f.add_argument("action", choices=("ls", "get"))
+    f.add_argument("target", metavar="VM|VDI", help="as in list: uuid, prefix or name")
+    f.add_argument(
+        "paths",
+        nargs="*",
+        metavar="PATH",
+        help="FS:/path (FS as files ls names it) or /path under the guest OS's root",
+    )
+    f.add_argument("--repo", metavar="DIR")
+    f.add_argument("--at", metavar="POINT", help="point id (default: the newest)")
+    f.add_argument("--long", "-l", action="store_true", help="ls: type, mode, size, time")
+    out = f.add_mutually_exclusive_group()
+    out.add_argument("--to", metavar="DIR", help="get: extract into DIR")
+    out.add_argument("--tar", metavar="FILE|-", help="get: write a tar archive")
+    f.add_argument("--force", action="store_true", help="get: replace existing files")
+    f.add_argument("--guest-key-file", metavar="FILE", help="passphrase of LUKS volumes")
+
+
 def configure_logging(verbose: int) -> None:
     handler = StderrHandler()
     handler.addFilter(ScrubFilter())
@@ -298,6 +356,7 @@ def repository(args, conf: settings.Settings):
 def cmd_backup(args, conf: settings.Settings) -> int:
     from .backup import Backup
     from .copier import Copier
+    from .network import warn_if_insecure
     from .pool import Pool
 
     if not 1 <= args.connections <= 16:
@@ -311,6 +370,7 @@ def cmd_backup(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
     config = repoconfig.ensure(repo, say)
     with conf.session() as session, conf.plugin_password() as password:
+        warn_if_insecure(session, say)
         # Progress is xencbt's own lines (progress.py), not qemu-img's -p counter.
         copier = Copier(conf, password, args.connections, False, args.retry_timeout)
         copier.compression = config.compression
@@ -391,7 +451,7 @@ def cmd_restore(args, conf: settings.Settings) -> int:
             if args.to_sr:
                 m, target = to_sr(pool, repo, args.vdi, args.at, args.to_sr)
             else:
-                m, target = to_vdi(pool, repo, args.vdi, args.at, args.to_vdi)
+                m, target = to_vdi(pool, repo, args.vdi, args.at, args.to_vdi, args.force)
     if args.json:
         report.emit_json({"restored": asdict(m), "to": target})
     else:
@@ -527,7 +587,7 @@ def cmd_nbd(args, conf: settings.Settings) -> int:
                     print("%-40s %-36s %s" % (r["name"], r["uuid"], r["mode"] or "-"))
             return errors.OK
         if args.action == "enable":
-            nets.enable(args.network, args.insecure)
+            nets.enable(args.network, args.insecure, args.wait_timeout)
         else:
             nets.disable(args.network)
     return errors.OK
@@ -541,6 +601,22 @@ def cmd_serve(args, conf: settings.Settings) -> int:
 
 SHOWS_PROGRESS = ("backup", "restore", "verify")
 
+
+def cmd_files(args, conf: settings.Settings) -> int:
+    from . import files
+
+    if args.action == "get" and not (args.to or args.tar):
+        raise UsageError("files get: give --to DIR or --tar FILE|-")
+    result = files.run(args, repository(args, conf), say)
+    if args.json and args.tar != "-":  # stdout holds the archive then
+        report.emit_json(result)
+    elif args.action == "ls":
+        files.print_result(result, args.long)
+    else:
+        say("extracted %s" % files.summary(result))
+    return errors.OK
+
+
 COMMANDS = {
     "backup": cmd_backup,
     "init": cmd_init,
@@ -552,6 +628,7 @@ COMMANDS = {
     "repair": cmd_repair,
     "nbd": cmd_nbd,
     "serve": cmd_serve,
+    "files": cmd_files,
 }
 
 
@@ -567,12 +644,14 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         return fail(str(e), errors.USAGE, as_json)
     configure_logging(args.verbose)
+    signals.catch()
     try:
         conf = settings.resolve(
             {
                 "xapi": args.xapi,
                 "user": args.user,
                 "password_file": args.password_file,
+                "session_file": args.session_file,
                 "xapi_cafile": args.xapi_cafile,
                 "thumbprint": args.thumbprint,
                 "repo": getattr(args, "repo", None),
@@ -582,6 +661,14 @@ def main(argv: list[str] | None = None) -> int:
         shown = args.command in SHOWS_PROGRESS and progress.wanted(args.json)
         with progress.shown(shown):
             return COMMANDS[args.command](args, conf)
+    except Interrupted as e:
+        log.debug("interrupted at", exc_info=True)
+        message = "interrupted by %s; nothing half-done was kept" % e.name
+        if not e.reported:  # a backup said per VM what it undid
+            say("xencbt: %s" % message)
+        if args.json:
+            report.emit_json({"error": message, "exit_code": e.exit_code})
+        return e.exit_code
     except KeyboardInterrupt:
         return fail("interrupted", errors.INTERRUPTED, args.json)
     except BrokenPipeError:
@@ -596,6 +683,8 @@ def main(argv: list[str] | None = None) -> int:
         # The repository's or the target's file system said no (full, read-only, gone):
         # one line naming the file, not a traceback.
         return fail(errors.describe_os_error(e), errors.ERROR, args.json)
+    finally:
+        GROUP.close()
 
 
 def fail(message: str, code: int, as_json: bool) -> int:

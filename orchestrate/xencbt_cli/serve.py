@@ -36,6 +36,7 @@ from xencbt_core import nbdproto
 from . import command
 from .copier import Copier, plugin
 from .errors import OK, CliError, CommandFailed, UsageError
+from .network import warn_if_insecure
 from .pool import Pool
 from .repository import UUID, Repository
 
@@ -48,10 +49,11 @@ READY_TIMEOUT = 120  # the plugin logs in to XAPI before it serves
 SNAPSHOT_NAME = "xencbt-serve"
 CONNECTIONS = 2  # upstream connections of a snapshot served for mounting (of 16 per host)
 CERT_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGINT arrived: the normal end of a serve."""
+    """SIGTERM, SIGINT or SIGHUP arrived: the normal end of a serve."""
 
 
 @dataclass(frozen=True)
@@ -247,9 +249,7 @@ def _activated(sock: socket.socket) -> Callable[[], None]:
 def run_server(argv: list[str], sock: socket.socket, ready: Callable[[], None]) -> None:
     """Run the server on ``sock`` until SIGINT/SIGTERM (return) or its own exit (raise)."""
     log.info("running %s", command.shown(argv))
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, pass_fds=(LISTEN_FD,), preexec_fn=_activated(sock)
-    )
+    proc = command.start(argv, pass_fds=(LISTEN_FD,), preexec_fn=_activated(sock))
     try:
         wait_ready(sock, proc, argv[0])
         ready()
@@ -312,15 +312,16 @@ def _raise_stopped(signum, frame) -> None:
 
 
 def _quiet() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for s in STOP_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
 def stop_signals() -> Iterator[None]:
-    """SIGTERM and SIGINT end a serve (SIGINT too when started ignoring it, as a background
-    job of a script does: ``kill -INT`` must still stop it); old handlers come back after."""
-    old = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    """SIGTERM, SIGHUP and SIGINT end a serve (SIGINT too when started ignoring it, as a
+    background job of a script does: ``kill -INT`` must still stop it); old handlers come
+    back after."""
+    old = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     for s in old:
         signal.signal(s, _raise_stopped)
     try:
@@ -403,6 +404,7 @@ def serve(args, conf, repo: Repository | None, say: Callable[[str], None]) -> in
         if args.at:
             raise UsageError("--at names a backup point; --snapshot serves the live VDI")
         with conf.session() as session, conf.plugin_password() as password:
+            warn_if_insecure(session, say)
             server.snapshot(Pool(session), Copier(conf, password, CONNECTIONS, False), args.vdi)
     return OK
 

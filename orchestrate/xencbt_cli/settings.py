@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xencbt_core.secret import Secret, read_password, write_private
+from xencbt_core.secret import Secret, read_file, read_password, register, write_private
 from xencbt_core.xapi import ApiTrust, Session
 
 from .errors import UsageError
@@ -36,8 +36,13 @@ log = logging.getLogger(__name__)
 SYSTEM_CONFIG = Path("/etc/xencbt/xencbt.conf")
 USER_CONFIG = Path("~/.config/xencbt/xencbt.conf")
 SECTION = "xencbt"
-ENV = {"xapi": "XENCBT_XAPI", "user": "XENCBT_USER", "password_file": "XENCBT_PASSWORD_FILE"}
-KEYS = ("xapi", "user", "password_file", "xapi_cafile", "thumbprint", "repo")
+ENV = {
+    "xapi": "XENCBT_XAPI",
+    "user": "XENCBT_USER",
+    "password_file": "XENCBT_PASSWORD_FILE",
+    "session_file": "XENCBT_SESSION_FILE",
+}
+KEYS = ("xapi", "user", "password_file", "session_file", "xapi_cafile", "thumbprint", "repo")
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Settings:
     xapi: str = ""
     user: str = "root"
     password_file: str = ""
+    session_file: str = ""
     xapi_cafile: str = ""
     thumbprint: str = ""
     repo: str = ""
@@ -56,11 +62,13 @@ class Settings:
     def require_pool(self) -> None:
         if not self.xapi:
             raise UsageError("no pool given: use --xapi URL, XENCBT_XAPI or xapi= in the config")
-        if not self.password_file:
+        if not self.password_file and not self.session_file:
             raise UsageError(
                 "no password given: use --password-file FILE (mode 0600), "
                 "XENCBT_PASSWORD_FILE or password_file= in the config"
             )
+        if self.password_file and self.session_file:
+            raise UsageError("give a password file or a session file, not both")
 
     def password(self) -> Secret:
         # Read once: from stdin (``-``) there is no second chance.
@@ -78,20 +86,29 @@ class Settings:
         return self._password
 
     def session(self) -> Session:
+        """Logged in with the password, or the session of ``session_file`` (reused, never
+        logged out; on a pool member it is taken to the master like a login)."""
         self.require_pool()
+        if self.session_file:
+            ref = Secret(register(read_file(self.session_file, "session")))
+            return Session(self.xapi, self.trust(), self.user, session_ref=ref)
         return Session(self.xapi, self.trust(), self.user, password=self.password())
 
     @contextlib.contextmanager
     def plugin_password(self) -> Iterator[str]:
-        """A ``password=+FILE`` value for the plugin; a private temp copy if read from stdin."""
+        """The plugin's credential parameter: ``password=+FILE`` (a private temp copy if
+        read from stdin) or ``session=+FILE``."""
+        if self.session_file:
+            yield "session=+" + self.session_file
+            return
         if self.password_file != "-":
-            yield "+" + self.password_file
+            yield "password=+" + self.password_file
             return
         secret = self.password()
         with tempfile.TemporaryDirectory(prefix="xencbt-") as tmp:
             path = os.path.join(tmp, "password")
             write_private(path, secret.reveal() + "\n")
-            yield "+" + path
+            yield "password=+" + path
 
 
 def warn_if_exposed(path: str) -> None:

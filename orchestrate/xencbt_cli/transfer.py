@@ -14,14 +14,14 @@ import struct
 
 from xencbt_core.errors import XapiError, XencbtError
 
-from . import command, testhook
+from . import command, progress, testhook
 from .digest import Reading
-from .errors import CliError
+from .errors import CliError, Interrupted
 from .hosthttp import Download, ImportFailed, Upload
 from .image import random_access, reader
 from .pool import Pool
 from .repository import UUID, Repository
-from .restore import check
+from .restore import check, in_use
 
 INCOMPLETE = " (restore incomplete)"  # name suffix until the import is proven complete
 
@@ -64,16 +64,20 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
         "tags": [],
     }
     ref = pool.call("VDI.create", record)
-    uuid = pool.call("VDI.get_uuid", ref)
+    uuid = "(new)"  # until known: interrupted before, the cleanup still has the ref
     try:
+        uuid = pool.call("VDI.get_uuid", ref)
         reading = Reading(m, chain.sums_path(m.point))
+        label = "%s disk %s: restore %s" % (m.vm_name, m.userdevice, m.point)
         with Upload(pool, ref, m.virtual_size, chunked=False) as upload:
+            with progress.task(label, m.virtual_size) as advance:
 
-            def send(data: bytes) -> None:
-                reading.update(data)
-                upload.send(data)
+                def send(data: bytes) -> None:
+                    reading.update(data)
+                    upload.send(data)
+                    advance(len(data))
 
-            command.stream(reader(chain.image_path(m.point)), send)
+                command.stream(reader(chain.image_path(m.point)), send)
             upload.finish()
         check(reading, "the new VDI is destroyed", chain)
         pool.call("VDI.set_name_label", ref, name)
@@ -83,8 +87,11 @@ def to_sr(pool: Pool, repo: Repository, vdi: str, at: str | None, sr: str):
             "restore of VDI %s point %s to SR %s failed: %s; %s"
             % (m.vdi_uuid, m.point, sr, e.reason, gone)
         ) from None
-    except BaseException:
-        log.warning("restore failed: %s", _destroy(pool, ref, uuid))
+    except BaseException as e:
+        gone = _destroy(pool, ref, uuid)
+        # Interrupted and cleaned up: main says "nothing half-done was kept", no more.
+        quiet = isinstance(e, (Interrupted, KeyboardInterrupt)) and gone.endswith("destroyed")
+        (log.info if quiet else log.warning)("restore failed: %s", gone)
         raise
     return m, uuid
 
@@ -123,22 +130,28 @@ def differing(pool: Pool, ref: str, h, size: int, reading: Reading) -> list[tupl
     return extents
 
 
-def _send_frames(upload: Upload, h, extents: list[tuple[int, int]]) -> None:
+def _send_frames(upload: Upload, h, extents: list[tuple[int, int]], advance) -> None:
     for offset, n in extents:
         testhook.pause("vdi-extent")
         upload.send(FRAME.pack(offset, n))
         for pos in range(offset, offset + n, CHUNK):
-            upload.send(h.pread(min(CHUNK, offset + n - pos), pos))
+            data = h.pread(min(CHUNK, offset + n - pos), pos)
+            upload.send(data)
+            advance(len(data))
     upload.send(FRAME.pack(0, 0))
 
 
-def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
+def to_vdi(
+    pool: Pool, repo: Repository, vdi: str, at: str | None, target: str, force: bool = False
+):
     """Overwrite VDI ``target`` with the point, writing only the blocks that differ."""
     chain = repo.find(vdi)
     m = chain.get(at)
     ref = pool.vdi_ref(target)
     if ref is None:
         raise CliError("no VDI %s in the pool" % target)
+    if not force:
+        in_use(pool, ref, target, m)
     size = int(pool.call("VDI.get_virtual_size", ref))
     if size < m.virtual_size:
         raise CliError(
@@ -156,10 +169,15 @@ def to_vdi(pool: Pool, repo: Repository, vdi: str, at: str | None, target: str):
             m.point,
             target,
         )
+        if force:
+            again += " --force"
         upload: Upload | None = None
         try:
+            label = "%s disk %s: restore %s" % (m.vm_name, m.userdevice, m.point)
+            changed = sum(n for _, n in extents)
             with Upload(pool, ref, length, chunked=True) as upload:
-                _send_frames(upload, h, extents)
+                with progress.task(label, changed) as advance:
+                    _send_frames(upload, h, extents, advance)
                 upload.finish()
         except ImportFailed as e:
             if not e.started:

@@ -57,6 +57,7 @@ class Backend:
             self.source = XapiSource(self.session, p.vdi)
             if p.since:
                 bitmap = self.source.changed_since(p.since)
+        self._warn_if_plain(self.source.targets())
         self.pool = Pool(self.source, self.expectation, p.connections, p.timeout, p.retry_timeout)
         size = self.pool.start()
         if isinstance(self.source, XapiSource):
@@ -67,9 +68,23 @@ class Backend:
         self._log_summary(bitmap, size)
         return self.export
 
+    def _warn_if_plain(self, targets: list[Target]) -> None:
+        plain = [str(t) for t in targets if t.plain]
+        if plain:
+            log.warning(
+                "the pool serves this disk over NBD WITHOUT TLS (network purpose "
+                "insecure_nbd, read from XAPI): disk data crosses the network unencrypted "
+                "to %s; `xencbt nbd enable` without --insecure switches to TLS",
+                ", ".join(plain),
+            )
+
     def expectation(self, target: Target) -> Expectation | None:
-        """How to verify ``target``; None means plain NBD (only with tls=off)."""
+        """How to verify ``target``; None means plain NBD: on an insecure_nbd network (as
+        XAPI says), or with tls=off for an nbd-info= record without a certificate.  A
+        target on an nbd network always gets TLS, whatever its server offers."""
         p = self.params
+        if target.plain:
+            return None
         if p.verify == "ca":
             return Expectation("ca", target.cert, target.subject, p.cafile)
         if target.cert:

@@ -54,6 +54,11 @@ class ConnectionDead(UpstreamError):
     """The connection dropped or could not be made; a fresh one may succeed."""
 
 
+class Unreachable(ConnectionDead):
+    """Nothing accepted a TCP connection at that address (dead, filtered, or not one the
+    NBD server listens on, like a host's IPv6 addresses)."""
+
+
 class PayloadCut(ConnectionDead):
     """The connection died in the middle of a read's data.  What arrived is good (the host
     sends data only as it reads it, after a success header): ``received`` bytes of it."""
@@ -72,7 +77,8 @@ class ProtocolError(UpstreamError):
 
 
 class RequestFailed(UpstreamError):
-    """The server answered one request with an NBD error; the connection is fine."""
+    """The server answered one request with an NBD error.  The host's server serves no
+    more on that connection afterwards, so it is dropped; a fresh one may be opened."""
 
     def __init__(self, message: str, error: int):
         super().__init__(message)

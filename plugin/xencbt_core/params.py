@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, fields
 
 from .errors import ConfigError
 from .pool import MAX_CONNECTIONS
-from .secret import Secret, read_file, read_password
+from .secret import Secret, read_file, read_password, register
 from .trust import MODES
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
@@ -31,7 +31,8 @@ HELP = {
     "key; ca: chain to cafile= and match get_nbd_info's subject",
     "cafile": "CA bundle for verify=ca",
     "connections": "upstream NBD connections, 1..%d (default 4)" % MAX_CONNECTIONS,
-    "tls": "require (default) or off: off accepts a host whose NBD network is insecure_nbd",
+    "tls": "require (default) or off: off accepts an nbd-info= record without a certificate "
+    "(with xapi=, an insecure_nbd network is read from XAPI and served plain, with a warning)",
     "nbd-info": "+FILE with a get_nbd_info record (JSON object or list): no XAPI needed",
     "changed": "+FILE with a base64 bitmap as list_changed_blocks returns (with nbd-info=)",
     "timeout": "seconds to wait for the NBD server on each operation (default 60)",
@@ -78,7 +79,7 @@ class Params:
     def _set_session(self, key: str, value: str) -> None:
         if not value.startswith("+"):
             raise ConfigError("session= takes +FILE (a session ref on the command line leaks)")
-        self.session = Secret(read_file(value[1:], "session"))
+        self.session = Secret(register(read_file(value[1:], "session")))
 
     def _set_nbd_info(self, key: str, value: str) -> None:
         self.nbd_info = _plus_file(key, value)

@@ -32,12 +32,13 @@ from .errors import (
     ProtocolError,
     RequestFailed,
     RetriesExhausted,
+    Unreachable,
     UpstreamError,
 )
 from .nbdproto import SECTOR
 from .slots import Slot, Slots, host_key
 from .trust import Expectation
-from .upstream import MAX_REQUEST, Connection, Target
+from .upstream import MAX_REQUEST, Connection, Target, preference
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +134,9 @@ class Pool:
             try:
                 conn.pread_into(view, offset)
             except RequestFailed:
-                self._release(conn, healthy=True)
+                # The host's server stops serving a connection once it has sent an error
+                # reply (nbd lib/server.ml ``serve``): never lend this one out again.
+                self._release(conn, healthy=False, polite=False)
                 raise
             except PayloadCut as e:
                 # Keep the whole sectors that arrived; ask only for the rest, so a link
@@ -209,7 +212,7 @@ class Pool:
         )
         self._limit = self._live
 
-    def _release(self, conn: Connection, healthy: bool) -> None:
+    def _release(self, conn: Connection, healthy: bool, polite: bool | None = None) -> None:
         with self._lock:
             keep = healthy and not self._closed
             if keep:
@@ -217,7 +220,7 @@ class Pool:
             else:
                 self._live -= 1
         if not keep:
-            self._retire(conn, polite=healthy)
+            self._retire(conn, polite=healthy if polite is None else polite)
         self._wake()
 
     def _retire(self, conn: Connection, polite: bool) -> None:
@@ -261,11 +264,19 @@ class Pool:
                 self._wait_for_slot(targets)
 
     def _try_targets(self, targets: list[Target]) -> Connection:
-        """Try every address of the export, starting with the one that last worked."""
+        """Try the export's addresses, IPv4 first, the one that last worked first among
+        its kind.  Once a server answered on IPv4 (busy at its 16 connections, say), the
+        IPv6 addresses are not tried: xapi-nbd listens on IPv4 only, and a dead address
+        costs a connect timeout.  Each attempt holds one of this machine's slots for the
+        host (slots.py)."""
         errors, busy = [], 0
-        order = list(range(len(targets)))
-        order = order[self._preferred :] + order[: self._preferred]
+        order = sorted(
+            range(len(targets)), key=lambda i: (preference(targets[i]), i != self._preferred)
+        )
+        answered = False
         for i in order:
+            if answered and preference(targets[i]) > 0:
+                break
             slot = self.slots.try_take(_key(targets[i]))
             if slot is None:
                 busy += 1
@@ -277,6 +288,7 @@ class Pool:
                 if not isinstance(e, ConnectionDead):
                     raise
                 errors.append(str(e))
+                answered = answered or not isinstance(e, Unreachable)
                 continue
             with self._lock:
                 self._held[id(conn)] = slot

@@ -6,6 +6,7 @@ Both are ``TargetSource``s for the pool: ``targets()`` are the get_nbd_info reco
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import threading
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from .cbt import Bitmap
 from .errors import ChainBroken, ConfigError, UpstreamError, XapiError
 from .inuse import InUseRetry
-from .upstream import Target
+from .upstream import Target, by_preference, host_address
 from .xapi import Session
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,7 @@ class FileSource:
         records = data if isinstance(data, list) else [data]
         if not records or not all(isinstance(r, dict) for r in records):
             raise ConfigError("nbd-info file %s holds no get_nbd_info record" % self.path)
-        return [Target.from_record(r) for r in records]
+        return by_preference([Target.from_record(r) for r in records])
 
     def targets(self) -> list[Target]:
         return self._targets
@@ -142,5 +143,24 @@ class XapiSource:
             raise
         if not records:
             raise UpstreamError(EMPTY_NBD_INFO % self.vdi.uuid)
-        self._targets = [Target.from_record(r) for r in records]
+        plain = self._plain_addresses()
+        targets = [Target.from_record(r) for r in records]
+        self._targets = by_preference(
+            [dataclasses.replace(t, plain=t.address in plain) for t in targets]
+        )
         self._generation = self.session.generation
+
+    def _plain_addresses(self) -> set[str]:
+        """Addresses of PIFs on networks whose purpose is insecure_nbd.  get_nbd_info
+        returns a certificate even there (xapi_vdi.ml), so only the network's purpose,
+        read over this verified API session, says the host serves NBD without TLS."""
+        networks = self.session.call("network.get_all_records")
+        insecure = {ref for ref, n in networks.items() if "insecure_nbd" in n.get("purpose", [])}
+        if not insecure:
+            return set()
+        plain = set()
+        for pif in self.session.call("PIF.get_all_records").values():
+            if pif.get("network") in insecure:
+                addresses = [pif.get("IP") or "", *(pif.get("IPv6") or [])]
+                plain |= {host_address(a) for a in addresses if a}
+        return plain

@@ -7,6 +7,7 @@ per host, opened one after another.  libnbd cannot pin certificates, so this is 
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import socket
 import ssl
@@ -21,6 +22,7 @@ from .errors import (
     ProtocolError,
     RequestFailed,
     TrustError,
+    Unreachable,
     UpstreamError,
 )
 from .secret import Secret
@@ -29,24 +31,30 @@ from .trust import Expectation
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 2 * 1024 * 1024  # per NBD_CMD_READ; what Xen Orchestra uses against real hosts
+CONNECT_TIMEOUT = 5.0  # per address: a dead one must not stall the copy (REFERENCE §2)
 
 
 @dataclass(frozen=True)
 class Target:
-    """One get_nbd_info record.  The export name is a Secret: it carries a live session."""
+    """One get_nbd_info record.  The export name is a Secret: it carries a live session.
+
+    ``plain``: the address is on an insecure_nbd network (decided from the network's
+    purpose read over the verified API, never from what the NBD server offers).
+    """
 
     address: str
     port: int
     exportname: Secret = field(repr=False)
     cert: str = field(default="", repr=False)
     subject: str = ""
+    plain: bool = False
 
     @classmethod
     def from_record(cls, record: dict) -> Target:
         try:
             name = record["exportname"]
             return cls(
-                address=str(record["address"]),
+                address=host_address(str(record["address"])),
                 port=int(record["port"]),
                 exportname=name if isinstance(name, Secret) else Secret(str(name)),
                 cert=str(record.get("cert") or ""),
@@ -60,6 +68,28 @@ class Target:
     def __str__(self) -> str:
         host = "[%s]" % self.address if ":" in self.address else self.address
         return "%s:%d" % (host, self.port)
+
+
+def host_address(address: str) -> str:
+    """get_nbd_info gives IPv6 addresses in CIDR form, as PIF.IPv6 stores them
+    (xapi_vdi.ml ``_get_nbd_info``): ``fd00::5/64`` names the host ``fd00::5``."""
+    return address.strip().partition("/")[0]
+
+
+def preference(target: Target) -> int:
+    """Order to try addresses in: xapi-nbd listens on IPv4 only (ocaml/nbd/src/main.ml),
+    so IPv4 first, then global IPv6, then link-local IPv6 (unreachable without a zone)."""
+    try:
+        ip = ipaddress.ip_address(target.address)
+    except ValueError:
+        return 1  # a host name: let the resolver decide
+    if ip.version == 4:
+        return 0
+    return 3 if ip.is_link_local else 2
+
+
+def by_preference(targets: list[Target]) -> list[Target]:
+    return sorted(targets, key=preference)  # stable: the server's order within a kind
 
 
 class Connection:
@@ -76,9 +106,11 @@ class Connection:
     def open(cls, target: Target, expect: Expectation | None, timeout: float) -> Connection:
         """Connect, upgrade to TLS unless ``expect`` is None, verify, send the export name."""
         try:
-            sock = socket.create_connection((target.address, target.port), timeout=timeout)
+            connect_timeout = min(timeout, CONNECT_TIMEOUT)
+            sock = socket.create_connection((target.address, target.port), connect_timeout)
+            sock.settimeout(timeout)
         except OSError as e:
-            raise ConnectionDead(
+            raise Unreachable(
                 "cannot connect to the NBD server %s: %s" % (target, _why(e))
             ) from None
         try:
@@ -182,8 +214,9 @@ def _starttls(sock: socket.socket, target: Target, expect: Expectation) -> ssl.S
     if rtype != P.REP_ACK:
         raise TrustError(
             "the NBD server %s refused TLS (%s); refusing to continue without it: the "
-            "network may be set to insecure_nbd (see `xencbt nbd status`), or something "
-            "between us is stripping TLS" % (target, P.REP_NAMES.get(rtype, hex(rtype)))
+            "network's purpose may have changed less than ~10 s ago (see `xencbt nbd "
+            "status`), or something between us is stripping TLS"
+            % (target, P.REP_NAMES.get(rtype, hex(rtype)))
         )
     try:
         tls = expect.context().wrap_socket(sock, server_hostname=None)

@@ -1,8 +1,9 @@
 """A XAPI session over XML-RPC (standard library only, so it also runs inside nbdkit).
 
-REFERENCE §3: login follows HOST_IS_SLAVE to the master; SESSION_INVALID means log in
-again, which yields a *new* session ref — ``generation`` counts logins so that users of
-export names built from the old ref (get_nbd_info) know to fetch new ones.
+REFERENCE §3: login and calls follow HOST_IS_SLAVE to the master (a session given with
+session= too); SESSION_INVALID means log in again, which yields a *new* session ref —
+``generation`` counts logins so that users of export names built from the old ref
+(get_nbd_info) know to fetch new ones.
 The API's HTTPS certificate is verified: a CA file, a pinned SHA-256 thumbprint, or the
 system CAs; never skipped unless ``insecure`` is asked for explicitly.
 """
@@ -226,11 +227,25 @@ class Session:
         host = "[%s]" % master if ":" in master else master
         netloc = host + (":%d" % parts.port if parts.port else "")
         self.url = urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-        log.info("%s is a pool member; logging in to the master %s", parts.netloc, netloc)
+        log.info("%s is a pool member; talking to the master %s", parts.netloc, netloc)
         self._proxy = self._make_proxy()
 
     def call(self, method: str, *args):
-        """Call ``method`` with the session; log in again once if the session died."""
+        """Call ``method`` with the session, on the master: a member answers a user
+        session's calls with HOST_IS_SLAVE [master] (session_check.ml), so move there,
+        as login does; the session ref stays valid pool-wide."""
+        with self._lock:
+            for _ in range(2):
+                try:
+                    return self._call_once(method, *args)
+                except XapiError as e:
+                    if e.code != "HOST_IS_SLAVE" or not e.params:
+                        raise
+                    self._move_to(e.params[0])
+            raise XapiError("HOST_IS_SLAVE", hint="the master kept redirecting")
+
+    def _call_once(self, method: str, *args):
+        """One call; log in again once if the session died."""
         with self._lock:
             try:
                 return self._raw_call(method, self.ref().reveal(), *args)
@@ -250,6 +265,12 @@ class Session:
             raise XencbtError("cannot reach XAPI at %s: %s" % (self.url, _describe(e))) from None
         except xmlrpc.client.Fault as e:
             raise XencbtError("XAPI at %s: %s" % (self.url, e.faultString)) from None
+        except BaseException:
+            # Interrupted mid-call (Ctrl-C, SIGTERM): xmlrpc.client resets its connection
+            # after an Exception only; left half-way, every later call (the cleanup's, the
+            # logout) would fail with "Request-sent".  Reconnect instead.
+            self._proxy("close")()
+            raise
         return _parse(result)
 
     def logout(self) -> None:

@@ -153,7 +153,8 @@ def guided_tour(api: Api, info: dict, work: Path, log: Path) -> None:
         for v in api("VM.get_VBDs", snap_vm)
         if api("VDI.get_snapshot_of", api("VBD.get_VDI", v)) == vdi
     )
-    (nbd_info,) = api("VDI.get_nbd_info", snap)
+    # IPv4 only: the NBD server does not listen on the PIFs' IPv6 addresses.
+    (nbd_info,) = [i for i in api("VDI.get_nbd_info", snap) if ":" not in i["address"]]
     step(f"reading the snapshot over TLS NBD from {nbd_info['address']}:{nbd_info['port']}")
     tlsdir = work / "tls"
     tlsdir.mkdir()

@@ -3,7 +3,8 @@
 Shape of a small real pool: host0 is the master; one ``ext`` SR (shared when there are
 several hosts, a PBD per host: a simplification, local SRs are per host in reality); a
 management network and a dedicated "NBD network", each with a PIF carrying an IP on
-every host; dom0 control-domain VMs, which clients must filter out.
+every host (the NBD PIFs also carry IPv6 addresses, as a dual-stack pool's do); dom0
+control-domain VMs, which clients must filter out.
 """
 
 from __future__ import annotations
@@ -51,9 +52,11 @@ def build(
         "network", records.network("Pool-wide network associated with eth0", "xenbr0", [])
     )
     nbd = db.add("network", records.network("NBD network", "xenbr1", purpose))
-    for ref, spec in zip(host_refs, hosts):
+    for index, (ref, spec) in enumerate(zip(host_refs, hosts)):
         db.add("PIF", records.pif(ref, mgmt, "eth0", spec.address, management=True))
-        db.add("PIF", records.pif(ref, nbd, "eth1", spec.address, management=False))
+        nbd_pif = records.pif(ref, nbd, "eth1", spec.address, management=False)
+        nbd_pif.update(IPv6=ipv6_addresses(index), ipv6_configuration_mode="Static")
+        db.add("PIF", nbd_pif)
         dom0 = records.vm(f"Control domain on host: {spec.name}", control_domain=True)
         dom0["resident_on"] = ref
         db.add("VM", dom0)
@@ -61,6 +64,13 @@ def build(
         host, sr_ref = placement[i % len(placement)]
         name = "demo-vm" if i == 0 else f"demo-vm-{i + 1}"
         _demo_vm(db, state_dir, name, sr_ref, disk_sizes, host)
+
+
+def ipv6_addresses(index: int) -> list[str]:
+    """A dual-stack NBD PIF's PIF.IPv6: a global address and the link-local one, in CIDR
+    form as xapi stores them.  xapi-nbd listens on IPv4 only, so neither answers NBD; the
+    global one is from the documentation prefix (RFC 3849) so that nothing answers it."""
+    return [f"2001:db8::{index + 1:x}/64", f"fe80::{index + 1:x}/64"]
 
 
 def _local_srs(db: Database, host_refs: list[str], hosts: list[HostSpec]) -> list[tuple]:

@@ -45,6 +45,13 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--session-timeout", type=float, default=86400.0, metavar="SECONDS")
     s.add_argument("--in-use-wait", type=float, default=4.0, metavar="SECONDS")
     s.add_argument("--vbd-cleanup", type=float, default=DEFAULT_CLEANUP, metavar="SECONDS")
+    s.add_argument(
+        "--auth-fail-delay",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="how long a refused login waits before answering (xapi: 5 s)",
+    )
     s.add_argument("--srs", choices=("shared", "local"), default="shared")
 
     g = sub.add_parser("guest-disk", help="serve a live VDI read-write as its guest sees it")
@@ -84,6 +91,7 @@ def _serve(args: argparse.Namespace) -> int:
         session_timeout=args.session_timeout,
         in_use_wait=args.in_use_wait,
         vbd_cleanup=args.vbd_cleanup,
+        auth_fail_delay=args.auth_fail_delay,
         srs=args.srs,
     )
     return run(opts)

@@ -1,9 +1,10 @@
 """The host's NBD server (xapi-nbd): fixed newstyle, forced TLS 1.2, EXPORT_NAME, read-only.
 
 Behaviour follows REFERENCE.md section 2 and the real server's code (xapi-project/nbd
-lib/server.ml, xen-api ocaml/nbd/src/main.ml), including its rough edges: error replies to
-writes and unknown commands end the session, and a read that fails after its success header
-(past the end of the disk, I/O error, injected fault) drops the connection.
+lib/server.ml, xen-api ocaml/nbd/src/main.ml), including its rough edges: every error
+reply (writes, unknown commands, unaligned reads) ends the session, and a read that fails
+after its success header (past the end of the disk, I/O error, injected fault) drops the
+connection.
 """
 
 from __future__ import annotations
@@ -334,14 +335,16 @@ class Session:
                 raise Disconnect(f"bad request magic {magic:#x}")
             if command == CMD_DISC:
                 return
+            # After any error reply the real server stops serving the connection: nbd
+            # lib/server.ml ``serve`` does not loop again once it has sent an error
+            # (nbd-ocaml issue #137); the client sees EOF on its next request.
             if command != CMD_READ:
-                # The real server answers, then stops its loop (nbd-ocaml issue #137).
                 denied = command in (CMD_WRITE, CMD_WRITE_ZEROES)
                 self._error(handle, errno.EPERM if denied else errno.EINVAL)
                 raise Disconnect(f"command {command} refused")
             if offset % SECTOR or length % SECTOR:
                 self._error(handle, errno.EINVAL)
-                continue
+                raise Disconnect(f"unaligned read {offset}+{length} refused")
             self._read(export, handle, offset, length)
 
     def _error(self, handle: int, code: int) -> None:

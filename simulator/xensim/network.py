@@ -37,13 +37,16 @@ def remove_purpose(db: Database, ref: str, value: str) -> None:
 
 def host_modes(db: Database) -> dict[str, str | None]:
     """host ref -> "tls" | "notls" | None, from the purposes of the networks on which the
-    host has a PIF with an IP address."""
+    host has a currently attached PIF with an IPv4 address (xapi-nbd listens on IPv4
+    only: xen-api ocaml/nbd/src/main.ml binds a PF_INET socket)."""
     modes: dict[str, str | None] = {}
     for host in db.refs("host"):
         mode = None
         for pif in db.find("PIF", host=host):
             rec = db.get("PIF", pif)
-            if not rec["IP"] or not db.exists("network", rec["network"]):
+            if not rec["IP"] or not rec.get("currently_attached", True):
+                continue
+            if not db.exists("network", rec["network"]):
                 continue
             for purpose in db.get("network", rec["network"])["purpose"]:
                 mode = mode or _MODE.get(purpose)

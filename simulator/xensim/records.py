@@ -63,6 +63,9 @@ def pif(host_ref: str, network_ref: str, device: str, ip: str, management: bool)
         "host": host_ref,
         "network": network_ref,
         "IP": ip,
+        "IPv6": [],  # CIDR form, e.g. "fd00::5/64"; link-local addresses too
+        "ipv6_configuration_mode": "None",
+        "primary_address_type": "IPv4",
         "netmask": "255.0.0.0",
         "gateway": "",
         "ip_configuration_mode": "Static",

@@ -47,6 +47,7 @@ class ServeOptions:
     session_timeout: float = 86400.0
     in_use_wait: float = 4.0
     vbd_cleanup: float = DEFAULT_CLEANUP  # seconds to unplug+destroy an NBD VBD (dom0.py)
+    auth_fail_delay: float = 5.0
     srs: str = "shared"  # or "local": an SR per host, VMs spread over the hosts
 
 
@@ -124,6 +125,7 @@ class Simulator:
                 self.password,
                 session_timeout=opts.session_timeout,
                 in_use_wait=opts.in_use_wait,
+                auth_fail_delay=opts.auth_fail_delay,
                 propagation=opts.propagation,
             ),
         )
@@ -172,6 +174,9 @@ class Simulator:
     def _start_web(self, ref: str, port: int, admin: Admin) -> WebServer:
         cert, key = self._files(ref)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # TLS 1.2 only, like the host's stunnel (xen-api ocaml/xapi/xapi_stunnel_server.ml:
+        # sslVersion = Tls_policy.Openssl.default_version, "TLSv1.2").
+        context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
         context.load_cert_chain(cert, key)
         address = (self.db.get("host", ref)["address"], port)
         master = ref == self.hosts[0]

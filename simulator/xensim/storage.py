@@ -288,14 +288,15 @@ class Storage:
         self.db.remove("VBD", ref)
 
     # -- VM -----------------------------------------------------------------------------
-    def snapshot_vm(self, vm_ref: str, name: str) -> str:
-        """One snapshot VDI per disk, all taken while every disk's lock is held so the
-        set is crash-consistent across the VM's disks."""
+    def snapshot_vm(self, vm_ref: str, name: str, ignore: list[str] | None = None) -> str:
+        """One snapshot VDI per disk (but the ``ignore``d VDIs), all taken while every
+        disk's lock is held so the set is crash-consistent across the VM's disks."""
         vm = self.db.get("VM", vm_ref)
         if vm["is_control_domain"] or vm["is_a_snapshot"]:
             raise XapiError("OPERATION_NOT_ALLOWED", "VM cannot be snapshotted")
         vbds = [(r, self.db.get("VBD", r)) for r in self.db.find("VBD", VM=vm_ref)]
         disks_ = [(r, v) for r, v in vbds if v["type"] == "Disk" and v["VDI"] != NULL_REF]
+        disks_ = [(r, v) for r, v in disks_ if v["VDI"] not in (ignore or [])]
         for _, vbd in disks_:
             # xapi_vm_clone.ml safe_clone_disks destroys the snapshots it made when one
             # fails: checking them all first leaves the same nothing behind.

@@ -63,6 +63,10 @@ class Tasks:
         except Exception as e:  # a bug in the simulator: report it like xapi would
             log.exception("task %s failed", method)
             outcome = {"status": "failure", "error_info": ["INTERNAL_ERROR", str(e)]}
+        self._settle(ref, outcome)
+
+    def _settle(self, ref: str, outcome: dict) -> None:
+        """A pending task's end (a task destroyed meanwhile stays gone)."""
         with self.db.lock:
             if self.db.exists("task", ref):
                 task = self.db.get("task", ref)
@@ -95,12 +99,7 @@ class Tasks:
             outcome = {"status": "failure", "error_info": [str(e) for e in error]}
         else:
             outcome = {"status": "success", "result": result_text(result)}
-        with self.db.lock:
-            if self.db.exists("task", ref):
-                task = self.db.get("task", ref)
-                if task["status"] == "pending":
-                    task.update(outcome, progress=1.0, finished=records.now_stamp())
-                self.db.save()
+        self._settle(ref, outcome)
 
     def end_request(self, ref: str, owned: bool) -> None:
         if owned:

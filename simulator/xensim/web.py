@@ -141,17 +141,39 @@ class Handler(BaseHTTPRequestHandler):
             return False
         return user == "root" and hmac.compare_digest(password, self.server.xapi.options.password)
 
+    def _authorise(self, query: dict[str, str]) -> None:
+        """xen-api ocaml/xapi/xapi_http.ml ``assert_credentials_ok``: a session_id (cookie
+        first, then query) decides alone, valid or not; Basic auth only without one."""
+        session = self._cookies().get("session_id") or query.get("session_id")
+        if session is None:
+            if self._basic_auth_ok():
+                return
+            raise HttpError(401, "Unauthorized")
+        try:
+            self.server.xapi.sessions.check(session)
+        except XapiError:
+            raise HttpError(401, "Unauthorized") from None
+
+    def _cookies(self) -> dict[str, str]:
+        cookies = {}
+        for part in self.headers.get("Cookie", "").split(";"):
+            name, sep, value = part.strip().partition("=")
+            if sep:
+                cookies[name] = value
+        return cookies
+
     # -- raw VDI transfer ---------------------------------------------------------------
     def _vdi_for_transfer(self) -> tuple[str, dict, dict[str, str]]:
         query = self._query()
         xapi = self.server.xapi
-        if not self._basic_auth_ok():
-            try:
-                xapi.sessions.check(query.get("session_id"))
-            except XapiError:
-                raise HttpError(401, "Unauthorized") from None
-        if query.get("format", "raw") != "raw":
+        self._authorise(query)
+        # importexport.ml Format.of_string: raw, vhd, tar, qcow2 in any case; else 404.
+        fmt = query.get("format", "raw").lower()
+        if fmt not in ("raw", "vhd", "tar", "qcow2"):
+            self._finish_task(query, ["INTERNAL_ERROR", f"Unknown format {query['format']}"])
             raise HttpError(404, f"unknown format {query['format']}")
+        if fmt != "raw":
+            raise HttpError(501, f"xensim serves only raw images, not {fmt}")
         name = query.get("vdi", "")
         with xapi.db.lock:
             if xapi.db.exists("VDI", name):
@@ -221,8 +243,10 @@ class Handler(BaseHTTPRequestHandler):
         ref, rec, query = self._vdi_for_transfer()
         if self._redirected(rec):
             return
-        if self.headers.get("Transfer-Encoding"):
-            raise HttpError(403, "Forbidden: import cannot handle a transfer encoding")
+        encoding = self.headers.get("Transfer-Encoding")
+        if encoding:  # import_raw_vdi.ml: "Chunked encoding not yet implemented": 404
+            self._finish_task(query, ["INTERNAL_ERROR", f"Cannot handle encoding: {encoding}"])
+            raise HttpError(404, "Not Found")
         length = int(self.headers.get("Content-Length", 0))
         tasks = self.server.xapi.tasks
         task, owned = tasks.for_request(query.get("task_id"), "VDI.import", self.server.host)

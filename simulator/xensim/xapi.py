@@ -7,6 +7,7 @@ encodings (XML-RPC, JSON-RPC) live in ``rpc.py``.
 from __future__ import annotations
 
 import logging
+import time
 import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from .database import NULL_REF, Database, canonical_class
 from .errors import XapiError
 from .hostile import ApiFaults, Credentials
 from .latency import ApiLatency
-from .sessions import Sessions
+from .sessions import Session, Sessions
 from .storage import Storage
 from .tasks import Tasks
 
@@ -35,6 +36,7 @@ class Options:
     session_timeout: float = 86400.0
     in_use_wait: float = 4.0
     propagation: float = 0.0
+    auth_fail_delay: float = 5.0
 
 
 @dataclass
@@ -60,7 +62,7 @@ class Xapi:
         self.propagation = network.Propagation(network.host_modes(db), options.propagation)
         self.master = db.get("pool", db.refs("pool")[0])["master"]
         self.latency = ApiLatency()
-        self._methods: dict[str, tuple[Handler, int, bool]] = {}
+        self._methods: dict[str, tuple[Handler, int, bool, int]] = {}
         self._register_generic()
         self._register_specific()
 
@@ -73,19 +75,21 @@ class Xapi:
 
     def _call(self, method: str, params: list, host: str) -> Any:
         if method.startswith("Async."):
+            if self.has_method(method[len("Async.") :]) and params:
+                self.check_session(params[0], host)
             return self.tasks.start(method[len("Async.") :], params, host)
         key = self._key(method)
         if key is None:
             raise XapiError("MESSAGE_METHOD_UNKNOWN", method)
-        handler, arity, needs_session = self._methods[key]
+        handler, arity, needs_session, optional = self._methods[key]
         if method.startswith("session.login"):
             if not 2 <= len(params) <= 4:
                 raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, 4, len(params))
             return handler(host, *params)
         expected = arity + (1 if needs_session else 0)
-        if len(params) != expected:
+        if not expected <= len(params) <= expected + optional:
             raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, expected, len(params))
-        session = self.sessions.check(params[0])
+        session = self.check_session(params[0], host)
         with self.db.lock:
             result = handler(Call(session.ref, host), *params[1:])
             if not key.split(".", 1)[1].startswith("get"):
@@ -98,11 +102,23 @@ class Xapi:
         key = f"{cls}.{name}"
         return key if key in self._methods else None
 
+    def check_session(self, ref: object, host: str) -> Session:
+        """xen-api ocaml/xapi/session_check.ml ``check``: a session that is not an
+        intra-pool login (none of ours is) used on a pool member's API gets
+        HOST_IS_SLAVE with the master's address, on every call that takes a session."""
+        session = self.sessions.check(ref)
+        if host != self.master:
+            raise XapiError("HOST_IS_SLAVE", self.db.get("host", self.master)["address"])
+        return session
+
     def has_method(self, method: str) -> bool:
         return self._key(method) is not None
 
-    def _add(self, method: str, handler: Handler, arity: int, session: bool = True) -> None:
-        self._methods[method] = (handler, arity, session)
+    def _add(
+        self, method: str, handler: Handler, arity: int, session: bool = True, optional: int = 0
+    ) -> None:
+        """``optional``: trailing parameters the datamodel lets a caller leave out."""
+        self._methods[method] = (handler, arity, session, optional)
 
     # -- generic per-class calls --------------------------------------------------------
     def _register_generic(self) -> None:
@@ -175,7 +191,18 @@ class Xapi:
         add("VDI.get_nbd_info", self._nbd_info, 1)
         add("VBD.create", lambda c, rec: st.create_vbd(rec), 1)
         add("VBD.destroy", lambda c, r: st.destroy_vbd(r), 1)
-        add("VM.snapshot", lambda c, r, name: st.snapshot_vm(r, name), 2)
+        # ocaml/idl/datamodel_vm.ml: snapshot(vm, new_name[, ignore_vdis]); the VDIs listed
+        # get no snapshot and no VBD in the snapshot VM (xapi_vm_clone.ml ``clone``).
+        add(
+            "VM.snapshot",
+            lambda c, r, name, ignore=(): st.snapshot_vm(r, name, self._vdi_refs(ignore)),
+            2,
+            optional=1,
+        )
+        add("PIF.plug", lambda c, r: self._plug_pif(r, True), 1)
+        add("PIF.unplug", lambda c, r: self._plug_pif(r, False), 1)
+        add("PBD.plug", lambda c, r: self._set("PBD", r, "currently_attached", True), 1)
+        add("PBD.unplug", lambda c, r: self._unplug_pbd(r), 1)
         add("VM.destroy", lambda c, r: st.destroy_vm(r), 1)
         add("VM.set_name_label", lambda c, r, v: self._set("VM", r, "name_label", v), 2)
         add("task.create", lambda c, label, desc: self.tasks.create(label, desc, c), 2)
@@ -183,14 +210,28 @@ class Xapi:
         add("task.cancel", lambda c, r: self.tasks.cancel(r), 1)
 
     def _login(self, host: str, user: Any, password: Any, *rest: Any) -> str:
-        if user != "root" or not self.credentials.accepts(password):
-            raise XapiError("SESSION_AUTHENTICATION_FAILED", user, "Authentication failure")
+        """xen-api ocaml/xapi/xapi_session.ml ``login_with_password``: a member answers
+        HOST_IS_SLAVE before it looks at the password; a refused password costs
+        ``auth_fail_delay`` (xapi: ``thread_delay_and_raise_error``, 5 s against brute
+        force).  Too many sessions of one originator: the least recently active go
+        (``max_sessions_per_originator``, see sessions.py)."""
         if host != self.master:
             raise XapiError("HOST_IS_SLAVE", self.db.get("host", self.master)["address"])
+        if user != "root" or not self.credentials.accepts(password):
+            time.sleep(self.options.auth_fail_delay)
+            raise XapiError("SESSION_AUTHENTICATION_FAILED", user, "Authentication failure")
         originator = str(rest[1]) if len(rest) > 1 else ""
         ref = self.sessions.login(host, str(user), originator).ref
         self.credentials.issued(ref)
+        self.sessions.limit(originator, busy=self._has_pending_task)
         return ref
+
+    def _has_pending_task(self, session: str) -> bool:
+        with self.db.lock:
+            return any(
+                rec.get("_session") == session and rec["status"] == "pending"
+                for rec in self.db.objects["task"].values()
+            )
 
     def move_master(self, host: str) -> str:
         """pool.designate_new_master: ``host`` (a ref) becomes the master; xapi restarts on
@@ -212,33 +253,82 @@ class Xapi:
         self.propagation.changed(network.host_modes(self.db))
         return ""
 
+    def _vdi_refs(self, refs: Any) -> list[str]:
+        if not isinstance(refs, (list, tuple)):
+            raise XapiError("FIELD_TYPE_ERROR", "ignore_vdis")
+        for ref in refs:
+            self.db.get("VDI", ref)
+        return list(refs)
+
+    def _plug_pif(self, ref: str, attached: bool) -> str:
+        """xen-api ocaml/xapi/xapi_pif.ml ``unplug``: the management PIF stays up.  An
+        unplugged PIF drops out of get_nbd_info and its host's NBD server stops serving
+        on it."""
+        rec = self.db.get("PIF", ref)
+        if not attached and rec["management"]:
+            raise XapiError("PIF_IS_MANAGEMENT_INTERFACE", ref)
+        rec["currently_attached"] = attached
+        self.propagation.changed(network.host_modes(self.db))
+        return ""
+
+    def _unplug_pbd(self, ref: str) -> str:
+        """xen-api ocaml/xapi/xapi_pbd.ml ``unplug``: refused with VDI_IN_USE while a VM
+        resident on the PBD's host has a VBD of that SR attached
+        (``get_active_vdis_by_pbd``).  An unplugged PBD drops its host from get_nbd_info."""
+        pbd = self.db.get("PBD", ref)
+        active = [
+            vbd["VDI"]
+            for vm in self.db.find("VM", resident_on=pbd["host"])
+            for vbd in (self.db.get("VBD", v) for v in self.db.find("VBD", VM=vm))
+            if vbd["currently_attached"]
+            and not vbd.get("empty")
+            and self.db.exists("VDI", vbd["VDI"])
+            and self.db.get("VDI", vbd["VDI"])["SR"] == pbd["SR"]
+        ]
+        if active:
+            raise XapiError("VDI_IN_USE", *active)
+        pbd["currently_attached"] = False
+        return ""
+
     def _copy(self, ref: str, sr: str) -> str:
         self.db.get("SR", sr)
         return self.storage.clone(ref)
 
     def _nbd_info(self, call: Call, ref: str) -> list[dict]:
-        """One record per IP, on an NBD-purpose network, of each host that sees the SR."""
+        """xen-api ocaml/xapi/xapi_vdi.ml ``_get_nbd_info``: for each host with a
+        currently_attached PBD of the VDI's SR, every address of its currently_attached
+        PIFs on a network whose purpose has nbd or insecure_nbd: PIF.IP, then each
+        PIF.IPv6 entry as stored (CIDR form, link-local included), although xapi-nbd
+        listens on IPv4 only.  ``cert`` is the host's certificate whatever the purpose:
+        even on insecure_nbd, where the server speaks no TLS."""
         self.storage.refuse_metadata(ref)
         vdi = self.db.get("VDI", ref)
-        hosts = [self.db.get("PBD", p)["host"] for p in self.db.find("PBD", SR=vdi["SR"])]
+        pbds = self.db.find("PBD", SR=vdi["SR"], currently_attached=True)
         exportname = f"/{vdi['uuid']}?session_id={call.session}"
         infos = []
-        for host in hosts:
+        for host in [self.db.get("PBD", p)["host"] for p in pbds]:
             host_rec = self.db.get("host", host)
-            for pif in self.db.find("PIF", host=host):
-                rec = self.db.get("PIF", pif)
-                purposes = self.db.get("network", rec["network"])["purpose"]
-                if rec["IP"] and any(p in network.NBD_PURPOSES for p in purposes):
-                    infos.append(
-                        {
-                            "address": rec["IP"],
-                            "port": self.options.nbd_port,
-                            "cert": host_rec["_certificate"],
-                            "subject": host_rec["_subject"],
-                            "exportname": exportname,
-                        }
-                    )
+            for address in self._nbd_addresses(host):
+                infos.append(
+                    {
+                        "address": address,
+                        "port": self.options.nbd_port,
+                        "cert": host_rec["_certificate"],
+                        "subject": host_rec["_subject"],
+                        "exportname": exportname,
+                    }
+                )
         return infos
+
+    def _nbd_addresses(self, host: str) -> list[str]:
+        addresses = []
+        for pif in self.db.find("PIF", host=host, currently_attached=True):
+            rec = self.db.get("PIF", pif)
+            purposes = self.db.get("network", rec["network"])["purpose"]
+            if any(p in network.NBD_PURPOSES for p in purposes):
+                ipv4 = [rec["IP"]] if rec["IP"] else []
+                addresses += ipv4 + [a for a in rec.get("IPv6", []) if a]
+        return addresses
 
 
 def _typed(cls: str, rec: dict) -> dict:
