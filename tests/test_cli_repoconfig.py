@@ -147,3 +147,34 @@ def test_zstd_incremental_of_a_grown_disk_reads_the_cut_cluster_whole(xensim_fac
     assert disk["type"] == "incremental" and disk["compression"] == "zstd"
     assert served(sim) == 2 * BLOCK
     assert restored(sim, repo, tmp_path, vm.uuids[0]) == vm.models[0]
+
+
+def host_reads(sim) -> int:
+    return sum(c["reads"] for c in sim.control.counters().values())
+
+
+def test_zstd_backups_read_the_host_in_2_mib_requests_and_no_more(xensim_factory, tmp_path):
+    """qemu-img convert -c asks one 64 KiB cluster per request; the plugin (readahead=)
+    still asks the host for 2 MiB at a time, and only for changed blocks."""
+    sim = xensim_factory(disk_sizes="24M", in_use_wait=0.5)
+    repo = tmp_path / "repo"
+    vm = Vm(sim)
+    size = len(vm.models[0])
+    vm.write(0, {0: TEXT, 20 << 20: rand(3 * BLOCK)})
+    sim.control.reset_counters()
+    disk = the_disk(backup(sim, repo, "demo-vm"))
+    assert disk["type"] == "full" and disk["compression"] == "zstd"
+    # The whole disk, once, in windows of 2 MiB: 12 (without readahead: 384 clusters).
+    assert served(sim) == size
+    assert host_reads(sim) == size // (2 << 20), sim.control.counters()
+    # An incremental: a run of 40 changed blocks (blocks 30-69: its part in each of the
+    # 2 MiB windows it touches, 3) and two lone blocks: the host serves exactly the
+    # changed bytes, in 5 requests (without readahead: 42).
+    run = 30 * BLOCK
+    vm.write(0, {run: rand(40 * BLOCK), 200 * BLOCK: rand(BLOCK), 300 * BLOCK: TEXT[:BLOCK]})
+    sim.control.reset_counters()
+    disk = the_disk(backup(sim, repo, "demo-vm"))
+    assert disk["type"] == "incremental" and disk["changed_bytes"] == 42 * BLOCK
+    assert served(sim) == 42 * BLOCK
+    assert host_reads(sim) == 5, sim.control.counters()
+    assert restored(sim, repo, tmp_path, vm.uuids[0]) == vm.models[0]

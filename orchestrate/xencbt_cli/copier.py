@@ -21,6 +21,7 @@ from .errors import CliError
 from .settings import Settings
 
 MAX_PER_HOST = 16  # the host's NBD server closes the 17th connection
+READAHEAD = 2 * 1024 * 1024  # what qemu-img reads per request without -c
 NBDKIT_OPTIONS: list[str] = []
 
 
@@ -98,6 +99,10 @@ class Copier:
             params.append("since=%s" % since)
         if self.retry_timeout is not None:
             params.append("retry-timeout=%g" % self.retry_timeout)
+        if self.compression != "none":
+            # qemu-img convert -c reads one 64 KiB cluster per request: the plugin reads
+            # 2 MiB of each changed run at once, as qemu-img does without -c.
+            params.append("readahead=%d" % READAHEAD)
         return params
 
     def copy(
