@@ -100,8 +100,10 @@ class Readahead:
             if span[0] != end or span[1] <= end:  # the run ends there
                 return
             window, owner = self._claim(span)
-            if owner:
-                threading.Thread(target=self._fill_quietly, args=(span, window)).start()
+            if owner:  # daemon: nbdkit's exit never waits for a read nobody needs now
+                threading.Thread(
+                    target=self._fill_quietly, args=(span, window), daemon=True
+                ).start()
             end = span[1]
 
     def _fill_quietly(self, span: Span, window: _Window) -> None:
