@@ -13,7 +13,7 @@ import time
 
 import pytest
 from cli_support import BLOCK, Vm, backup, rand, restored, xencbt
-from crash_support import group_members, start
+from crash_support import start, wait_gone
 from tally import tally
 from test_cli_backup import corrupt_data_cluster
 from test_cli_repoconfig import compressed_clusters
@@ -116,14 +116,12 @@ def test_copy_killed_at_random_moments_then_rerun_is_complete(sim, tmp_path):
             os.kill(proc.pid, signal.SIGKILL)
             killed += 1
         proc.wait()
-        # A helper killed the very moment it was spawned (before setpriv armed its
-        # pdeathsig) can outlive xencbt: counted, then ended, not hidden.
-        deadline = time.monotonic() + 5
-        while (left := group_members(proc.pid)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if left:
-            tally("helpers outliving a SIGKILLed copy", len(left))
-            os.killpg(proc.pid, signal.SIGKILL)
+        # The children's guard ends everything xencbt started once xencbt is gone
+        # (children.py); what is left is named, ended, and fails the test.
+        left = wait_gone(proc.pid, time.monotonic() + 5.0)
+        for entry in left:
+            os.kill(int(entry.split()[0]), signal.SIGKILL)
+        assert not left, "still running 5 s after the kill: %s" % left
     tally("kills survived", killed)
     assert killed >= 3
     xencbt(sim, "copy", "--repo", str(src), "--to", str(dst))
