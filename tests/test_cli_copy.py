@@ -104,12 +104,18 @@ def test_copy_killed_at_random_moments_then_rerun_is_complete(sim, tmp_path):
     vm = Vm(sim)
     history: dict[str, list[bytes]] = {}
     backups(sim, src, vm, 4, history)
+    xencbt(sim, "copy", "--repo", str(src), "--to", str(scratch))
+    # The time a copy of one new point per disk takes: the least each run below has to
+    # do (a copy of these small disks takes well under a second, so a run left with
+    # nothing new would end before any kill).
+    backups(sim, src, vm, 1, history)
     t0 = time.monotonic()
     xencbt(sim, "copy", "--repo", str(src), "--to", str(scratch))
     duration = time.monotonic() - t0
     rng = random.Random(1515)
     killed = 0
     for _ in range(6):
+        backups(sim, src, vm, 1, history)
         proc = start(sim, "copy", "--repo", str(src), "--to", str(dst))
         time.sleep(rng.uniform(0, duration))
         if proc.poll() is None:
