@@ -6,7 +6,8 @@ binaries (/usr/bin) up to about half its size, the rest free space: what a VM di
 holds, not random bytes.  The incremental changes 1 % of the disk's 64 KiB blocks, half
 with text, half with binary content (copies of other blocks of the same disk).  Both
 are what the orchestrator runs (captive nbdkit with the plugin, ``qemu-img convert`` with
-``copier.convert_options`` for the repository's compression), through the TLS upstream.
+``copier.convert_options`` for the repository's compression, the plugin with
+``copier.readahead_params``), through the TLS upstream.
 Throughput is the disk's (full) or the changed bytes' (incremental) per second; the
 ratio is the data's bytes (the file system's used blocks, or the changed ones) per byte
 on disk.  zstd + encryption is not measured: qcow2 refuses compressed clusters in an
@@ -93,7 +94,7 @@ def backup_once(ctx: Context, disk: Path, out: Path, base: Path | None, mode: st
     options = copier.convert_options(base, ctx.connections, compression=mode)
     run = shlex.join(["qemu-img", "convert", "-f", "raw", *options]) + ' "$uri" ' + str(out)
     with up.running():
-        params = ctx.plugin_params(up.nbd_info())
+        params = [*ctx.plugin_params(up.nbd_info()), *copier.readahead_params(mode)]
         if bitmap is not None:
             params.append("changed=+%s" % bitmap)
         out.unlink(missing_ok=True)
