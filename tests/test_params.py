@@ -37,6 +37,9 @@ def test_password_from_file_is_never_shown(tmp_path):
         (dict(xapi="https://pool", vdi=VDI, password="x" * 8, verify="ca"), "cafile"),
         (dict(xapi="https://pool", vdi=VDI, password="x" * 8, unchanged="skip"), "hole, zero"),
         (dict(xapi="https://pool", vdi=VDI, password="x" * 8, changed="+f"), "since="),
+        (dict(xapi="https://pool", vdi=VDI, password="x" * 8, readahead="65537"), "power of 2"),
+        (dict(xapi="https://pool", vdi=VDI, password="x" * 8, readahead="4096"), "from 65536"),
+        (dict(xapi="https://pool", vdi=VDI, password="x" * 8, readahead="4194304"), "power of 2"),
     ],
 )
 def test_bad_combinations_say_what_to_do(kv, phrase):
@@ -67,3 +70,9 @@ def test_nbd_info_excludes_xapi(tmp_path):
 def test_since_accepted_with_uuid():
     p = make(xapi="pool.example", vdi=VDI, since=BASE, password="x" * 8, connections="16")
     assert p.since == BASE and p.connections == 16
+
+
+def test_readahead_takes_a_window_of_the_host_s_request_size_or_less():
+    assert make(xapi="https://pool", vdi=VDI, password="x" * 8).readahead == 0
+    p = make(xapi="https://pool", vdi=VDI, password="x" * 8, readahead="2097152")
+    assert p.readahead == 2 * 1024 * 1024

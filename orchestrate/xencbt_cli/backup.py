@@ -378,6 +378,7 @@ class Backup:
             manifest.hashed_bytes = hashed
             manifest.seconds = round(time.monotonic() - t0, 3)
             manifest.copy_seconds = round(copy_seconds, 3)
+            manifest.ratio = ratio(manifest.changed_bytes, manifest.bytes_on_disk)
             chain.commit(manifest, sums)
         return manifest
 
@@ -435,6 +436,7 @@ class Backup:
             chunk_size=self.chunk,
             changed_bytes=plan.changed_bytes if plan.base else snap.virtual_size,
             bytes_on_disk=image.disk_usage(final),
+            compression=self.copier.compression,
             started=started,
             finished=now_iso(),
         )
@@ -490,6 +492,11 @@ def summary(m: Manifest, prev: Manifest | None) -> dict:
     d = asdict(m)
     d["previous_snapshot"] = prev.snapshot_uuid if prev else None
     return d
+
+
+def ratio(changed: int, on_disk: int) -> float | None:
+    """How many times smaller the point is on disk than the data it holds changed."""
+    return round(changed / on_disk, 2) if changed and on_disk else None
 
 
 def undone(result: VmResult) -> str:

@@ -68,9 +68,50 @@ def random_access(path: Path) -> Iterator:
         h.shutdown()
 
 
-def flatten(path: Path, out: Path, fmt: str = "qcow2") -> None:
+def compress_options(compression: str) -> list[str]:
+    """qemu-img convert options writing every cluster compressed (qcow2 v3: qemu 5.1+
+    knows compression_type=zstd; a cluster that does not shrink is stored as is).  The
+    compression type is the image's own header field: whoever reads it (qemu-img,
+    qemu-nbd, nbdcopy through them) decompresses transparently."""
+    if compression == "none":
+        return []
+    return ["-c", "-o", "compression_type=%s" % compression]
+
+
+def flatten(path: Path, out: Path, fmt: str = "qcow2", compression: str = "none") -> None:
     """A standalone copy (sparse) of what ``path`` shows, in ``fmt``."""
-    command.run(["qemu-img", "convert", "-f", "qcow2", "-O", fmt, path, out])
+    options = compress_options(compression) if fmt == "qcow2" else []
+    command.run(["qemu-img", "convert", "-f", "qcow2", "-O", fmt, *options, path, out])
+
+
+def onto(path: Path, base: Path, out: Path, compression: str = "none") -> None:
+    """``out``: ``path``'s own clusters over ``base`` (in ``out``'s directory), which must
+    show what ``path``'s backing shows (``convert -B`` trusts that, and copies no more)."""
+    options = compress_options(compression)
+    argv = ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", *options]
+    command.run([*argv, "-B", base.name, "-F", "qcow2", path, out])
+
+
+def rebased(path: Path, base: Path, out: Path, compression: str = "none") -> None:
+    """``out``: what ``path`` shows, backed by ``base`` (same directory) instead of its
+    own backing chain.  A sparse copy of ``path`` is rebased in safe mode (qemu-img
+    compares the old and the new backing and copies into it the clusters where they
+    differ); ``convert -B`` alone would not do (it trusts that the source's backing and
+    the new one show the same and copies only the source's own clusters).  qemu 7.2's
+    rebase has no -c: with compression, a second pass (``convert -c -B``, now right, as
+    the copy's backing is ``base``) writes it compressed."""
+    work = out if compression == "none" else out.with_name(path.name + ".rebase.partial")
+    command.run(["cp", "--sparse=always", "--", path, work])
+    try:
+        command.run(["qemu-img", "rebase", "-f", "qcow2", "-b", base.name, "-F", "qcow2", work])
+        if work != out:
+            options = compress_options(compression)
+            argv = ["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", *options]
+            command.run([*argv, "-B", base.name, "-F", "qcow2", work, out])
+    finally:
+        if work != out:
+            with contextlib.suppress(FileNotFoundError):
+                work.unlink()
 
 
 def fsync(path: Path) -> None:

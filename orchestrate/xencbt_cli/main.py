@@ -16,7 +16,7 @@ from xencbt_core import __version__
 from xencbt_core.errors import ConfigError, XencbtError
 from xencbt_core.secret import ScrubFilter, scrub
 
-from . import errors, progress, report, restore, settings, signals, verify
+from . import errors, progress, repoconfig, report, restore, settings, signals, verify
 from .children import GROUP
 from .errors import Interrupted, UsageError
 
@@ -137,6 +137,15 @@ def parser() -> argparse.ArgumentParser:
         "enabled on a network takes 10 s or more to answer)",
     )
 
+    ini = sub.add_parser("init", parents=g, help="create a repository with its settings")
+    ini.add_argument("--repo", metavar="DIR")
+    ini.add_argument(
+        "--compression",
+        choices=("zstd", "none"),
+        default="zstd",
+        help="of the clusters of new points (default zstd)",
+    )
+
     s = sub.add_parser("list", parents=g, help="list backup points")
     s.add_argument("--repo", metavar="DIR")
 
@@ -194,11 +203,37 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--repo", metavar="DIR")
     rp.add_argument("--wait", action="store_true", help="wait for a locked chain")
 
-    pr = sub.add_parser("prune", parents=g, help="keep the newest N points of every chain")
+    pr = sub.add_parser(
+        "prune",
+        parents=g,
+        help="remove points a retention policy does not keep (restic's --keep-* rules)",
+    )
+    pr.add_argument("vms", nargs="*", metavar="VM", help="VM name or uuid (default: all)")
     pr.add_argument("--repo", metavar="DIR")
-    pr.add_argument("--keep", type=int, required=True, metavar="N")
+    pr.add_argument("--keep", type=keep_count, metavar="N", help="the same as --keep-last N")
+    for rule, what in (
+        ("last", "the newest N points"),
+        ("hourly", "the newest point of each of the last N hours that have one"),
+        ("daily", "the newest point of each of the last N days that have one"),
+        ("weekly", "the newest point of each of the last N ISO weeks that have one"),
+        ("monthly", "the newest point of each of the last N months that have one"),
+        ("yearly", "the newest point of each of the last N years that have one"),
+    ):
+        pr.add_argument(
+            "--keep-" + rule,
+            type=keep_count,
+            default=0,
+            metavar="N",
+            help="keep %s (UTC; N or unlimited)" % what,
+        )
     pr.add_argument("--wait", action="store_true", help="wait for a locked chain")
     pr.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
+
+    cp = sub.add_parser("copy", parents=g, help="copy the points another repository lacks")
+    cp.add_argument("vms", nargs="*", metavar="VM", help="VM name or uuid (default: all)")
+    cp.add_argument("--repo", metavar="DIR", help="the repository to copy from")
+    cp.add_argument("--to", metavar="DIR", required=True, help="the repository to copy into")
+    cp.add_argument("--wait", action="store_true", help="wait for a locked chain")
 
     sv = sub.add_parser(
         "serve", parents=g, help="serve a point (or a live snapshot) read-only over NBD"
@@ -226,6 +261,18 @@ def parser() -> argparse.ArgumentParser:
         help="enable: how long to wait for every host to serve NBD (default 60)",
     )
     return p
+
+
+def keep_count(text: str) -> int:
+    if text == "unlimited":
+        return -1
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError("%r is not a count of 1 or more, or unlimited" % text)
+    return n
 
 
 def file_mode(text: str) -> int:
@@ -337,10 +384,12 @@ def cmd_backup(args, conf: settings.Settings) -> int:
     if not 0 <= args.in_use_timeout < float("inf"):
         raise UsageError("--in-use-timeout must be a number of seconds, 0 or more")
     repo = repository(args, conf)
+    config = repoconfig.ensure(repo, say)
     with conf.session() as session, conf.plugin_password() as password:
         warn_if_insecure(session, say)
         # Progress is xencbt's own lines (progress.py), not qemu-img's -p counter.
         copier = Copier(conf, password, args.connections, False, args.retry_timeout)
+        copier.compression = config.compression
         job = Backup(
             Pool(session, args.in_use_timeout),
             repo,
@@ -364,9 +413,22 @@ def cmd_backup(args, conf: settings.Settings) -> int:
     return codes.pop() if len(codes) == 1 else errors.ERROR
 
 
+def cmd_init(args, conf: settings.Settings) -> int:
+    repo = repository(args, conf)
+    config = repoconfig.RepoConfig(compression=args.compression)
+    repoconfig.init(repo, config)
+    if args.json:
+        report.emit_json({"repository": str(repo.root), "settings": asdict(config)})
+    else:
+        say("created repository %s (%s)" % (repo.root, config.describe()))
+    return errors.OK
+
+
 def cmd_list(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
     listed = report.listing(repo)
+    config = repoconfig.load(repo)
+    listed["settings"] = asdict(config) if config else None
     for chain in repo.chains():
         for point, why in chain.damaged().items():
             say(
@@ -376,6 +438,8 @@ def cmd_list(args, conf: settings.Settings) -> int:
     if args.json:
         report.emit_json(listed)
     else:
+        described = config.describe() if config else "no settings file (older than xencbt init)"
+        print("repository %s: %s" % (repo.root, described))
         report.print_listing(listed)
     return errors.OK
 
@@ -503,20 +567,69 @@ def vm_leftovers(repo, conf: settings.Settings) -> dict[str, list[str]]:
 
 
 def cmd_prune(args, conf: settings.Settings) -> int:
-    from .prune import prune_chain
+    from .prune import retain
+    from .retention import Policy
 
-    if args.keep < 1:
-        raise UsageError("--keep must be at least 1")
-    removed, freed = {}, 0
-    for chain in repository(args, conf).chains():
-        gone, size = prune_chain(chain, args.keep, args.wait, args.dry_run)
-        if gone:
-            removed[chain.vdi_uuid] = gone
-            freed += size
-            say(report.pruned_chain(chain.vdi_uuid, gone, size, args.dry_run))
+    if args.keep is not None and args.keep_last:
+        raise UsageError("--keep is --keep-last: give one of them")
+    policy = Policy(
+        last=args.keep if args.keep is not None else args.keep_last,
+        hourly=args.keep_hourly,
+        daily=args.keep_daily,
+        weekly=args.keep_weekly,
+        monthly=args.keep_monthly,
+        yearly=args.keep_yearly,
+    )
+    if policy.empty():
+        raise UsageError("say what to keep: --keep-last N (or --keep N), --keep-daily N, ...")
+    repo = repository(args, conf)
+    removed, freed, vms = {}, 0, []
+    for vm_uuid, chains in report.vms(repo, args.vms).items():
+        done = retain(chains, policy, args.wait, args.dry_run)
+        vms.append(report.retained(vm_uuid, chains, done))
+        if not args.json:
+            for line in report.retained_lines(vms[-1], args.dry_run):
+                say(line)
+        for vdi, gone in done["removed"].items():
+            say(report.pruned_chain(vdi, gone, done["freed_by_vdi"][vdi], args.dry_run))
+        removed.update(done["removed"])
+        freed += done["freed_bytes"]
     if args.json:
-        report.emit_json({"removed": removed, "freed_bytes": freed, "dry_run": args.dry_run})
-    say(report.pruned(removed, freed, args.keep, args.dry_run))
+        report.emit_json(
+            {
+                "removed": removed,
+                "freed_bytes": freed,
+                "dry_run": args.dry_run,
+                "policy": asdict(policy),
+                "vms": vms,
+            }
+        )
+    say(report.pruned(removed, freed, policy, args.dry_run))
+    return errors.OK
+
+
+def cmd_copy(args, conf: settings.Settings) -> int:
+    from .copy import copy_repository
+    from .repository import Repository
+
+    src = repository(args, conf)
+    dst = Repository(args.to)
+    if dst.root.resolve() == src.root.resolve():
+        raise UsageError("--to names the repository itself")
+    chains = [c for cs in report.vms(src, args.vms).values() for c in cs]
+    copied = copy_repository(src, dst, chains, args.wait, say)
+    if args.json:
+        report.emit_json({"copied": copied, "to": str(dst.root)})
+    say(
+        "copied %s of %s to %s"
+        % (
+            report.several(sum(map(len, copied.values())), "point"),
+            report.several(len(copied), "VDI"),
+            dst.root,
+        )
+        if copied
+        else "nothing to copy: %s has every point" % dst.root
+    )
     return errors.OK
 
 
@@ -566,11 +679,13 @@ def cmd_files(args, conf: settings.Settings) -> int:
 
 COMMANDS = {
     "backup": cmd_backup,
+    "init": cmd_init,
     "list": cmd_list,
     "restore": cmd_restore,
     "restore-vm": cmd_restore_vm,
     "verify": cmd_verify,
     "prune": cmd_prune,
+    "copy": cmd_copy,
     "repair": cmd_repair,
     "nbd": cmd_nbd,
     "serve": cmd_serve,

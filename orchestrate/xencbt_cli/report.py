@@ -7,7 +7,9 @@ import sys
 from dataclasses import asdict
 
 from .backup import VmResult, human
-from .repository import Repository
+from .errors import RepositoryError
+from .repository import Chain, Repository
+from .retention import Policy
 from .vmpoint import all_vm_points
 
 
@@ -31,9 +33,11 @@ def pruned_chain(vdi: str, gone: list[str], size: int, dry_run: bool) -> str:
     )
 
 
-def pruned(removed: dict[str, list[str]], freed: int, keep: int, dry_run: bool) -> str:
+def pruned(removed: dict[str, list[str]], freed: int, policy: Policy, dry_run: bool) -> str:
     if not removed:
-        return "nothing to prune: no chain has more than %s" % several(keep, "point")
+        if policy == Policy(last=policy.last) and policy.last > 0:
+            return "nothing to prune: no chain has more than %s" % several(policy.last, "point")
+        return "nothing to prune: the policy (%s) keeps every point" % policy.describe()
     return "%s %s of %s, %s %s" % (
         "would remove" if dry_run else "removed",
         several(sum(map(len, removed.values())), "point"),
@@ -41,6 +45,57 @@ def pruned(removed: dict[str, list[str]], freed: int, keep: int, dry_run: bool) 
         "up to" if dry_run else "freed",
         human(freed),
     )
+
+
+def vms(repo: Repository, wanted: list[str]) -> dict[str, list[Chain]]:
+    """vm uuid -> its chains, for the VMs ``wanted`` names (uuid, prefix or name as its
+    points record it; none: every VM)."""
+    found: dict[str, list[Chain]] = {}
+    for chain in repo.chains():
+        found.setdefault(chain.vm_uuid, []).append(chain)
+    if not wanted:
+        return found
+    chosen = {}
+    for want in wanted:
+        matches = [u for u, chains in found.items() if u.startswith(want) or want in names(chains)]
+        if len(matches) != 1:
+            raise RepositoryError(
+                "%s VM matching %s in %s (xencbt list shows them)"
+                % ("no" if not matches else "more than one", want, repo.root)
+            )
+        chosen[matches[0]] = found[matches[0]]
+    return chosen
+
+
+def names(chains: list[Chain]) -> set[str]:
+    return {m.vm_name for chain in chains for m in chain.points()}
+
+
+def retained(vm_uuid: str, chains: list[Chain], done: dict) -> dict:
+    """One VM's part of a prune's report: every point, with the rules that keep it."""
+    return {
+        "vm_uuid": vm_uuid,
+        "vm_name": ", ".join(sorted(names(chains))),
+        "points": [{"point": p, "kept_by": rules} for p, rules in sorted(done["points"].items())],
+        "removed": done["removed"],
+        "freed_bytes": done["freed_bytes"],
+    }
+
+
+def retained_lines(vm: dict, dry_run: bool) -> list[str]:
+    lines = ["VM %s (%s):" % (vm["vm_name"], vm["vm_uuid"])]
+    for p in vm["points"]:
+        if p["kept_by"]:
+            lines.append("  keep   %s  (%s)" % (p["point"], ", ".join(p["kept_by"])))
+        else:
+            lines.append("  %s %s" % ("would go" if dry_run else "remove", p["point"]))
+    return lines
+
+
+def shrunk(r: dict) -> str:
+    """e.g. "zstd 3.2:1": the compression and changed bytes per byte on disk."""
+    ratio = r.get("ratio")
+    return "%s %s" % (r.get("compression", "none"), "%.1f:1" % ratio if ratio else "-")
 
 
 def listing(repo: Repository) -> dict:
@@ -100,11 +155,12 @@ def print_listing(listed: dict) -> None:
 
 
 def disk_line(r: dict) -> str:
-    return "disk %-3s %-8s changed %-10s on disk %-10s size %-10s VDI %s (%s)%s" % (
+    return "disk %-3s %-11s changed %-10s on disk %-10s %-12s size %-10s VDI %s (%s)%s" % (
         r["userdevice"],
         r["type"],
         human(r["changed_bytes"]),
         human(r["bytes_on_disk"]),
+        shrunk(r),
         human(r["virtual_size"]),
         r["vdi_uuid"],
         r["vdi_name"],
@@ -119,7 +175,7 @@ def print_backup(results: list[VmResult]) -> None:
             continue
         for d in res.disks:
             print(
-                "%-20s disk %-3s %-12s %s  changed %s, on disk %s, %.1f s"
+                "%-20s disk %-3s %-12s %s  changed %s, on disk %s (%s), %.1f s"
                 % (
                     res.vm,
                     d["userdevice"],
@@ -127,6 +183,7 @@ def print_backup(results: list[VmResult]) -> None:
                     d["point"],
                     human(d["changed_bytes"]),
                     human(d["bytes_on_disk"]),
+                    shrunk(d),
                     d["seconds"],
                 )
             )

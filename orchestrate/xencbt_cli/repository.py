@@ -67,7 +67,7 @@ def nearest(point: str, others: list[str]) -> list[str]:
 
 def new_point_id(now: datetime.datetime | None = None) -> str:
     """A sortable UTC timestamp, e.g. 20250102T030405.678901Z."""
-    now = now or datetime.datetime.now(datetime.timezone.utc)
+    now = (now or testhook.now()).astimezone(datetime.timezone.utc)
     return now.strftime("%Y%m%dT%H%M%S.%fZ")
 
 
@@ -91,6 +91,8 @@ class Manifest:
     base_point: str | None = None
     changed_bytes: int = 0
     bytes_on_disk: int = 0
+    compression: str = "none"  # of the image's clusters (repoconfig.py)
+    ratio: float | None = None  # changed_bytes / bytes_on_disk, when both are known
     started: str = ""
     finished: str = ""
     seconds: float = 0.0
@@ -405,7 +407,7 @@ def describe_holder(pid: int) -> str:
         argv = Path("/proc/%d/cmdline" % pid).read_bytes().decode(errors="replace").split("\0")
     except OSError:
         return "pid %d" % pid
-    commands = ("backup", "prune", "repair", "serve", "verify", "restore", "list")
+    commands = ("backup", "prune", "repair", "serve", "verify", "restore", "list", "copy")
     what = next((a for a in argv[1:] if a in commands), None)
     return "xencbt %s, pid %d" % (what, pid) if what else "pid %d" % pid
 
@@ -459,6 +461,8 @@ class Repository:
         for vm_dir in sorted(self.root.iterdir()):
             if vm_dir.is_dir() and UUID.match(vm_dir.name):
                 paths += [vm_dir, *sorted(vm_dir.rglob("*"))]
+            elif vm_dir.is_file():  # repository.conf (repoconfig.py)
+                paths.append(vm_dir)
         for path in paths:
             if path.is_symlink():
                 continue

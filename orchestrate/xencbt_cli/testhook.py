@@ -11,10 +11,15 @@ Unset (always, outside the test suite) it does nothing.  Steps:
 ``restore-partial``  restore.to_file: PATH.partial is checked, not yet renamed to PATH
 ``restore-vm-device``  restore_vm.build: before each VBD is created (the VM is half built)
 ``restore-vm-commit``  restore_vm.Builder.finish: the disks' marks are gone, the VM's not
+
+``XENCBT_NOW=2026-01-05T10:00:00`` (UTC) stands in for the clock where a backup names
+its point (the time retention rules bucket points by), so a test can back up over
+simulated weeks; every other time (manifests' started/finished) stays real.
 """
 
 from __future__ import annotations
 
+import datetime
 import logging
 import os
 import time
@@ -22,6 +27,16 @@ import time
 log = logging.getLogger(__name__)
 
 ENV = "XENCBT_TEST_PAUSE"
+NOW = "XENCBT_NOW"
+
+
+def now() -> datetime.datetime:
+    """The time a new point is named after: $XENCBT_NOW (UTC) if set, else the clock."""
+    fake = os.environ.get(NOW)
+    if not fake:
+        return datetime.datetime.now(datetime.timezone.utc)
+    t = datetime.datetime.fromisoformat(fake)
+    return t.replace(tzinfo=datetime.timezone.utc) if t.tzinfo is None else t
 
 
 def pause(step: str) -> None:

@@ -122,10 +122,10 @@ def pending_prune(chain: Chain, by_point: dict[str, Manifest], report: Report) -
         return
     kept, doomed = journal["point"], ", ".join(journal["remove"])
     if journal["swapped"] and kept in by_point:
-        by_point[kept] = dataclasses.replace(by_point[kept], base_point=None)
+        by_point[kept] = dataclasses.replace(by_point[kept], base_point=journal["base"])
         report.note(
             chain,
-            "a prune was interrupted after point %s became standalone; it still has to "
+            "a prune was interrupted after point %s absorbed the points before it; it still has to "
             "remove %s (%s)" % (kept, doomed, REPAIRED_BY.replace("removes them", "does")),
         )
     elif not journal["swapped"]:

@@ -64,7 +64,7 @@ class Backend:
             size = self._check_size(size, self.source.vdi.size)
         elif p.changed:
             bitmap = _read_bitmap(p.changed, size)
-        self.export = Export(self.pool, size, bitmap, p.unchanged)
+        self.export = Export(self.pool, size, bitmap, p.unchanged, p.readahead)
         self._log_summary(bitmap, size)
         return self.export
 

@@ -18,6 +18,7 @@ import re
 
 from .cbt import BLOCK_SIZE, Bitmap
 from .pool import Pool
+from .readahead import Readahead
 
 # Same values as nbdkit.EXTENT_HOLE / EXTENT_ZERO (and NBD_STATE_HOLE / NBD_STATE_ZERO).
 EXTENT_DATA = 0
@@ -32,23 +33,52 @@ _ZEROES = memoryview(bytes(4 * 1024 * 1024))
 
 
 class Export:
-    def __init__(self, pool: Pool, size: int, bitmap: Bitmap | None, unchanged: str = "hole"):
+    def __init__(
+        self,
+        pool: Pool,
+        size: int,
+        bitmap: Bitmap | None,
+        unchanged: str = "hole",
+        readahead: int = 0,
+    ):
         self.pool = pool
         self.size = size
         self.bitmap = bitmap
         self.unchanged_type = EXTENT_HOLE if unchanged == "hole" else EXTENT_ZERO
         self.read_unchanged = unchanged == "hole"
+        self.readahead = Readahead(pool.pread, readahead, self._window) if readahead else None
 
     def pread(self, buf: memoryview, offset: int) -> None:
         if self.bitmap is None or self.read_unchanged:
-            self.pool.pread(buf, offset)
+            self._read(buf, offset)
             return
         for start, length, changed in self._spans(offset, len(buf), len(buf)):
             view = buf[start - offset : start - offset + length]
             if changed:
-                self.pool.pread(view, start)
+                self._read(view, start)
             else:
                 _fill_zero(view)
+
+    def _read(self, view: memoryview, offset: int) -> None:
+        if self.readahead is None:
+            self.pool.pread(view, offset)
+        else:
+            self.readahead.pread(view, offset)
+
+    def _window(self, offset: int) -> tuple[int, int]:
+        """The readahead window around ``offset``, clipped to the data run holding it
+        (empty in an unchanged run: what no client reads is not read ahead either)."""
+        assert self.readahead is not None
+        if offset >= self.size:
+            return offset, offset
+        lo = offset - offset % self.readahead.window_size
+        hi = min(lo + self.readahead.window_size, self.size)
+        if self.bitmap is None:
+            return lo, hi
+        for start, length, changed in self._spans(lo, hi - lo, MAX_EXTENTS):
+            if start <= offset < start + length:
+                return (start, start + length) if changed else (offset, offset)
+        return offset, offset
 
     def extents(self, count: int, offset: int, one: bool = False) -> list[tuple[int, int, int]]:
         if self.bitmap is None:

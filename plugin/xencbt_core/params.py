@@ -8,11 +8,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
+from .cbt import BLOCK_SIZE
 from .errors import ConfigError
 from .pool import MAX_CONNECTIONS
 from .secret import Secret, read_file, read_password, register
 from .trust import MODES
+from .upstream import MAX_REQUEST
 
+MAX_READAHEAD = MAX_REQUEST  # one request to the host per window
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
 
 HELP = {
@@ -37,6 +40,9 @@ HELP = {
     "changed": "+FILE with a base64 bitmap as list_changed_blocks returns (with nbd-info=)",
     "timeout": "seconds to wait for the NBD server on each operation (default 60)",
     "retry-timeout": "seconds to keep reconnecting after a dropped connection (default 60)",
+    "readahead": "bytes (a power of 2, 64 KiB..%d MiB) read from the host at once around a "
+    "smaller read inside a changed run, for clients that read 64 KiB at a time "
+    "(qemu-img convert -c); default 0: off" % (MAX_READAHEAD >> 20),
 }
 
 
@@ -60,6 +66,7 @@ class Params:
     changed: str = ""
     timeout: float = 60.0
     retry_timeout: float = 60.0
+    readahead: int = 0
 
     def set(self, key: str, value: str) -> None:
         """One key=value from the command line."""
@@ -95,6 +102,14 @@ class Params:
         self._check_choice("tls", ("require", "off"))
         if (self.verify == "ca") != bool(self.cafile):
             raise ConfigError("verify=ca and cafile= go together")
+        if self.readahead and not (
+            BLOCK_SIZE <= self.readahead <= MAX_READAHEAD
+            and self.readahead & (self.readahead - 1) == 0
+        ):
+            raise ConfigError(
+                "readahead=%d: give a power of 2 from 65536 to %d, or 0"
+                % (self.readahead, MAX_READAHEAD)
+            )
         if not 1 <= self.connections <= MAX_CONNECTIONS:
             raise ConfigError(
                 "connections=%d: a XenServer host serves at most %d NBD connections"

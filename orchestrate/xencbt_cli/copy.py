@@ -1,0 +1,92 @@
+"""A second copy: the points another repository (DST) lacks, copied from SRC.
+
+Per chain, oldest first, only points newer than DST's newest point of that chain (a chain
+grows at its end; older points DST lacks were pruned there, or never wanted).  A point
+whose SRC base is DST's newest point is written as an incremental onto it (``qemu-img
+convert -B``: the source's own clusters only; DST's base shows the very same disk, as its
+digest proved when it was copied); any other as a standalone image of its whole view.
+DST's compression applies.  Each copied image is read back whole and its chunk digests
+must give the manifest's digest before it is published; then its sums and last its
+manifest are written, as a backup does, under DST's chain lock (SRC's taken shared).  A
+copy killed at any moment leaves only leftovers the next run (or repair) removes; running
+it again copies what is still missing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+from . import digest, image, repoconfig
+from .errors import PointDamaged
+from .repository import Chain, Manifest, Repository
+
+log = logging.getLogger(__name__)
+
+
+def wanted(src: Chain, dst: Chain) -> list[Manifest]:
+    """SRC's points DST should get, oldest first."""
+    newest = dst.latest()
+    return [m for m in src.points() if newest is None or m.point > newest.point]
+
+
+def copy_repository(src: Repository, dst: Repository, chains: list[Chain], wait: bool, say):
+    """Copy what DST lacks of ``chains`` (SRC's); return {vdi: [points copied]}."""
+    config = repoconfig.ensure(dst, say)
+    copied: dict[str, list[str]] = {}
+    for chain in chains:
+        target = dst.chain(chain.vm_uuid, chain.vdi_uuid)
+        with target.lock(wait), chain.lock(wait, shared=True):
+            target.clean()
+            for m in wanted(chain, target):
+                copy_point(chain, target, m, config.compression)
+                copied.setdefault(chain.vdi_uuid, []).append(m.point)
+                say("VDI %s: copied point %s" % (chain.vdi_uuid, m.point))
+    return copied
+
+
+def copy_point(src: Chain, dst: Chain, m: Manifest, compression: str) -> None:
+    newest = dst.latest()
+    onto = newest if newest is not None and m.base_point == newest.point else None
+    partial = dst.reserve(m.point)
+    try:
+        if onto is None:
+            image.flatten(src.image_path(m.point), partial, compression=compression)
+        else:
+            image.onto(src.image_path(m.point), dst.image_path(onto.point), partial, compression)
+        sums = check(m, partial)
+        final = dst.publish_image(m.point)
+        copy = dataclasses.replace(
+            m,
+            base_point=onto.point if onto else None,
+            compression=compression,
+            bytes_on_disk=image.disk_usage(final),
+            history=[*m.history, "copied from %s" % src.path.parent.parent],
+        )
+        dst.commit(copy, sums)
+    except BaseException:
+        if not dst.manifest_path(m.point).exists():
+            for path in (partial, dst.image_path(m.point), dst.sums_path(m.point)):
+                path.unlink(missing_ok=True)
+        raise
+
+
+def check(m: Manifest, path) -> bytes | None:
+    """The copied image's chunk sums, once they give the manifest's digest (format-1
+    points: its whole-disk sha256); PointDamaged otherwise, nothing published."""
+    if m.digest is None:
+        got = image.sha256(path)
+        if got != m.sha256:
+            raise PointDamaged(
+                "point %s of VDI %s does not read back as recorded after the copy: "
+                "nothing of it was kept (xencbt verify the source)" % (m.point, m.vdi_uuid)
+            )
+        return None
+    assert m.chunk_size is not None
+    sums, size = digest.image_sums(path, m.chunk_size)
+    if size != m.virtual_size or digest.combine(sums, size) != m.digest:
+        raise PointDamaged(
+            "point %s of VDI %s does not read back as recorded after the copy: nothing "
+            "of it was kept (xencbt verify the source)" % (m.point, m.vdi_uuid)
+        )
+    return sums
