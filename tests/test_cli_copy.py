@@ -49,6 +49,21 @@ def same_as_model(sim, repo, vm: Vm, history: dict, tmp_path) -> None:
             assert restored(sim, repo, tmp_path, vm.uuids[disk], point) == history[point][disk]
 
 
+def same_vm_points(src, dst, vm: Vm, points: list[str]) -> None:
+    """DST has exactly ``points`` as VM points, each configuration byte-identical to SRC's
+    and private, each manifest naming DST's disk points (what restore-vm needs)."""
+    there = dst / vm.uuid / "points"
+    assert sorted(p.name for p in there.iterdir()) == sorted(
+        name for point in points for name in (point + ".json", point + ".config.json")
+    )
+    for point in points:
+        config = there / (point + ".config.json")
+        assert config.read_bytes() == (src / vm.uuid / "points" / config.name).read_bytes()
+        assert config.stat().st_mode & 0o077 == 0
+        for d in json.loads((there / (point + ".json")).read_text())["disks"]:
+            assert (dst / vm.uuid / d["vdi_uuid"] / (d["point"] + ".json")).exists()
+
+
 def test_copy_what_dst_lacks_with_its_own_compression(sim, tmp_path):
     src, dst = tmp_path / "src", tmp_path / "dst"
     vm = Vm(sim)
@@ -58,6 +73,8 @@ def test_copy_what_dst_lacks_with_its_own_compression(sim, tmp_path):
     out = json.loads(xencbt(sim, "--json", "copy", "--repo", str(src), "--to", str(dst)).stdout)
     points = sorted(history)
     assert out["copied"] == {vdi: points for vdi in vm.uuids}
+    assert out["vm_points"] == {vm.uuid: points}
+    same_vm_points(src, dst, vm, points)
     for chain in manifests(dst, vm):
         assert [m["base_point"] for m in chain.values()] == [None, *points[:2]]
         for point, m in chain.items():
@@ -134,6 +151,7 @@ def test_copy_killed_at_random_moments_then_rerun_is_complete(sim, tmp_path):
     r = xencbt(sim, "copy", "--repo", str(src), "--to", str(dst))
     assert "nothing to copy" in r.stderr
     assert [list(c) for c in manifests(dst, vm)] == [sorted(history)] * 2
+    same_vm_points(src, dst, vm, sorted(history))
     assert not [p for p in dst.rglob("*") if p.name.endswith((".partial", ".tmp"))]
     xencbt(sim, "verify", "--repo", str(dst))
     same_as_model(sim, dst, vm, history, tmp_path)

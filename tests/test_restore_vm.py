@@ -153,6 +153,21 @@ def test_restore_vm_after_disaster_is_the_same_vm_with_the_same_macs(xensim, tmp
     assert before["vtpm"][0] not in r.stdout + r.stderr
 
 
+def test_restore_vm_from_a_second_copy_made_by_xencbt_copy(xensim, tmp_path):
+    """#15's copy carries the VM points: after a disaster the second repository alone
+    rebuilds the same VM (its disks are DST's, recompressed, as the point had them)."""
+    repo, second = tmp_path / "repo", tmp_path / "second"
+    vm, before, truth = prepared(xensim, repo)
+    xencbt(xensim, "init", "--repo", str(second), "--compression", "none")
+    xencbt(xensim, "copy", "--repo", str(repo), "--to", str(second))
+    destroy_vm_and_disks(vm.x, vm.ref)
+    out, _ = restore_vm(xensim, second)
+    new = snapshot_of_vm(vm.x, vm.x.VM.get_by_uuid(out["vm_uuid"]))
+    for key in ("name", "config", "vifs", "vtpm"):
+        assert new[key] == before[key], key
+    check_disks(xensim, vm.x, new, truth)
+
+
 def test_restore_vm_beside_the_original_gets_new_macs_and_can_start(xensim, tmp_path):
     repo = tmp_path / "repo"
     vm, before, truth = prepared(xensim, repo)

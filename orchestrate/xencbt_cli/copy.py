@@ -7,19 +7,23 @@ convert -B``: the source's own clusters only; DST's base shows the very same dis
 digest proved when it was copied); any other as a standalone image of its whole view.
 DST's compression applies.  Each copied image is read back whole and its chunk digests
 must give the manifest's digest before it is published; then its sums and last its
-manifest are written, as a backup does, under DST's chain lock (SRC's taken shared).  A
+manifest are written, as a backup does, under DST's chain lock (SRC's taken shared).
+Then each VM point of SRC whose disks' points DST now all has gets there too: its
+configuration (checked against its sha256 on both sides), then its VM manifest, last.  A
 copy killed at any moment leaves only leftovers the next run (or repair) removes; running
 it again copies what is still missing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 
 from . import digest, image, repoconfig
 from .errors import PointDamaged
 from .repository import Chain, Manifest, Repository
+from .vmpoint import VmManifest, VmPoints
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +47,46 @@ def copy_repository(src: Repository, dst: Repository, chains: list[Chain], wait:
                 copied.setdefault(chain.vdi_uuid, []).append(m.point)
                 say("VDI %s: copied point %s" % (chain.vdi_uuid, m.point))
     return copied
+
+
+def copy_vm_points(src: Repository, dst: Repository, chains: list[Chain], wait: bool, say):
+    """SRC's VM points (of the VMs ``chains`` belong to) that DST lacks and whose disks'
+    points DST has, each under DST's locks of its VM's chains; return {vm: [points]}."""
+    by_vm: dict[str, list[Chain]] = {}
+    for chain in chains:
+        by_vm.setdefault(chain.vm_uuid, []).append(chain)
+    copied: dict[str, list[str]] = {}
+    for vm_uuid, vm_chains in sorted(by_vm.items()):
+        source, target = VmPoints(src, vm_uuid), VmPoints(dst, vm_uuid)
+        with contextlib.ExitStack() as locks:
+            for chain in sorted(vm_chains, key=lambda c: c.vdi_uuid):
+                locks.enter_context(dst.chain(vm_uuid, chain.vdi_uuid).lock(wait))
+            have = {m.point for m in target.manifests()}
+            for m in source.manifests():
+                if m.point not in have and disks_in(dst, m):
+                    copy_vm_point(source, target, m)
+                    copied.setdefault(vm_uuid, []).append(m.point)
+                    say("VM %s: copied VM point %s" % (vm_uuid, m.point))
+    return copied
+
+
+def disks_in(dst: Repository, m: VmManifest) -> bool:
+    return all(
+        dst.chain(m.vm_uuid, d["vdi_uuid"]).manifest_path(d["point"]).exists() for d in m.disks
+    )
+
+
+def copy_vm_point(source: VmPoints, target: VmPoints, m: VmManifest) -> None:
+    """The configuration (its sha256 checked as read, and as written), then the VM
+    manifest, last: the VM point exists in DST only once whole."""
+    config = source.load_config(m)
+    if target.write_config(m.point, config) != m.config_sha256:
+        target.config_path(m.point).unlink(missing_ok=True)
+        raise PointDamaged(
+            "the configuration of VM point %s of VM %s does not read back as recorded "
+            "after the copy: nothing of it was kept" % (m.point, m.vm_uuid)
+        )
+    target.commit(m)
 
 
 def copy_point(src: Chain, dst: Chain, m: Manifest, compression: str) -> None:

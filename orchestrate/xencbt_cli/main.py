@@ -609,7 +609,7 @@ def cmd_prune(args, conf: settings.Settings) -> int:
 
 
 def cmd_copy(args, conf: settings.Settings) -> int:
-    from .copy import copy_repository
+    from .copy import copy_repository, copy_vm_points
     from .repository import Repository
 
     src = repository(args, conf)
@@ -618,18 +618,10 @@ def cmd_copy(args, conf: settings.Settings) -> int:
         raise UsageError("--to names the repository itself")
     chains = [c for cs in report.vms(src, args.vms).values() for c in cs]
     copied = copy_repository(src, dst, chains, args.wait, say)
+    vm_points = copy_vm_points(src, dst, chains, args.wait, say)
     if args.json:
-        report.emit_json({"copied": copied, "to": str(dst.root)})
-    say(
-        "copied %s of %s to %s"
-        % (
-            report.several(sum(map(len, copied.values())), "point"),
-            report.several(len(copied), "VDI"),
-            dst.root,
-        )
-        if copied
-        else "nothing to copy: %s has every point" % dst.root
-    )
+        report.emit_json({"copied": copied, "vm_points": vm_points, "to": str(dst.root)})
+    say(report.copied(copied, vm_points, dst.root))
     return errors.OK
 
 

@@ -47,6 +47,17 @@ def pruned(removed: dict[str, list[str]], freed: int, policy: Policy, dry_run: b
     )
 
 
+def copied(points: dict[str, list[str]], vm_points: dict[str, list[str]], to) -> str:
+    if not points and not vm_points:
+        return "nothing to copy: %s has every point" % to
+    return "copied %s of %s and %s to %s" % (
+        several(sum(map(len, points.values())), "point"),
+        several(len(points), "VDI"),
+        several(sum(map(len, vm_points.values())), "VM point"),
+        to,
+    )
+
+
 def vms(repo: Repository, wanted: list[str]) -> dict[str, list[Chain]]:
     """vm uuid -> its chains, for the VMs ``wanted`` names (uuid, prefix or name as its
     points record it; none: every VM)."""
