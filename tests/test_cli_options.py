@@ -65,6 +65,8 @@ def test_global_options_after_the_command(sim, tmp_path):
     r = bare(sim, "backup", "demo-vm", "--repo", repo, "-v", "--xapi-cafile", ca)
     assert r.returncode == 0, r.stderr
     assert "xencbt: INFO:" in r.stderr  # -v after the command counts
+    r = bare(sim, "-v", "nbd", "status", "-v", "--xapi-cafile", ca)
+    assert r.returncode == 0 and "xencbt: DEBUG:" in r.stderr, r.stderr  # and adds up
     r = bare(sim, "list", "--repo", repo, "--json")
     assert r.returncode == 0, r.stderr
     rows = disk_rows(json.loads(r.stdout))

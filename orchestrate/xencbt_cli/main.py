@@ -93,7 +93,16 @@ def add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         default=default(False),
         help="machine-readable output on stdout (errors too)",
     )
-    p.add_argument("-v", "--verbose", action="count", default=default(0), help="-v info, -vv debug")
+    # Counted apart after the command (a subcommand's count starts again from 0): -v
+    # before it and -v after it add up.
+    p.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        dest="verbose_after" if suppress else "verbose",
+        default=default(0),
+        help="-v info, -vv debug",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -696,7 +705,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser().parse_args(argv)
     except UsageError as e:
         return fail(str(e), errors.USAGE, as_json)
-    configure_logging(args.verbose)
+    configure_logging(args.verbose + getattr(args, "verbose_after", 0))
     signals.catch()
     try:
         conf = settings.resolve(
