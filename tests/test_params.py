@@ -29,7 +29,15 @@ def test_password_from_file_is_never_shown(tmp_path):
 @pytest.mark.parametrize(
     "kv, phrase",
     [
-        (dict(xapi="https://pool"), "vdi=UUID"),
+        (dict(xapi="https://pool"), "vdi=UUID or vm=UUID"),
+        (dict(xapi="https://pool", vdi=VDI, vm=BASE, password="x" * 8), "one of vdi="),
+        (dict(xapi="https://pool", vm="not-a-uuid", password="x" * 8), "vm=not-a-uuid is not"),
+        (dict(xapi="https://pool", vm=VDI, since="%s,x" % BASE, password="x" * 8), "since=x is"),
+        (
+            dict(xapi="https://pool", vdi=VDI, since="%s,%s" % (BASE, BASE), password="x" * 8),
+            "list",
+        ),
+        (dict(xapi="https://pool", vm=VDI, since="%s,%s" % (BASE, VDI), password="x" * 8), "older"),
         (dict(xapi="https://pool", vdi="not-a-uuid", password="x" * 8), "is not a UUID"),
         (dict(xapi="https://pool", vdi=VDI, since=VDI, password="x" * 8), "older snapshot"),
         (dict(xapi="https://pool", vdi=VDI), "password"),
@@ -67,3 +75,8 @@ def test_nbd_info_excludes_xapi(tmp_path):
 def test_since_accepted_with_uuid():
     p = make(xapi="pool.example", vdi=VDI, since=BASE, password="x" * 8, connections="16")
     assert p.since == BASE and p.connections == 16
+
+
+def test_since_with_vm_is_a_list():
+    p = make(xapi="pool.example", vm=VDI, since="%s, %s" % (BASE, BASE.upper()), password="x" * 8)
+    assert p.bases() == [BASE, BASE.upper()] and p.vm == VDI

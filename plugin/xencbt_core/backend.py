@@ -46,14 +46,7 @@ class Backend:
         if p.nbd_info:
             self.source = FileSource(p.nbd_info)
         else:
-            self.session = Session(
-                p.xapi,
-                ApiTrust(p.xapi_cafile, p.thumbprint, p.xapi_insecure),
-                user=p.user,
-                password=p.password,
-                session_ref=p.session,
-                timeout=p.timeout,
-            )
+            self.session = open_session(p)
             self.source = XapiSource(self.session, p.vdi)
             if p.since:
                 bitmap = self.source.changed_since(p.since)
@@ -65,6 +58,18 @@ class Backend:
             bitmap = _read_bitmap(p.changed, size)
         self.export = Export(self.pool, size, bitmap, p.unchanged)
         self._log_summary(bitmap, size)
+        return self.export
+
+    # The export names of vdi=: one export, whatever name the client asks for (as
+    # before vm= existed, so every recipe with nbd+unix:///?socket= stays true).
+    def list_exports(self) -> list[tuple[str, str]]:
+        return [("", "")]
+
+    def default_export(self) -> str:
+        return ""
+
+    def open(self, name: str) -> Export:
+        assert self.export is not None
         return self.export
 
     def expectation(self, target: Target) -> Expectation | None:
@@ -123,6 +128,17 @@ class Backend:
             self.session.logout()
 
 
+def open_session(p: Params) -> Session:
+    return Session(
+        p.xapi,
+        ApiTrust(p.xapi_cafile, p.thumbprint, p.xapi_insecure),
+        user=p.user,
+        password=p.password,
+        session_ref=p.session,
+        timeout=p.timeout,
+    )
+
+
 def _read_bitmap(path: str, size: int) -> Bitmap:
     return Bitmap.from_base64(read_file(path, "changed-blocks"), size)
 
@@ -143,6 +159,7 @@ def dump() -> dict[str, str]:
         "xencbt_openssl": ssl.OPENSSL_VERSION,
         "xencbt_cryptography": cryptography.__version__,
         "xencbt_verify_modes": "cert,pubkey,ca",
+        "xencbt_export_kinds": "vdi,vm",
         "xencbt_unchanged_modes": "hole,zero",
         "xencbt_max_connections": str(MAX_CONNECTIONS),
         "xencbt_block_size": "65536",

@@ -32,6 +32,8 @@ _ZEROES = memoryview(bytes(4 * 1024 * 1024))
 
 
 class Export:
+    description = ""  # what nbdinfo --list shows (vm= sets one per disk)
+
     def __init__(self, pool: Pool, size: int, bitmap: Bitmap | None, unchanged: str = "hole"):
         self.pool = pool
         self.size = size

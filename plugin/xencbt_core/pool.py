@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from .budget import Budget
 from .errors import (
     ConnectionDead,
     ExportRefused,
@@ -50,6 +51,7 @@ class Pool:
         size: int = 4,
         timeout: float = 60.0,
         retry_timeout: float = 60.0,
+        budget: Budget | None = None,
     ):
         if not 1 <= size <= MAX_CONNECTIONS:
             raise ValueError("connections must be 1..%d" % MAX_CONNECTIONS)
@@ -68,6 +70,9 @@ class Pool:
         self._open_lock = threading.Lock()
         self._preferred = 0
         self._closed = False
+        # Shared with the other disks' pools under vm=; else this pool's own.
+        self._budget = budget or Budget(size, patience=None)
+        self._budget.join(self)
 
     def start(self) -> int:
         """Open the first connection now, so that every setup error shows at start-up.
@@ -154,17 +159,24 @@ class Pool:
         wait and woke each waiter twice; profiling showed that dominating the GIL.)
         Last in, first out: a warm connection answers small reads ~30 % sooner.
         """
+        starving = False
         while True:
             with self._lock:
                 if self._closed:
                     raise UpstreamError("the connection pool is closed")
                 if self._idle:
+                    if starving:
+                        self._budget.fed(self)
                     return self._idle.pop()
                 if self._live < self._limit:
-                    self._live += 1
-                    break
+                    starving = not self._budget.take(self)
+                    if not starving:
+                        self._live += 1
+                        break
                 self._waiting += 1
-            self._wakeups.get()
+            if starving:
+                self._budget.reclaim(self)
+            self._wait()
         try:
             return self._open()
         except BaseException as e:
@@ -173,6 +185,7 @@ class Pool:
                 shrink = isinstance(e, ConnectionDead) and self._live > 0
                 if shrink:
                     self._shrink(e)
+            self._budget.give(self)
             self._wake()
             if shrink:
                 return self._acquire()  # one of the live connections, when it is free
@@ -192,14 +205,42 @@ class Pool:
 
     def _release(self, conn: Connection, healthy: bool) -> None:
         with self._lock:
-            keep = healthy and not self._closed
+            yielding = healthy and not self._closed and self._budget.should_yield(self)
+            keep = healthy and not self._closed and not yielding
             if keep:
                 self._idle.append(conn)
             else:
                 self._live -= 1
         if not keep:
-            conn.close(polite=healthy)
+            if yielding:
+                conn.retire()
+            else:
+                conn.close(polite=healthy)
+            self._budget.give(self)
         self._wake()
+
+    def _wait(self) -> None:
+        """Until woken; with a shared budget, at most its patience, then look again."""
+        try:
+            self._wakeups.get(timeout=self._budget.patience)
+        except queue.Empty:
+            with self._lock:
+                self._waiting = max(0, self._waiting - 1)
+
+    def wake(self) -> None:
+        """The shared budget has room again: let a waiter try."""
+        self._wake()
+
+    def drop_idle(self) -> bool:
+        """Close the coldest idle connection for another pool of the budget."""
+        with self._lock:
+            if not self._idle:
+                return False
+            conn = self._idle.pop(0)
+            self._live -= 1
+        conn.retire()
+        self._budget.give(self)
+        return True
 
     def _wake(self, everyone: bool = False) -> None:
         """Wake one waiter (all, when closing), outside the lock so it can take it."""
@@ -251,3 +292,4 @@ class Pool:
         self._wake(everyone=True)
         for conn in idle:
             conn.close()
+            self._budget.give(self)

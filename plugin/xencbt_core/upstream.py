@@ -152,6 +152,19 @@ class Connection:
             except OSError:
                 pass
 
+    def retire(self, timeout: float = 2.0) -> None:
+        """Close politely and wait (``timeout`` at most) for the server to close its end:
+        only then is the slot free on the host, for a pool sharing the budget."""
+        try:
+            self._handle += 1
+            _send(self.sock, P.REQUEST.pack(P.REQUEST_MAGIC, 0, P.CMD_DISC, self._handle, 0, 0))
+            self.sock.settimeout(timeout)
+            while self.sock.recv(4096):
+                pass
+        except (UpstreamError, OSError):
+            pass
+        self.close(polite=False)
+
 
 def _starttls(sock: socket.socket, target: Target, expect: Expectation) -> ssl.SSLSocket:
     _send(sock, P.OPTION.pack(P.IHAVEOPT, P.OPT_STARTTLS, 0))

@@ -139,7 +139,15 @@ class Storage:
             raise XapiError("VDI_NO_CBT_METADATA", ref)
         if rec["type"] == "cbt_metadata":
             return
-        self._wait_unplugged(ref)
+        # xen-api ocaml/xapi/xapi_vdi.ml _data_destroy: the VDI is tentatively marked
+        # cbt_metadata while xapi waits for its VBDs to go, and set back if they stay:
+        # for those seconds every reader sees a VDI without data.
+        old_type, rec["type"] = rec["type"], "cbt_metadata"
+        try:
+            self._wait_unplugged(ref)
+        except XapiError:
+            rec["type"] = old_type
+            raise
         with disks.locked(self.state_dir, rec["uuid"]):
             disks.data_path(self.state_dir, rec["uuid"]).unlink(missing_ok=True)
             rec.update(type="cbt_metadata", physical_utilisation=0)
