@@ -1,10 +1,11 @@
 """The backup workflow: per VM one snapshot, per disk a full or incremental point.
 
     enable CBT where needed → VM.snapshot "xencbt-<point>" → per disk: decide (and say
-    why a full is needed) → copy through the plugin → chunk digests (all for a full, only
-    the changed chunks for an incremental: digest.py) → sums → manifest →
-    VM.destroy the snapshot, VDI.data_destroy its disks (their CBT log is the next base)
-    → destroy the older base no chain needs any more.
+    why a full is needed) → copy every disk through one nbdkit with the plugin (vm=: one
+    XAPI login, one connection budget; one qemu-img per export) → per disk: chunk digests
+    (all for a full, only the changed chunks for an incremental: digest.py) → sums →
+    manifest → VM.destroy the snapshot, VDI.data_destroy its disks (their CBT log is the
+    next base) → destroy the older base no chain needs any more.
 
 On failure the snapshot VM and the VDIs no manifest refers to are destroyed, partial
 files removed; the repository keeps every point it had.  A run killed outright (SIGKILL,
@@ -30,7 +31,7 @@ from xencbt_core.errors import ConfigError, XapiError, XencbtError
 from xencbt_core.secret import scrub
 
 from . import digest, errors, image
-from .copier import ConnectionBudget, Copier
+from .copier import ConnectionBudget, Copier, DiskCopy
 from .errors import CliError, CommandFailed, RepositoryFull, describe_os_error
 from .ledger import Ledger
 from .pool import SNAPSHOT_PREFIX, Disk, Pool, Vm
@@ -50,6 +51,25 @@ class Plan:
     changed_bytes: int = 0
     bitmap: Bitmap | None = None  # what the copy reads: the chunks to rehash
     base_sums: bytes | None = None  # the base's recorded chunk digests, carried over
+
+
+@dataclass
+class Work:
+    """One disk of a VM backup between its plan and its manifest."""
+
+    disk: Disk
+    snap: Disk
+    chain: Chain
+    plan: Plan
+    what: str
+    started: str = ""
+    copy_seconds: float = 0.0
+
+    def copy(self, point: str) -> DiskCopy:
+        # The export's name: its userdevice; the VDI uuid when that is not a plain number.
+        export = self.snap.userdevice if self.snap.userdevice.isdigit() else self.snap.uuid
+        base = self.chain.image_path(self.plan.base.point) if self.plan.base else None
+        return DiskCopy(export, self.chain.partial_path(point), base)
 
 
 @dataclass
@@ -123,12 +143,16 @@ class Backup:
             try:
                 snaps = {d.snapshot_of: d for d in self.pool.disks(snap_vm)}
                 self.ledger(vm).add({d.uuid for d in snaps.values()})
-                for disk in disks:
-                    chain = chains[disk.uuid]
-                    prev = chain.latest()
-                    m = self.backup_disk(vm, disk, snaps[disk.vdi_ref], chain, result.point)
-                    committed.add(m.snapshot_uuid)
-                    result.disks.append(summary(m, prev))
+                work = [self.prepare(vm, d, snaps[d.vdi_ref], chains[d.uuid]) for d in disks]
+                with contextlib.ExitStack() as files:
+                    for w in work:
+                        files.enter_context(self.unpublished(w.chain, result.point, w.what))
+                    self.copy(snap_vm, work, result.point)
+                    for w in work:
+                        prev = w.chain.latest()
+                        m = self.finish(vm, w, result.point)
+                        committed.add(m.snapshot_uuid)
+                        result.disks.append(summary(m, prev))
             finally:
                 self.pool.destroy_snapshot(snap_vm, keep=committed)
             self.forget_old_bases(result.disks)
@@ -230,8 +254,7 @@ class Backup:
             base=prev, changed_bytes=changes.changed_bytes(), bitmap=changes, base_sums=sums
         )
 
-    def backup_disk(self, vm: Vm, disk: Disk, snap: Disk, chain: Chain, point: str) -> Manifest:
-        started, t0 = now_iso(), time.monotonic()
+    def prepare(self, vm: Vm, disk: Disk, snap: Disk, chain: Chain) -> Work:
         plan = self.plan(disk, snap, chain)
         what = "VM %s disk %s (%s)" % (vm.name, disk.userdevice, disk.uuid)
         if plan.base:
@@ -241,25 +264,30 @@ class Backup:
             )
         else:
             self.say("%s: FULL backup: %s" % (what, plan.reason))
-        partial = chain.partial_path(point)
-        base_image = chain.image_path(plan.base.point) if plan.base else None
-        with self.unpublished(chain, point, what):
-            self.copier.copy(
-                self.budget,
-                self.pool.nbd_hosts(snap.vdi_ref),
-                snap.uuid,
-                partial,
-                base_image,
-                plan.base.snapshot_uuid if plan.base else None,
-            )
-            copy_seconds = time.monotonic() - t0
-            sums, hashed = self.content_sums(partial, plan, snap.virtual_size)
-            final = chain.publish_image(point)
-            manifest = self.manifest(vm, disk, snap, plan, point, sums, final, started)
-            manifest.hashed_bytes = hashed
-            manifest.seconds = round(time.monotonic() - t0, 3)
-            manifest.copy_seconds = round(copy_seconds, 3)
-            chain.commit(manifest, sums)
+        return Work(disk, snap, chain, plan, what)
+
+    def copy(self, snap_vm: str, work: list[Work], point: str) -> None:
+        """All disks of the VM snapshot through one nbdkit; the incremental ones since
+        their base snapshot, the others whole (no base for them in since=)."""
+        started, t0 = now_iso(), time.monotonic()
+        hosts = sorted({h for w in work for h in self.pool.nbd_hosts(w.snap.vdi_ref)})
+        since = [w.plan.base.snapshot_uuid for w in work if w.plan.base]
+        uuid = self.pool.call("VM.get_uuid", snap_vm)
+        self.copier.copy_vm(self.budget, hosts, uuid, [w.copy(point) for w in work], since)
+        for w in work:
+            # The disks share one nbdkit run: each records the VM's copy time.
+            w.started, w.copy_seconds = started, time.monotonic() - t0
+
+    def finish(self, vm: Vm, w: Work, point: str) -> Manifest:
+        t0 = time.monotonic()
+        partial = w.chain.partial_path(point)
+        sums, hashed = self.content_sums(partial, w.plan, w.snap.virtual_size)
+        final = w.chain.publish_image(point)
+        manifest = self.manifest(vm, w.disk, w.snap, w.plan, point, sums, final, w.started)
+        manifest.hashed_bytes = hashed
+        manifest.seconds = round(w.copy_seconds + time.monotonic() - t0, 3)
+        manifest.copy_seconds = round(w.copy_seconds, 3)
+        w.chain.commit(manifest, sums)
         return manifest
 
     def content_sums(self, partial: Path, plan: Plan, size: int) -> tuple[bytes, int]:

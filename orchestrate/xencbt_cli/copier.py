@@ -1,5 +1,8 @@
 """Copy a snapshot into a qcow2 image through the plugin (captive nbdkit + qemu-img).
 
+A VM's disks are copied through one nbdkit (``vm=``: one XAPI login, one connection
+budget), one qemu-img per export, one after another.
+
 The plugin logs in by itself from ``password=+FILE``: no password, session ref or export
 name ever reaches argv.  The source is always read with ``-f raw`` (guest data is never
 probed for a format).
@@ -14,6 +17,7 @@ import shutil
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import command
@@ -68,6 +72,15 @@ class ConnectionBudget:
                 self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class DiskCopy:
+    """One export of a VM snapshot (its userdevice) into ``out``, on ``base`` if any."""
+
+    export: str
+    out: Path
+    base: Path | None = None
+
+
 class Copier:
     def __init__(
         self,
@@ -85,42 +98,57 @@ class Copier:
         self.progress = progress
         self.retry_timeout = retry_timeout
 
-    def params(self, snapshot: str, since: str | None, connections: int) -> list[str]:
+    def params(
+        self,
+        snapshot: str,
+        since: str | Sequence[str] | None,
+        connections: int,
+        kind: str = "vdi",
+    ) -> list[str]:
         s = self.settings
         params = ["xapi=%s" % s.xapi, "user=%s" % s.user, "password=%s" % self.password]
         if s.xapi_cafile:
             params.append("xapi-cafile=%s" % s.xapi_cafile)
         if s.thumbprint:
             params.append("thumbprint=%s" % s.thumbprint)
-        params += ["vdi=%s" % snapshot, "connections=%d" % connections]
+        params += ["%s=%s" % (kind, snapshot), "connections=%d" % connections]
         if since:
-            params.append("since=%s" % since)
+            params.append("since=%s" % (since if isinstance(since, str) else ",".join(since)))
         if self.retry_timeout is not None:
             params.append("retry-timeout=%g" % self.retry_timeout)
         return params
 
-    def copy(
+    def copy_vm(
         self,
         budget: ConnectionBudget,
         hosts: Sequence[str],
-        snapshot: str,
-        out: Path,
-        base: Path | None,
-        since: str | None,
+        snapshot_vm: str,
+        disks: Sequence[DiskCopy],
+        since: Sequence[str],
     ) -> None:
-        """Full (``base`` None) or incremental copy of ``snapshot`` into ``out``."""
+        """Every disk of the VM snapshot through one nbdkit (vm=), ``since`` the disk
+        snapshots the incremental ones are diffed against; the others are copied whole."""
         with budget.take(self.connections, hosts) as n:
-            convert = ["qemu-img", "convert", "-f", "raw", *convert_options(base, n, self.progress)]
-            run = shlex.join(convert) + ' "$uri" ' + shlex.quote(str(out))
+            runs = []
+            for disk in disks:
+                convert = [
+                    "qemu-img",
+                    "convert",
+                    "-f",
+                    "raw",
+                    *convert_options(disk.base, n, self.progress),
+                ]
+                source = shlex.quote("nbd+unix:///%s?socket=" % disk.export) + '"$unixsocket"'
+                runs.append("%s %s %s" % (shlex.join(convert), source, shlex.quote(str(disk.out))))
             argv = [
                 "nbdkit",
                 "-U",
                 "-",
                 *NBDKIT_OPTIONS,
                 *plugin(),
-                *self.params(snapshot, since, n),
+                *self.params(snapshot_vm, sorted(since), n, kind="vm"),
                 "--run",
-                run,
+                " && ".join(runs),
             ]
             command.run(argv, passthrough=self.progress)
 

@@ -26,6 +26,7 @@ from .xapi import ApiTrust, Session
 
 log = logging.getLogger(__name__)
 
+ORIGINATOR = "xencbt-plugin"  # the plugin's sessions, apart from the CLI's in xapi's list
 KEEPALIVE_INTERVAL = 300.0  # seconds; XAPI expires sessions idle for 24 h
 
 
@@ -136,6 +137,7 @@ def open_session(p: Params) -> Session:
         password=p.password,
         session_ref=p.session,
         timeout=p.timeout,
+        originator=ORIGINATOR,
     )
 
 

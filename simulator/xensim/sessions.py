@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid as uuidlib
+from collections import Counter
 from dataclasses import dataclass, field
 
 from .database import new_ref
@@ -26,11 +27,13 @@ class Sessions:
         self.idle_timeout = idle_timeout
         self._live: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self.logins: Counter[str] = Counter()  # by originator, for the control API
 
     def login(self, host: str, user: str, originator: str) -> Session:
         session = Session(new_ref(), host, user, originator)
         with self._lock:
             self._live[session.ref] = session
+            self.logins[originator] += 1
         return session
 
     def check(self, ref: object) -> Session:
