@@ -1,5 +1,6 @@
 """A VM's backup copies all its disks through one nbdkit (vm=, issue #17): one process,
-one XAPI login by the plugin; and every disk still comes out byte for byte."""
+one XAPI login by the plugin; and every disk still comes out byte for byte.  `serve
+--snapshot VM` serves them the same way."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_support import BLOCK, XENCBT, Vm, cli_env, rand, restored_sha
+from cli_support import BLOCK, XENCBT, Vm, cli_env, rand, restored_sha, sha
 from secretwatch import WATCH
+from test_cli_serve import children
+from vmdisk import serving
 
 PLUGIN_ORIGINATOR = "xencbt-plugin"
 
@@ -93,3 +96,35 @@ def test_a_disk_added_since_the_last_backup_is_copied_whole_with_the_others(sim,
     assert starts.read_text().splitlines() == ["start"]
     for i, uuid in enumerate(vm.uuids):
         assert restored_sha(sim, repo, tmp_path, uuid) == vm.digests()[i], i
+
+
+def test_serve_snapshot_vm_serves_every_disk_through_one_nbdkit(sim, tmp_path):
+    vm = Vm(sim)
+    vm.write(0, {0: rand(BLOCK), 9 * BLOCK: rand(BLOCK)})
+    vm.write(1, {2 * BLOCK: rand(BLOCK)})
+    expected = vm.digests()
+    vms_before, vdis_before = set(vm.x.VM.get_all()), set(vm.x.VDI.get_all())
+    with serving(sim, "--snapshot", "demo-vm") as (info, proc):
+        assert info["vm"] == vm.uuid and info["snapshot_taken"]
+        assert info["exports"] == ["0", "1"]
+        snap = vm.x.VM.get_by_uuid(info["snapshot"])
+        assert vm.x.VM.get_is_a_snapshot(snap)
+        vm.write(1, {0: rand(BLOCK)})  # the guest goes on writing: the snapshot does not
+        assert len(children(proc.pid)) == 1  # one nbdkit for both disks
+        sock = info["uri"].split("socket=")[1]
+        for export, digest in zip(("0", "1"), expected):
+            got = subprocess.run(
+                ["nbdcopy", "--", "nbd+unix:///%s?socket=%s" % (export, sock), "-"],
+                capture_output=True,
+                check=True,
+            ).stdout
+            assert sha(got) == digest
+        # The default export is disk 0.
+        assert sha(read(info["uri"])) == expected[0]
+    # The snapshot VM and its disks are gone again.
+    assert set(vm.x.VM.get_all()) == vms_before
+    assert set(vm.x.VDI.get_all()) == vdis_before
+
+
+def read(uri: str) -> bytes:
+    return subprocess.run(["nbdcopy", "--", uri, "-"], capture_output=True, check=True).stdout
