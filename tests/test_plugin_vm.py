@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from cli_support import Vm, rand, sha
-from servers import plugin_server, run_plugin
+from servers import PLUGIN, plugin_server, run_plugin
 from xensim.disks import data_path
 
 BLOCK = 64 * 1024
@@ -212,6 +212,8 @@ def test_unknown_export_name_gets_a_clear_nbd_error(pool, tmp_path):
     run = 'nbdinfo "nbd+unix:///9?socket=$unixsocket"'
     r = run_plugin(pool.params(snap), run)
     assert r.returncode != 0
+    # What the client sees: the NBD error for ENOENT on that name.
+    assert "No such file or directory for export: 9" in r.stderr
     assert "no export named '9'" in r.stderr
     assert "exports 0, 1 (userdevice)" in r.stderr
 
@@ -269,3 +271,14 @@ def test_vdi_keeps_one_default_export(pool, tmp_path):
     assert r.returncode == 0, r.stderr
     assert [e["export-name"] for e in json.loads(r.stdout)["exports"]] == [""]
     assert sha(out.read_bytes()) == sha(pool.raw(snap))
+
+
+def test_dump_plugin_names_the_export_kinds():
+    out = subprocess.run(
+        ["nbdkit", "python", str(PLUGIN), "--dump-plugin"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
+    assert "xencbt_export_kinds=vdi,vm" in out
+    assert "xencbt_param_vm=UUID of a VM snapshot" in out
