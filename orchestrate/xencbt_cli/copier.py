@@ -148,7 +148,9 @@ class Copier:
                 *plugin(),
                 *self.params(snapshot_vm, sorted(since), n, kind="vm"),
                 "--run",
-                " && ".join(runs),
+                # A captive nbdkit outlives a killed xencbt (it forks: setpriv's parent-death
+                # signal stays with the parent it had): at least start no further disk then.
+                " && ".join("kill -0 %d 2>/dev/null && %s" % (os.getpid(), r) for r in runs),
             ]
             command.run(argv, passthrough=self.progress)
 
