@@ -282,3 +282,23 @@ def test_dump_plugin_names_the_export_kinds():
     ).stdout
     assert "xencbt_export_kinds=vdi,vm" in out
     assert "xencbt_param_vm=UUID of a VM snapshot" in out
+
+
+def test_since_must_match_the_disks_once(pool, xensim):
+    s1 = pool.snapshot("s1")
+    s2 = pool.snapshot("s2")
+    # A VDI snapshot that is not of this VM's disks.
+    other = pool.x.VDI.create(
+        {"SR": pool.x.VDI.get_SR(pool.vm.vdis[0]), "virtual_size": str(1 << 20), "name_label": "x"}
+    )
+    pool.x.VDI.enable_cbt(other)
+    stranger = pool.x.VDI.get_uuid(pool.x.VDI.snapshot(other, {}))
+    r = run_plugin(pool.params(s2, "since=%s" % stranger), "true")
+    assert r.returncode != 0
+    assert "since=: %s is not a snapshot of any disk of vm=%s" % (stranger, s2) in r.stderr
+    # Two bases for one disk: the VM snapshot s1 and its own disk 0.
+    r = run_plugin(pool.params(s2, "since=%s,%s" % (s1, pool.disks(s1)["0"])), "true")
+    assert r.returncode != 0 and "names two snapshots of the same disk" in r.stderr
+    r = run_plugin(pool.params(s2, "since=00000000-0000-4000-8000-000000000000"), "true")
+    assert r.returncode != 0 and "no such VDI or VM snapshot in this pool" in r.stderr
+    assert "Traceback" not in r.stderr
