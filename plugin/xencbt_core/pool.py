@@ -189,6 +189,10 @@ class Pool:
             self._wake()
             if shrink:
                 return self._acquire()  # one of the live connections, when it is free
+            if isinstance(e, ConnectionDead) and self._budget.reclaim(self):
+                # The host may be at its limit because another disk of this nbdkit keeps
+                # an idle connection: that one was just closed; try again.
+                return self._acquire()
             raise
 
     def _shrink(self, error: Exception) -> None:

@@ -61,6 +61,35 @@ class Disk:
         return self.source.vdi.size
 
 
+class DiskExport(Export):
+    """A disk's export: its first read opens its first connection, through Pool.start's
+    one retry loop (as Backend.start does for vdi=), while other reads wait for it.  When
+    that fails, every later read fails the same way instead of hammering the host."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._started = False
+        self._failed: XencbtError | None = None
+        self._start_lock = threading.Lock()
+
+    def pread(self, buf: memoryview, offset: int) -> None:
+        if not self._started:
+            self._start()
+        super().pread(buf, offset)
+
+    def _start(self) -> None:
+        with self._start_lock:
+            if self._failed is not None:
+                raise self._failed
+            if not self._started:
+                try:
+                    self.pool.start()
+                except XencbtError as e:
+                    self._failed = e
+                    raise
+                self._started = True
+
+
 class VmBackend(Backend):
     """The Backend of vm=: the session, keep-alive, trust and close() are inherited."""
 
@@ -254,7 +283,7 @@ class VmBackend(Backend):
         pool = Pool(
             disk.source, self.expectation, p.connections, p.timeout, p.retry_timeout, self.budget
         )
-        export = Export(pool, disk.size, disk.bitmap, p.unchanged)
+        export = DiskExport(pool, disk.size, disk.bitmap, p.unchanged)
         export.description = self.description(disk)
         return export
 
