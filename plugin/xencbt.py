@@ -3,13 +3,13 @@
 bitmap as block status.
 
     nbdkit python plugin/xencbt.py xapi=https://POOL password=+FILE vdi=SNAP [since=BASE]
+    nbdkit python plugin/xencbt.py xapi=https://POOL password=+FILE vm=VMSNAP [since=OLDER]
     nbdkit xencbt ...                 (once installed)
     nbdkit xencbt --dump-plugin       (versions, capabilities, every parameter)
 
 Only glue lives here: each callback hands over to xencbt_core.backend.
 """
 
-import builtins
 import errno
 import logging
 import os
@@ -23,16 +23,16 @@ _here = os.path.dirname(os.path.realpath(__file__))
 if os.path.isdir(os.path.join(_here, "xencbt_core")):
     sys.path.insert(0, _here)
 
-from xencbt_core.backend import Backend, dump  # noqa: E402
+from xencbt_core.backend import dump  # noqa: E402
 from xencbt_core.errors import XencbtError  # noqa: E402
 from xencbt_core.params import Params  # noqa: E402
 from xencbt_core.secret import ScrubFilter, scrub  # noqa: E402
+from xencbt_core.vmexport import backend_for  # noqa: E402
 
 API_VERSION = 2
 
 _params = Params()
 _backend = None
-_export = None
 
 
 class _NbdkitLog(logging.Handler):
@@ -102,15 +102,14 @@ def config(key, value):
 def config_complete():
     global _backend
     try:
-        _backend = Backend(_params)
+        _backend = backend_for(_params)
     except XencbtError as e:
         _fail(e)
 
 
 def get_ready():
-    global _export
     try:
-        _export = _backend.start()
+        _backend.start()
     except XencbtError as e:
         _backend.close()
         _fail(e)
@@ -125,12 +124,28 @@ def cleanup():
         _backend.close()
 
 
+def list_exports(readonly, is_tls):
+    return _backend.list_exports()
+
+
+def default_export(readonly, is_tls):
+    return _backend.default_export()
+
+
 def open(readonly):
-    return builtins.object()
+    # The handle is the export (one per disk with vm=); it answers the callbacks below.
+    try:
+        return _backend.open(nbdkit.export_name())
+    except XencbtError as e:
+        _fail(e)
+
+
+def export_description(h):
+    return h.description
 
 
 def get_size(h):
-    return _export.size
+    return h.size
 
 
 def block_size(h):
@@ -157,10 +172,10 @@ def can_cache(h):
 
 def pread(h, buf, offset, flags):
     try:
-        _export.pread(buf, offset)
+        h.pread(buf, offset)
     except XencbtError as e:
         _fail(e)
 
 
 def extents(h, count, offset, flags):
-    return _export.extents(count, offset, bool(flags & nbdkit.FLAG_REQ_ONE))
+    return h.extents(count, offset, bool(flags & nbdkit.FLAG_REQ_ONE))

@@ -29,7 +29,15 @@ def test_password_from_file_is_never_shown(tmp_path):
 @pytest.mark.parametrize(
     "kv, phrase",
     [
-        (dict(xapi="https://pool"), "vdi=UUID"),
+        (dict(xapi="https://pool"), "vdi=UUID or vm=UUID"),
+        (dict(xapi="https://pool", vdi=VDI, vm=BASE, password="x" * 8), "one of vdi="),
+        (dict(xapi="https://pool", vm="not-a-uuid", password="x" * 8), "vm=not-a-uuid is not"),
+        (dict(xapi="https://pool", vm=VDI, since="%s,x" % BASE, password="x" * 8), "since=x is"),
+        (
+            dict(xapi="https://pool", vdi=VDI, since="%s,%s" % (BASE, BASE), password="x" * 8),
+            "list",
+        ),
+        (dict(xapi="https://pool", vm=VDI, since="%s,%s" % (BASE, VDI), password="x" * 8), "older"),
         (dict(xapi="https://pool", vdi="not-a-uuid", password="x" * 8), "is not a UUID"),
         (dict(xapi="https://pool", vdi=VDI, since=VDI, password="x" * 8), "older snapshot"),
         (dict(xapi="https://pool", vdi=VDI), "password"),
@@ -76,3 +84,8 @@ def test_readahead_takes_a_window_of_the_host_s_request_size_or_less():
     assert make(xapi="https://pool", vdi=VDI, password="x" * 8).readahead == 0
     p = make(xapi="https://pool", vdi=VDI, password="x" * 8, readahead="2097152")
     assert p.readahead == 2 * 1024 * 1024
+
+
+def test_since_with_vm_is_a_list():
+    p = make(xapi="pool.example", vm=VDI, since="%s, %s" % (BASE, BASE.upper()), password="x" * 8)
+    assert p.bases() == [BASE, BASE.upper()] and p.vm == VDI

@@ -1,10 +1,11 @@
 """The backup workflow: per VM one snapshot, per disk a full or incremental point.
 
     enable CBT where needed → VM.snapshot "xencbt-<point>" → per disk: decide (and say
-    why a full is needed) → copy through the plugin → chunk digests (all for a full, only
-    the changed chunks for an incremental: digest.py) → sums → manifest →
-    VM.destroy the snapshot, VDI.data_destroy its disks (their CBT log is the next base)
-    → destroy the older base no chain needs any more.
+    why a full is needed) → copy every disk through one nbdkit with the plugin (vm=: one
+    XAPI login, one connection budget; one qemu-img per export) → per disk: chunk digests
+    (all for a full, only the changed chunks for an incremental: digest.py) → sums →
+    manifest → VM.destroy the snapshot, VDI.data_destroy its disks (their CBT log is the
+    next base) → destroy the older base no chain needs any more.
 
 On failure the snapshot VM and the VDIs no manifest refers to are destroyed, partial
 files removed; the repository keeps every point it had.  SIGINT, SIGTERM and SIGHUP do the
@@ -23,6 +24,7 @@ A disk that cannot have CBT (licence, SR) is backed up in full every time, sayin
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import errno
 import logging
@@ -38,7 +40,7 @@ from xencbt_core.secret import scrub
 
 from . import digest, errors, image, progress, vmpoint
 from .children import GROUP
-from .copier import ConnectionBudget, Copier
+from .copier import ConnectionBudget, Copier, DiskCopy
 from .errors import CliError, CommandFailed, Interrupted, RepositoryFull, describe_os_error
 from .ledger import Ledger
 from .pool import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, Disk, NoCbt, Pool, Vm
@@ -59,6 +61,25 @@ class Plan:
     changed_bytes: int = 0
     bitmap: Bitmap | None = None  # what the copy reads: the chunks to rehash
     base_sums: bytes | None = None  # the base's recorded chunk digests, carried over
+
+
+@dataclass
+class Work:
+    """One disk of a VM backup between its plan and its manifest."""
+
+    disk: Disk
+    snap: Disk
+    chain: Chain
+    plan: Plan
+    what: str
+    started: str = ""
+    copy_seconds: float = 0.0
+
+    def copy(self, point: str) -> DiskCopy:
+        # The export's name: its userdevice; the VDI uuid when that is not a plain number.
+        export = self.snap.userdevice if self.snap.userdevice.isdigit() else self.snap.uuid
+        base = self.chain.image_path(self.plan.base.point) if self.plan.base else None
+        return DiskCopy(export, self.chain.partial_path(point), base)
 
 
 @dataclass
@@ -168,15 +189,22 @@ class Backup:
             try:
                 snaps = {d.snapshot_of: d for d in self.pool.disks(snap_vm)}
                 self.ledger(vm).add({d.uuid for d in snaps.values()})
-                for disk in disks:
+                work = [self.prepare(vm, d, snaps[d.vdi_ref], chains[d.uuid]) for d in disks]
+                with contextlib.ExitStack() as files:
+                    for w in work:
+                        files.enter_context(
+                            self.unpublished(w.chain, result.point, w.what, result.undone)
+                        )
+                        w.chain.reserve(result.point)
                     GROUP.check()
-                    chain = chains[disk.uuid]
-                    prev = chain.latest()
-                    snap = snaps[disk.vdi_ref]
-                    m = self.backup_disk(vm, disk, snap, chain, result)
-                    if disk.uuid not in self.no_cbt:  # no CBT log to keep: the VDI goes
-                        committed.add(m.snapshot_uuid)
-                    result.disks.append(summary(m, prev))
+                    self.copy(vm, snap_vm, work, result.point)
+                    for w in work:
+                        GROUP.check()
+                        prev = w.chain.latest()
+                        m = self.finish(vm, w, result.point)
+                        if w.disk.uuid not in self.no_cbt:  # no CBT log to keep: it goes
+                            committed.add(m.snapshot_uuid)
+                        result.disks.append(summary(m, prev))
                 GROUP.check()
                 self.commit_vm_point(vm, snap_vm, result)
             except BaseException:
@@ -342,11 +370,7 @@ class Backup:
             base=prev, changed_bytes=changes.changed_bytes(), bitmap=changes, base_sums=sums
         )
 
-    def backup_disk(
-        self, vm: Vm, disk: Disk, snap: Disk, chain: Chain, result: VmResult
-    ) -> Manifest:
-        point = result.point
-        started, t0 = now_iso(), time.monotonic()
+    def prepare(self, vm: Vm, disk: Disk, snap: Disk, chain: Chain) -> Work:
         plan = self.plan(disk, snap, chain)
         what = "VM %s disk %s (%s)" % (vm.name, disk.userdevice, disk.uuid)
         if plan.base:
@@ -356,30 +380,39 @@ class Backup:
             )
         else:
             self.say("%s: FULL backup: %s" % (what, plan.reason))
-        partial = chain.partial_path(point)
-        base_image = chain.image_path(plan.base.point) if plan.base else None
-        label = "%s disk %s" % (vm.name, disk.userdevice)
-        with self.unpublished(chain, point, what, result.undone):
-            chain.reserve(point)
-            with progress.percent(label + ": copy", snap.virtual_size) as report:
-                self.copier.copy(
-                    self.budget,
-                    self.pool.nbd_hosts(snap.vdi_ref),
-                    snap.uuid,
-                    partial,
-                    base_image,
-                    plan.base.snapshot_uuid if plan.base else None,
-                    report,
-                )
-            copy_seconds = time.monotonic() - t0
-            sums, hashed = self.content_sums(partial, plan, snap.virtual_size, label)
-            final = chain.publish_image(point)
-            manifest = self.manifest(vm, disk, snap, plan, point, sums, final, started)
-            manifest.hashed_bytes = hashed
-            manifest.seconds = round(time.monotonic() - t0, 3)
-            manifest.copy_seconds = round(copy_seconds, 3)
-            manifest.ratio = ratio(manifest.changed_bytes, manifest.bytes_on_disk)
-            chain.commit(manifest, sums)
+        return Work(disk, snap, chain, plan, what)
+
+    def copy(self, vm: Vm, snap_vm: str, work: list[Work], point: str) -> None:
+        """All disks of the VM snapshot through one nbdkit (one XAPI login); the
+        incremental ones since their base snapshot, the others whole (no base for them
+        in since=).  Each disk has its progress line."""
+        started, t0 = now_iso(), time.monotonic()
+        hosts = sorted({h for w in work for h in self.pool.nbd_hosts(w.snap.vdi_ref)})
+        since = [w.plan.base.snapshot_uuid for w in work if w.plan.base]
+        uuid = self.pool.call("VM.get_uuid", snap_vm)
+        with contextlib.ExitStack() as lines:
+            copies = []
+            for w in work:
+                label = "%s disk %s: copy" % (vm.name, w.disk.userdevice)
+                report = lines.enter_context(progress.percent(label, w.snap.virtual_size))
+                copies.append(dataclasses.replace(w.copy(point), report=report))
+            self.copier.copy_vm(self.budget, hosts, uuid, copies, since)
+        for w in work:
+            # The disks share one nbdkit run: each records the VM's copy time.
+            w.started, w.copy_seconds = started, time.monotonic() - t0
+
+    def finish(self, vm: Vm, w: Work, point: str) -> Manifest:
+        t0 = time.monotonic()
+        partial = w.chain.partial_path(point)
+        label = "%s disk %s" % (vm.name, w.disk.userdevice)
+        sums, hashed = self.content_sums(partial, w.plan, w.snap.virtual_size, label)
+        final = w.chain.publish_image(point)
+        manifest = self.manifest(vm, w.disk, w.snap, w.plan, point, sums, final, w.started)
+        manifest.hashed_bytes = hashed
+        manifest.seconds = round(w.copy_seconds + time.monotonic() - t0, 3)
+        manifest.copy_seconds = round(w.copy_seconds, 3)
+        manifest.ratio = ratio(manifest.changed_bytes, manifest.bytes_on_disk)
+        w.chain.commit(manifest, sums)
         return manifest
 
     def content_sums(self, partial: Path, plan: Plan, size: int, label: str) -> tuple[bytes, int]:

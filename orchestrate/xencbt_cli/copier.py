@@ -1,5 +1,8 @@
 """Copy a snapshot into a qcow2 image through the plugin (captive nbdkit + qemu-img).
 
+A VM's disks are copied through one nbdkit (``vm=``: one XAPI login, one connection
+budget), one qemu-img per export, one after another.
+
 The plugin logs in by itself from ``password=+FILE``: no password, session ref or export
 name ever reaches argv.  The source is always read with ``-f raw`` (guest data is never
 probed for a format).
@@ -14,6 +17,7 @@ import shutil
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import command, image
@@ -69,6 +73,16 @@ class ConnectionBudget:
                 self._cond.notify_all()
 
 
+@dataclass(frozen=True)
+class DiskCopy:
+    """One export of a VM snapshot (its userdevice) into ``out``, on ``base`` if any."""
+
+    export: str
+    out: Path
+    base: Path | None = None
+    report: Path | None = None  # where its qemu-img -p goes (progress.percent)
+
+
 class Copier:
     def __init__(
         self,
@@ -87,53 +101,64 @@ class Copier:
         self.retry_timeout = retry_timeout
         self.compression = "none"  # the repository's (repoconfig.py)
 
-    def params(self, snapshot: str, since: str | None, connections: int) -> list[str]:
+    def params(
+        self,
+        snapshot: str,
+        since: str | Sequence[str] | None,
+        connections: int,
+        kind: str = "vdi",
+    ) -> list[str]:
         s = self.settings
         params = ["xapi=%s" % s.xapi, "user=%s" % s.user, self.password]
         if s.xapi_cafile:
             params.append("xapi-cafile=%s" % s.xapi_cafile)
         if s.thumbprint:
             params.append("thumbprint=%s" % s.thumbprint)
-        params += ["vdi=%s" % snapshot, "connections=%d" % connections]
+        params += ["%s=%s" % (kind, snapshot), "connections=%d" % connections]
         if since:
-            params.append("since=%s" % since)
+            params.append("since=%s" % (since if isinstance(since, str) else ",".join(since)))
         if self.retry_timeout is not None:
             params.append("retry-timeout=%g" % self.retry_timeout)
         return params + readahead_params(self.compression)
 
-    def copy(
+    def copy_vm(
         self,
         budget: ConnectionBudget,
         hosts: Sequence[str],
-        snapshot: str,
-        out: Path,
-        base: Path | None,
-        since: str | None,
-        report: Path | None = None,
+        snapshot_vm: str,
+        disks: Sequence[DiskCopy],
+        since: Sequence[str],
     ) -> None:
-        """Full (``base`` None) or incremental copy of ``snapshot`` into ``out``;
-        ``report``: a file for qemu-img's progress figures (progress.percent)."""
+        """Every disk of the VM snapshot through one nbdkit (vm=), one qemu-img per export
+        after the other; ``since`` the disk snapshots the incremental ones are diffed
+        against, the others are copied whole.  A disk's ``report``: the file for its
+        qemu-img's progress figures (progress.percent)."""
         with budget.take(self.connections, hosts) as n:
-            counted = self.progress or report is not None
-            convert = [
-                "qemu-img",
-                "convert",
-                "-f",
-                "raw",
-                *convert_options(base, n, counted, self.compression),
-            ]
-            run = shlex.join(convert) + ' "$uri" ' + shlex.quote(str(out))
-            if report is not None:
-                run += " >" + shlex.quote(str(report))
+            runs = []
+            for disk in disks:
+                counted = self.progress or disk.report is not None
+                convert = [
+                    "qemu-img",
+                    "convert",
+                    "-f",
+                    "raw",
+                    *convert_options(disk.base, n, counted, self.compression),
+                ]
+                source = shlex.quote("nbd+unix:///%s?socket=" % disk.export) + '"$unixsocket"'
+                run = "%s %s %s" % (shlex.join(convert), source, shlex.quote(str(disk.out)))
+                if disk.report is not None:
+                    run += " >" + shlex.quote(str(disk.report))
+                runs.append(run)
             argv = [
                 "nbdkit",
                 "-U",
                 "-",
                 *NBDKIT_OPTIONS,
                 *plugin(),
-                *self.params(snapshot, since, n),
+                *self.params(snapshot_vm, sorted(since), n, kind="vm"),
                 "--run",
-                run,
+                # Nothing is left running if xencbt dies: the group's guard (children.py).
+                " && ".join(runs),
             ]
             command.run(argv, passthrough=self.progress)
 

@@ -247,10 +247,17 @@ def parser() -> argparse.ArgumentParser:
     sv = sub.add_parser(
         "serve", parents=g, help="serve a point (or a live snapshot) read-only over NBD"
     )
-    sv.add_argument("vdi", metavar="VDI", help="uuid or prefix as in list (--snapshot: a pool VDI)")
+    sv.add_argument(
+        "vdi", metavar="VDI", help="uuid or prefix as in list (--snapshot: a pool VDI, or a VM)"
+    )
     sv.add_argument("--repo", metavar="DIR")
     sv.add_argument("--at", metavar="POINT", help="point id (default: the newest)")
-    sv.add_argument("--snapshot", action="store_true", help="serve a live pool VDI via a snapshot")
+    sv.add_argument(
+        "--snapshot",
+        action="store_true",
+        help="serve a live pool VDI via a snapshot; or every disk of a VM (name or uuid), "
+        "one export per userdevice",
+    )
     sv.add_argument("--listen", metavar="unix:PATH|tcp:HOST:PORT", help="default: unix socket")
     tls = sv.add_mutually_exclusive_group()
     tls.add_argument("--tls-psk", metavar="FILE", help="TLS with this PSK file (user:hexkey)")

@@ -1,7 +1,9 @@
 """Serve one disk read-only over NBD for file-level restore: a backup point, or a live snapshot.
 
 A backup point is served by ``qemu-nbd --read-only`` on its qcow2 chain; a live VDI by
-nbdkit with the plugin on a snapshot taken for the purpose (destroyed afterwards).
+nbdkit with the plugin on a snapshot taken for the purpose (destroyed afterwards); a live
+VM the same way with ``vm=``: every disk of its snapshot is an export of one nbdkit,
+named by its userdevice (``nbd+unix:///1?socket=…``), the lowest being the default.
 
 We open the listening socket ourselves and hand it to the server by socket activation
 (``LISTEN_FDS``, understood by qemu-nbd and nbdkit): clients may connect as soon as the
@@ -32,12 +34,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from xencbt_core import nbdproto
+from xencbt_core.errors import XapiError
 
 from . import command
 from .copier import Copier, plugin
 from .errors import OK, CliError, CommandFailed, UsageError
 from .network import warn_if_insecure
-from .pool import Pool
+from .pool import Pool, Vm
 from .repository import UUID, Repository
 
 log = logging.getLogger(__name__)
@@ -371,6 +374,31 @@ class Server:
             if taken:
                 pool.destroy_vdi(ref, uuid)
 
+    def vm_snapshot(self, pool: Pool, copier: Copier, name: str) -> None:
+        """Serve every disk of the VM ``name`` through the plugin (vm=): a snapshot of the
+        VM taken for the purpose, or the VM snapshot given."""
+        ref, rec = _pool_vm(pool, name)
+        taken = not rec["is_a_snapshot"]
+        if taken:
+            # Not "xencbt-…": a backup destroys those as leftovers of its own runs.
+            label = "xencbt serve of %s" % rec["name_label"]
+            ref = pool.snapshot(Vm(ref, rec["uuid"], rec["name_label"]), label)
+        try:
+            exports = [d.userdevice for d in pool.disks(ref)]
+            what = {
+                "vm": rec["uuid"],
+                "snapshot": pool.call("VM.get_uuid", ref),
+                "snapshot_taken": taken,
+                "exports": exports,
+            }
+            with tempfile.TemporaryDirectory(prefix="xencbt-serve-") as private:
+                argv = ["nbdkit", "-f", "--exit-with-parent", "--readonly"]
+                argv += [*self.tls.nbdkit_args(), *plugin_args(copier, what["snapshot"], "vm")]
+                self._serve(argv, private, what)
+        finally:
+            if taken:
+                pool.destroy_snapshot(ref, keep=set())
+
     def _serve(self, argv: list[str], private: str, what: dict) -> None:
         with listening(self.listen, private) as (sock, listen, port):
             endpoint = Endpoint(listen, self.tls, port)
@@ -389,8 +417,22 @@ def _pool_vdi(pool: Pool, vdi: str) -> tuple[str, dict]:
     return ref, rec
 
 
-def plugin_args(copier: Copier, snapshot: str) -> list[str]:
-    return [*plugin(), *copier.params(snapshot, None, CONNECTIONS)]
+def _pool_vm(pool: Pool, name: str) -> tuple[str, dict]:
+    """A VM by name or uuid, or a VM snapshot by uuid."""
+    if UUID.match(name):
+        try:
+            ref = pool.call("VM.get_by_uuid", name)
+        except XapiError as e:
+            if e.code != "UUID_INVALID":
+                raise
+            raise CliError("no VDI %s (nor a VM with that uuid) in the pool" % name) from None
+        return ref, pool.call("VM.get_record", ref)
+    vm = pool.vm(name)
+    return vm.ref, pool.call("VM.get_record", vm.ref)
+
+
+def plugin_args(copier: Copier, snapshot: str, kind: str = "vdi") -> list[str]:
+    return [*plugin(), *copier.params(snapshot, None, CONNECTIONS, kind)]
 
 
 def serve(args, conf, repo: Repository | None, say: Callable[[str], None]) -> int:
@@ -405,8 +447,24 @@ def serve(args, conf, repo: Repository | None, say: Callable[[str], None]) -> in
             raise UsageError("--at names a backup point; --snapshot serves the live VDI")
         with conf.session() as session, conf.plugin_password() as password:
             warn_if_insecure(session, say)
-            server.snapshot(Pool(session), Copier(conf, password, CONNECTIONS, False), args.vdi)
+            pool, copier = Pool(session), Copier(conf, password, CONNECTIONS, False)
+            if _names_a_vdi(pool, args.vdi):
+                server.snapshot(pool, copier, args.vdi)
+            else:
+                server.vm_snapshot(pool, copier, args.vdi)
     return OK
+
+
+def _names_a_vdi(pool: Pool, name: str) -> bool:
+    """--snapshot takes a VDI uuid, or a VM by name or uuid."""
+    if UUID.match(name):
+        return pool.vdi_ref(name) is not None
+    if not pool.call("VM.get_by_name_label", name):
+        raise UsageError(
+            "--snapshot takes a VDI uuid (xe vdi-list) or a VM name or uuid (xe vm-list), "
+            "not %r" % name
+        )
+    return False
 
 
 def announcer(as_json: bool, say: Callable[[str], None]) -> Callable[[dict], None]:
@@ -416,6 +474,13 @@ def announcer(as_json: bool, say: Callable[[str], None]) -> Callable[[dict], Non
         else:
             if "point" in info:
                 what = "VDI %s point %s (%s)" % (info["vdi"], info["point"], info["type"])
+            elif "vm" in info:
+                what = "VM %s as snapshot %s, disks %s (export names; default %s)" % (
+                    info["vm"],
+                    info["snapshot"],
+                    ", ".join(info["exports"]),
+                    info["exports"][0] if info["exports"] else "none",
+                )
             else:
                 what = "VDI %s as snapshot %s" % (info["vdi"], info["snapshot"])
             print("serving %s read-only" % what)

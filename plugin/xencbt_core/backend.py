@@ -26,6 +26,7 @@ from .xapi import ApiTrust, Session
 
 log = logging.getLogger(__name__)
 
+ORIGINATOR = "xencbt-plugin"  # the plugin's sessions, apart from the CLI's in xapi's list
 KEEPALIVE_INTERVAL = 300.0  # seconds; XAPI expires sessions idle for 24 h
 
 
@@ -46,14 +47,7 @@ class Backend:
         if p.nbd_info:
             self.source = FileSource(p.nbd_info)
         else:
-            self.session = Session(
-                p.xapi,
-                ApiTrust(p.xapi_cafile, p.thumbprint, p.xapi_insecure),
-                user=p.user,
-                password=p.password,
-                session_ref=p.session,
-                timeout=p.timeout,
-            )
+            self.session = open_session(p)
             self.source = XapiSource(self.session, p.vdi)
             if p.since:
                 bitmap = self.source.changed_since(p.since)
@@ -77,6 +71,18 @@ class Backend:
                 "to %s; `xencbt nbd enable` without --insecure switches to TLS",
                 ", ".join(plain),
             )
+
+    # The export names of vdi=: one export, whatever name the client asks for (as
+    # before vm= existed, so every recipe with nbd+unix:///?socket= stays true).
+    def list_exports(self) -> list[tuple[str, str]]:
+        return [("", "")]
+
+    def default_export(self) -> str:
+        return ""
+
+    def open(self, name: str) -> Export:
+        assert self.export is not None
+        return self.export
 
     def expectation(self, target: Target) -> Expectation | None:
         """How to verify ``target``; None means plain NBD: on an insecure_nbd network (as
@@ -138,6 +144,18 @@ class Backend:
             self.session.logout()
 
 
+def open_session(p: Params) -> Session:
+    return Session(
+        p.xapi,
+        ApiTrust(p.xapi_cafile, p.thumbprint, p.xapi_insecure),
+        user=p.user,
+        password=p.password,
+        session_ref=p.session,
+        timeout=p.timeout,
+        originator=ORIGINATOR,
+    )
+
+
 def _read_bitmap(path: str, size: int) -> Bitmap:
     return Bitmap.from_base64(read_file(path, "changed-blocks"), size)
 
@@ -158,6 +176,7 @@ def dump() -> dict[str, str]:
         "xencbt_openssl": ssl.OPENSSL_VERSION,
         "xencbt_cryptography": cryptography.__version__,
         "xencbt_verify_modes": "cert,pubkey,ca",
+        "xencbt_export_kinds": "vdi,vm",
         "xencbt_unchanged_modes": "hole,zero",
         "xencbt_max_connections": str(MAX_CONNECTIONS),
         "xencbt_block_size": "65536",

@@ -33,6 +33,8 @@ _ZEROES = memoryview(bytes(4 * 1024 * 1024))
 
 
 class Export:
+    description = ""  # what nbdinfo --list shows (vm= sets one per disk)
+
     def __init__(
         self,
         pool: Pool,

@@ -26,8 +26,11 @@ HELP = {
     "xapi-cafile": "CA or certificate file to verify the API's HTTPS certificate",
     "thumbprint": "pin the API certificate by its SHA-256 fingerprint instead",
     "xapi-insecure": "true to skip verifying the API certificate (not recommended)",
-    "vdi": "UUID of the VDI snapshot to export (required with xapi=)",
-    "since": "UUID of an older snapshot (or cbt_metadata VDI): export only changes since it",
+    "vdi": "UUID of the VDI snapshot to export (this or vm= with xapi=)",
+    "vm": "UUID of a VM snapshot: every disk is an export, named by its userdevice "
+    "(0, 1, ...) and by its VDI uuid; the default export is the lowest userdevice",
+    "since": "UUID of an older snapshot (or cbt_metadata VDI): export only changes since it; "
+    "with vm=: an older VM snapshot, or older disk snapshots as UUID,UUID,...",
     "unchanged": "hole (default): unchanged blocks reported as holes, reads return real "
     "data; zero: reported as zero, reads return zeros without touching the host",
     "verify": "cert (default): server cert must equal get_nbd_info's; pubkey: same public "
@@ -56,6 +59,7 @@ class Params:
     thumbprint: str = ""
     xapi_insecure: bool = False
     vdi: str = ""
+    vm: str = ""
     since: str = ""
     unchanged: str = "hole"
     verify: str = "cert"
@@ -118,7 +122,7 @@ class Params:
 
     def _check_source(self) -> None:
         if self.nbd_info:
-            extra = [k for k in ("xapi", "vdi", "since", "session") if getattr(self, k)]
+            extra = [k for k in ("xapi", "vdi", "vm", "since", "session") if getattr(self, k)]
             if extra or self.password:
                 raise ConfigError(
                     "nbd-info= replaces XAPI: drop %s" % ", ".join(extra or ["password"])
@@ -126,19 +130,29 @@ class Params:
             return
         if self.changed:
             raise ConfigError("changed= goes with nbd-info=; with xapi= use since=")
-        if not self.xapi or not self.vdi:
+        if not self.xapi or bool(self.vdi) == bool(self.vm):
             raise ConfigError(
-                "give xapi=URL and vdi=UUID (or nbd-info=+FILE); see "
+                "give xapi=URL and one of vdi=UUID or vm=UUID (or nbd-info=+FILE); see "
                 "`nbdkit xencbt --dump-plugin` for every parameter"
             )
-        for key in ("vdi", "since"):
+        for key in ("vdi", "vm"):
             value = getattr(self, key)
             if value and not UUID.match(value):
                 raise ConfigError("%s=%s is not a UUID (like 0d1a...-...-...)" % (key, value))
-        if self.since and self.since.lower() == self.vdi.lower():
-            raise ConfigError("since= must be an older snapshot than vdi=, not the same one")
+        for value in self.bases():
+            if not UUID.match(value):
+                raise ConfigError("since=%s is not a UUID (like 0d1a...-...-...)" % value)
+        if self.vdi and len(self.bases()) > 1:
+            raise ConfigError("since= takes one snapshot with vdi=; a list only with vm=")
+        if (self.vdi or self.vm).lower() in [b.lower() for b in self.bases()]:
+            key = "vdi" if self.vdi else "vm"
+            raise ConfigError("since= must be an older snapshot than %s=, not the same one" % key)
         if not (self.password or self.session):
             raise ConfigError("xapi= needs password=+FILE (or password=-) or session=+FILE")
+
+    def bases(self) -> list[str]:
+        """since= as a list: with vm= it may name several snapshots."""
+        return [b.strip() for b in self.since.split(",")] if self.since else []
 
     def _check_choice(self, key: str, choices: tuple[str, ...]) -> None:
         if getattr(self, key) not in choices:

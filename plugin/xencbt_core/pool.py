@@ -13,6 +13,10 @@ host's limit holds across every xencbt process and plugin instance on this machi
 no slot free, a pool that has connections carries on with those, and one that has none
 waits for a slot.  A connection closed politely keeps its slot until the host has closed
 its end (after unplugging the connection's VBD), up to ``LINGER`` seconds.
+
+Under ``vm=`` every disk has a pool and they share one connection budget (budget.py): a
+pool opens a connection only with a unit of it, yields connections beyond its share to a
+starving pool, and reclaims another pool's idle ones when it has waited.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
+from .budget import Budget
 from .errors import (
     ConnectionDead,
     ExportRefused,
@@ -67,6 +72,7 @@ class Pool:
         timeout: float = 60.0,
         retry_timeout: float = 60.0,
         slots: Slots | None = None,
+        budget: Budget | None = None,
     ):
         if not 1 <= size <= MAX_CONNECTIONS:
             raise ValueError("connections must be 1..%d" % MAX_CONNECTIONS)
@@ -88,6 +94,9 @@ class Pool:
         self.slots = slots or Slots()
         self.linger = linger()
         self._held: dict[int, Slot] = {}  # id(connection) -> its slot
+        # Shared with the other disks' pools under vm=; else this pool's own.
+        self._budget = budget or Budget(size, patience=None)
+        self._budget.join(self)
 
     def start(self) -> int:
         """Open the first connection now, so that every setup error shows at start-up.
@@ -176,17 +185,24 @@ class Pool:
         wait and woke each waiter twice; profiling showed that dominating the GIL.)
         Last in, first out: a warm connection answers small reads ~30 % sooner.
         """
+        starving = False
         while True:
             with self._lock:
                 if self._closed:
                     raise UpstreamError("the connection pool is closed")
                 if self._idle:
+                    if starving:
+                        self._budget.fed(self)
                     return self._idle.pop()
                 if self._live < self._limit:
-                    self._live += 1
-                    break
+                    starving = not self._budget.take(self)
+                    if not starving:
+                        self._live += 1
+                        break
                 self._waiting += 1
-            self._wakeups.get()
+            if starving:
+                self._budget.reclaim(self)
+            self._wait()
         try:
             return self._open()
         except BaseException as e:
@@ -195,9 +211,14 @@ class Pool:
                 shrink = isinstance(e, ConnectionDead) and self._live > 0
                 if shrink:
                     self._shrink(e)
+            self._budget.give(self)
             self._wake()
             if shrink:
                 return self._acquire()  # one of the live connections, when it is free
+            if isinstance(e, ConnectionDead) and self._budget.reclaim(self):
+                # The host may be at its limit because another disk of this nbdkit keeps
+                # an idle connection: that one was just closed; try again.
+                return self._acquire()
             raise
 
     def _shrink(self, error: Exception) -> None:
@@ -214,14 +235,40 @@ class Pool:
 
     def _release(self, conn: Connection, healthy: bool, polite: bool | None = None) -> None:
         with self._lock:
-            keep = healthy and not self._closed
+            yielding = healthy and not self._closed and self._budget.should_yield(self)
+            keep = healthy and not self._closed and not yielding
             if keep:
                 self._idle.append(conn)
             else:
                 self._live -= 1
         if not keep:
             self._retire(conn, polite=healthy if polite is None else polite)
+            self._budget.give(self)
         self._wake()
+
+    def _wait(self) -> None:
+        """Until woken; with a shared budget, at most its patience, then look again."""
+        try:
+            self._wakeups.get(timeout=self._budget.patience)
+        except queue.Empty:
+            with self._lock:
+                self._waiting = max(0, self._waiting - 1)
+
+    def wake(self) -> None:
+        """The shared budget has room again: let a waiter try."""
+        self._wake()
+
+    def drop_idle(self) -> bool:
+        """Close the coldest idle connection for another pool of the budget (politely:
+        the host counts it until it has closed its end)."""
+        with self._lock:
+            if not self._idle:
+                return False
+            conn = self._idle.pop(0)
+            self._live -= 1
+        self._retire(conn, polite=True)
+        self._budget.give(self)
+        return True
 
     def _retire(self, conn: Connection, polite: bool) -> None:
         conn.close(polite=polite, linger=self.linger if polite else 0.0)
@@ -339,6 +386,7 @@ class Pool:
         self._wake(everyone=True)
         for conn in idle:
             self._retire(conn, polite=True)
+            self._budget.give(self)
 
 
 def linger() -> float:

@@ -156,6 +156,7 @@ class Session:
         password: Secret | None = None,
         session_ref: Secret | None = None,
         timeout: float = 60.0,
+        originator: str = ORIGINATOR,
     ):
         if not (password or session_ref):
             raise ConfigError("XAPI needs password= or session=")
@@ -166,6 +167,7 @@ class Session:
         self._ref = session_ref
         self.owned = session_ref is None  # we log out only what we logged in
         self.timeout = timeout
+        self.originator = originator  # how xapi's session list names us
         self.generation = 0 if session_ref is None else 1
         self._lock = threading.RLock()
         self._proxy = self._make_proxy()
@@ -202,7 +204,7 @@ class Session:
                         self.user,
                         self._password.reveal(),
                         API_VERSION,
-                        ORIGINATOR,
+                        self.originator,
                     )
                 except XapiError as e:
                     if e.code == "HOST_IS_SLAVE" and e.params:

@@ -31,6 +31,7 @@ class Admin:
             ("POST", "sr-cbt"): self._sr_cbt,
             ("GET", "counters"): lambda a: self._counters(),
             ("POST", "counters/reset"): self._reset,
+            ("GET", "logins"): lambda a: self._logins(),
             # Reliability knobs (issue #5; xensim/hostile.py)
             ("GET", "faults/api"): lambda a: self.xapi.api_faults.to_dict(),
             ("POST", "faults/api"): self._api_faults,
@@ -99,6 +100,11 @@ class Admin:
 
     def _counters(self) -> dict:
         return {name: c.to_dict() for name, c in self.counters.items()}
+
+    def _logins(self) -> dict:
+        """Successful session.login_with_password calls since start, by originator."""
+        by = dict(self.xapi.sessions.logins)
+        return {"total": sum(by.values()), "by_originator": by}
 
     def _reset(self, args: dict) -> dict:
         for counters in self.counters.values():

@@ -95,6 +95,10 @@ class Control:
         peak_connections, refused}."""
         return self._request("GET", "counters")
 
+    def logins(self) -> dict:
+        """{"total": successful logins since start, "by_originator": {originator: n}}."""
+        return self._request("GET", "logins")
+
     def reset_counters(self) -> dict:
         return self._request("POST", "counters/reset", {})
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid as uuidlib
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,11 +41,13 @@ class Sessions:
         self.idle_timeout = idle_timeout
         self._live: dict[str, Session] = {}
         self._lock = threading.Lock()
+        self.logins: Counter[str] = Counter()  # by originator, for the control API
 
     def login(self, host: str, user: str, originator: str) -> Session:
         session = Session(new_ref(), host, user, originator)
         with self._lock:
             self._live[session.ref] = session
+            self.logins[originator] += 1
         return session
 
     def limit(self, originator: str, busy: Callable[[str], bool]) -> int:
