@@ -19,6 +19,7 @@ from pathlib import Path
 
 import nbd
 from servers import _process, free_port, nbd_info_file, plugin_server, run_plugin
+from xencbt_core.backend import ORIGINATOR  # the plugin's sessions, in xapi's list
 from xensim import disks
 
 SIZE = 4 << 20
@@ -234,7 +235,7 @@ def test_plugin_whose_session_the_pool_destroyed_logs_in_again(xensim_factory, t
         assert h.pread(65536, 0) == want[:65536]  # one upstream connection, now idle
         (plugin_session,) = set(sim.control.issued_secrets()["sessions"]) - before
         for _ in range(500):
-            reply = proxy.session.login_with_password("root", sim.password, "1.1", "xencbt")
+            reply = proxy.session.login_with_password("root", sim.password, "1.1", ORIGINATOR)
             assert reply["Status"] == "Success"
         assert proxy.pool.get_all(plugin_session)["ErrorDescription"][0] == "SESSION_INVALID"
         sim.control.set_faults(hold_for=1.0)  # both reads wait: the second needs a new connection
