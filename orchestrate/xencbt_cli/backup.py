@@ -442,7 +442,7 @@ class Backup:
                 for path in paths:
                     with contextlib.suppress(FileNotFoundError):
                         path.unlink()
-                        undone.append("%s removed" % path.name)
+                        undone.append("%s removed (VDI %s)" % (path.name, chain.vdi_uuid))
             if out_of_space(e):
                 raise RepositoryFull(
                     "the repository %s is full (no space left on device) while writing %s "
