@@ -38,7 +38,7 @@ from xencbt_core.cbt import Bitmap
 from xencbt_core.errors import ConfigError, XapiError, XencbtError
 from xencbt_core.secret import scrub
 
-from . import digest, errors, image, progress, vmpoint
+from . import digest, errors, image, progress, testhook, vmpoint
 from .children import GROUP
 from .copier import ConnectionBudget, Copier, DiskCopy
 from .errors import CliError, CommandFailed, Interrupted, RepositoryFull, describe_os_error
@@ -128,14 +128,29 @@ class Backup:
         futures: list[Future] = []
         try:
             with ThreadPoolExecutor(max_workers=self.jobs) as pool:
-                futures = [pool.submit(self.one, name) for name in vms]
+                for name in vms:
+                    futures.append(pool.submit(self.one, name))
                 wait(futures)
         except Interrupted as e:
-            # The signal handler stopped the copies; leaving the pool waited for each VM's
-            # thread to undo its work and say so.
-            e.reported = bool(futures)
+            self.after_stop(vms, futures, e)
+            e.reported = True
             raise
         return [f.result() for f in futures]
+
+    def after_stop(self, vms: list[str], futures: list[Future], e: Interrupted) -> None:
+        """One line per VM whatever the moment the signal came.  The handler stopped the
+        copies; each VM's thread undoes its work and says so (waited for here: the signal
+        may have cut short the pool's own wait, and the handlers now ignore a second one).
+        A VM whose backup was complete before the signal, or that was never handed to a
+        thread, says so here."""
+        for f in futures:
+            if f.exception() is None and (result := f.result()).ok:
+                self.say(
+                    "VM %s: interrupted by %s after its backup completed: point %s kept"
+                    % (result.vm, e.name, result.point)
+                )
+        for name in vms[len(futures) :]:
+            self.say("VM %s: interrupted by %s: %s" % (name, e.name, undone(VmResult(name))))
 
     def one(self, name: str) -> VmResult:
         result = VmResult(name)
@@ -144,6 +159,7 @@ class Backup:
             GROUP.check()
             self.backup_vm(name, result)
             result.ok = True
+            testhook.pause("backup-vm-done")
         except Interrupted as e:
             self.interrupted(result, e)
         except Exception as e:

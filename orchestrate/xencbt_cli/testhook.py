@@ -11,6 +11,7 @@ Unset (always, outside the test suite) it does nothing.  Steps:
 ``restore-partial``  restore.to_file: PATH.partial is checked, not yet renamed to PATH
 ``restore-vm-device``  restore_vm.build: before each VBD is created (the VM is half built)
 ``restore-vm-commit``  restore_vm.Builder.finish: the disks' marks are gone, the VM's not
+``backup-vm-done``  backup.Backup.one: a VM's point is committed, its thread not yet done
 
 ``XENCBT_NOW=2026-01-05T10:00:00`` (UTC) stands in for the clock where a backup names
 its point (the time retention rules bucket points by), so a test can back up over
