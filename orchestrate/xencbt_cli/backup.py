@@ -370,6 +370,7 @@ class Backup:
                     base_image,
                     plan.base.snapshot_uuid if plan.base else None,
                     report,
+                    snap.virtual_size,
                 )
             copy_seconds = time.monotonic() - t0
             sums, hashed = self.content_sums(partial, plan, snap.virtual_size, label)

@@ -110,9 +110,13 @@ class Copier:
         base: Path | None,
         since: str | None,
         report: Path | None = None,
+        size: int = 0,
     ) -> None:
-        """Full (``base`` None) or incremental copy of ``snapshot`` into ``out``;
-        ``report``: a file for qemu-img's progress figures (progress.percent)."""
+        """Full (``base`` None) or incremental copy of ``snapshot`` (``size`` bytes)
+        into ``out``; ``report``: a file for qemu-img's progress figures
+        (progress.percent).  In an encrypted repository ``out`` is created first
+        (image.target) and written into."""
+        into = image.target(out, size, base) if image.repokey.of(out) else None
         with budget.take(self.connections, hosts) as n:
             counted = self.progress or report is not None
             convert = [
@@ -121,8 +125,10 @@ class Copier:
                 "-f",
                 "raw",
                 *convert_options(base, n, counted, self.compression),
+                *(into[0] if into else []),
             ]
-            run = shlex.join(convert) + ' "$uri" ' + shlex.quote(str(out))
+            name = into[1] if into else str(out)
+            run = shlex.join(convert) + ' "$uri" ' + shlex.quote(name)
             if report is not None:
                 run += " >" + shlex.quote(str(report))
             argv = [

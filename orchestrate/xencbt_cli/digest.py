@@ -24,7 +24,7 @@ from pathlib import Path
 
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap
 
-from . import command, image
+from . import command, image, repokey
 from .errors import CliError, UsageError
 
 KIND = "sha256-chunks"
@@ -212,7 +212,7 @@ def trusted_sums(m, image_path: Path, sums_path: Path, chunk: int) -> bytes:
 def load_sums(path: Path, size: int, chunk: int, digest: str) -> bytes:
     """The sidecar's digests, checked against the manifest's ``digest``."""
     try:
-        sums = path.read_bytes()
+        sums = repokey.opened(path, path.read_bytes())
     except FileNotFoundError:
         raise SumsDamaged("its checksum file %s is missing" % path.name) from None
     except OSError as e:

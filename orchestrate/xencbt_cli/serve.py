@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from xencbt_core import nbdproto
 
 from . import command
+from . import image as images
 from .copier import Copier, plugin
 from .errors import OK, CliError, CommandFailed, UsageError
 from .network import warn_if_insecure
@@ -347,8 +348,10 @@ class Server:
             image = chain.image_path(m.point)
             what = {"vdi": chain.vdi_uuid, "point": m.point, "type": m.type}
             with tempfile.TemporaryDirectory(prefix="xencbt-serve-") as private:
-                argv = ["qemu-nbd", "--read-only", "--format=qcow2", "--persistent"]
-                argv += ["--shared=0", *self.tls.qemu_args(private), str(image)]
+                # An encrypted chain: qemu-nbd reads the key file (image.opening).
+                options, name = images.opening(image)
+                argv = ["qemu-nbd", "--read-only", *options, "--persistent"]
+                argv += ["--shared=0", *self.tls.qemu_args(private), name]
                 self._serve(argv, private, what)
 
     def snapshot(self, pool: Pool, copier: Copier, vdi: str) -> None:
