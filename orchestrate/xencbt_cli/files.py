@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import repoconfig
 from .errors import CliError, RepositoryError, UsageError
 from .guest import Guest, GuestError
 from .repository import Chain, Manifest, Repository
@@ -553,6 +554,7 @@ def precheck(args) -> None:
 
 def run(args, repo: Repository, say: Callable[[str], None]) -> dict | list:
     precheck(args)
+    refuse_encrypted(repo)
     sel = point_disks(repo, args.target, args.at)
     key = read_key(args.guest_key_file)
     say("xencbt: %s at point %s: %d disk(s), read-only" % (sel.target, sel.point, len(sel.disks)))
@@ -566,6 +568,18 @@ def run(args, repo: Repository, say: Callable[[str], None]) -> dict | list:
         if args.tar:
             return to_tar(session, items, args.tar, args.force)
         return to_dir(session, items, Path(args.to), args.force)
+
+
+def refuse_encrypted(repo: Repository) -> None:
+    """libguestfs's add_drive takes no secret for a LUKS qcow2 (its ``secret`` is for
+    network protocols) and opens backing files by the names in the headers, without keys:
+    an encrypted chain is refused before anything is started."""
+    config = repoconfig.load(repo)
+    if config is not None and config.encrypted:
+        raise CliError(
+            "xencbt files cannot read an encrypted repository (libguestfs cannot open LUKS "
+            "qcow2 chains): restore the disk (xencbt restore --to-file) and mount that"
+        )
 
 
 def print_result(result: dict | list, long: bool) -> None:
