@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from cli_support import BLOCK, Vm, backup, rand, restored, xencbt
 from secretwatch import WATCH
+from test_restore_vm import check_disks, destroy_vm_and_disks, prepared, restore_vm, snapshot_of_vm
 from vmdisk import serving
 
 MARKER = b"XENCBT-MARKER-the-guest-wrote-this-7f3a9c"
@@ -309,3 +310,31 @@ def test_serve_copy_and_vm_configuration_of_an_encrypted_repository(sim, tmp_pat
         assert json.loads(c.read_bytes())["vm"]
     r = xencbt(sim, "--key-file", str(key), "verify", "--repo", str(dst), check=6)
     assert "is not the key of repository" in one_line(r.stderr)
+
+
+def test_restore_vm_from_an_encrypted_repository(xensim, tmp_path, monkeypatch):
+    """The VM configuration (vTPM, NVRAM) is sealed, and restore-vm rebuilds the same VM
+    from it, with disks restored to the SR through the encrypted chains."""
+    key = make_key(tmp_path / "repo.key")
+    repo = tmp_path / "repo"
+    init_encrypted(xensim, repo, key)
+    monkeypatch.setenv("XENCBT_KEY_FILE", str(key))
+    vm, before, truth = prepared(xensim, repo)
+    (config,) = (repo / vm.uuid / "points").glob("*.config.json")
+    vtpm = before["vtpm"][0].encode()
+    for name, (_, data) in tree_bytes(repo).items():
+        assert vtpm not in data, name
+    assert config.read_bytes().startswith(SEALED)
+    destroy_vm_and_disks(vm.x, vm.ref)
+    out, r = restore_vm(xensim, repo)
+    new = snapshot_of_vm(vm.x, vm.x.VM.get_by_uuid(out["vm_uuid"]))
+    for what in ("name", "config", "vifs", "vtpm"):
+        assert new[what] == before[what], what
+    check_disks(xensim, vm.x, new, truth)
+    xencbt(xensim, "verify", "--repo", str(repo))
+    # A sealed configuration changed by one bit no longer opens: verify names it.
+    data = bytearray(config.read_bytes())
+    data[-1] ^= 1
+    config.write_bytes(bytes(data))
+    r = xencbt(xensim, "verify", "--repo", str(repo), check=4)
+    assert "configuration" in r.stderr

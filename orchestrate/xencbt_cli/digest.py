@@ -25,7 +25,7 @@ from pathlib import Path
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap
 
 from . import command, image, repokey
-from .errors import CliError, UsageError
+from .errors import CliError, RepositoryError, UsageError
 
 KIND = "sha256-chunks"
 CHUNK = 64 << 20
@@ -217,6 +217,8 @@ def load_sums(path: Path, size: int, chunk: int, digest: str) -> bytes:
         raise SumsDamaged("its checksum file %s is missing" % path.name) from None
     except OSError as e:
         raise SumsDamaged("its checksum file %s cannot be read (%s)" % (path.name, e)) from None
+    except RepositoryError as e:  # sealed (repokey.py): damaged, moved, or no key
+        raise SumsDamaged("its checksum file: %s" % e) from None
     if len(sums) != count(size, chunk) * SUM or combine(sums, size) != digest:
         raise SumsDamaged(
             "its checksum file %s is damaged (it does not match the manifest's digest)" % path.name

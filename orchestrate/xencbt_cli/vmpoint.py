@@ -206,6 +206,10 @@ class VmPoints:
                 "the configuration of VM point %s of VM %s is missing (%s)"
                 % (m.point, self.vm_uuid, m.config)
             ) from None
+        except RepositoryError as e:  # sealed: damaged, moved, or no key
+            raise RepositoryError(
+                "the configuration of VM point %s of VM %s: %s" % (m.point, self.vm_uuid, e)
+            ) from None
         if hashlib.sha256(data).hexdigest() != m.config_sha256:
             raise RepositoryError(
                 "the configuration of VM point %s of VM %s does not match its checksum: "
