@@ -197,6 +197,13 @@ def test_wrong_or_missing_key_fails_before_anything_is_written(sim, tmp_path):
     r = xencbt(sim, "--key-file", str(key), "files", "ls", "--repo", str(repo), "demo-vm", check=1)
     assert "cannot read an encrypted repository" in one_line(r.stderr)
     assert tree_bytes(repo) == before
+    # A sealed checksum file changed by one bit no longer opens: verify names it.
+    (sums,) = repo.rglob("*.sums")
+    data = bytearray(sums.read_bytes())
+    data[-1] ^= 1
+    sums.write_bytes(bytes(data))
+    r = xencbt(sim, "--key-file", str(key), "verify", "--repo", str(repo), check=4)
+    assert "checksum file" in r.stderr and "does not decrypt" in r.stderr
 
 
 def test_serve_copy_and_vm_configuration_of_an_encrypted_repository(sim, tmp_path):
