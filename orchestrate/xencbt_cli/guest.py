@@ -89,8 +89,9 @@ def kvm_usable() -> bool:
 class Guest:
     """The disks (oldest userdevice first: /dev/sda, /dev/sdb, …) in one appliance."""
 
-    def __init__(self, images: list[Path], say: Callable[[str], None]):
-        self.images = images
+    def __init__(self, images: list[Path], say: Callable[[str], None], nbd: bool = False):
+        self.images = images  # qcow2 files, or (``nbd``) unix sockets serving the disks
+        self.nbd = nbd
         self.say = say
         self.g = None
         self.keyed: dict[str, str] = {}  # opened LUKS volumes: /dev/mapper/… -> device
@@ -126,7 +127,11 @@ class Guest:
             settings = g.get_backend_settings()
             g.set_backend_settings([*settings, "force_tcg"])
         for path in self.images:
-            g.add_drive_opts(str(path), readonly=True, format="qcow2")
+            if self.nbd:  # image.exported: an encrypted chain, served by qemu-nbd
+                server = ["unix:%s" % path]
+                g.add_drive_opts("", readonly=True, format="raw", protocol="nbd", server=server)
+            else:
+                g.add_drive_opts(str(path), readonly=True, format="qcow2")
         return g
 
     def _launch(self) -> None:

@@ -16,6 +16,9 @@ import hashlib
 import json
 import logging
 import os
+import socket
+import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -177,6 +180,42 @@ def random_access(path: Path) -> Iterator:
         yield h
     finally:
         h.shutdown()
+
+
+@contextlib.contextmanager
+def exported(paths: list[Path]) -> Iterator[list[str]]:
+    """Each image (its chain, with its key) served read-only by its own qemu-nbd on a unix
+    socket in a private directory, for a reader that cannot open an encrypted chain
+    itself (libguestfs); yields the sockets' paths.  Socket activation: each socket
+    listens before its qemu-nbd starts, so a client may connect at once."""
+    with (
+        tempfile.TemporaryDirectory(prefix="xencbt-nbd-") as private,
+        contextlib.ExitStack() as stack,
+    ):
+        found = []
+        for i, path in enumerate(paths):
+            where = os.path.join(private, "disk%d.sock" % i)
+            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+            sock.bind(where)
+            sock.listen(16)
+            options, name = opening(path)
+            argv = ["qemu-nbd", "--read-only", *options, "--persistent", "--shared=0", name]
+            proc = command.start(
+                argv, pass_fds=(command.LISTEN_FD,), preexec_fn=command.activated(sock)
+            )
+            stack.callback(stopped, proc)
+            found.append(where)
+        yield found
+
+
+def stopped(proc) -> None:
+    """A server of ``exported`` ended: SIGTERM, then SIGKILL if it lingers."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def compress_options(compression: str) -> list[str]:

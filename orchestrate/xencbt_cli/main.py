@@ -692,7 +692,7 @@ def cmd_files(args, conf: settings.Settings) -> int:
 
     if args.action == "get" and not (args.to or args.tar):
         raise UsageError("files get: give --to DIR or --tar FILE|-")
-    result = files.run(args, repository(args, conf, key_required=False), say)
+    result = files.run(args, repository(args, conf), say)
     if args.json and args.tar != "-":  # stdout holds the archive then
         report.emit_json(result)
     elif args.action == "ls":
