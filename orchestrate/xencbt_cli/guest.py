@@ -296,6 +296,8 @@ def kill_qemu_children() -> None:
         with contextlib.suppress(OSError):
             for child in (task / "children").read_text().split():
                 comm = Path("/proc/%s/comm" % child).read_text().strip()
-                if comm.startswith("qemu"):
+                # Not qemu-nbd: it serves an encrypted chain to the appliance's next try
+                # (image.exported).
+                if comm.startswith("qemu") and comm != "qemu-nbd":
                     log.info("killing qemu %s: no appliance after %s s", child, KVM_TIMEOUT)
                     os.kill(int(child), signal.SIGKILL)

@@ -195,14 +195,16 @@ def exported(paths: list[Path]) -> Iterator[list[str]]:
         found = []
         for i, path in enumerate(paths):
             where = os.path.join(private, "disk%d.sock" % i)
-            sock = stack.enter_context(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
-            sock.bind(where)
-            sock.listen(16)
             options, name = opening(path)
             argv = ["qemu-nbd", "--read-only", *options, "--persistent", "--shared=0", name]
-            proc = command.start(
-                argv, pass_fds=(command.LISTEN_FD,), preexec_fn=command.activated(sock)
-            )
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.bind(where)
+                sock.listen(16)
+                proc = command.start(
+                    argv, pass_fds=(command.LISTEN_FD,), preexec_fn=command.activated(sock)
+                )
+            # Only qemu-nbd holds the socket now: should it die, a client is refused
+            # instead of waiting in a backlog nobody reads.
             stack.callback(stopped, proc)
             found.append(where)
         yield found
