@@ -193,8 +193,18 @@ def test_wrong_or_missing_key_fails_before_anything_is_written(sim, tmp_path):
         assert tree_bytes(repo) == before, args
         assert (len(vm.x.VDI.get_all()), len(vm.x.VM.get_all())) == (vdis, vms)
         assert not out.exists() and not dst.exists()
-    # list reads only the clear manifests: no key needed.
+    # list reads only the clear manifests: no key needed (nor shown: no key check).
     assert point["point"] in xencbt(sim, "list", "--repo", str(repo)).stdout
+    listed = json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout)
+    assert listed["settings"] == {"compression": "none", "encryption": "luks"}
+    # key_file= in the config file is the third way to give the key.
+    conf = tmp_path / "xencbt.conf"
+    conf.write_text("[xencbt]\nkey_file = %s\n" % key)
+    xencbt(sim, "--config", str(conf), "verify", "--repo", str(repo))
+    conf.write_text("[xencbt]\nkey_file = %s\n" % wrong)
+    r = xencbt(sim, "--config", str(conf), "verify", "--repo", str(repo), check=6)
+    assert "is not the key of repository" in one_line(r.stderr)
+    assert tree_bytes(repo) == before
     # A sealed checksum file changed by one bit no longer opens: verify names it.
     (sums,) = repo.rglob("*.sums")
     data = bytearray(sums.read_bytes())

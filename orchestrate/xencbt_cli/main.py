@@ -449,7 +449,7 @@ def cmd_init(args, conf: settings.Settings) -> int:
         config = repoconfig.RepoConfig(compression=args.compression or "zstd")
     repoconfig.init(repo, config)
     if args.json:
-        report.emit_json({"repository": str(repo.root), "settings": asdict(config)})
+        report.emit_json({"repository": str(repo.root), "settings": config.shown()})
     else:
         say("created repository %s (%s)" % (repo.root, config.describe()))
     return errors.OK
@@ -459,7 +459,7 @@ def cmd_list(args, conf: settings.Settings) -> int:
     repo = repository(args, conf, key_required=False)  # manifests are clear
     listed = report.listing(repo)
     config = repoconfig.load(repo)
-    listed["settings"] = asdict(config) if config else None
+    listed["settings"] = config.shown() if config else None
     for chain in repo.chains():
         for point, why in chain.damaged().items():
             say(

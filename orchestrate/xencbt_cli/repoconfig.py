@@ -40,6 +40,10 @@ class RepoConfig:
     def encrypted(self) -> bool:
         return self.encryption != "none"
 
+    def shown(self) -> dict:
+        """The settings as ``--json`` shows them: not the key check (derived from the key)."""
+        return {"compression": self.compression, "encryption": self.encryption}
+
     def describe(self) -> str:
         return "compression %s, encryption %s" % (self.compression, self.encryption)
 
