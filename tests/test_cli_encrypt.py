@@ -7,12 +7,18 @@ from __future__ import annotations
 import base64
 import json
 import os
+import random
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from cli_support import BLOCK, Vm, backup, rand, restored, xencbt
+from crash_support import start, wait_gone
 from secretwatch import WATCH
+from tally import tally
+from test_cli_copy import backups, manifests, same_as_model
 from test_restore_vm import check_disks, destroy_vm_and_disks, prepared, restore_vm, snapshot_of_vm
 from vmdisk import serving
 
@@ -353,3 +359,57 @@ def test_restore_vm_from_an_encrypted_repository(xensim, tmp_path, monkeypatch):
     config.write_bytes(bytes(data))
     r = xencbt(xensim, "verify", "--repo", str(repo), check=4)
     assert "configuration" in r.stderr
+
+
+@pytest.mark.reliability
+@pytest.mark.timeout(900)  # every new LUKS image costs qemu's PBKDF benchmark (1-3 s)
+def test_reencrypting_copy_killed_at_random_moments_then_rerun_is_complete(
+    xensim_factory, tmp_path, monkeypatch
+):
+    """copy from a repository under key A into one under key B, SIGKILLed at random
+    moments: the re-run leaves DST complete, verifying under B, restoring as the guest
+    wrote, with nothing half-written and no marker in clear."""
+    sim = xensim_factory(disk_sizes="1M,512K", in_use_wait=0.5)
+    key, other = make_key(tmp_path / "a.key"), make_key(tmp_path / "b.key")
+    src, scratch, dst = tmp_path / "src", tmp_path / "scratch", tmp_path / "dst"
+    init_encrypted(sim, src, key)
+    for repo in (scratch, dst):
+        init_encrypted(sim, repo, other)
+    monkeypatch.setenv("XENCBT_KEY_FILE", str(key))
+    to = ["--to-key-file", str(other)]
+    vm = Vm(sim)
+    history: dict[str, list[bytes]] = {}
+    vm.write(0, {0: marked(BLOCK)})
+    backups(sim, src, vm, 2, history)
+    xencbt(sim, "copy", "--repo", str(src), "--to", str(scratch), *to)
+    # The time a copy of one new point per disk takes (see test_cli_copy).
+    backups(sim, src, vm, 1, history)
+    t0 = time.monotonic()
+    xencbt(sim, "copy", "--repo", str(src), "--to", str(scratch), *to)
+    duration = time.monotonic() - t0
+    rng = random.Random(1516)
+    killed = 0
+    for _ in range(4):
+        backups(sim, src, vm, 1, history)
+        proc = start(sim, "copy", "--repo", str(src), "--to", str(dst), *to)
+        time.sleep(rng.uniform(0, duration))
+        if proc.poll() is None:
+            os.kill(proc.pid, signal.SIGKILL)
+            killed += 1
+        proc.wait()
+        left = wait_gone(proc.pid, time.monotonic() + 5.0)
+        for entry in left:
+            os.kill(int(entry.split()[0]), signal.SIGKILL)
+        assert not left, "still running 5 s after the kill: %s" % left
+    tally("kills survived", killed)
+    assert killed >= 2
+    xencbt(sim, "copy", "--repo", str(src), "--to", str(dst), *to)
+    r = xencbt(sim, "copy", "--repo", str(src), "--to", str(dst), *to)
+    assert "nothing to copy" in r.stderr
+    assert [list(c) for c in manifests(dst, vm)] == [sorted(history)] * 2
+    assert not [p for p in dst.rglob("*") if p.name.endswith((".partial", ".tmp"))]
+    assert all(image_info(p)["encrypted"] for p in dst.rglob("*.qcow2"))
+    assert_marker_nowhere(dst)
+    monkeypatch.setenv("XENCBT_KEY_FILE", str(other))
+    xencbt(sim, "verify", "--repo", str(dst))
+    same_as_model(sim, dst, vm, history, tmp_path)
