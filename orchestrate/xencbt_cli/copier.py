@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from . import command, image
+from . import command, image, repokey
 from .errors import CliError
 from .settings import Settings
 
@@ -116,7 +116,7 @@ class Copier:
         into ``out``; ``report``: a file for qemu-img's progress figures
         (progress.percent).  In an encrypted repository ``out`` is created first
         (image.target) and written into."""
-        into = image.target(out, size, base) if image.repokey.of(out) else None
+        into = image.target(out, size, base) if repokey.of(out) else None
         with budget.take(self.connections, hosts) as n:
             counted = self.progress or report is not None
             convert = [

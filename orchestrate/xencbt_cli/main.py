@@ -438,9 +438,10 @@ def cmd_init(args, conf: settings.Settings) -> int:
     from . import repokey
     from .repository import Repository
 
-    repo = Repository(args.repo or conf.repo or "")
-    if not str(args.repo or conf.repo or ""):
+    root = args.repo or conf.repo
+    if not root:
         raise UsageError("no repository: give --repo DIR (or repo= in the config)")
+    repo = Repository(root)  # not unlocked: it has no settings yet
     if args.encrypt:
         if not conf.key_file:
             raise UsageError("--encrypt needs the key: --key-file FILE (or XENCBT_KEY_FILE)")
