@@ -11,6 +11,7 @@ the guest had at that point (never with xencbt's own output).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import json
@@ -25,7 +26,7 @@ from pathlib import Path
 
 import guestbuild
 import pytest
-from cli_support import XENCBT, backup, cli_env
+from cli_support import XENCBT, backup, cli_env, xencbt
 from conftest import Simulator
 from guestbuild import DATA, EFI, KEY, ROOT, File, GuestModel
 from secretwatch import WATCH
@@ -348,3 +349,23 @@ def local_user() -> str:
         check=True,
     )
     return USER
+
+
+def test_files_of_an_encrypted_repository(scene: Scene, tmp_path: Path) -> None:
+    """An encrypted copy of the repository (xencbt copy re-encrypts): libguestfs cannot
+    open a LUKS qcow2 itself, so each chain is served to it by qemu-nbd with the key;
+    what comes out is the model's, and the key never shows (the secret watch)."""
+    key = tmp_path / "repo.key"
+    key.write_text(base64.b64encode(os.urandom(48)).decode() + "\n")
+    key.chmod(0o600)
+    WATCH.register(key.read_text().strip())
+    enc = tmp_path / "encrypted"
+    xencbt(scene.sim, "--key-file", str(key), "init", "--repo", str(enc), "--encrypt")
+    xencbt(scene.sim, "--key-file", str(key), "copy", "--repo", str(scene.repo), "--to", str(enc))
+    dest = tmp_path / "old"
+    args = ["get", "--key-file", str(key), "--repo", str(enc), "demo-vm"]
+    r = scene.files(*args, "--at", scene.points[0], "/", "--to", str(dest))
+    assert "extracted" in r.stderr
+    assert_extracted(dest, expected_os(scene.models[0].os_view()), vfat={"/boot/efi"})
+    r = scene.files("ls", "--repo", str(enc), "demo-vm", check=2)
+    assert "is encrypted: give its key file" in r.stderr

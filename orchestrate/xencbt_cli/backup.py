@@ -79,7 +79,8 @@ class Work:
         # The export's name: its userdevice; the VDI uuid when that is not a plain number.
         export = self.snap.userdevice if self.snap.userdevice.isdigit() else self.snap.uuid
         base = self.chain.image_path(self.plan.base.point) if self.plan.base else None
-        return DiskCopy(export, self.chain.partial_path(point), base)
+        partial = self.chain.partial_path(point)
+        return DiskCopy(export, partial, base, size=self.snap.virtual_size)
 
 
 @dataclass

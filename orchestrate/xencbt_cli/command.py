@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -36,6 +40,26 @@ def joined(argv: Sequence[str]) -> list[str]:
     """``argv`` for a command a library starts for us (libnbd's socket activation):
     it joins the children's process group first, as if started by ``start``."""
     return [sys.executable, "-I", "-S", "-c", JOIN, str(GROUP.pgid()), *bound(argv)]
+
+
+LISTEN_FD = 3  # sd_listen_fds(3): passed sockets start at fd 3
+PR_SET_PDEATHSIG = 1
+
+
+def activated(sock: socket.socket) -> Callable[[], None]:
+    """preexec_fn: the socket as fd 3 with LISTEN_PID/LISTEN_FDS, and death with us."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = sock.fileno()
+
+    def setup() -> None:
+        os.dup2(fd, LISTEN_FD)
+        os.set_inheritable(LISTEN_FD, True)
+        os.putenv("LISTEN_PID", str(os.getpid()))
+        os.putenv("LISTEN_FDS", "1")
+        os.unsetenv("LISTEN_FDNAMES")
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # even if we are SIGKILLed
+
+    return setup
 
 
 def start(argv: Sequence[str], **options) -> subprocess.Popen:

@@ -81,6 +81,7 @@ class DiskCopy:
     out: Path
     base: Path | None = None
     report: Path | None = None  # where its qemu-img -p goes (progress.percent)
+    size: int = 0  # the snapshot's virtual size
 
 
 class Copier:
@@ -132,10 +133,13 @@ class Copier:
         """Every disk of the VM snapshot through one nbdkit (vm=), one qemu-img per export
         after the other; ``since`` the disk snapshots the incremental ones are diffed
         against, the others are copied whole.  A disk's ``report``: the file for its
-        qemu-img's progress figures (progress.percent)."""
+        qemu-img's progress figures (progress.percent); its ``size``: the snapshot's, for
+        the image an encrypted repository creates first (image.target)."""
+        # Encrypted repository: the images are created first, then written into.
+        targets = [image.target(disk.out, disk.size, disk.base) for disk in disks]
         with budget.take(self.connections, hosts) as n:
             runs = []
-            for disk in disks:
+            for disk, into in zip(disks, targets):
                 counted = self.progress or disk.report is not None
                 convert = [
                     "qemu-img",
@@ -143,9 +147,11 @@ class Copier:
                     "-f",
                     "raw",
                     *convert_options(disk.base, n, counted, self.compression),
+                    *(into[0] if into else []),
                 ]
+                name = into[1] if into else str(disk.out)
                 source = shlex.quote("nbd+unix:///%s?socket=" % disk.export) + '"$unixsocket"'
-                run = "%s %s %s" % (shlex.join(convert), source, shlex.quote(str(disk.out)))
+                run = "%s %s %s" % (shlex.join(convert), source, shlex.quote(name))
                 if disk.report is not None:
                     run += " >" + shlex.quote(str(disk.report))
                 runs.append(run)

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap
 
-from . import command, image
-from .errors import CliError, UsageError
+from . import command, image, repokey
+from .errors import CliError, RepositoryError, UsageError
 
 KIND = "sha256-chunks"
 CHUNK = 64 << 20
@@ -212,11 +212,13 @@ def trusted_sums(m, image_path: Path, sums_path: Path, chunk: int) -> bytes:
 def load_sums(path: Path, size: int, chunk: int, digest: str) -> bytes:
     """The sidecar's digests, checked against the manifest's ``digest``."""
     try:
-        sums = path.read_bytes()
+        sums = repokey.opened(path, path.read_bytes())
     except FileNotFoundError:
         raise SumsDamaged("its checksum file %s is missing" % path.name) from None
     except OSError as e:
         raise SumsDamaged("its checksum file %s cannot be read (%s)" % (path.name, e)) from None
+    except RepositoryError as e:  # sealed (repokey.py): damaged, moved, or no key
+        raise SumsDamaged("its checksum file: %s" % e) from None
     if len(sums) != count(size, chunk) * SUM or combine(sums, size) != digest:
         raise SumsDamaged(
             "its checksum file %s is damaged (it does not match the manifest's digest)" % path.name

@@ -46,6 +46,12 @@ class RepositoryError(CliError):
     """The repository is missing, malformed, or has no such VDI / point."""
 
 
+class WrongKey(CliError):
+    """The key given is not the encrypted repository's (its key check differs)."""
+
+    exit_code = AUTH
+
+
 class RepositoryFull(RepositoryError):
     """The repository's file system has no space left; nothing half-written is kept."""
 

@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import image, repokey
 from .errors import CliError, RepositoryError, UsageError
 from .guest import Guest, GuestError
 from .repository import Chain, Manifest, Repository
@@ -556,7 +557,11 @@ def run(args, repo: Repository, say: Callable[[str], None]) -> dict | list:
     sel = point_disks(repo, args.target, args.at)
     key = read_key(args.guest_key_file)
     say("xencbt: %s at point %s: %d disk(s), read-only" % (sel.target, sel.point, len(sel.disks)))
-    with read_locks(sel, say), Guest(sel.images(), say).opened() as guest:
+    with (
+        read_locks(sel, say),
+        drives(sel) as (paths, nbd),
+        Guest(paths, say, nbd).opened() as guest,
+    ):
         session = Session(guest, sel, say, key)
         if args.action == "ls":
             if not args.paths:
@@ -566,6 +571,18 @@ def run(args, repo: Repository, say: Callable[[str], None]) -> dict | list:
         if args.tar:
             return to_tar(session, items, args.tar, args.force)
         return to_dir(session, items, Path(args.to), args.force)
+
+
+@contextlib.contextmanager
+def drives(sel) -> Iterator[tuple[list, bool]]:
+    """What libguestfs opens: the images themselves, or, in an encrypted repository, each
+    chain served by qemu-nbd (image.exported), as libguestfs's add_drive takes no key
+    for a LUKS qcow2 and opens backing files by their header names."""
+    if repokey.of(sel.images()[0]) is None:
+        yield sel.images(), False
+        return
+    with image.exported(sel.images()) as sockets:
+        yield sockets, True
 
 
 def print_result(result: dict | list, long: bool) -> None:

@@ -89,8 +89,9 @@ def kvm_usable() -> bool:
 class Guest:
     """The disks (oldest userdevice first: /dev/sda, /dev/sdb, …) in one appliance."""
 
-    def __init__(self, images: list[Path], say: Callable[[str], None]):
-        self.images = images
+    def __init__(self, images: list[Path], say: Callable[[str], None], nbd: bool = False):
+        self.images = images  # qcow2 files, or (``nbd``) unix sockets serving the disks
+        self.nbd = nbd
         self.say = say
         self.g = None
         self.keyed: dict[str, str] = {}  # opened LUKS volumes: /dev/mapper/… -> device
@@ -126,7 +127,11 @@ class Guest:
             settings = g.get_backend_settings()
             g.set_backend_settings([*settings, "force_tcg"])
         for path in self.images:
-            g.add_drive_opts(str(path), readonly=True, format="qcow2")
+            if self.nbd:  # image.exported: an encrypted chain, served by qemu-nbd
+                server = ["unix:%s" % path]
+                g.add_drive_opts("", readonly=True, format="raw", protocol="nbd", server=server)
+            else:
+                g.add_drive_opts(str(path), readonly=True, format="qcow2")
         return g
 
     def _launch(self) -> None:
@@ -291,6 +296,8 @@ def kill_qemu_children() -> None:
         with contextlib.suppress(OSError):
             for child in (task / "children").read_text().split():
                 comm = Path("/proc/%s/comm" % child).read_text().strip()
-                if comm.startswith("qemu"):
+                # Not qemu-nbd: it serves an encrypted chain to the appliance's next try
+                # (image.exported).
+                if comm.startswith("qemu") and comm != "qemu-nbd":
                     log.info("killing qemu %s: no appliance after %s s", child, KVM_TIMEOUT)
                     os.kill(int(child), signal.SIGKILL)

@@ -30,7 +30,8 @@ exit codes:
   3  partial failure: some VMs of a multi-VM backup failed, the others succeeded
   4  verify failed (the message names every failing point)
   5  a VDI chain is locked by another xencbt (the message names it, with its pid); see --wait
-  6  authentication failed: the pool refused the user or password (password changed?)
+  6  authentication failed: the pool refused the user or password (password changed?),
+     or the key file is not the encrypted repository's key
 130 interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP: either way the
     copies are stopped, the snapshot destroyed, partial files removed, locks released
 With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.
@@ -85,6 +86,12 @@ def add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         metavar="SHA256",
         default=default(None),
         help="pin the API certificate instead",
+    )
+    p.add_argument(
+        "--key-file",
+        metavar="FILE",
+        default=default(None),
+        help="key of an encrypted repository (at least 32 bytes of text)",
     )
     p.add_argument("--config", metavar="FILE", default=default(None), help="INI config file")
     p.add_argument(
@@ -151,8 +158,13 @@ def parser() -> argparse.ArgumentParser:
     ini.add_argument(
         "--compression",
         choices=("zstd", "none"),
-        default="zstd",
-        help="of the clusters of new points (default zstd)",
+        default=None,
+        help="of the clusters of new points (default zstd; none with --encrypt)",
+    )
+    ini.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt every image (qcow2 LUKS) and sidecar with the key of --key-file",
     )
 
     s = sub.add_parser("list", parents=g, help="list backup points")
@@ -243,6 +255,11 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--repo", metavar="DIR", help="the repository to copy from")
     cp.add_argument("--to", metavar="DIR", required=True, help="the repository to copy into")
     cp.add_argument("--wait", action="store_true", help="wait for a locked chain")
+    cp.add_argument(
+        "--to-key-file",
+        metavar="FILE",
+        help="key of an encrypted DST when it is not --key-file's (copy re-encrypts)",
+    )
 
     sv = sub.add_parser(
         "serve", parents=g, help="serve a point (or a live snapshot) read-only over NBD"
@@ -376,13 +393,17 @@ def say(text: str) -> None:
     print(scrub(text), file=sys.stderr, flush=True)
 
 
-def repository(args, conf: settings.Settings):
+def repository(args, conf: settings.Settings, key_required: bool = True):
+    """The repository the command names, its key checked (repoconfig.unlock) before
+    anything is read or written: a wrong or missing key stops here."""
     from .repository import Repository
 
     root = args.repo or conf.repo
     if not root:
         raise UsageError("no repository: give --repo DIR (or repo= in the config)")
-    return Repository(root)
+    repo = Repository(root)
+    repoconfig.unlock(repo, conf.key_file, key_required)
+    return repo
 
 
 def cmd_backup(args, conf: settings.Settings) -> int:
@@ -430,21 +451,32 @@ def cmd_backup(args, conf: settings.Settings) -> int:
 
 
 def cmd_init(args, conf: settings.Settings) -> int:
-    repo = repository(args, conf)
-    config = repoconfig.RepoConfig(compression=args.compression)
+    from . import repokey
+    from .repository import Repository
+
+    root = args.repo or conf.repo
+    if not root:
+        raise UsageError("no repository: give --repo DIR (or repo= in the config)")
+    repo = Repository(root)  # not unlocked: it has no settings yet
+    if args.encrypt:
+        if not conf.key_file:
+            raise UsageError("--encrypt needs the key: --key-file FILE (or XENCBT_KEY_FILE)")
+        config = repoconfig.encrypted(args.compression, repokey.load(conf.key_file))
+    else:
+        config = repoconfig.RepoConfig(compression=args.compression or "zstd")
     repoconfig.init(repo, config)
     if args.json:
-        report.emit_json({"repository": str(repo.root), "settings": asdict(config)})
+        report.emit_json({"repository": str(repo.root), "settings": config.shown()})
     else:
         say("created repository %s (%s)" % (repo.root, config.describe()))
     return errors.OK
 
 
 def cmd_list(args, conf: settings.Settings) -> int:
-    repo = repository(args, conf)
+    repo = repository(args, conf, key_required=False)  # manifests are clear
     listed = report.listing(repo)
     config = repoconfig.load(repo)
-    listed["settings"] = asdict(config) if config else None
+    listed["settings"] = config.shown() if config else None
     for chain in repo.chains():
         for point, why in chain.damaged().items():
             say(
@@ -632,6 +664,8 @@ def cmd_copy(args, conf: settings.Settings) -> int:
     dst = Repository(args.to)
     if dst.root.resolve() == src.root.resolve():
         raise UsageError("--to names the repository itself")
+    # DST's own key (another, or the same file): checked before anything is copied.
+    repoconfig.unlock(dst, args.to_key_file or conf.key_file)
     chains = [c for cs in report.vms(src, args.vms).values() for c in cs]
     copied = copy_repository(src, dst, chains, args.wait, say)
     vm_points = copy_vm_points(src, dst, chains, args.wait, say)
@@ -724,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
                 "xapi_cafile": args.xapi_cafile,
                 "thumbprint": args.thumbprint,
                 "repo": getattr(args, "repo", None),
+                "key_file": args.key_file,
             },
             args.config,
         )

@@ -3,6 +3,10 @@
 Written once by ``xencbt init`` (or by the first backup into a directory that has none,
 with the defaults), atomically, 0600.  The settings apply to every new point; points
 already written keep what they were written with (their manifest says which).
+
+An encrypted repository (``encryption = luks``, repokey.py says how) also holds its
+``key_salt`` and ``key_check``: ``unlock`` checks the key given against them before a
+command reads or writes anything.  Its compression is ``none`` (qemu cannot do both).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import io
 import logging
 from dataclasses import dataclass
 
+from . import repokey
 from .errors import RepositoryError, UsageError
 from .repository import Repository, write_atomically
 
@@ -21,19 +26,33 @@ NAME = "repository.conf"
 SECTION = "repository"
 COMPRESSIONS = ("zstd", "none")
 DEFAULT_COMPRESSION = "zstd"
+ENCRYPTIONS = ("none", "luks")
 
 
 @dataclass
 class RepoConfig:
     compression: str = DEFAULT_COMPRESSION
     encryption: str = "none"
+    key_salt: str = ""  # hex; with encryption only (repokey.py)
+    key_check: str = ""  # hex HMAC-SHA256: the key check value, never the key
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption != "none"
+
+    def shown(self) -> dict:
+        """The settings as ``--json`` shows them: not the key check (derived from the key)."""
+        return {"compression": self.compression, "encryption": self.encryption}
 
     def describe(self) -> str:
         return "compression %s, encryption %s" % (self.compression, self.encryption)
 
     def to_ini(self) -> str:
         parser = configparser.ConfigParser()
-        parser[SECTION] = {"compression": self.compression, "encryption": self.encryption}
+        values = {"compression": self.compression, "encryption": self.encryption}
+        if self.encrypted:
+            values.update(key_salt=self.key_salt, key_check=self.key_check)
+        parser[SECTION] = values
         out = io.StringIO()
         out.write("# xencbt repository settings (xencbt init); they apply to new points\n")
         parser.write(out)
@@ -58,16 +77,59 @@ def load(repo: Repository) -> RepoConfig | None:
     config = RepoConfig(
         compression=section.get("compression", DEFAULT_COMPRESSION).strip(),
         encryption=section.get("encryption", "none").strip(),
+        key_salt=section.get("key_salt", "").strip(),
+        key_check=section.get("key_check", "").strip(),
     )
     if config.compression not in COMPRESSIONS:
         raise RepositoryError(
             "%s: unknown compression %r (one of %s)"
             % (p, config.compression, ", ".join(COMPRESSIONS))
         )
-    if config.encryption != "none":
+    if config.encryption not in ENCRYPTIONS:
         raise RepositoryError(
             "%s: encryption %r is not supported by this xencbt" % (p, config.encryption)
         )
+    if config.encrypted:
+        try:
+            if (
+                len(bytes.fromhex(config.key_salt)) < 8
+                or len(bytes.fromhex(config.key_check)) != 32
+            ):
+                raise ValueError
+        except ValueError:
+            raise RepositoryError("%s: its key_salt or key_check is damaged" % p) from None
+    return config
+
+
+def encrypted(compression: str | None, key: repokey.RepoKey) -> RepoConfig:
+    """The settings of a new encrypted repository for ``key``."""
+    if compression not in (None, "none"):
+        raise UsageError(
+            "--encrypt stores uncompressed clusters (qemu cannot compress and encrypt one "
+            "qcow2): leave out --compression, or give --compression none"
+        )
+    salt = repokey.new_salt()
+    return RepoConfig("none", "luks", salt.hex(), key.check_value(salt))
+
+
+def unlock(repo: Repository, key_file: str | None, required: bool = True) -> RepoConfig | None:
+    """The repository's settings, its key checked and registered (repokey.unlock) when
+    it is encrypted: before a command reads or writes anything.  ``required`` False: a
+    command that reads no image or sidecar (list) goes on without a key."""
+    config = load(repo)
+    if config is None or not config.encrypted:
+        if key_file and config is not None:
+            log.info("repository %s is not encrypted: the key file is not used", repo.root)
+        return config
+    if not key_file:
+        if not required:
+            return config
+        raise UsageError(
+            "repository %s is encrypted: give its key file (--key-file FILE, key_file= in "
+            "the config file, or XENCBT_KEY_FILE)" % repo.root
+        )
+    key = repokey.load(key_file)
+    repokey.unlock(repo.root, key, bytes.fromhex(config.key_salt), config.key_check)
     return config
 
 
@@ -76,6 +138,8 @@ def init(repo: Repository, config: RepoConfig) -> None:
     (its points were written with them)."""
     if config.compression not in COMPRESSIONS:
         raise UsageError("--compression must be one of %s" % ", ".join(COMPRESSIONS))
+    if config.encrypted and config.compression != "none":
+        raise UsageError("an encrypted repository stores uncompressed clusters")
     if path(repo).exists():
         raise RepositoryError(
             "%s is already a repository (%s): its settings stay"

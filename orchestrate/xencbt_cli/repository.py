@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-from . import image, testhook
+from . import image, repokey, testhook
 from .errors import CliError, LockBusy, RepositoryError
 
 log = logging.getLogger(__name__)
@@ -242,7 +242,8 @@ class Chain:
         """Make a point exist: its image (already renamed) first, then its sums, then its
         manifest."""
         if sums is not None:
-            write_atomically(self.sums_path(manifest.point), sums)
+            path = self.sums_path(manifest.point)
+            write_atomically(path, repokey.sealed(path, sums))  # they reveal content
         write_atomically(self.manifest_path(manifest.point), manifest.to_json())
 
     def reserve(self, point: str) -> Path:

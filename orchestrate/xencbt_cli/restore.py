@@ -133,10 +133,12 @@ def to_file(
         os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         os.chmod(partial, 0o600)
         label = "%s disk %s" % (m.vm_name, m.userdevice)
-        convert = ["qemu-img", "convert", "-f", "qcow2", "-O", fmt]
+        # The restored file is in clear: it is the disk the user asked for.
+        options, name = image.opening(chain.image_path(m.point))
+        convert = ["qemu-img", "convert", *options, "-O", fmt]
         try:
             with progress.percent(label + ": restore " + m.point, m.virtual_size) as report:
-                counted = [*convert, *(["-p"] if report else []), chain.image_path(m.point)]
+                counted = [*convert, *(["-p"] if report else []), name]
                 command.run(progress.reporting([*counted, partial], report))
         except CommandFailed as e:  # an image of the chain too damaged to read at all
             raise CommandFailed("%s; %s" % (e, advice(chain, m))) from None

@@ -17,7 +17,6 @@ and anyone who can reach the port could read it.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import ipaddress
 import json
 import logging
@@ -37,6 +36,7 @@ from xencbt_core import nbdproto
 from xencbt_core.errors import XapiError
 
 from . import command
+from . import image as images
 from .copier import Copier, plugin
 from .errors import OK, CliError, CommandFailed, UsageError
 from .network import warn_if_insecure
@@ -46,7 +46,6 @@ from .repository import UUID, Repository
 log = logging.getLogger(__name__)
 
 LISTEN_FD = 3  # sd_listen_fds(3): passed sockets start at fd 3
-PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT = 30
 READY_TIMEOUT = 120  # the plugin logs in to XAPI before it serves
 SNAPSHOT_NAME = "xencbt-serve"
@@ -233,26 +232,10 @@ def _bind(sock: socket.socket, addr, shown: str) -> None:
         raise CliError("cannot listen on %s: %s" % (shown, e.strerror or e)) from None
 
 
-def _activated(sock: socket.socket) -> Callable[[], None]:
-    """preexec_fn: the socket as fd 3 with LISTEN_PID/LISTEN_FDS, and death with us."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = sock.fileno()
-
-    def setup() -> None:
-        os.dup2(fd, LISTEN_FD)
-        os.set_inheritable(LISTEN_FD, True)
-        os.putenv("LISTEN_PID", str(os.getpid()))
-        os.putenv("LISTEN_FDS", "1")
-        os.unsetenv("LISTEN_FDNAMES")
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)  # even if we are SIGKILLed
-
-    return setup
-
-
 def run_server(argv: list[str], sock: socket.socket, ready: Callable[[], None]) -> None:
     """Run the server on ``sock`` until SIGINT/SIGTERM (return) or its own exit (raise)."""
     log.info("running %s", command.shown(argv))
-    proc = command.start(argv, pass_fds=(LISTEN_FD,), preexec_fn=_activated(sock))
+    proc = command.start(argv, pass_fds=(LISTEN_FD,), preexec_fn=command.activated(sock))
     try:
         wait_ready(sock, proc, argv[0])
         ready()
@@ -350,8 +333,10 @@ class Server:
             image = chain.image_path(m.point)
             what = {"vdi": chain.vdi_uuid, "point": m.point, "type": m.type}
             with tempfile.TemporaryDirectory(prefix="xencbt-serve-") as private:
-                argv = ["qemu-nbd", "--read-only", "--format=qcow2", "--persistent"]
-                argv += ["--shared=0", *self.tls.qemu_args(private), str(image)]
+                # An encrypted chain: qemu-nbd reads the key file (image.opening).
+                options, name = images.opening(image)
+                argv = ["qemu-nbd", "--read-only", *options, "--persistent"]
+                argv += ["--shared=0", *self.tls.qemu_args(private), name]
                 self._serve(argv, private, what)
 
     def snapshot(self, pool: Pool, copier: Copier, vdi: str) -> None:

@@ -9,6 +9,7 @@ The config file is INI with one ``[xencbt]`` section::
     xapi_cafile = /etc/xencbt/pool-master.pem
     # thumbprint = AA:BB:...
     # repo = /srv/backup
+    # key_file = /etc/xencbt/repo.key         ; an encrypted repository's key, 0600
 
 ``--config FILE``, else the first of /etc/xencbt/xencbt.conf and
 ~/.config/xencbt/xencbt.conf that exists.  The password itself is never an option.
@@ -41,8 +42,18 @@ ENV = {
     "user": "XENCBT_USER",
     "password_file": "XENCBT_PASSWORD_FILE",
     "session_file": "XENCBT_SESSION_FILE",
+    "key_file": "XENCBT_KEY_FILE",
 }
-KEYS = ("xapi", "user", "password_file", "session_file", "xapi_cafile", "thumbprint", "repo")
+KEYS = (
+    "xapi",
+    "user",
+    "password_file",
+    "session_file",
+    "xapi_cafile",
+    "thumbprint",
+    "repo",
+    "key_file",  # an encrypted repository's key (repokey.py)
+)
 
 
 @dataclass
@@ -54,6 +65,7 @@ class Settings:
     xapi_cafile: str = ""
     thumbprint: str = ""
     repo: str = ""
+    key_file: str = ""
     _password: Secret | None = field(default=None, repr=False, compare=False)
 
     def trust(self) -> ApiTrust:

@@ -24,7 +24,7 @@ import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import image
+from . import image, repokey
 from .errors import RepositoryError
 from .repository import POINT, Repository, make_dirs, write_atomically
 
@@ -160,7 +160,8 @@ class VmPoints:
         """The configuration file (0600: it holds the vTPM and NVRAM); its sha256."""
         make_dirs(self.path)
         text = json.dumps(config, indent=1, sort_keys=True) + "\n"
-        write_atomically(self.config_path(point), text)
+        path = self.config_path(point)
+        write_atomically(path, repokey.sealed(path, text.encode()))  # vTPM, NVRAM
         return hashlib.sha256(text.encode()).hexdigest()
 
     def commit(self, manifest: VmManifest) -> None:
@@ -199,11 +200,15 @@ class VmPoints:
         """The configuration, checked against the manifest's sha256 (never printed)."""
         path = self.path / m.config
         try:
-            data = path.read_bytes()
+            data = repokey.opened(path, path.read_bytes())
         except FileNotFoundError:
             raise RepositoryError(
                 "the configuration of VM point %s of VM %s is missing (%s)"
                 % (m.point, self.vm_uuid, m.config)
+            ) from None
+        except RepositoryError as e:  # sealed: damaged, moved, or no key
+            raise RepositoryError(
+                "the configuration of VM point %s of VM %s: %s" % (m.point, self.vm_uuid, e)
             ) from None
         if hashlib.sha256(data).hexdigest() != m.config_sha256:
             raise RepositoryError(
