@@ -6,7 +6,9 @@ import json
 import subprocess
 
 import nbd
+import pytest
 from cli_support import BLOCK, CHUNK, Vm, backup, content, rand, sha, xencbt
+from test_cli_encrypt import image_info, init_encrypted, make_key
 
 
 def read_vdi(sim, uuid: str, size: int) -> bytes:
@@ -18,13 +20,21 @@ def read_vdi(sim, uuid: str, size: int) -> bytes:
     return data
 
 
-def test_restore_to_sr_and_to_vdi(xensim_factory, tmp_path):
+@pytest.mark.parametrize("encrypted", [False, True], ids=["clear", "encrypted"])
+def test_restore_to_sr_and_to_vdi(xensim_factory, tmp_path, monkeypatch, encrypted):
+    """Encrypted: the chain is read through its LUKS layers (the key as XENCBT_KEY_FILE)."""
     sim = xensim_factory(disk_sizes="1M+512", in_use_wait=0.5)
     repo = tmp_path / "repo"
+    if encrypted:
+        key = make_key(tmp_path / "repo.key")
+        init_encrypted(sim, repo, key)
+        monkeypatch.setenv("XENCBT_KEY_FILE", str(key))
     vm = Vm(sim)
     size = len(vm.models[0])
     vm.write(0, {0: rand(2 * BLOCK), 7 * BLOCK: rand(BLOCK), size - 512: rand(512)})
     first = backup(sim, repo, "demo-vm")["vms"][0]["disks"][0]
+    point = repo / vm.uuid / vm.uuids[0] / (first["point"] + ".qcow2")
+    assert image_info(point).get("encrypted", False) is encrypted
     old = bytes(vm.models[0])
     vm.write(0, {BLOCK: rand(BLOCK), 12 * BLOCK: rand(BLOCK)})
     backup(sim, repo, "demo-vm")
