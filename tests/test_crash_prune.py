@@ -9,6 +9,8 @@ still holds (crash_support.Kills); the product's XENCBT_TEST_PAUSE holds the jou
 every run: verify passes without changing anything (a half-done prune is judged as it
 will end), every listed point restores byte-identical, ``xencbt repair`` leaves no
 journal and no leftover, a second prune finishes the job, and the next backup succeeds.
+Encrypted (two windows): the same, on a repository of qcow2 LUKS images whose flattened
+and rebased images are created encrypted, then written into; none is left in clear.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pytest
 from cli_support import Vm, content, restored, xencbt
 from crash_support import Aftermath, Inotify, Kills, chain_dirs, kill_if, scribble, start
 from tally import tally
+from test_cli_encrypt import image_info, init_encrypted, make_key
 
 pytestmark = pytest.mark.reliability
 
@@ -51,11 +54,16 @@ WINDOWS = {
     ),
     "anywhere": (None, lambda dirs: True, ""),
 }
+CASES = [(w, False) for w in WINDOWS] + [("flatten", True), ("anywhere", True)]
 
 
 @pytest.fixture
-def crash(xensim_factory, tmp_path):
+def crash(xensim_factory, tmp_path, monkeypatch, encrypted: bool):
     sim = xensim_factory(disk_sizes="2M,1M+512", in_use_wait=0.5)
+    if encrypted:  # every command of the test finds the key as XENCBT_KEY_FILE
+        key = make_key(tmp_path / "repo.key")
+        init_encrypted(sim, tmp_path / "repo", key)
+        monkeypatch.setenv("XENCBT_KEY_FILE", str(key))
     after = Aftermath(sim, tmp_path / "repo", Vm(sim), tmp_path)
     for _ in range(KEEP + 1):
         scribble(after.vm)
@@ -67,8 +75,8 @@ def prune_args(after: Aftermath) -> tuple[str, ...]:
     return ("prune", "--repo", str(after.repo), "--keep", str(KEEP))
 
 
-@pytest.mark.parametrize("window", list(WINDOWS))
-def test_prune_killed(crash: Aftermath, window: str, tmp_path):
+@pytest.mark.parametrize("window,encrypted", CASES)
+def test_prune_killed(crash: Aftermath, window: str, encrypted: bool, tmp_path):
     opens, holds, pause = WINDOWS[window]
     dirs = chain_dirs(crash.repo, crash.vm)
     if opens is None:  # how long a prune takes, to kill within it
@@ -77,7 +85,7 @@ def test_prune_killed(crash: Aftermath, window: str, tmp_path):
         duration = time.monotonic() - t0
         scribble(crash.vm)
         crash.backup()
-    kills = Kills("prune " + window)
+    kills = Kills("prune " + window + (" (encrypted)" if encrypted else ""))
     for _ in kills:
         rows = crash.check_repository()
         assert len({r["point"] for r in rows}) > KEEP  # there is something to prune
@@ -113,4 +121,6 @@ def test_prune_killed(crash: Aftermath, window: str, tmp_path):
         crash.after_kill()  # the next backup: ok, byte-identical, host clean; one more point
         if killed:
             tally("kills survived")
+        images = [p for d in chain_dirs(crash.repo, crash.vm) for p in d.glob("*.qcow2")]
+        assert images and all(image_info(p).get("encrypted", False) is encrypted for p in images)
     kills.done()
