@@ -143,10 +143,12 @@ def backups(ctx: Context) -> list[Figure]:
         full, incr = where / ("full-%s.qcow2" % mode), where / ("incr-%s.qcow2" % mode)
         full_s, incr_s, full_disk, incr_disk, creates = [], [], [], [], []
         for _ in range(ctx.reps):
-            for runs, args in ((full_s, (disk, full, None)), (incr_s, (changed, incr, full))):
-                created, seconds = backup_once(ctx, *args, mode, bitmap if runs is incr_s else None)
-                runs.append(seconds)
-                creates.append(created)
+            created, seconds = backup_once(ctx, disk, full, None, mode)
+            full_s.append(seconds)
+            creates.append(created)
+            created, seconds = backup_once(ctx, changed, incr, full, mode, bitmap)
+            incr_s.append(seconds)
+            creates.append(created)
             full_disk.append(full.stat().st_blocks * 512)
             incr_disk.append(incr.stat().st_blocks * 512)
         creating = "; %.1f s of it creating the LUKS image" % statistics.median(creates)

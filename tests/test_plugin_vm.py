@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from cli_support import Vm, rand, sha
 from servers import PLUGIN, plugin_server, run_plugin
+from test_plugin_xapi import flatten, top_blocks
 from xensim.disks import data_path
 
 BLOCK = 64 * 1024
@@ -73,23 +74,8 @@ def connections(sim) -> int:
     return sum(c["connections_total"] for c in sim.control.counters().values())
 
 
-def top_blocks(image: Path) -> set[int]:
-    entries = json.loads(
-        subprocess.run(
-            ["qemu-img", "map", "--output=json", image], check=True, capture_output=True
-        ).stdout
-    )
-    blocks: set[int] = set()
-    for e in entries:
-        if e["depth"] == 0 and (e["data"] or e["zero"]):
-            blocks.update(range(e["start"] // BLOCK, -(-(e["start"] + e["length"]) // BLOCK)))
-    return blocks
-
-
 def flat(image: Path) -> bytes:
-    out = image.with_suffix(".flat")
-    subprocess.run(["qemu-img", "convert", "-O", "raw", image, out], check=True)
-    return out.read_bytes()
+    return flatten(image, image.with_suffix(".flat"))
 
 
 def test_every_disk_is_an_export_listed_and_copied_byte_for_byte(pool, xensim, tmp_path):
