@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 import uuid as uuidlib
 
+from . import datamodel
 from .database import NULL_REF, REVERSE
 
 API_VERSION = (2, 21)
@@ -16,6 +17,15 @@ API_VERSION = (2, 21)
 def now_stamp() -> str:
     """xapi's DateTime text form, e.g. 20261121T10:00:00Z."""
     return time.strftime("%Y%m%dT%H:%M:%SZ", time.gmtime())
+
+
+def new(cls: str, **values: object) -> dict:
+    """A record of ``cls`` with every field the datamodel publishes (its defaults, see
+    datamodel.py), a fresh uuid, then ``values``."""
+    rec = datamodel.record(cls)
+    rec["uuid"] = str(uuidlib.uuid4())
+    rec.update(values)
+    return rec
 
 
 def _base(name_label: str = "", name_description: str = "") -> dict:
