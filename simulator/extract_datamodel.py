@@ -36,8 +36,17 @@ CLASSES = (
     "VGPU",
     "VUSB",
     "PCI",
+    "VGPU_type",
+    "USB_group",
 )
 SOURCE = "doc/data/xenapi.json"
+# Messages xapi serves but xenapi.json leaves out (``~hide_from_docs:true``), for the
+# classes above: (class, message) -> (parameters after the session, result type).
+HIDDEN = {
+    # ocaml/idl/datamodel_vtpm.ml get_contents / set_contents (_R_LOCAL_ROOT_ONLY, secret)
+    ("VTPM", "get_contents"): ([["VTPM ref", "self"]], "string"),
+    ("VTPM", "set_contents"): ([["VTPM ref", "self"], ["string", "contents"]], "void"),
+}
 OUTPUT = Path(__file__).parent / "xensim" / "datamodel.json"
 
 
@@ -79,6 +88,13 @@ def extract(everything: list[dict], commit: str) -> dict:
         }
         for name in CLASSES
     }
+    for (cls, name), (params, result) in HIDDEN.items():
+        classes[cls]["messages"][name] = {
+            "params": [["session ref", "session_id"], *params],
+            "result": result,
+            "errors": [],
+            "hidden": True,
+        }
     return {
         "source": "xapi-project/xen-api " + SOURCE,
         "commit": commit,

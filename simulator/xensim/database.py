@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 
 NULL_REF = "OpaqueRef:NULL"
 CLASSES = ("pool", "host", "network", "PIF", "SR", "PBD", "VM", "VBD", "VDI", "task", "VIF", "VTPM")
+CLASSES += ("VUSB", "VGPU", "PCI")
 
 # (class, field) -> (class holding the forward link, name of that link field)
 REVERSE = {
@@ -36,6 +37,11 @@ REVERSE = {
     ("VM", "VTPMs"): ("VTPM", "VM"),
     ("network", "VIFs"): ("VIF", "network"),
     ("VDI", "snapshots"): ("VDI", "snapshot_of"),
+    ("VM", "VUSBs"): ("VUSB", "VM"),
+    ("VM", "VGPUs"): ("VGPU", "VM"),
+    ("host", "resident_VMs"): ("VM", "resident_on"),
+    ("host", "PCIs"): ("PCI", "host"),
+    ("VM", "children"): ("VM", "parent"),
 }
 
 

@@ -73,7 +73,7 @@ def enum_values(name: str) -> list[str]:
     return data()["enums"][name]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def fields(cls: str) -> dict[str, Field]:
     out = {}
     for name, f in data()["classes"][cls]["fields"].items():

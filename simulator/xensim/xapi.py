@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import network, records
-from .database import NULL_REF, Database, canonical_class
+from . import datamodel, network, records
+from .database import CLASSES, NULL_REF, Database, canonical_class
 from .errors import XapiError
 from .hostile import ApiFaults, Credentials
 from .latency import ApiLatency
@@ -25,8 +25,6 @@ from .tasks import Tasks
 from .vms import Vms
 
 log = logging.getLogger(__name__)
-
-NAMED = ("pool", "host", "network", "SR", "VM", "VDI", "task")
 
 
 @dataclass
@@ -84,25 +82,32 @@ class Xapi:
         if key is None:
             raise XapiError("MESSAGE_METHOD_UNKNOWN", method)
         handler, arity, needs_session, optional = self._methods[key]
+        cls, name = key.split(".", 1)
         if method.startswith("session.login"):
             if not 2 <= len(params) <= 4:
                 raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, 4, len(params))
-            return handler(host, *params)
-        expected = arity + (1 if needs_session else 0)
-        if not expected <= len(params) <= expected + optional:
-            raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, expected, len(params))
+            return handler(host, *datamodel.check_params(cls, name, params))
+        # gen_server.ml: the count expected and received exclude the session
+        given = len(params) - (1 if needs_session else 0)
+        if not arity <= given <= arity + optional:
+            raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, arity, given)
         session = self.check_session(params[0], host)
+        args = datamodel.check_params(cls, name, params[1:])
         with self.db.lock:
-            result = handler(Call(session.ref, host), *params[1:])
-            if not key.split(".", 1)[1].startswith("get"):
+            result = handler(Call(session.ref, host), *args)
+            if not name.startswith("get"):
                 self.db.save()
             return result
 
     def _key(self, method: str) -> str | None:
+        """The handler's key, if xensim has one and xapi's datamodel has the message
+        (a message the datamodel does not publish is MESSAGE_METHOD_UNKNOWN on xapi)."""
         cls, _, name = method.rpartition(".")
         cls = "session" if cls.lower() == "session" else canonical_class(cls) or cls
         key = f"{cls}.{name}"
-        return key if key in self._methods else None
+        if key not in self._methods or datamodel.message(cls, name) is None:
+            return None
+        return key
 
     def check_session(self, ref: object, host: str) -> Session:
         """xen-api ocaml/xapi/session_check.ml ``check``: a session that is not an
@@ -124,25 +129,14 @@ class Xapi:
 
     # -- generic per-class calls --------------------------------------------------------
     def _register_generic(self) -> None:
-        for cls in (
-            "pool",
-            "host",
-            "network",
-            "PIF",
-            "SR",
-            "PBD",
-            "VM",
-            "VBD",
-            "VDI",
-            "task",
-            "VIF",
-            "VTPM",
-        ):
+        """get_all, get_all_records, get_record, get_by_uuid, get_by_name_label and
+        get_<field> of every published field, for each class the database holds."""
+        for cls in CLASSES:
             self._add(f"{cls}.get_all", lambda c, cls=cls: self.db.refs(cls), 0)
             self._add(f"{cls}.get_all_records", lambda c, cls=cls: self._all_records(cls), 0)
             self._add(f"{cls}.get_record", lambda c, r, cls=cls: self._record(cls, r), 1)
             self._add(f"{cls}.get_by_uuid", lambda c, u, cls=cls: self.db.by_uuid(cls, u), 1)
-            if cls in NAMED:
+            if datamodel.message(cls, "get_by_name_label"):
                 self._add(
                     f"{cls}.get_by_name_label",
                     lambda c, n, cls=cls: self.db.find(cls, name_label=n),
@@ -207,7 +201,13 @@ class Xapi:
         add("VDI.resize", lambda c, r, size: st.resize(r, size), 2)
         add("VDI.snapshot", lambda c, r, params: st.snapshot_vdi(r), 2)
         add("VDI.clone", lambda c, r, params: st.clone(r), 2)
-        add("VDI.copy", lambda c, r, sr: self._copy(r, sr), 2)
+        # datamodel_vdi.ml copy: base_vdi and into_vdi default to NULL (not modelled)
+        add(
+            "VDI.copy",
+            lambda c, r, sr, base=NULL_REF, into=NULL_REF: self._copy(r, sr),
+            2,
+            optional=2,
+        )
         add("VDI.set_name_label", lambda c, r, v: self._set("VDI", r, "name_label", v), 2)
         add(
             "VDI.set_name_description",
@@ -355,6 +355,6 @@ class Xapi:
 
 def _typed(cls: str, rec: dict) -> dict:
     """Datetime fields travel as xmlrpc DateTime (JSON-RPC turns them into strings)."""
-    for name in records.DATETIME_FIELDS & rec.keys():
+    for name in datamodel.datetime_fields(cls) & rec.keys():
         rec[name] = xmlrpc.client.DateTime(rec[name])
     return rec
