@@ -25,6 +25,34 @@ CONFIG = ("VCPUs_max", "VCPUs_at_startup", "memory_static_max", "memory_dynamic_
 CONFIG += ("HVM_boot_policy", "HVM_boot_params", "platform", "NVRAM", "bios_strings", "tags")
 
 
+# xapi-consts constants.ml generic_bios_strings: what a VM without BIOS strings gets at
+# its first start (xapi_vm_helpers.ml consider_generic_bios_strings), and what
+# VM.set_bios_strings lays the settable keys over (xapi_vm.ml set_bios_strings).
+GENERIC_BIOS = {
+    "bios-vendor": "Xen",
+    "bios-version": "",
+    "system-manufacturer": "Xen",
+    "system-product-name": "HVM domU",
+    "system-version": "",
+    "system-serial-number": "",
+    "baseboard-manufacturer": "",
+    "baseboard-product-name": "",
+    "baseboard-version": "",
+    "baseboard-serial-number": "",
+    "baseboard-asset-tag": "",
+    "baseboard-location-in-chassis": "",
+    "enclosure-asset-tag": "",
+    "hp-rombios": "",
+    "oem-1": "Xen",
+    "oem-2": "MS_VM_CERT/SHA1/bdbeb6e0a816d43fa6d3fe8aaef04c2bad9d3e3d",
+}
+
+
+def booted_bios(strings: dict) -> dict:
+    """The BIOS strings the VM boots with: its own over the generic ones."""
+    return {**GENERIC_BIOS, **strings}
+
+
 def raw(sim, vdi_uuid: str, size: int) -> bytes:
     """The simulator's own data file of a VDI: the independent truth."""
     data = (Path(sim.state_dir) / "vdis" / (vdi_uuid + ".raw")).read_bytes()
@@ -46,12 +74,28 @@ def snapshot_of_vm(x, ref: str) -> dict:
     tpm = [x.VTPM.get_contents(t) for t in rec["VTPMs"]]
     return {
         "name": rec["name_label"],
-        "config": {k: rec[k] for k in CONFIG},
+        "config": {k: booted_bios(rec[k]) if k == "bios_strings" else rec[k] for k in CONFIG},
         "vifs": vifs,
         "vbds": vbds,
         "vtpm": tpm,
         "power": rec["power_state"],
         "blocked": rec["blocked_operations"],
+    }
+
+
+def cd_drive(vm: str, userdevice: str, iso: str = NULL) -> dict:
+    """A CD drive's VBD.create record, every field xapi requires (empty unless ``iso``)."""
+    return {
+        "VM": vm,
+        "VDI": iso,
+        "userdevice": userdevice,
+        "bootable": False,
+        "mode": "RO",
+        "type": "CD",
+        "empty": iso == NULL,
+        "other_config": {},
+        "qos_algorithm_type": "",
+        "qos_algorithm_params": {},
     }
 
 
@@ -61,8 +105,7 @@ def prepared(sim, repo: Path):
     vm = Vm(sim)
     vm.write(0, {0: rand(BLOCK), 5 * BLOCK: rand(3 * BLOCK)})
     vm.write(1, {BLOCK: rand(BLOCK)})
-    cd = {"VM": vm.ref, "VDI": NULL, "userdevice": "3", "type": "CD", "empty": True, "mode": "RO"}
-    vm.x.VBD.create(cd)
+    vm.x.VBD.create(cd_drive(vm.ref, "3"))
     backup(sim, repo, "demo-vm")
     truth = {str(i): raw(sim, u, len(m)) for i, (u, m) in enumerate(zip(vm.uuids, vm.models))}
     return vm, snapshot_of_vm(vm.x, vm.ref), truth

@@ -32,6 +32,8 @@ exit codes:
   5  a VDI chain is locked by another xencbt (the message names it, with its pid); see --wait
   6  authentication failed: the pool refused the user or password (password changed?),
      or the key file is not the encrypted repository's key
+  7  restore-vm --start: the VM was restored whole but did not start (e.g.
+     HOST_NOT_ENOUGH_FREE_MEMORY); its uuid is printed and it stays, halted
 130 interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP: either way the
     copies are stopped, the snapshot destroyed, partial files removed, locks released
 With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.
@@ -528,12 +530,22 @@ def cmd_restore_vm(args, conf: settings.Settings) -> int:
         done = restore_vm(Pool(session), repo, opts, say)
     for note in done.notes:
         say("note: " + note)
+    code, failed = errors.OK, {}
+    if done.start_error:
+        code = errors.START_FAILED
+        message = scrub(
+            "the restored VM %s did not start: %s; it is complete and stays, halted: start "
+            "it when the pool can run it (xe vm-start uuid=%s)"
+            % (done.vm_uuid, done.start_error, done.vm_uuid)
+        )
+        say("xencbt: %s" % message)
+        failed = {"error": message, "exit_code": code}
     if args.json:
-        report.emit_json(asdict(done))
+        report.emit_json({**asdict(done), **failed})
     else:
         say("restored VM %s point %s as %s" % (done.source_vm, done.point, done.name))
         print(done.vm_uuid)
-    return errors.OK
+    return code
 
 
 def cmd_verify(args, conf: settings.Settings) -> int:
