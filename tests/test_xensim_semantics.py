@@ -23,6 +23,11 @@ def demo(x) -> str:
     return x.VM.get_by_name_label("demo-vm")[0]
 
 
+def oem(x) -> str:
+    """``xensim serve --oem-vm 1``: unique vTPM, OEM BIOS strings, an ISO in the CD."""
+    return x.VM.get_by_name_label("oem-vm")[0]
+
+
 def vm_record(**extra) -> dict:
     """Every RW / RO-constructor field of VM.create without a default (REFERENCE §9)."""
     record = {
@@ -192,9 +197,11 @@ def test_start_gives_generic_bios_strings_and_copy_gives_the_hosts(xensim):
 
 
 # -- VM.snapshot (xapi_vm_clone.ml, xapi_vtpm.ml copy) --------------------------------------
-def test_snapshot_is_a_template_owns_its_disks_keeps_the_cd_and_blanks_a_unique_vtpm(xensim):
-    x = xensim.session().xenapi
-    vm = demo(x)
+def test_snapshot_is_a_template_owns_its_disks_keeps_the_cd_and_blanks_a_unique_vtpm(
+    xensim_factory,
+):
+    x = xensim_factory(oem_vm=1).session().xenapi
+    vm = oem(x)
     snap = x.VM.snapshot(vm, "s")
     rec = x.VM.get_record(snap)
     assert rec["is_a_snapshot"] and rec["is_a_template"] and rec["snapshot_of"] == vm
@@ -304,9 +311,9 @@ def test_vbd_create_validations(xensim):
     assert x.VBD.get_empty(cd)
 
 
-def test_demo_vm_cd_drive_holds_an_iso_read_only(xensim):
-    x = xensim.session().xenapi
-    vm = demo(x)
+def test_oem_vm_cd_drive_holds_an_iso_read_only(xensim_factory):
+    x = xensim_factory(oem_vm=1).session().xenapi
+    vm = oem(x)
     cds = [x.VBD.get_record(v) for v in x.VM.get_VBDs(vm)]
     cds = [v for v in cds if v["type"] == "CD"]
     assert len(cds) == 1 and cds[0]["mode"] == "RO" and not cds[0]["empty"]
@@ -316,9 +323,9 @@ def test_demo_vm_cd_drive_holds_an_iso_read_only(xensim):
     assert sr["type"] == "iso" and sr["content_type"] == "iso"
 
 
-def test_demo_vm_has_a_unique_vtpm_and_oem_bios_strings(xensim):
-    x = xensim.session().xenapi
-    vm = demo(x)
+def test_oem_vm_has_a_unique_vtpm_and_oem_bios_strings(xensim_factory):
+    x = xensim_factory(oem_vm=1).session().xenapi
+    vm = oem(x)
     vtpm = x.VM.get_VTPMs(vm)[0]
     assert x.VTPM.get_is_unique(vtpm) and x.VTPM.get_contents(vtpm)
     strings = x.VM.get_bios_strings(vm)
@@ -326,6 +333,9 @@ def test_demo_vm_has_a_unique_vtpm_and_oem_bios_strings(xensim):
     assert strings == x.host.get_bios_strings(host)  # VM.copy_bios_strings of an OEM host
     assert strings["system-manufacturer"] != "Xen" and strings["oem-1"] != "Xen"
     assert x.VM.get_affinity(vm) == host
+    # the default pool has no such VM; its demo VMs have the generic strings
+    plain = x.VM.get_bios_strings(demo(x))
+    assert plain["system-product-name"] == "HVM domU" and plain["oem-1"] == "Xen"
 
 
 # -- VM.start: assert_can_boot_here (xapi_vm_helpers.ml) ----------------------------------

@@ -70,6 +70,7 @@ def build(
     disk_sizes: list[int],
     nbd_purpose: str,
     srs: str = "shared",
+    oem_vm: bool = False,
 ) -> None:
     host_refs = [
         db.add("host", records.host(h.name, h.address, h.cert_pem, h.subject)) for h in hosts
@@ -87,7 +88,6 @@ def build(
         placement = [(host_refs[0], sr_ref)]
     pool = db.add("pool", records.pool(host_refs[0], placement[0][1]))
     db.get("pool", pool)["restrictions"] = dict(LICENSED)
-    iso_vdi = _iso_library(db, state_dir, host_refs)
     purpose = [] if nbd_purpose == "none" else [nbd_purpose]
     mgmt = db.add(
         "network", records.network("Pool-wide network associated with eth0", "xenbr0", [])
@@ -105,11 +105,14 @@ def build(
         host, sr_ref = placement[i % len(placement)]
         name = "demo-vm" if i == 0 else f"demo-vm-{i + 1}"
         vm_ref = _demo_vm(db, state_dir, name, sr_ref, disk_sizes, host)
-        # demo-vm: a VIF on each network and a unique vTPM (a UEFI guest), OEM BIOS
-        # strings and the ISO in its CD drive; the others one VIF and generic strings.
+        # demo-vm: a VIF on each network and a unique vTPM (a UEFI guest); the others
+        # one VIF.
         _devices(db, vm_ref, [mgmt, nbd] if i == 0 else [mgmt], vtpm=i == 0)
-        if i == 0:
-            _oem_with_cd(db, vm_ref, host, iso_vdi)
+    if oem_vm:
+        host, sr_ref = placement[0]
+        vm_ref = _demo_vm(db, state_dir, "oem-vm", sr_ref, disk_sizes[:1], host)
+        _devices(db, vm_ref, [mgmt], vtpm=True)
+        _oem_with_cd(db, vm_ref, host, _iso_library(db, state_dir, host_refs))
 
 
 def _devices(db: Database, vm_ref: str, networks: list[str], vtpm: bool) -> None:
@@ -143,7 +146,7 @@ def _iso_library(db: Database, state_dir: Path, host_refs: list[str]) -> str:
 
 
 def _oem_with_cd(db: Database, vm_ref: str, host: str, iso_vdi: str) -> None:
-    """A VM made from an OEM template: VM.copy_bios_strings gave it the host's strings
+    """``--oem-vm``: a VM made from an OEM template: VM.copy_bios_strings gave it the host's strings
     and made the host its affinity (xapi_vm_helpers.ml copy_bios_strings); its CD drive
     (userdevice 3, the installer's default) holds the ISO, read-only as every CD VBD
     (xapi_vbd.ml create: VBD_CDS_MUST_BE_READONLY)."""
