@@ -558,7 +558,8 @@ def check_space(pool: Pool, repo: Repository, m: VmManifest, sr: str) -> None:
     for d in m.disks:
         chain = repo.chain(m.vm_uuid, d["vdi_uuid"])
         point = chain.get(d["point"])
-        need += point.virtual_size if thick else data_size(chain.image_path(point.point))
+        size = point.virtual_size
+        need += size if thick else min(size, data_size(chain.image_path(point.point)))
     free = int(rec["physical_size"]) - int(rec["physical_utilisation"])
     if need > free:
         raise CliError(

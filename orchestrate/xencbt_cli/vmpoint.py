@@ -154,7 +154,7 @@ def capture(call, snap_vm: str, live_name: str, live_vm: str | None = None) -> d
         "vdis": vdis,
         "vifs": vifs,
         "vtpms": vtpms,
-        "not_captured": not_captured(call, rec),
+        "not_captured": not_captured(call, rec, live_vm),
     }
 
 
@@ -182,10 +182,20 @@ def vtpm_record(call, ref: str, live_vm: str | None) -> dict:
     return {"is_unique": True, "contents": "", "contents_from": FROM_NOWHERE, "why": why}
 
 
-def not_captured(call, rec: dict) -> list[str]:
-    """What the snapshot holds that a VM point does not carry, one phrase each."""
+def not_captured(call, rec: dict, live_vm: str | None = None) -> list[str]:
+    """What the VM has that a VM point does not carry, one phrase each: vGPUs, PCI
+    devices (attached to the live VM, or asked for by other_config:pci)."""
     out = []
-    for ref in rec.get("VGPUs", []):
+    vgpus = rec.get("VGPUs", []) if live_vm is None else call("VM.get_VGPUs", live_vm)
+    if live_vm is not None:
+        for ref in call("VM.get_attached_PCIs", live_vm):
+            pci = call("PCI.get_record", ref)
+            out.append(
+                "PCI device %s (%s %s) passed through (a host's device; pass it through "
+                "again where there is one)"
+                % (pci.get("pci_id", ""), pci.get("vendor_name", ""), pci.get("device_name", ""))
+            )
+    for ref in vgpus:
         try:
             kind = call("VGPU_type.get_model_name", call("VGPU.get_type", ref))
         except XapiError:
