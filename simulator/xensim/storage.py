@@ -22,7 +22,9 @@ from .errors import XapiError, sr_backend_failure
 
 log = logging.getLogger(__name__)
 
-VHD_BLOCK = 2 * 1024 * 1024  # sm rounds VHD-based (ext) VDI sizes up to this
+VHD_BLOCK = 2 * 1024 * 1024
+VDI_CREATE_KEEPS = ("name_description", "sharable", "read_only", "other_config", "sm_config")
+VDI_CREATE_KEEPS += ("tags", "xenstore_data")  # sm rounds VHD-based (ext) VDI sizes up to this
 
 
 def vhd_size(size: int) -> int:
@@ -126,17 +128,21 @@ class Storage:
 
     # -- VDI ----------------------------------------------------------------------------
     def create_vdi(self, fields: dict, exact_size: bool = False) -> str:
-        for name in ("SR", "virtual_size"):
-            if name not in fields:
-                raise XapiError("FIELD_TYPE_ERROR", name)
+        """xapi_vdi.ml ``create``: a cbt_metadata VDI is refused; sm makes the VDI from
+        name, description, type, read_only, size, sharable and sm_config, then xapi sets
+        other_config, sharable, tags and xenstore_data.  ``fields`` is the record as the
+        dispatcher read it (every constructor field, datamodel.py); internal callers may
+        give fewer."""
         self.db.get("SR", fields["SR"])
+        if fields.get("type") == "cbt_metadata":
+            raise XapiError("VDI_INCOMPATIBLE_TYPE", "", "cbt_metadata")
         size = as_int(fields["virtual_size"], "virtual_size")
         if size < 0:
             raise sr_backend_failure(79, "negative size")
         rec = records.vdi(str(fields.get("name_label", "")), fields["SR"], size)
         raw = dict(fields.get("sm_config") or {}).get("type") == "raw"  # sm: no VHD rounding
         rec["virtual_size"] = size if exact_size or raw else vhd_size(size)
-        for key in ("name_description", "sharable", "read_only", "other_config", "sm_config"):
+        for key in VDI_CREATE_KEEPS:
             if key in fields:
                 rec[key] = fields[key]
         rec["type"] = str(fields.get("type", "user"))
