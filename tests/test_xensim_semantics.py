@@ -7,10 +7,12 @@ Through the real PyPI XenAPI client over XML-RPC; each test names the xen-api fu
 from __future__ import annotations
 
 import pytest
+import xapirec
 import XenAPI
-
-NULL = "OpaqueRef:NULL"
-GIB = 1 << 30
+from xapirec import GIB, NULL
+from xapirec import vbd as vbd_record
+from xapirec import vif as vif_record
+from xapirec import vm as vm_record
 
 
 def failure(call, *args) -> list[str]:
@@ -28,91 +30,13 @@ def oem(x) -> str:
     return x.VM.get_by_name_label("oem-vm")[0]
 
 
-def vm_record(**extra) -> dict:
-    """Every RW / RO-constructor field of VM.create without a default (REFERENCE §9)."""
-    record = {
-        "name_label": "built",
-        "name_description": "",
-        "user_version": "1",
-        "is_a_template": False,
-        "affinity": NULL,
-        "memory_target": str(GIB),
-        "memory_static_max": str(GIB),
-        "memory_dynamic_max": str(GIB),
-        "memory_dynamic_min": str(512 << 20),
-        "memory_static_min": str(256 << 20),
-        "VCPUs_params": {},
-        "VCPUs_max": "2",
-        "VCPUs_at_startup": "1",
-        "actions_after_shutdown": "destroy",
-        "actions_after_reboot": "restart",
-        "actions_after_crash": "restart",
-        "PV_bootloader": "",
-        "PV_kernel": "",
-        "PV_ramdisk": "",
-        "PV_args": "",
-        "PV_bootloader_args": "",
-        "PV_legacy_args": "",
-        "HVM_boot_policy": "BIOS order",
-        "HVM_boot_params": {"order": "cd"},
-        "platform": {},
-        "PCI_bus": "",
-        "other_config": {},
-        "recommendations": "",
-    }
-    record.update(extra)
-    return record
-
-
 def new_vm(x, **extra) -> str:
     return x.VM.create(vm_record(**extra))
 
 
-def vbd_record(vm: str, vdi: str, userdevice: str, **extra) -> dict:
-    record = {
-        "VM": vm,
-        "VDI": vdi,
-        "userdevice": userdevice,
-        "bootable": False,
-        "mode": "RW",
-        "type": "Disk",
-        "empty": False,
-        "other_config": {},
-        "qos_algorithm_type": "",
-        "qos_algorithm_params": {},
-    }
-    record.update(extra)
-    return record
-
-
-def vif_record(vm: str, net: str, device: str, **extra) -> dict:
-    record = {
-        "device": device,
-        "network": net,
-        "VM": vm,
-        "MAC": "",
-        "MTU": "1500",
-        "other_config": {},
-        "qos_algorithm_type": "",
-        "qos_algorithm_params": {},
-    }
-    record.update(extra)
-    return record
-
-
 def new_disk(x, size: int = 1 << 20) -> str:
     sr = x.pool.get_default_SR(x.pool.get_all()[0])
-    record = {
-        "name_label": "d",
-        "name_description": "",
-        "SR": sr,
-        "virtual_size": str(size),
-        "type": "user",
-        "sharable": False,
-        "read_only": False,
-        "other_config": {},
-    }
-    return x.VDI.create(record)
+    return x.VDI.create(xapirec.vdi(sr, size, "d"))
 
 
 # -- VM.create (xapi_vm.ml create) ---------------------------------------------------------

@@ -8,7 +8,9 @@ import base64
 
 import pytest
 import XenAPI
-from test_xensim_semantics import vbd_record, vif_record, vm_record
+from xapirec import vbd as vbd_record
+from xapirec import vif as vif_record
+from xapirec import vm as vm_record
 
 NULL = "OpaqueRef:NULL"
 
@@ -24,7 +26,7 @@ def demo(x) -> str:
 
 
 def new_vm(x, **extra) -> str:
-    """Every constructor field VM.create requires (test_xensim_semantics.vm_record)."""
+    """Every constructor field VM.create requires (xapirec.vm)."""
     return x.VM.create(vm_record(**extra))
 
 
