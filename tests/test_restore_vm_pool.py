@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+import xapirec
 from cli_support import BLOCK, Vm, backup, rand, xencbt
 from test_restore_vm import (
     NULL,
@@ -24,23 +25,9 @@ from test_restore_vm import (
     restore_vm,
     snapshot_of_vm,
 )
+from xensim.vms import SETTABLE_BIOS_KEYS
 
-# xapi-consts constants.ml settable_vm_bios_string_keys
-SETTABLE_BIOS = (
-    "bios-vendor",
-    "bios-version",
-    "system-manufacturer",
-    "system-product-name",
-    "system-version",
-    "system-serial-number",
-    "baseboard-manufacturer",
-    "baseboard-product-name",
-    "baseboard-version",
-    "baseboard-serial-number",
-    "baseboard-asset-tag",
-    "baseboard-location-in-chassis",
-    "enclosure-asset-tag",
-)
+SETTABLE_BIOS = SETTABLE_BIOS_KEYS  # xapi-consts constants.ml, as xensim follows it
 LIVE = "live VM right after the snapshot"
 
 
@@ -160,80 +147,21 @@ def test_a_second_restore_never_reuses_the_macs_of_the_first(xensim, tmp_path):
 def api_vm(x, name: str, memory: int, vif: dict | None = None) -> str:
     """A VM made through the API as a client must make it: every constructor field."""
     ref = x.VM.create(
-        {
-            "name_label": name,
-            "name_description": "",
-            "user_version": "1",
-            "is_a_template": False,
-            "affinity": NULL,
-            "memory_static_max": str(memory),
-            "memory_dynamic_max": str(memory),
-            "memory_dynamic_min": str(memory),
-            "memory_static_min": str(memory),
-            "VCPUs_params": {},
-            "VCPUs_max": "1",
-            "VCPUs_at_startup": "1",
-            "actions_after_shutdown": "destroy",
-            "actions_after_reboot": "restart",
-            "actions_after_crash": "restart",
-            "PV_bootloader": "",
-            "PV_kernel": "",
-            "PV_ramdisk": "",
-            "PV_args": "",
-            "PV_bootloader_args": "",
-            "PV_legacy_args": "",
-            "HVM_boot_policy": "BIOS order",
-            "HVM_boot_params": {"order": "cd"},
-            "platform": {},
-            "PCI_bus": "",
-            "other_config": {},
-            "recommendations": "",
-        }
+        xapirec.vm(
+            name_label=name,
+            memory_static_max=str(memory),
+            memory_dynamic_max=str(memory),
+            memory_dynamic_min=str(memory),
+            memory_static_min=str(memory),
+            memory_target=str(memory),
+            VCPUs_max="1",
+        )
     )
     sr = x.SR.get_by_name_label(SR)[0]
-    vdi = x.VDI.create(
-        {
-            "name_label": name + " disk",
-            "name_description": "",
-            "SR": sr,
-            "virtual_size": str(4 << 20),
-            "type": "user",
-            "sharable": False,
-            "read_only": False,
-            "other_config": {},
-            "xenstore_data": {},
-            "sm_config": {},
-            "tags": [],
-        }
-    )
-    x.VBD.create(
-        {
-            "VM": ref,
-            "VDI": vdi,
-            "userdevice": "0",
-            "bootable": True,
-            "mode": "RW",
-            "type": "Disk",
-            "empty": False,
-            "other_config": {"owner": "true"},
-            "qos_algorithm_type": "",
-            "qos_algorithm_params": {},
-        }
-    )
+    vdi = x.VDI.create(xapirec.vdi(sr, 4 << 20, name + " disk"))
+    x.VBD.create(xapirec.vbd(ref, vdi, "0", bootable=True, other_config={"owner": "true"}))
     network = x.network.get_by_name_label("Pool-wide network associated with eth0")[0]
-    x.VIF.create(
-        {
-            "device": "0",
-            "network": network,
-            "VM": ref,
-            "MAC": "",
-            "MTU": "1500",
-            "other_config": {},
-            "qos_algorithm_type": "",
-            "qos_algorithm_params": {},
-            **(vif or {}),
-        }
-    )
+    x.VIF.create(xapirec.vif(ref, network, "0", **(vif or {})))
     return ref
 
 
