@@ -577,8 +577,9 @@ def cmd_verify(args, conf: settings.Settings) -> int:
 
 
 def warn_exposed(repo) -> list[str]:
-    """Disk images readable by other users: said, not failed (the data is sound)."""
-    found = repo.exposed()
+    """Disk images readable by other users: said, not failed (the data is sound).  Not
+    in a folder that is no repository: repair would refuse it."""
+    found = repo.exposed() if repo.root.is_dir() and repo.marked() else {}
     if found:
         path, mode = next(iter(found.items()))
         say(
@@ -591,6 +592,7 @@ def warn_exposed(repo) -> list[str]:
 
 def cmd_repair(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
+    repo.require_marked()  # never a mode changed outside a repository
     opened = repo.tighten()
     if opened:
         say(

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 
 from . import repokey
 from .errors import RepositoryError, UsageError
-from .repository import Repository, write_atomically
+from .repository import SETTINGS, Repository, write_atomically
 
 log = logging.getLogger(__name__)
 
-NAME = "repository.conf"
+NAME = SETTINGS
 SECTION = "repository"
 COMPRESSIONS = ("zstd", "none")
 DEFAULT_COMPRESSION = "zstd"
