@@ -423,3 +423,57 @@ def test_a_configuration_without_its_vm_manifest_is_no_vm_point_and_goes(xensim,
     assert "VM point" not in text and "disk points only, no VM configuration" in text
     backup(xensim, repo, "demo-vm")  # the next backup removes the stray configuration
     assert len(list(points.glob("*.config.json"))) == len(list(points.glob("*Z.json"))) == 1
+
+
+def test_a_network_mapping_that_matches_no_network_of_the_point_is_refused(xensim, tmp_path):
+    """#24 finding 3: --network FROM=TO whose FROM is none of the VM point's networks is
+    an error before anything is created, not a mapping silently ignored."""
+    repo = tmp_path / "repo"
+    vm, before, _ = prepared(xensim, repo)
+    pool = (set(vm.x.VM.get_all()), set(vm.x.VDI.get_all()), set(vm.x.VIF.get_all()))
+    mapping = "Pool-wide network associated with eth9=NBD network"
+    out, r = restore_vm(xensim, repo, "--name", "copy", "--network", mapping, check=1)
+    (line,) = r.stderr.splitlines()
+    assert "eth9" in line and "nothing was created" in line, line
+    for _, network in before["vifs"].values():  # the point's networks, to choose from
+        assert network in line, line
+    assert (set(vm.x.VM.get_all()), set(vm.x.VDI.get_all()), set(vm.x.VIF.get_all())) == pool
+
+
+def test_restore_beside_the_original_keeps_names_unique_and_backup_by_name_goes_on(
+    xensim, tmp_path
+):
+    """#24 finding 4: without --name, a VM restored beside its original is named
+    "NAME (restored POINT)", its disks after it; and when two VMs share a name, backup by
+    name takes the one with points in the repository and says so, or names their uuids."""
+    repo = tmp_path / "repo"
+    vm, before, truth = prepared(xensim, repo)
+    x = vm.x
+    out, r = restore_vm(xensim, repo)
+    name = "demo-vm (restored %s)" % out["point"]
+    assert out["name"] == name and name in r.stderr
+    ref = x.VM.get_by_uuid(out["vm_uuid"])
+    new = snapshot_of_vm(x, ref)
+    assert new["name"] == name
+    check_disks(xensim, x, new, truth)
+    disks = [v for kind, _, _, v in new["vbds"].values() if kind == "Disk"]
+    assert sorted(x.VDI.get_name_label(x.VDI.get_by_uuid(v)) for v in disks) == [
+        name + " disk 0",
+        name + " disk 1",
+    ]
+    assert x.VM.get_name_label(vm.ref) == "demo-vm"  # the original is left alone
+    again, _ = restore_vm(xensim, repo)  # the same point once more: still unique
+    assert again["name"] not in ("demo-vm", name) and again["name"].startswith(name[:-1])
+    assert len(x.VM.get_by_name_label(again["name"])) == 1
+    x.VM.destroy(x.VM.get_by_uuid(again["vm_uuid"]))
+
+    # Two VMs named demo-vm (the restored one renamed by hand): the nightly backup by
+    # name takes the one with points in the repository and says which.
+    x.VM.set_name_label(ref, "demo-vm")
+    r = xencbt(xensim, "--json", "backup", "demo-vm", "--repo", str(repo))
+    (done,) = json.loads(r.stdout)["vms"]
+    assert done["ok"] and done["vm_uuid"] == vm.uuid
+    assert out["vm_uuid"] in r.stderr and "points in" in r.stderr, r.stderr
+    # A repository where neither has points: that VM fails, naming both uuids.
+    r = xencbt(xensim, "backup", "demo-vm", "--repo", str(tmp_path / "other"), check=1)
+    assert vm.uuid in r.stderr and out["vm_uuid"] in r.stderr and "uuid" in r.stderr

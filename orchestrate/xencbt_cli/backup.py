@@ -190,8 +190,26 @@ class Backup:
         result.warnings.append(scrub(text))
         self.say("VM %s: warning: %s" % (result.vm, text))
 
+    def pick(self, name: str, result: VmResult):
+        """The VM ``name`` means.  Of several VMs sharing a name (one restored beside its
+        original, say), the one with points in this repository, said; with none or more
+        than one of them there, the VM fails naming their uuids (Pool.vm)."""
+        vms = self.pool.vms(name)
+        if len(vms) < 2:
+            return self.pool.vm(name)
+        known = [v for v in vms if any(c.points() for c in self.repo.vm_chains(v.uuid))]
+        if len(known) != 1:
+            return self.pool.vm(name)
+        others = ", ".join(sorted(v.uuid for v in vms if v is not known[0]))
+        self.warn(
+            result,
+            "%d VMs are named %s: backing up %s, the one with points in %s (not %s); give "
+            "a uuid to choose" % (len(vms), name, known[0].uuid, self.repo.root, others),
+        )
+        return known[0]
+
     def backup_vm(self, name: str, result: VmResult) -> None:
-        vm = self.pool.vm(name)
+        vm = self.pick(name, result)
         result.vm_uuid = vm.uuid
         refuse_vusbs(self.pool, vm)
         disks = self.pool.disks(vm.ref)

@@ -451,6 +451,13 @@ class Repository:
                 found += [Chain(d) for d in sorted(vm_dir.iterdir()) if UUID.match(d.name)]
         return found
 
+    def vm_chains(self, vm_uuid: str) -> list[Chain]:
+        """The chains of one VM (none when the repository has no such VM)."""
+        vm_dir = self.root / vm_uuid
+        if not vm_dir.is_dir():
+            return []
+        return [Chain(d) for d in sorted(vm_dir.iterdir()) if UUID.match(d.name)]
+
     def find(self, vdi: str) -> Chain:
         """The chain of a VDI uuid (or an unambiguous prefix of it)."""
         matches = [c for c in self.chains() if c.vdi_uuid.startswith(vdi)]

@@ -202,6 +202,18 @@ class Builder:
             if not sep or not src or not dst:
                 raise CliError("--network takes FROM=TO (network name or uuid), not %r" % pair)
             wanted[src] = dst
+        nets = {vif["network"]["uuid"]: vif["network"]["name_label"] for vif in config["vifs"]}
+        unknown = [n for n in wanted if n not in nets and n not in nets.values()]
+        if unknown:
+            raise CliError(
+                "--network %s=…: the VM point has no VIF on a network %s (its networks: %s); "
+                "nothing was created"
+                % (
+                    unknown[0],
+                    unknown[0],
+                    ", ".join("%s (%s)" % (n, u) for u, n in sorted(nets.items())) or "none",
+                )
+            )
         mapping = {}
         for vif in config["vifs"]:
             net = vif["network"]
@@ -269,8 +281,7 @@ class Builder:
                 % ", ".join("%s=%r" % (k, saved[k]) for k in lost)
             )
 
-    def disk(self, repo: Repository, d: dict, sr: str, vdi_rec: dict) -> str:
-        name = vdi_rec.get("name_label") or None
+    def disk(self, repo: Repository, d: dict, sr: str, name: str | None) -> str:
         m, uuid = to_sr(self.pool, repo, d["vdi_uuid"], d["point"], sr, name, {MARK: self.mark})
         ref = self.call("VDI.get_by_uuid", uuid)
         self.vdis.append((ref, uuid))
@@ -463,8 +474,13 @@ def restore_vm(pool: Pool, repo: Repository, opts: Options, say) -> Restored:
     sr_ref = resolve_sr(pool, opts.sr)
     sr = pool.call("SR.get_uuid", sr_ref)  # to_sr takes a name or uuid
     preflight(pool, repo, m, config, sr_ref)
-    name = opts.name or config["vm"]["name_label"]
+    name = opts.name or unique_name(pool, config["vm"]["name_label"], m.point)
     result = Restored("", name, m.point, m.vm_uuid, True)
+    if name != (opts.name or config["vm"]["name_label"]):
+        result.notes.append(
+            "a VM named %s is in this pool: the restored VM is named %s (--name chooses "
+            "another)" % (config["vm"]["name_label"], name)
+        )
     keep_macs = not opts.new_macs and macs_free(pool, m.vm_uuid, config, result.notes)
     result.macs_changed = not keep_macs
     result.notes.extend(not_restored(config))
@@ -480,6 +496,33 @@ def restore_vm(pool: Pool, repo: Repository, opts: Options, say) -> Restored:
         except XapiError as e:  # e.g. HOST_NOT_ENOUGH_FREE_MEMORY: the VM is whole, stays
             result.start_error = str(e)
     return result
+
+
+def unique_name(pool: Pool, name: str, point: str) -> str:
+    """The original's name when no VM of the pool has it (after a disaster: the same VM
+    back, the nightly backup by name goes on), else "NAME (restored POINT)" (beside the
+    original: two VMs of one name would make a backup by name ambiguous), numbered when
+    that one is taken too."""
+    taken = {vm["name_label"] for vm in pool.call("VM.get_all_records").values()}
+    if name not in taken:
+        return name
+    candidate, n = "%s (restored %s)" % (name, point), 1
+    while candidate in taken:
+        n += 1
+        candidate = "%s (restored %s, %d)" % (name, point, n)
+    return candidate
+
+
+def disk_name(disk: str, vm: str, new: str, userdevice: str) -> str | None:
+    """A restored disk's name: its own, the original VM's name in it replaced by the new
+    VM's ("demo-vm disk 0" restored as "copy": "copy disk 0")."""
+    if new == vm:
+        return disk or None
+    if not disk:
+        return "%s disk %s" % (new, userdevice)
+    if vm and vm in disk:
+        return disk.replace(vm, new, 1)
+    return "%s %s" % (new, disk)
 
 
 def macs_free(pool: Pool, source_vm: str, config: dict, notes: list[str]) -> bool:
@@ -615,7 +658,9 @@ def build(builder, repo, config, chains, sr, networks, keep_macs, result) -> Non
         vdi = NULL_REF
         if row.get("vdi_uuid"):
             d = chains[row["userdevice"]]
-            vdi = builder.disk(repo, d, sr, config["vdis"].get(row["vdi_uuid"], {}))
+            saved = config["vdis"].get(row["vdi_uuid"], {}).get("name_label", "")
+            name = disk_name(saved, config["vm"]["name_label"], result.name, row["userdevice"])
+            vdi = builder.disk(repo, d, sr, name)
             result.disks.append({"userdevice": row["userdevice"], "vdi_uuid": builder.vdis[-1][1]})
         elif row.get("type") == "CD":
             vdi = builder.iso(row, result.notes)
