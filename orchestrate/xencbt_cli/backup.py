@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import errno
 import logging
 import time
 from collections.abc import Callable
@@ -41,7 +40,13 @@ from xencbt_core.secret import scrub
 from . import digest, errors, image, progress, testhook, vmpoint
 from .children import GROUP
 from .copier import ConnectionBudget, Copier, DiskCopy
-from .errors import CliError, CommandFailed, Interrupted, RepositoryFull, describe_os_error
+from .errors import (
+    CliError,
+    Interrupted,
+    RepositoryFull,
+    describe_os_error,
+    out_of_space,
+)
 from .ledger import Ledger
 from .pool import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, Disk, NoCbt, Pool, Vm
 from .repository import Chain, Manifest, Repository, new_point_id
@@ -585,15 +590,6 @@ def chain_damage(chain: Chain, m: Manifest) -> str | None:
     except CliError as e:
         return " ".join(str(e).split())[-300:]
     return None
-
-
-def out_of_space(e: BaseException) -> bool:
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    # qemu-img says so on its stderr, which CommandFailed carries.
-    return isinstance(e, CommandFailed) and (
-        "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
-    )
 
 
 def summary(m: Manifest, prev: Manifest | None) -> dict:

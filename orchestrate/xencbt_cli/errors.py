@@ -57,6 +57,10 @@ class RepositoryFull(RepositoryError):
     """The repository's file system has no space left; nothing half-written is kept."""
 
 
+class TargetFull(CliError):
+    """A restore's destination file system has no space left (the point is fine)."""
+
+
 class PointDamaged(CliError):
     """A point's data does not match the checksum recorded at backup time."""
 
@@ -89,6 +93,16 @@ class Interrupted(KeyboardInterrupt):
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Whether a failed file operation or tool ran out of space (or quota)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    # qemu-img says so on its stderr, which CommandFailed carries.
+    return isinstance(e, CommandFailed) and (
+        "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+    )
 
 
 def exit_code(error: BaseException) -> int:
