@@ -18,6 +18,7 @@ import pytest
 import XenAPI
 from cli_support import BLOCK, Vm, backup, rand, xencbt
 from crash_support import kill, kills_per_point, start, stop, wait_until
+from xensim.vms import GENERIC_BIOS_STRINGS
 
 NULL = "OpaqueRef:NULL"
 SR = "Local storage"
@@ -28,24 +29,7 @@ CONFIG += ("HVM_boot_policy", "HVM_boot_params", "platform", "NVRAM", "bios_stri
 # xapi-consts constants.ml generic_bios_strings: what a VM without BIOS strings gets at
 # its first start (xapi_vm_helpers.ml consider_generic_bios_strings), and what
 # VM.set_bios_strings lays the settable keys over (xapi_vm.ml set_bios_strings).
-GENERIC_BIOS = {
-    "bios-vendor": "Xen",
-    "bios-version": "",
-    "system-manufacturer": "Xen",
-    "system-product-name": "HVM domU",
-    "system-version": "",
-    "system-serial-number": "",
-    "baseboard-manufacturer": "",
-    "baseboard-product-name": "",
-    "baseboard-version": "",
-    "baseboard-serial-number": "",
-    "baseboard-asset-tag": "",
-    "baseboard-location-in-chassis": "",
-    "enclosure-asset-tag": "",
-    "hp-rombios": "",
-    "oem-1": "Xen",
-    "oem-2": "MS_VM_CERT/SHA1/bdbeb6e0a816d43fa6d3fe8aaef04c2bad9d3e3d",
-}
+GENERIC_BIOS = GENERIC_BIOS_STRINGS
 
 
 def booted_bios(strings: dict) -> dict:
