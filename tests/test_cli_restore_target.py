@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import xapirec
 from cli_support import BLOCK, Vm, backup, rand, xencbt
 
 SIZE = "1M+512"
@@ -44,24 +45,9 @@ def scratch(vm: Vm, size: int, attach_to: Vm | None = None) -> str:
     """A new VDI of ``size`` bytes; with ``attach_to`` a VBD of that VM (created, not
     plugged: currently_attached is false, as after xapi's VBD.create)."""
     x = vm.x
-    record = {
-        "name_label": "scratch",
-        "name_description": "",
-        "SR": x.VDI.get_SR(vm.vdis[0]),
-        "virtual_size": str(size),
-        "type": "user",
-        "sharable": False,
-        "read_only": False,
-        "other_config": {},
-        "xenstore_data": {},
-        "sm_config": {},
-        "tags": [],
-    }
-    ref = x.VDI.create(record)
+    ref = x.VDI.create(xapirec.vdi(x.VDI.get_SR(vm.vdis[0]), size, "scratch"))
     if attach_to is not None:
-        vbd = {"VM": attach_to.ref, "VDI": ref, "userdevice": "3", "mode": "RW", "type": "Disk"}
-        vbd.update(bootable=False, empty=False, other_config={}, unpluggable=True)
-        x.VBD.create(vbd)
+        x.VBD.create(xapirec.vbd(attach_to.ref, ref, "3", unpluggable=True))
     return x.VDI.get_uuid(ref)
 
 

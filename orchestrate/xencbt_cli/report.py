@@ -10,7 +10,7 @@ from .backup import VmResult, human
 from .errors import RepositoryError
 from .repository import Chain, Repository
 from .retention import Policy
-from .vmpoint import all_vm_points
+from .vmpoint import FROM_LIVE_VM, all_vm_points
 
 
 def emit_json(data: object) -> None:
@@ -197,6 +197,11 @@ def print_backup(results: list[VmResult]) -> None:
                     shrunk(d),
                     d["seconds"],
                 )
+            )
+        if res.vtpm == FROM_LIVE_VM:
+            # xapi copies no unique vTPM into a snapshot (xapi_vtpm.ml copy): vmpoint.py
+            print(
+                "%-20s vTPM     unique: contents read from the VM right after the snapshot" % res.vm
             )
 
 
