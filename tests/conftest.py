@@ -23,6 +23,14 @@ A ``Simulator`` handle has:
   ``.guest_disk(vdi_uuid)`` context manager yielding the ``nbd+unix://`` URI of the live
                    VDI served read-write by ``xensim guest-disk`` (writes mark CBT)
   ``.stop()``      SIGTERM and wait; returns the exit code
+
+Parallel runs (pytest-xdist, ``make check``'s ``-n``): every worker has its own basetemp,
+hence its own slot directory (XENCBT_RUNTIME_DIR), secret watch (TMPDIR, exec records,
+XENSIM_SECRETS_LOG) and tmp paths; ports are 0.  Tests of a module that uses a module-
+(or class-, package-) scoped fixture stay together on one worker (``xdist_group`` = the
+module, for ``--dist loadgroup``), every other test is scheduled on its own, the slowest
+known ones first (``SLOW_FIRST``).  Each worker hands its reliability figures to the
+controller (``workeroutput``), which sums them for the summary.
 """
 
 from __future__ import annotations
@@ -192,8 +200,82 @@ def _secret_watch(tmp_path_factory) -> Iterator[None]:
         pytest.fail("secrets leaked:\n  " + "\n  ".join(findings[:50]), pytrace=False)
 
 
+# Tests that take a minute or more (measured, README "Testing"): scheduled first, so none
+# of them starts last and stretches a parallel run's tail.  Only the order changes.
+SLOW_FIRST = (
+    "test_cli_files.py::",
+    "test_cli_encrypt.py::test_reencrypting_copy_killed_at_random_moments_then_rerun_is_complete",
+    "test_cli_signals.py::test_sigkill_leaves_no_process_and_no_reader",
+    "test_cli_copy.py::test_copy_killed_at_random_moments_then_rerun_is_complete",
+    "test_crash_prune.py::test_prune_killed[anywhere-True]",
+    "test_cli_retention.py::test_policies_over_simulated_weeks",
+    "test_crash_prune.py::test_prune_killed[flatten-True]",
+    "test_cli_encrypt.py::test_encrypted_chain_backs_up_restores_verifies_prunes",
+    "test_restore_vm.py::test_restore_vm_killed_at_random_moments_leaves_nothing_after_repair",
+)
+
+_controller = False  # this process is xdist's controller: it runs no test itself
+
+
+def pytest_configure(config) -> None:
+    global _controller
+    dist = getattr(config.option, "dist", "no")
+    _controller = dist != "no" and not hasattr(config, "workerinput")
+
+
+def _shared_scope(item) -> bool:
+    """Whether ``item`` uses a fixture shared beyond one test other than the session's
+    (those are per worker anyway)."""
+    info = getattr(item, "_fixtureinfo", None)
+    if info is None:
+        return False
+    return any(
+        d.scope in ("module", "class", "package")
+        for defs in info.name2fixturedefs.values()
+        for d in defs
+    )
+
+
+def _slow_rank(item) -> int:
+    for rank, prefix in enumerate(SLOW_FIRST):
+        if item.nodeid.split("/")[-1].startswith(prefix):
+            return rank
+    return len(SLOW_FIRST)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist names the groups in the node ids
+def pytest_collection_modifyitems(config, items) -> None:
+    """Group the tests that share a module-scoped fixture (one worker builds it once) and
+    put the slowest first; a test already in an ``xdist_group`` keeps its own."""
+    items.sort(key=_slow_rank)  # stable: the rest keep their order
+    if getattr(config.option, "dist", "no") == "no":
+        return
+    modules = {item.module.__name__ for item in items if _shared_scope(item)}
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None and item.module.__name__ in modules:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+def pytest_sessionfinish(session) -> None:
+    """A worker hands its figures to the controller (summed in pytest_testnodedown)."""
+    if hasattr(session.config, "workerinput"):
+        from tally import figures
+
+        session.config.workeroutput["tally"] = json.dumps(figures())
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the controller, as each worker ends
+def pytest_testnodedown(node, error) -> None:
+    from tally import merge
+
+    merge(json.loads(getattr(node, "workeroutput", {}).get("tally", "{}")))
+
+
 def pytest_runtest_logreport(report) -> None:
-    """Captured output of every test phase goes to the secret watch."""
+    """Captured output of every test phase goes to the secret watch (the worker's, in a
+    parallel run: the controller only relays reports)."""
+    if _controller:
+        return
     for name, content in report.sections:
         WATCH.output("%s (%s)" % (report.nodeid, name), content)
     if report.failed:
