@@ -24,6 +24,11 @@ A ``Simulator`` handle has:
                    VDI served read-write by ``xensim guest-disk`` (writes mark CBT)
   ``.stop()``      SIGTERM and wait; returns the exit code
 
+``hold``            function scope; ``hold("backup-vm-done")`` is an XENCBT_TEST_PAUSE item
+                    that blocks that step of the product until ``hold.release(step)``, a
+                    stop signal it handled, or the test's end: windows held by events,
+                    never by timers.
+
 Parallel runs (pytest-xdist, ``make check``'s ``-n``): every worker has its own basetemp,
 hence its own slot directory (XENCBT_RUNTIME_DIR), secret watch (TMPDIR, exec records,
 XENSIM_SECRETS_LOG) and tmp paths; ports are 0.  Tests of a module that uses a module-
@@ -155,6 +160,42 @@ def xensim_factory(tmp_path: Path) -> Iterator:
 @pytest.fixture
 def xensim(xensim_factory) -> Simulator:
     return xensim_factory()
+
+
+class Holds:
+    """``hold(step)``: the XENCBT_TEST_PAUSE item that holds ``step`` of the product
+    (orchestrate/xencbt_cli/testhook.py) until ``release(step)``, a stop signal the
+    product handled, or the end of the test (every hold is released at teardown)."""
+
+    def __init__(self, where: Path) -> None:
+        self.where = where
+        self.fds: dict[str, int] = {}
+
+    def __call__(self, step: str) -> str:
+        fifo = self.where / ("hold-" + step)
+        if step not in self.fds:
+            os.mkfifo(fifo, 0o600)
+            self.fds[step] = os.open(fifo, os.O_RDWR)  # never blocks; the product's reads
+        return "%s=hold:%s" % (step, fifo)  # block until it is closed
+
+    def release(self, step: str) -> None:
+        """Removed first: a later pass of the step is not held; then closed: the one held
+        now reads EOF."""
+        fd = self.fds.pop(step, None)
+        if fd is not None:
+            (self.where / ("hold-" + step)).unlink()
+            os.close(fd)
+
+    def release_all(self) -> None:
+        for step in list(self.fds):
+            self.release(step)
+
+
+@pytest.fixture
+def hold(tmp_path_factory) -> Iterator[Holds]:
+    holds = Holds(tmp_path_factory.mktemp("holds"))
+    yield holds
+    holds.release_all()
 
 
 @pytest.fixture(autouse=True)

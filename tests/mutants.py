@@ -59,11 +59,13 @@ MUTANTS = [
         "manifest written before its sums in repository.commit",
         "orchestrate/xencbt_cli/repository.py",
         "        if sums is not None:\n"
-        "            write_atomically(self.sums_path(manifest.point), sums)\n"
+        "            path = self.sums_path(manifest.point)\n"
+        "            write_atomically(path, repokey.sealed(path, sums))  # they reveal content\n"
         "        write_atomically(self.manifest_path(manifest.point), manifest.to_json())\n",
         "        write_atomically(self.manifest_path(manifest.point), manifest.to_json())\n"
         "        if sums is not None:\n"
-        "            write_atomically(self.sums_path(manifest.point), sums)\n",
+        "            path = self.sums_path(manifest.point)\n"
+        "            write_atomically(path, repokey.sealed(path, sums))  # they reveal content\n",
         ("tests/test_crash_backup.py::test_backup_killed[sums]",),
     ),
     Mutant(
