@@ -31,10 +31,10 @@ A ``Simulator`` handle has:
 
 Parallel runs (pytest-xdist, ``make check``'s ``-n``): every worker has its own basetemp,
 hence its own slot directory (XENCBT_RUNTIME_DIR), secret watch (TMPDIR, exec records,
-XENSIM_SECRETS_LOG) and tmp paths; ports are 0.  Tests of a module that uses a module-
-(or class-, package-) scoped fixture stay together on one worker (``xdist_group`` = the
-module, for ``--dist loadgroup``), every other test is scheduled on its own, the slowest
-known ones first (``SLOW_FIRST``).  Each worker hands its reliability figures to the
+XENSIM_SECRETS_LOG) and tmp paths; ports are 0.  Tests of a module that defines a module-
+(or class-, package-) scoped fixture stay together on one worker, every other test is
+scheduled on its own (tests/xdist_groups.py), the slowest known ones first
+(``SLOW_FIRST``).  Each worker hands its reliability figures to the
 controller (``workeroutput``), which sums them for the summary.
 """
 
@@ -264,19 +264,6 @@ def pytest_configure(config) -> None:
     _controller = dist != "no" and not hasattr(config, "workerinput")
 
 
-def _shared_scope(item) -> bool:
-    """Whether ``item`` uses a fixture shared beyond one test other than the session's
-    (those are per worker anyway)."""
-    info = getattr(item, "_fixtureinfo", None)
-    if info is None:
-        return False
-    return any(
-        d.scope in ("module", "class", "package")
-        for defs in info.name2fixturedefs.values()
-        for d in defs
-    )
-
-
 def _slow_rank(item) -> int:
     for rank, prefix in enumerate(SLOW_FIRST):
         if item.nodeid.split("/")[-1].startswith(prefix):
@@ -284,17 +271,20 @@ def _slow_rank(item) -> int:
     return len(SLOW_FIRST)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist names the groups in the node ids
 def pytest_collection_modifyitems(config, items) -> None:
-    """Group the tests that share a module-scoped fixture (one worker builds it once) and
-    put the slowest first; a test already in an ``xdist_group`` keeps its own."""
+    """The slowest tests first (what a parallel run hands out first)."""
     items.sort(key=_slow_rank)  # stable: the rest keep their order
-    if getattr(config.option, "dist", "no") == "no":
-        return
-    modules = {item.module.__name__ for item in items if _shared_scope(item)}
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None and item.module.__name__ in modules:
-            item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the controller's scheduler
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``: the tests of a module with a shared fixture on one worker,
+    every other test on its own (tests/xdist_groups.py)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist_groups import Scheduler
+
+    return Scheduler(config, log)
 
 
 def pytest_sessionfinish(session) -> None:
