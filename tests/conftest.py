@@ -258,10 +258,28 @@ SLOW_FIRST = (
 _controller = False  # this process is xdist's controller: it runs no test itself
 
 
+# Set in an xdist worker's environment (COLUMNS=80, LINES=24) though not in the run's:
+# rich would wrap what xencbt says at 80 columns, whatever the terminal a test gives it.
+TERMINAL_SIZE = ("COLUMNS", "LINES")
+
+
 def pytest_configure(config) -> None:
     global _controller
     dist = getattr(config.option, "dist", "no")
     _controller = dist != "no" and not hasattr(config, "workerinput")
+    if hasattr(config, "workerinput"):  # a worker: the environment the run was started in
+        for name in TERMINAL_SIZE:
+            value = config.workerinput.get("environ " + name)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the controller, starting a worker
+def pytest_configure_node(node) -> None:
+    for name in TERMINAL_SIZE:
+        node.workerinput["environ " + name] = os.environ.get(name)
 
 
 def _slow_rank(item) -> int:
