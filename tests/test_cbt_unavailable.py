@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import xapirec
 import XenAPI
 from cli_support import BLOCK, Vm, backup, disk_rows, rand, restored, xencbt
 
@@ -97,7 +98,7 @@ def test_disk_the_host_cannot_snapshot_fails_its_vm_with_one_clear_line(sim, tmp
         fields.update(name_label="raw disk", sm_config={"type": "raw"})
         fields.update(sharable=False, read_only=False, other_config={})
         vdi = x.VDI.create(fields)
-        x.VBD.create({"VM": vm.ref, "VDI": vdi, "userdevice": "2"})
+        x.VBD.create(xapirec.vbd(vm.ref, vdi, "2"))
         code, what = "SR_BACKEND_FAILURE_66", "the VDI is raw"
     else:
         vdi = vm.vdis[1]

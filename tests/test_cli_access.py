@@ -190,3 +190,36 @@ def test_a_user_who_may_only_read_the_repository(sim, tmp_path, reader):
     read_only_use(sim, repo, vm, out_dir, user=reader)
     r = run(sim, "prune", "--repo", str(repo), "--keep", "1", user=reader, check=1)
     assert "run as a user allowed to do that there" in r.stderr
+
+
+def test_repair_refuses_a_folder_that_is_not_a_repository(sim, tmp_path):
+    """#24 finding 2: repair of a folder without the repository's own marker (its
+    repository.conf, or points of an older xencbt) changes nothing, not a mode; in a
+    repository it tightens only what xencbt made."""
+    shared = tmp_path / "shared"  # a system's temporary folder, say
+    other = shared / "0e3cbd5a-3c7a-4d3f-9b4e-1b8ff1d0a0a1"  # a uuid, but nothing of ours
+    other.mkdir(parents=True)
+    (shared / "notes.txt").write_text("someone's\n")
+    (other / "data").write_text("someone else's\n")
+    for path, bits in ((shared, 0o1777), (other, 0o755), (shared / "notes.txt", 0o644)):
+        os.chmod(path, bits)
+    before = {p: mode(p) for p in [shared, *shared.rglob("*")]}
+    r = run(sim, "repair", "--repo", str(shared), check=1)
+    (line,) = r.stderr.splitlines()
+    assert "is not an xencbt repository" in line and "repository.conf" in line, line
+    assert {p: mode(p) for p in [shared, *shared.rglob("*")]} == before
+    # verify finds no point there, and sends nobody to repair it.
+    r = run(sim, "verify", "--repo", str(shared), check=1)
+    assert "no backup points" in r.stderr and "xencbt repair" not in r.stderr
+
+    repo = tmp_path / "repo"
+    backed_up(sim, repo)
+    subprocess.run(["chmod", "-R", "go+rX", str(repo)], check=True)
+    foreign = repo / "README.txt"  # the administrator's own note beside the points
+    foreign.write_text("offsite copy on tape 7\n")
+    os.chmod(foreign, 0o644)
+    run(sim, "repair", "--repo", str(repo))
+    assert mode(foreign) == 0o644
+    for path in [repo, *repo.rglob("*")]:
+        if path != foreign:
+            assert mode(path) == (0o700 if path.is_dir() else 0o600), path

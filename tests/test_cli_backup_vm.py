@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import xapirec
 from cli_support import BLOCK, XENCBT, Vm, cli_env, rand, restored_sha, sha
 from secretwatch import WATCH
 from test_cli_serve import children
@@ -82,8 +83,8 @@ def test_a_disk_added_since_the_last_backup_is_copied_whole_with_the_others(sim,
     # A third disk appears on the VM: its first backup is a full one, in the same nbdkit.
     x = vm.x
     sr = x.VDI.get_SR(vm.vdis[0])
-    new = x.VDI.create({"SR": sr, "virtual_size": str(1 << 20), "name_label": "added"})
-    x.VBD.create({"VM": vm.ref, "VDI": new, "userdevice": "2", "type": "Disk", "mode": "RW"})
+    new = x.VDI.create(xapirec.vdi(sr, 1 << 20, "added"))
+    x.VBD.create(xapirec.vbd(vm.ref, new, "2"))
     new_uuid = x.VDI.get_uuid(new)
     vm.uuids.append(new_uuid)
     vm.models.append(bytearray(int(x.VDI.get_virtual_size(new))))  # the SR rounds it up

@@ -267,7 +267,10 @@ def test_serve_copy_and_vm_configuration_of_an_encrypted_repository(sim, tmp_pat
         "--to-key-file",
         str(other),
     )
-    xencbt(sim, "--key-file", str(key), "copy", "--repo", str(src), "--to", str(plain))
+    xencbt(
+        sim, "--key-file", str(key), "copy", "--repo", str(src), "--to", str(plain),
+        "--to-encryption", "none",
+    )  # fmt: skip
     chain = dst / vm.uuid / vm.uuids[0]
     images = sorted(chain.glob("*.qcow2"))
     assert len(images) == 2 and all(image_info(p)["encrypted"] for p in images)
@@ -413,3 +416,67 @@ def test_reencrypting_copy_killed_at_random_moments_then_rerun_is_complete(
     monkeypatch.setenv("XENCBT_KEY_FILE", str(other))
     xencbt(sim, "verify", "--repo", str(dst))
     same_as_model(sim, dst, vm, history, tmp_path)
+
+
+def settings_of(repo: Path) -> str:
+    return (repo / "repository.conf").read_text()
+
+
+def test_a_key_given_never_leaves_a_new_repository_clear(sim, tmp_path, monkeypatch):
+    """#24 finding 1: a copy of an encrypted repository is encrypted unless
+    --to-encryption none says otherwise; a key given to init or to the first backup of a
+    repository (option, config file, environment) means an encrypted repository."""
+    key = make_key(tmp_path / "repo.key")
+    src = tmp_path / "src"
+    init_encrypted(sim, src, key)
+    vm = Vm(sim)
+    vm.write(0, {0: marked(BLOCK)})
+    backup(sim, src, "--key-file", str(key), "demo-vm")
+    k = ["--key-file", str(key)]
+
+    # copy into a new DST: encrypted under the key at hand (here SRC's), said so.
+    new = tmp_path / "new"
+    r = xencbt(sim, *k, "copy", "--repo", str(src), "--to", str(new))
+    assert "encryption luks" in r.stderr and "encryption none" not in r.stderr
+    assert "encryption = luks" in settings_of(new)
+    assert all(image_info(p)["encrypted"] for p in new.rglob("*.qcow2"))
+    configs = list(new.rglob("*.config.json"))
+    assert configs and all(c.read_bytes().startswith(SEALED) for c in configs)
+    assert_marker_nowhere(new)
+    xencbt(sim, *k, "verify", "--repo", str(new))
+
+    # An existing clear DST is refused, nothing copied; --to-encryption none is the way.
+    clear = tmp_path / "clear"
+    xencbt(sim, "init", "--repo", str(clear))
+    r = xencbt(sim, *k, "copy", "--repo", str(src), "--to", str(clear), check=2)
+    assert "--to-encryption none" in one_line(r.stderr)
+    assert [p.name for p in clear.iterdir()] == ["repository.conf"]
+    to_none = ["copy", "--repo", str(src), "--to", str(clear), "--to-encryption", "none"]
+    # ... but not with a key for DST: a key given where nothing would be encrypted.
+    r = xencbt(sim, *k, *to_none, "--to-key-file", str(key), check=2)
+    assert "--to-key-file" in one_line(r.stderr)
+    assert [p.name for p in clear.iterdir()] == ["repository.conf"]
+    xencbt(sim, *k, *to_none)
+    assert (clear / vm.uuid).is_dir()
+
+    # The first backup of a repository with a key (option, then config file): encrypted.
+    conf = tmp_path / "xencbt.conf"
+    conf.write_text("[xencbt]\nkey_file = %s\n" % key)
+    for name, how in (("by-option", k), ("by-config", ["--config", str(conf)])):
+        repo = tmp_path / name
+        r = xencbt(sim, *how, "backup", "demo-vm", "--repo", str(repo))
+        assert "encryption luks" in r.stderr, r.stderr
+        assert "encryption = luks" in settings_of(repo)
+        assert all(image_info(p)["encrypted"] for p in repo.rglob("*.qcow2"))
+        assert_marker_nowhere(repo)
+        xencbt(sim, *k, "verify", "--repo", str(repo))
+
+    # init with a key (here from the environment) and no --encrypt: encrypted too;
+    # --encryption none is the explicit way to a clear one, said plainly.
+    monkeypatch.setenv("XENCBT_KEY_FILE", str(key))
+    r = xencbt(sim, "init", "--repo", str(tmp_path / "init"))
+    assert "encryption luks" in r.stderr
+    assert "encryption = luks" in settings_of(tmp_path / "init")
+    r = xencbt(sim, "init", "--repo", str(tmp_path / "plain"), "--encryption", "none")
+    assert "encryption none" in r.stderr and "not used" in r.stderr
+    assert "encryption = none" in settings_of(tmp_path / "plain")

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import xapirec
 from cli_support import Vm, rand, sha
 from servers import PLUGIN, plugin_server, run_plugin
 from test_plugin_xapi import flatten, top_blocks
@@ -86,8 +87,7 @@ def test_every_disk_is_an_export_listed_and_copied_byte_for_byte(pool, xensim, t
     assert sorted(disks) == ["0", "1"]
     # A CD drive and an empty VBD of the snapshot are not disks to export.
     snap_ref = pool.x.VM.get_by_uuid(snap)
-    cd = {"VM": snap_ref, "VDI": NULL, "userdevice": "3", "type": "CD"}
-    pool.x.VBD.create({**cd, "mode": "RO", "empty": True, "bootable": False})
+    pool.x.VBD.create(xapirec.cd_drive(snap_ref, "4"))
     xensim.control.reset_counters()
 
     with plugin_server(pool.params(snap), tmp_path) as (uri, _):
@@ -274,9 +274,7 @@ def test_since_must_match_the_disks_once(pool, xensim):
     s1 = pool.snapshot("s1")
     s2 = pool.snapshot("s2")
     # A VDI snapshot that is not of this VM's disks.
-    other = pool.x.VDI.create(
-        {"SR": pool.x.VDI.get_SR(pool.vm.vdis[0]), "virtual_size": str(1 << 20), "name_label": "x"}
-    )
+    other = pool.x.VDI.create(xapirec.vdi(pool.x.VDI.get_SR(pool.vm.vdis[0]), 1 << 20, "x"))
     pool.x.VDI.enable_cbt(other)
     stranger = pool.x.VDI.get_uuid(pool.x.VDI.snapshot(other, {}))
     r = run_plugin(pool.params(s2, "since=%s" % stranger), "true")

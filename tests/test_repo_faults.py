@@ -294,3 +294,24 @@ def test_repository_full_keeps_every_point_and_recovers(sim, tmp_path):
         assert [d["digest"] for d in new] == vm.contents()
         after.check_files()
         after.check_host(listing(sim, repo))
+
+
+def test_restore_to_a_full_file_system_says_the_destination_is_full(sim, tmp_path):
+    """#24 finding 5: a restore whose destination runs out of space says so, with what it
+    needs; it is no damaged point and sends nobody to another one."""
+    vm = Vm(sim)
+    repo = tmp_path / "repo"
+    for step in range(2):  # two points: the advice for damage would name the other one
+        vm.write(0, {b * BLOCK: rand(BLOCK) for b in range(step, len(vm.models[0]) // BLOCK)})
+        backup(sim, repo)
+    with tmpfs(tmp_path / "fs", 1 << 20) as fs:  # the 2 MiB disk does not fit in 1 MiB
+        for name in ("disk.raw", "disk.qcow2"):
+            out = fs / name
+            args = ["restore", "--repo", str(repo), vm.uuids[0], "--to-file", str(out)]
+            r = xencbt(sim, *args, check=None)
+            line = one_line_error(r, 1, "is full")
+            assert str(fs) in line and "2.0 MiB" in line and "free" in line, line
+            for word in ("nearest", "intact", "damaged", "--at", "verify"):
+                assert word not in r.stderr, r.stderr
+            assert not list(fs.iterdir())  # nothing half-written kept
+        tally("faults injected")

@@ -21,6 +21,7 @@ import urllib.parse
 from pathlib import Path
 
 import pytest
+import xapirec
 from cli_support import BLOCK, Vm, backup, rand, xencbt
 
 SIZE = (1 << 20) + 512  # the demo disks: not a multiple of 64 KiB
@@ -58,16 +59,7 @@ def raw(sim, uuid: str) -> bytes:
 
 
 def new_vdi(x, sr: str, size: int) -> str:
-    record = {
-        "name_label": "target",
-        "SR": sr,
-        "virtual_size": str(size),
-        "type": "user",
-        "sharable": False,
-        "read_only": False,
-        "other_config": {},
-    }
-    return x.VDI.create(record)
+    return x.VDI.create(xapirec.vdi(sr, size, "target"))
 
 
 def vdi_uuids(x) -> set[str]:

@@ -25,6 +25,44 @@ CONFIG = ("VCPUs_max", "VCPUs_at_startup", "memory_static_max", "memory_dynamic_
 CONFIG += ("HVM_boot_policy", "HVM_boot_params", "platform", "NVRAM", "bios_strings", "tags")
 
 
+# xapi-consts constants.ml generic_bios_strings: what a VM without BIOS strings gets at
+# its first start (xapi_vm_helpers.ml consider_generic_bios_strings), and what
+# VM.set_bios_strings lays the settable keys over (xapi_vm.ml set_bios_strings).
+GENERIC_BIOS = {
+    "bios-vendor": "Xen",
+    "bios-version": "",
+    "system-manufacturer": "Xen",
+    "system-product-name": "HVM domU",
+    "system-version": "",
+    "system-serial-number": "",
+    "baseboard-manufacturer": "",
+    "baseboard-product-name": "",
+    "baseboard-version": "",
+    "baseboard-serial-number": "",
+    "baseboard-asset-tag": "",
+    "baseboard-location-in-chassis": "",
+    "enclosure-asset-tag": "",
+    "hp-rombios": "",
+    "oem-1": "Xen",
+    "oem-2": "MS_VM_CERT/SHA1/bdbeb6e0a816d43fa6d3fe8aaef04c2bad9d3e3d",
+}
+
+
+def booted_bios(strings: dict) -> dict:
+    """The BIOS strings the VM boots with: its own over the generic ones."""
+    return {**GENERIC_BIOS, **strings}
+
+
+def settable_bios(strings: dict) -> dict:
+    """What VM.set_bios_strings can give back (constants.ml settable_vm_bios_string_keys:
+    the generic keys but hp-rombios and the type 11 oem-*); test_restore_vm_pool checks
+    that the others are named in restore-vm's notes."""
+    unsettable = ("hp-rombios", "oem-1", "oem-2")
+    return {
+        k: v for k, v in booted_bios(strings).items() if k in GENERIC_BIOS and k not in unsettable
+    }
+
+
 def raw(sim, vdi_uuid: str, size: int) -> bytes:
     """The simulator's own data file of a VDI: the independent truth."""
     data = (Path(sim.state_dir) / "vdis" / (vdi_uuid + ".raw")).read_bytes()
@@ -46,12 +84,28 @@ def snapshot_of_vm(x, ref: str) -> dict:
     tpm = [x.VTPM.get_contents(t) for t in rec["VTPMs"]]
     return {
         "name": rec["name_label"],
-        "config": {k: rec[k] for k in CONFIG},
+        "config": {k: settable_bios(rec[k]) if k == "bios_strings" else rec[k] for k in CONFIG},
         "vifs": vifs,
         "vbds": vbds,
         "vtpm": tpm,
         "power": rec["power_state"],
         "blocked": rec["blocked_operations"],
+    }
+
+
+def cd_drive(vm: str, userdevice: str, iso: str = NULL) -> dict:
+    """A CD drive's VBD.create record, every field xapi requires (empty unless ``iso``)."""
+    return {
+        "VM": vm,
+        "VDI": iso,
+        "userdevice": userdevice,
+        "bootable": False,
+        "mode": "RO",
+        "type": "CD",
+        "empty": iso == NULL,
+        "other_config": {},
+        "qos_algorithm_type": "",
+        "qos_algorithm_params": {},
     }
 
 
@@ -61,8 +115,8 @@ def prepared(sim, repo: Path):
     vm = Vm(sim)
     vm.write(0, {0: rand(BLOCK), 5 * BLOCK: rand(3 * BLOCK)})
     vm.write(1, {BLOCK: rand(BLOCK)})
-    cd = {"VM": vm.ref, "VDI": NULL, "userdevice": "3", "type": "CD", "empty": True, "mode": "RO"}
-    vm.x.VBD.create(cd)
+    used = [int(vm.x.VBD.get_userdevice(v)) for v in vm.x.VM.get_VBDs(vm.ref)]
+    vm.x.VBD.create(cd_drive(vm.ref, str(max(used) + 1)))  # beside the demo's ISO drive
     backup(sim, repo, "demo-vm")
     truth = {str(i): raw(sim, u, len(m)) for i, (u, m) in enumerate(zip(vm.uuids, vm.models))}
     return vm, snapshot_of_vm(vm.x, vm.ref), truth
@@ -242,20 +296,22 @@ def marked(x) -> list[str]:
     return found
 
 
-def discard_restored(x, before: tuple[set, set]) -> int:
-    """Destroy whole VMs a run completed before its kill (unmarked, unblocked)."""
+def discard_restored(x, before: tuple[set, set], vbds: int) -> int:
+    """Destroy whole VMs a run completed before its kill (unmarked, unblocked, with the
+    ``vbds`` VBDs of the original)."""
     vms, _ = pool_state(x)
     for ref in vms - before[0]:
         rec = x.VM.get_record(ref)
         assert "xencbt-restore" not in rec["other_config"] and rec["blocked_operations"] == {}
-        assert len(rec["VIFs"]) == 2 and len(rec["VTPMs"]) == 1 and len(rec["VBDs"]) == 3
+        assert len(rec["VIFs"]) == 2 and len(rec["VTPMs"]) == 1 and len(rec["VBDs"]) == vbds
         destroy_vm_and_disks(x, ref)
     return len(vms - before[0])
 
 
 def test_restore_vm_killed_at_random_moments_leaves_nothing_after_repair(xensim, tmp_path):
     repo = tmp_path / "repo"
-    vm, _, _ = prepared(xensim, repo)
+    vm, original, _ = prepared(xensim, repo)
+    vbds = len(original["vbds"])
     x = vm.x
     destroy_vm_and_disks(x, vm.ref)
     xensim.control.set_api_latency({m: 0.05 for m in ("VBD.create", "VIF.create", "VTPM.create")})
@@ -263,7 +319,7 @@ def test_restore_vm_killed_at_random_moments_leaves_nothing_after_repair(xensim,
     t0 = time.monotonic()
     out, _ = restore_vm(xensim, repo)
     duration = time.monotonic() - t0
-    discard_restored(x, before)
+    discard_restored(x, before, vbds)
     runs, landed = max(10, kills_per_point()), 0
     for run in range(runs):
         proc = start(xensim, "restore-vm", "--repo", str(repo), "demo-vm", "--to-sr", SR)
@@ -278,7 +334,7 @@ def test_restore_vm_killed_at_random_moments_leaves_nothing_after_repair(xensim,
         else:  # the next restore-vm cleans up first, then restores whole
             restore_vm(xensim, repo)
         assert marked(x) == []
-        discard_restored(x, before)
+        discard_restored(x, before, vbds)
         assert pool_state(x) == before
         assert repository_state(repo) == files
     print("restore-vm: %d of %d kills landed while a VM was being built" % (landed, runs))
@@ -367,3 +423,57 @@ def test_a_configuration_without_its_vm_manifest_is_no_vm_point_and_goes(xensim,
     assert "VM point" not in text and "disk points only, no VM configuration" in text
     backup(xensim, repo, "demo-vm")  # the next backup removes the stray configuration
     assert len(list(points.glob("*.config.json"))) == len(list(points.glob("*Z.json"))) == 1
+
+
+def test_a_network_mapping_that_matches_no_network_of_the_point_is_refused(xensim, tmp_path):
+    """#24 finding 3: --network FROM=TO whose FROM is none of the VM point's networks is
+    an error before anything is created, not a mapping silently ignored."""
+    repo = tmp_path / "repo"
+    vm, before, _ = prepared(xensim, repo)
+    pool = (set(vm.x.VM.get_all()), set(vm.x.VDI.get_all()), set(vm.x.VIF.get_all()))
+    mapping = "Pool-wide network associated with eth9=NBD network"
+    out, r = restore_vm(xensim, repo, "--name", "copy", "--network", mapping, check=1)
+    (line,) = r.stderr.splitlines()
+    assert "eth9" in line and "nothing was created" in line, line
+    for _, network in before["vifs"].values():  # the point's networks, to choose from
+        assert network in line, line
+    assert (set(vm.x.VM.get_all()), set(vm.x.VDI.get_all()), set(vm.x.VIF.get_all())) == pool
+
+
+def test_restore_beside_the_original_keeps_names_unique_and_backup_by_name_goes_on(
+    xensim, tmp_path
+):
+    """#24 finding 4: without --name, a VM restored beside its original is named
+    "NAME (restored POINT)", its disks after it; and when two VMs share a name, backup by
+    name takes the one with points in the repository and says so, or names their uuids."""
+    repo = tmp_path / "repo"
+    vm, before, truth = prepared(xensim, repo)
+    x = vm.x
+    out, r = restore_vm(xensim, repo)
+    name = "demo-vm (restored %s)" % out["point"]
+    assert out["name"] == name and name in r.stderr
+    ref = x.VM.get_by_uuid(out["vm_uuid"])
+    new = snapshot_of_vm(x, ref)
+    assert new["name"] == name
+    check_disks(xensim, x, new, truth)
+    disks = [v for kind, _, _, v in new["vbds"].values() if kind == "Disk"]
+    assert sorted(x.VDI.get_name_label(x.VDI.get_by_uuid(v)) for v in disks) == [
+        name + " disk 0",
+        name + " disk 1",
+    ]
+    assert x.VM.get_name_label(vm.ref) == "demo-vm"  # the original is left alone
+    again, _ = restore_vm(xensim, repo)  # the same point once more: still unique
+    assert again["name"] not in ("demo-vm", name) and again["name"].startswith(name[:-1])
+    assert len(x.VM.get_by_name_label(again["name"])) == 1
+    x.VM.destroy(x.VM.get_by_uuid(again["vm_uuid"]))
+
+    # Two VMs named demo-vm (the restored one renamed by hand): the nightly backup by
+    # name takes the one with points in the repository and says which.
+    x.VM.set_name_label(ref, "demo-vm")
+    r = xencbt(xensim, "--json", "backup", "demo-vm", "--repo", str(repo))
+    (done,) = json.loads(r.stdout)["vms"]
+    assert done["ok"] and done["vm_uuid"] == vm.uuid
+    assert out["vm_uuid"] in r.stderr and "points in" in r.stderr, r.stderr
+    # A repository where neither has points: that VM fails, naming both uuids.
+    r = xencbt(xensim, "backup", "demo-vm", "--repo", str(tmp_path / "other"), check=1)
+    assert vm.uuid in r.stderr and out["vm_uuid"] in r.stderr and "uuid" in r.stderr

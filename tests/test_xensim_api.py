@@ -12,6 +12,7 @@ import xmlrpc.client
 from pathlib import Path
 
 import pytest
+import xapirec
 import XenAPI
 
 
@@ -237,6 +238,11 @@ def test_vdi_create_rounds_like_a_vhd_sr_and_resize_grows_only(xensim):
         }
     )
     assert x.VDI.get_virtual_size(vdi) == str(4 << 20)
+    tagged = x.VDI.create(xapirec.vdi(sr, 1 << 20, tags=["t"], xenstore_data={"k": "v"}))
+    assert (x.VDI.get_tags(tagged), x.VDI.get_xenstore_data(tagged)) == (["t"], {"k": "v"})
+    with pytest.raises(XenAPI.Failure) as e:  # xapi_vdi.ml create
+        x.VDI.create(xapirec.vdi(sr, 1 << 20, type="cbt_metadata"))
+    assert e.value.details == ["VDI_INCOMPATIBLE_TYPE", "", "cbt_metadata"]
     x.VDI.resize(vdi, str(6 << 20))
     assert x.VDI.get_virtual_size(vdi) == str(6 << 20)
     assert failure(x.VDI.resize, vdi, str(2 << 20))[0] == "SR_BACKEND_FAILURE_79"

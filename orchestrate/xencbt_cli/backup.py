@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import errno
 import logging
 import time
 from collections.abc import Callable
@@ -41,7 +40,13 @@ from xencbt_core.secret import scrub
 from . import digest, errors, image, progress, testhook, vmpoint
 from .children import GROUP
 from .copier import ConnectionBudget, Copier, DiskCopy
-from .errors import CliError, CommandFailed, Interrupted, RepositoryFull, describe_os_error
+from .errors import (
+    CliError,
+    Interrupted,
+    RepositoryFull,
+    describe_os_error,
+    out_of_space,
+)
 from .ledger import Ledger
 from .pool import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, Disk, NoCbt, Pool, Vm
 from .repository import Chain, Manifest, Repository, new_point_id
@@ -96,6 +101,8 @@ class VmResult:
     in_use_retries: int = 0  # calls tried again after VDI_IN_USE (dom0's NBD VBDs)
     undone: list[str] = field(default_factory=list)  # what a failure took back
     locked: bool = False  # the VM's chains were locked: its run had begun
+    vtpm: str = ""  # where the VM point's vTPM contents came from (vmpoint.py), if any
+    not_captured: list[str] = field(default_factory=list)  # devices no VM point carries
 
 
 def now_iso() -> str:
@@ -188,9 +195,28 @@ class Backup:
         result.warnings.append(scrub(text))
         self.say("VM %s: warning: %s" % (result.vm, text))
 
+    def pick(self, name: str, result: VmResult):
+        """The VM ``name`` means.  Of several VMs sharing a name (one restored beside its
+        original, say), the one with points in this repository, said; with none or more
+        than one of them there, the VM fails naming their uuids (Pool.vm)."""
+        vms = self.pool.vms(name)
+        if len(vms) < 2:
+            return self.pool.vm(name)
+        known = [v for v in vms if any(c.points() for c in self.repo.vm_chains(v.uuid))]
+        if len(known) != 1:
+            return self.pool.vm(name)
+        others = ", ".join(sorted(v.uuid for v in vms if v is not known[0]))
+        self.warn(
+            result,
+            "%d VMs are named %s: backing up %s, the one with points in %s (not %s); give "
+            "a uuid to choose" % (len(vms), name, known[0].uuid, self.repo.root, others),
+        )
+        return known[0]
+
     def backup_vm(self, name: str, result: VmResult) -> None:
-        vm = self.pool.vm(name)
+        vm = self.pick(name, result)
         result.vm_uuid = vm.uuid
+        refuse_vusbs(self.pool, vm)
         disks = self.pool.disks(vm.ref)
         chains = {d.uuid: self.repo.chain(vm.uuid, d.uuid) for d in disks}
         with contextlib.ExitStack() as locks:
@@ -204,6 +230,10 @@ class Backup:
             snap_vm = self.pool.snapshot(vm, SNAPSHOT_PREFIX + result.point)
             committed: set[str] = set()
             try:
+                # Now, while the VM is still as it was at the snapshot: a unique vTPM's
+                # contents are read from the live VM (vmpoint.py).
+                config = vmpoint.capture(self.pool.call, snap_vm, vm.name, vm.ref)
+                self.tell_capture(vm, config, result)
                 snaps = {d.snapshot_of: d for d in self.pool.disks(snap_vm)}
                 self.ledger(vm).add({d.uuid for d in snaps.values()})
                 work = [self.prepare(vm, d, snaps[d.vdi_ref], chains[d.uuid]) for d in disks]
@@ -223,7 +253,7 @@ class Backup:
                             committed.add(m.snapshot_uuid)
                         result.disks.append(summary(m, prev))
                 GROUP.check()
-                self.commit_vm_point(vm, snap_vm, result)
+                self.commit_vm_point(vm, config, result)
             except BaseException:
                 self.release(snap_vm, committed, result)
                 result.undone.append("snapshot %s destroyed" % (SNAPSHOT_PREFIX + result.point))
@@ -232,11 +262,31 @@ class Backup:
             self.forget_old_bases(result.disks, result)
             self.sweep(vm)
 
-    def commit_vm_point(self, vm: Vm, snap_vm: str, result: VmResult) -> None:
-        """The VM's configuration from the same snapshot as its disks, then the VM
-        manifest, last: only then does the VM point exist (vmpoint.py)."""
+    def tell_capture(self, vm: Vm, config: dict, result: VmResult) -> None:
+        """Say where a vTPM's contents came from and which devices the point lacks."""
+        for vtpm in config["vtpms"]:
+            result.vtpm = vtpm["contents_from"]
+            if vtpm["contents_from"] == vmpoint.FROM_LIVE_VM:
+                self.say(
+                    "VM %s: its unique vTPM's contents were read from the VM right after "
+                    "the snapshot (xapi does not copy a unique vTPM into a snapshot): the "
+                    "TPM's state a moment after the disks'" % vm.name
+                )
+            elif vtpm["contents_from"] == vmpoint.FROM_NOWHERE:
+                self.warn(
+                    result,
+                    "its unique vTPM's contents could not be read (%s; xapi does not copy "
+                    "a unique vTPM into a snapshot): a VM restored from this point gets a "
+                    "blank TPM" % vtpm["why"],
+                )
+        result.not_captured = list(config["not_captured"])
+        for what in result.not_captured:
+            self.say("VM %s: not in the VM point: %s" % (vm.name, what))
+
+    def commit_vm_point(self, vm: Vm, config: dict, result: VmResult) -> None:
+        """The VM's configuration, captured right after the snapshot of its disks, then
+        the VM manifest, last: only then does the VM point exist (vmpoint.py)."""
         points = VmPoints(self.repo, vm.uuid)
-        config = vmpoint.capture(self.pool.call, snap_vm, vm.name)
         digest_ = points.write_config(result.point, config)
         disks = [
             {"userdevice": d["userdevice"], "vdi_uuid": d["vdi_uuid"], "point": d["point"]}
@@ -510,6 +560,19 @@ class Backup:
                     self.warn(result, lagging(CleanupLagged([old], e), self.pool.in_use.timeout))
 
 
+def refuse_vusbs(pool: Pool, vm: Vm) -> None:
+    """xapi refuses to snapshot a VM with a VUSB (VM_HAS_VUSBS, xapi_vm_lifecycle.ml
+    check_operation_error), whatever its power state: say so before anything changes."""
+    vusbs = pool.call("VM.get_record", vm.ref).get("VUSBs", [])
+    if vusbs:
+        raise CliError(
+            "VM %s cannot be backed up: it has %d USB device(s) passed through (VUSB) and "
+            "XenServer refuses to snapshot such a VM (VM_HAS_VUSBS); detach them "
+            "(xe vusb-unplug, xe vusb-destroy) and back it up again; nothing was changed"
+            % (vm.name, len(vusbs))
+        )
+
+
 def lagging(e: CleanupLagged, timeout: float) -> str:
     return (
         "the host still holds snapshot VDI(s) %s (VDI_IN_USE for %g s: dom0 is still "
@@ -527,15 +590,6 @@ def chain_damage(chain: Chain, m: Manifest) -> str | None:
     except CliError as e:
         return " ".join(str(e).split())[-300:]
     return None
-
-
-def out_of_space(e: BaseException) -> bool:
-    if isinstance(e, OSError):
-        return e.errno in (errno.ENOSPC, errno.EDQUOT)
-    # qemu-img says so on its stderr, which CommandFailed carries.
-    return isinstance(e, CommandFailed) and (
-        "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
-    )
 
 
 def summary(m: Manifest, prev: Manifest | None) -> dict:

@@ -15,6 +15,7 @@ PARTIAL = 3
 VERIFY_FAILED = 4
 LOCKED = 5
 AUTH = 6
+START_FAILED = 7  # restore-vm --start: the VM is restored whole but did not start
 HUNG_UP = 129  # 128 + the signal, as a shell reports it: SIGHUP
 INTERRUPTED = 130  # SIGINT (Ctrl-C)
 TERMINATED = 143  # SIGTERM
@@ -56,6 +57,10 @@ class RepositoryFull(RepositoryError):
     """The repository's file system has no space left; nothing half-written is kept."""
 
 
+class TargetFull(CliError):
+    """A restore's destination file system has no space left (the point is fine)."""
+
+
 class PointDamaged(CliError):
     """A point's data does not match the checksum recorded at backup time."""
 
@@ -88,6 +93,16 @@ class Interrupted(KeyboardInterrupt):
     @property
     def name(self) -> str:
         return signal.Signals(self.signum).name
+
+
+def out_of_space(e: BaseException) -> bool:
+    """Whether a failed file operation or tool ran out of space (or quota)."""
+    if isinstance(e, OSError):
+        return e.errno in (errno.ENOSPC, errno.EDQUOT)
+    # qemu-img says so on its stderr, which CommandFailed carries.
+    return isinstance(e, CommandFailed) and (
+        "No space left on device" in str(e) or "Disk quota exceeded" in str(e)
+    )
 
 
 def exit_code(error: BaseException) -> int:

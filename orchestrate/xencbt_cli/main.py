@@ -32,6 +32,8 @@ exit codes:
   5  a VDI chain is locked by another xencbt (the message names it, with its pid); see --wait
   6  authentication failed: the pool refused the user or password (password changed?),
      or the key file is not the encrypted repository's key
+  7  restore-vm --start: the VM was restored whole but did not start (e.g.
+     HOST_NOT_ENOUGH_FREE_MEMORY); its uuid is printed and it stays, halted
 130 interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP: either way the
     copies are stopped, the snapshot destroyed, partial files removed, locks released
 With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.
@@ -164,7 +166,14 @@ def parser() -> argparse.ArgumentParser:
     ini.add_argument(
         "--encrypt",
         action="store_true",
-        help="encrypt every image (qcow2 LUKS) and sidecar with the key of --key-file",
+        help="encrypt every image (qcow2 LUKS) and sidecar with the key of --key-file "
+        "(a key given means that too)",
+    )
+    ini.add_argument(
+        "--encryption",
+        choices=("luks", "none"),
+        help="luks: as --encrypt; none: a clear repository even with a key at hand "
+        "(default: luks when a key is given, else none)",
     )
 
     s = sub.add_parser("list", parents=g, help="list backup points")
@@ -259,6 +268,12 @@ def parser() -> argparse.ArgumentParser:
         "--to-key-file",
         metavar="FILE",
         help="key of an encrypted DST when it is not --key-file's (copy re-encrypts)",
+    )
+    cp.add_argument(
+        "--to-encryption",
+        choices=("luks", "none"),
+        help="of a new DST (default: luks when SRC is encrypted or a key is given); none: "
+        "copy in clear, also into an existing clear DST",
     )
 
     sv = sub.add_parser(
@@ -421,7 +436,12 @@ def cmd_backup(args, conf: settings.Settings) -> int:
     if not 0 <= args.in_use_timeout < float("inf"):
         raise UsageError("--in-use-timeout must be a number of seconds, 0 or more")
     repo = repository(args, conf)
-    config = repoconfig.ensure(repo, say)
+    config = repoconfig.ensure(repo, say, conf.key_file)
+    if conf.key_file and not config.encrypted:
+        say(
+            "xencbt: warning: repository %s is not encrypted (encryption none): the key file "
+            "is not used and new points are written in clear" % repo.root
+        )
     with conf.session() as session, conf.plugin_password() as password:
         warn_if_insecure(session, say)
         # Progress is xencbt's own lines (progress.py), not qemu-img's -p counter.
@@ -451,24 +471,23 @@ def cmd_backup(args, conf: settings.Settings) -> int:
 
 
 def cmd_init(args, conf: settings.Settings) -> int:
-    from . import repokey
     from .repository import Repository
 
     root = args.repo or conf.repo
     if not root:
         raise UsageError("no repository: give --repo DIR (or repo= in the config)")
     repo = Repository(root)  # not unlocked: it has no settings yet
-    if args.encrypt:
-        if not conf.key_file:
-            raise UsageError("--encrypt needs the key: --key-file FILE (or XENCBT_KEY_FILE)")
-        config = repoconfig.encrypted(args.compression, repokey.load(conf.key_file))
-    else:
-        config = repoconfig.RepoConfig(compression=args.compression or "zstd")
+    if args.encrypt and args.encryption == "none":
+        raise UsageError("--encrypt and --encryption none contradict each other")
+    # A key given means an encrypted repository (restic, borg), unless --encryption none.
+    encryption = "luks" if args.encrypt else args.encryption
+    config = repoconfig.chosen(conf.key_file, encryption, args.compression)
     repoconfig.init(repo, config)
+    unused = " (the key file is not used)" if conf.key_file and not config.encrypted else ""
     if args.json:
         report.emit_json({"repository": str(repo.root), "settings": config.shown()})
     else:
-        say("created repository %s (%s)" % (repo.root, config.describe()))
+        say("created repository %s (%s)%s" % (repo.root, config.describe(), unused))
     return errors.OK
 
 
@@ -528,12 +547,22 @@ def cmd_restore_vm(args, conf: settings.Settings) -> int:
         done = restore_vm(Pool(session), repo, opts, say)
     for note in done.notes:
         say("note: " + note)
+    code, failed = errors.OK, {}
+    if done.start_error:
+        code = errors.START_FAILED
+        message = scrub(
+            "the restored VM %s did not start: %s; it is complete and stays, halted: start "
+            "it when the pool can run it (xe vm-start uuid=%s)"
+            % (done.vm_uuid, done.start_error, done.vm_uuid)
+        )
+        say("xencbt: %s" % message)
+        failed = {"error": message, "exit_code": code}
     if args.json:
-        report.emit_json(asdict(done))
+        report.emit_json({**asdict(done), **failed})
     else:
         say("restored VM %s point %s as %s" % (done.source_vm, done.point, done.name))
         print(done.vm_uuid)
-    return errors.OK
+    return code
 
 
 def cmd_verify(args, conf: settings.Settings) -> int:
@@ -548,8 +577,9 @@ def cmd_verify(args, conf: settings.Settings) -> int:
 
 
 def warn_exposed(repo) -> list[str]:
-    """Disk images readable by other users: said, not failed (the data is sound)."""
-    found = repo.exposed()
+    """Disk images readable by other users: said, not failed (the data is sound).  Not
+    in a folder that is no repository: repair would refuse it."""
+    found = repo.exposed() if repo.root.is_dir() and repo.marked() else {}
     if found:
         path, mode = next(iter(found.items()))
         say(
@@ -562,6 +592,7 @@ def warn_exposed(repo) -> list[str]:
 
 def cmd_repair(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
+    repo.require_marked()  # never a mode changed outside a repository
     opened = repo.tighten()
     if opened:
         say(
@@ -664,9 +695,17 @@ def cmd_copy(args, conf: settings.Settings) -> int:
     dst = Repository(args.to)
     if dst.root.resolve() == src.root.resolve():
         raise UsageError("--to names the repository itself")
-    # DST's own key (another, or the same file): checked before anything is copied.
-    repoconfig.unlock(dst, args.to_key_file or conf.key_file)
+    # A copy of an encrypted SRC, or with a key at hand, is encrypted unless
+    # --to-encryption none; DST's own key (another, or the same file) is checked before
+    # anything is copied.
+    dst_key = args.to_key_file or conf.key_file
+    encryption = repoconfig.copy_target(
+        src, dst, args.to_key_file, conf.key_file, args.to_encryption
+    )
+    repoconfig.unlock(dst, dst_key)
     chains = [c for cs in report.vms(src, args.vms).values() for c in cs]
+    if encryption is not None:  # a new DST
+        repoconfig.ensure(dst, say, dst_key, encryption)
     copied = copy_repository(src, dst, chains, args.wait, say)
     vm_points = copy_vm_points(src, dst, chains, args.wait, say)
     if args.json:

@@ -82,6 +82,18 @@ class Pool:
         self.in_use = InUseRetry(session.call, in_use_timeout)
 
     def vm(self, name_or_uuid: str) -> Vm:
+        vms = self.vms(name_or_uuid)
+        if not vms:
+            raise CliError("no VM named %s in the pool (xe vm-list)" % name_or_uuid)
+        if len(vms) > 1:
+            raise CliError(
+                "more than one VM named %s in the pool (%s): give the uuid of the one meant"
+                % (name_or_uuid, ", ".join(sorted(v.uuid for v in vms)))
+            )
+        return vms[0]
+
+    def vms(self, name_or_uuid: str) -> list[Vm]:
+        """The VMs (not snapshots, templates or control domains) of a uuid or a name."""
         if not name_or_uuid.strip():
             raise CliError("an empty VM name was given (give a VM name or uuid: xe vm-list)")
         if UUID.match(name_or_uuid):
@@ -100,12 +112,7 @@ class Pool:
                 vms.append(Vm(ref, rec["uuid"], rec["name_label"]))
         if not vms and UUID.match(name_or_uuid):
             raise CliError("no VM with uuid %s in the pool (xe vm-list)" % name_or_uuid)
-        if len(vms) != 1:
-            raise CliError(
-                "%s VM named %s in the pool (give its uuid: xe vm-list)"
-                % ("no" if not vms else "more than one", name_or_uuid)
-            )
-        return vms[0]
+        return vms
 
     def disks(self, vm_ref: str) -> list[Disk]:
         found = []

@@ -1,8 +1,13 @@
 """A repository's own settings: ``REPO/repository.conf`` (INI, section [repository]).
 
-Written once by ``xencbt init`` (or by the first backup into a directory that has none,
-with the defaults), atomically, 0600.  The settings apply to every new point; points
-already written keep what they were written with (their manifest says which).
+Written once by ``xencbt init`` (or by the first backup or copy into a directory that has
+none), atomically, 0600.  A key at hand means an encrypted repository, as in restic (a
+repository always has a password) and borg (a passphrase is for an encrypted one): init,
+the first backup and the copy into a new repository encrypt whenever a key is given,
+unless ``--encryption none`` (``--to-encryption none``) says otherwise; a copy of an
+encrypted repository is encrypted unless asked otherwise (``copy_target``).  The
+settings apply to every new point; points already written keep what they were written
+with (their manifest says which).
 
 An encrypted repository (``encryption = luks``, repokey.py says how) also holds its
 ``key_salt`` and ``key_check``: ``unlock`` checks the key given against them before a
@@ -18,11 +23,11 @@ from dataclasses import dataclass
 
 from . import repokey
 from .errors import RepositoryError, UsageError
-from .repository import Repository, write_atomically
+from .repository import SETTINGS, Repository, write_atomically
 
 log = logging.getLogger(__name__)
 
-NAME = "repository.conf"
+NAME = SETTINGS
 SECTION = "repository"
 COMPRESSIONS = ("zstd", "none")
 DEFAULT_COMPRESSION = "zstd"
@@ -105,11 +110,72 @@ def encrypted(compression: str | None, key: repokey.RepoKey) -> RepoConfig:
     """The settings of a new encrypted repository for ``key``."""
     if compression not in (None, "none"):
         raise UsageError(
-            "--encrypt stores uncompressed clusters (qemu cannot compress and encrypt one "
-            "qcow2): leave out --compression, or give --compression none"
+            "an encrypted repository (--encrypt, or a key given) stores uncompressed "
+            "clusters (qemu cannot compress and encrypt one qcow2): leave out --compression, "
+            "give --compression none, or --encryption none for a clear repository"
         )
     salt = repokey.new_salt()
     return RepoConfig("none", "luks", salt.hex(), key.check_value(salt))
+
+
+def chosen(key_file: str | None, encryption: str | None, compression: str | None) -> RepoConfig:
+    """The settings of a new repository: encrypted when ``encryption`` says luks, or when
+    it says nothing and a key is at hand; clear when it says none, or without a key."""
+    if encryption is None:
+        encryption = "luks" if key_file else "none"
+    if encryption not in ENCRYPTIONS:
+        raise UsageError("encryption must be one of %s" % ", ".join(ENCRYPTIONS))
+    if encryption == "none":
+        return RepoConfig(compression=compression or DEFAULT_COMPRESSION)
+    if not key_file:
+        raise UsageError(
+            "an encrypted repository needs the key: --key-file FILE (key_file= in the config "
+            "file, or XENCBT_KEY_FILE)"
+        )
+    return encrypted(compression, repokey.load(key_file))
+
+
+def copy_target(
+    source: Repository,
+    dst: Repository,
+    to_key_file: str | None,
+    key_file: str | None,
+    encryption: str | None,
+) -> str | None:
+    """The encryption a copy's new DST gets (None when DST has settings: they stay).  A
+    copy of an encrypted SRC is encrypted, and so is any copy with a key at hand, unless
+    ``encryption`` is none.  UsageError, before anything is written, for a copy that would
+    write an encrypted SRC's points into a clear DST unasked, or a DST key given where
+    nothing would be encrypted."""
+    src = load(source)
+    src_encrypted = src is not None and src.encrypted
+    if encryption == "none" and to_key_file:
+        raise UsageError(
+            "--to-encryption none writes the copy in clear: --to-key-file would not be used "
+            "(leave out one of them)"
+        )
+    config = load(dst)
+    if config is None:
+        if encryption is None:
+            encryption = "luks" if src_encrypted or to_key_file or key_file else "none"
+        return encryption
+    if encryption is not None and encryption != config.encryption:
+        raise UsageError(
+            "repository %s exists with encryption %s: its settings stay (--to-encryption "
+            "chooses them for a new repository only)" % (dst.root, config.encryption)
+        )
+    if not config.encrypted and to_key_file:
+        raise UsageError(
+            "repository %s is not encrypted: --to-key-file would not be used (leave it out, "
+            "or copy into a new repository, which is then encrypted)" % dst.root
+        )
+    if not config.encrypted and src_encrypted and encryption != "none":
+        raise UsageError(
+            "repository %s is encrypted and %s is not: the copy would write its points and "
+            "VM configurations in clear; copy into a new or an encrypted repository, or give "
+            "--to-encryption none to copy in clear all the same" % (source.root, dst.root)
+        )
+    return None
 
 
 def unlock(repo: Repository, key_file: str | None, required: bool = True) -> RepoConfig | None:
@@ -149,19 +215,35 @@ def init(repo: Repository, config: RepoConfig) -> None:
     write_atomically(path(repo), config.to_ini())
 
 
-def ensure(repo: Repository, say) -> RepoConfig:
-    """The settings new points are written with.  A directory without settings gets the
-    defaults written down, and the user is told: a repository that holds points but no
-    settings (made before settings existed) gets them too, as they apply to new points
-    only."""
+def ensure(
+    repo: Repository, say, key_file: str | None = None, encryption: str | None = None
+) -> RepoConfig:
+    """The settings new points are written with.  A directory without settings gets them
+    written down (``chosen``: encrypted when a key is given), and the user is told; a
+    repository that holds points but no settings (made before settings existed) gets the
+    clear defaults, as they apply to new points only, and is refused a key: its points
+    are in clear."""
     config = load(repo)
     if config is not None:
         return config
-    config = RepoConfig()
+    if (encryption or ("luks" if key_file else "none")) != "none" and older_points(repo):
+        raise UsageError(
+            "repository %s holds points written in clear before repositories had settings: "
+            "a key was given, and it cannot be encrypted now; leave out the key, or back up "
+            "into a new repository" % repo.root
+        )
+    config = chosen(key_file, encryption, None)
     repo.create()
     write_atomically(path(repo), config.to_ini())
+    if config.encrypted:
+        unlock(repo, key_file)
+    why = "a key was given, so it is encrypted" if config.encrypted else "using the defaults"
     say(
-        "xencbt: repository %s has no settings yet: using the defaults (%s), written to %s; "
-        "xencbt init chooses others" % (repo.root, config.describe(), path(repo))
+        "xencbt: repository %s has no settings yet: %s (%s), written to %s; "
+        "xencbt init chooses others" % (repo.root, why, config.describe(), path(repo))
     )
     return config
+
+
+def older_points(repo: Repository) -> bool:
+    return repo.root.is_dir() and any(c.manifest_files() for c in repo.chains())

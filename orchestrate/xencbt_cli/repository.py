@@ -39,6 +39,7 @@ LEFTOVER = (".partial", ".tmp")  # files only a writer in progress has
 # Disk images hold everything a VM has: only the repository's owner may read them.
 PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 LOCK = ".lock"
+SETTINGS = "repository.conf"  # repoconfig.py: the repository's own marker
 
 
 def make_dirs(path: Path) -> None:
@@ -421,6 +422,21 @@ class Repository:
         if not self.root.is_dir():
             raise RepositoryError("repository %s does not exist" % self.root)
 
+    def marked(self) -> bool:
+        """Whether this is a repository: its settings file, or (made by an xencbt older
+        than settings) a point's manifest."""
+        return (self.root / SETTINGS).is_file() or any(c.manifest_files() for c in self.chains())
+
+    def require_marked(self) -> None:
+        """RepositoryError for a folder that is not a repository: repair touches nothing
+        of it (a repair of /tmp would otherwise lock every user out)."""
+        self.require()
+        if not self.marked():
+            raise RepositoryError(
+                "%s is not an xencbt repository (no %s, no backup point): nothing was "
+                "changed; check --repo (xencbt init --repo DIR makes one)" % (self.root, SETTINGS)
+            )
+
     def chain(self, vm_uuid: str, vdi_uuid: str) -> Chain:
         return Chain(self.root / vm_uuid / vdi_uuid)
 
@@ -434,6 +450,13 @@ class Repository:
             if vm_dir.is_dir() and UUID.match(vm_dir.name):
                 found += [Chain(d) for d in sorted(vm_dir.iterdir()) if UUID.match(d.name)]
         return found
+
+    def vm_chains(self, vm_uuid: str) -> list[Chain]:
+        """The chains of one VM (none when the repository has no such VM)."""
+        vm_dir = self.root / vm_uuid
+        if not vm_dir.is_dir():
+            return []
+        return [Chain(d) for d in sorted(vm_dir.iterdir()) if UUID.match(d.name)]
 
     def find(self, vdi: str) -> Chain:
         """The chain of a VDI uuid (or an unambiguous prefix of it)."""
@@ -455,14 +478,16 @@ class Repository:
         return needed
 
     def exposed(self) -> dict[Path, int]:
-        """Directories and files of the repository other users may use: path -> mode."""
+        """Directories and files of the repository other users may use: path -> mode.
+        Only what xencbt makes: the root, its settings, the VMs' trees; not a file of
+        someone else's beside them."""
         self.require()
         found = {}
         paths = [self.root]
         for vm_dir in sorted(self.root.iterdir()):
             if vm_dir.is_dir() and UUID.match(vm_dir.name):
                 paths += [vm_dir, *sorted(vm_dir.rglob("*"))]
-            elif vm_dir.is_file():  # repository.conf (repoconfig.py)
+            elif vm_dir.name == SETTINGS and vm_dir.is_file():  # repoconfig.py
                 paths.append(vm_dir)
         for path in paths:
             if path.is_symlink():

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 from pathlib import Path
 
 from . import command, image, progress, testhook
 from .digest import Reading
-from .errors import CliError, CommandFailed, PointDamaged, UsageError
+from .errors import CliError, CommandFailed, PointDamaged, TargetFull, UsageError, out_of_space
 from .repository import Chain, Manifest, Repository, nearest
 
 log = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def to_file(
     if path.exists() and not force:
         raise CliError("%s exists: remove it or pass --force" % path)
     partial = path.with_name(path.name + ".partial")
+    free = free_space(path.parent)
     try:
         # Created private before qemu-img writes a byte of the disk into it.
         os.close(os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
@@ -140,7 +142,10 @@ def to_file(
             with progress.percent(label + ": restore " + m.point, m.virtual_size) as report:
                 counted = [*convert, *(["-p"] if report else []), name]
                 command.run(progress.reporting([*counted, partial], report))
-        except CommandFailed as e:  # an image of the chain too damaged to read at all
+        except CommandFailed as e:
+            if out_of_space(e):  # the destination's fault: the point is fine
+                raise full(path, m, free) from None
+            # an image of the chain too damaged to read at all
             raise CommandFailed("%s; %s" % (e, advice(chain, m))) from None
         reading = Reading(m, chain.sums_path(m.point))
         with progress.task(label + ": check", m.virtual_size) as advance:
@@ -153,3 +158,24 @@ def to_file(
         if partial.exists():
             partial.unlink()
     return m
+
+
+def free_space(directory: Path) -> int | None:
+    try:
+        return shutil.disk_usage(directory).free
+    except OSError:
+        return None  # the restore itself says why it cannot write there
+
+
+def full(path: Path, m: Manifest, free: int | None) -> TargetFull:
+    had = "" if free is None else " and had %s free" % size(free)
+    return TargetFull(
+        "the file system of %s is full (no space left on device): restoring point %s of VDI "
+        "%s needs up to %s (the disk's virtual size; holes take nothing)%s; free space "
+        "there or restore elsewhere; nothing was kept"
+        % (path, m.point, m.vdi_uuid, size(m.virtual_size), had)
+    )
+
+
+def size(n: int) -> str:
+    return "%.1f GiB" % (n / (1 << 30)) if n >= 1 << 30 else "%.1f MiB" % (n / (1 << 20))

@@ -3,9 +3,17 @@
     REPO/<vm-uuid>/points/<point>.config.json   the records (secret: vTPM, NVRAM), 0600
     REPO/<vm-uuid>/points/<point>.json          the VM manifest, written LAST, atomically
 
-The configuration is xapi's records as JSON (VM, VBDs with empty CD drives, VDIs, VIFs
-with their network's uuid/name/bridge/VLAN/MTU, vTPM contents), read from the same VM
-snapshot the disks are copied from.  Records rather than ``/export_metadata``'s XVA: with
+The configuration is xapi's records as JSON (VM, VBDs with CD drives and the ISO they
+hold, VDIs, VIFs with their network's uuid/name/bridge/VLAN/MTU, vTPM contents), read from
+the same VM snapshot the disks are copied from, with one exception: a *unique* vTPM is
+copied into a snapshot without its contents (xapi_vtpm.ml ``copy_or_create_contents``:
+"Contents from unique vtpms cannot be copied!"), so its contents are read from the live
+VM right after the snapshot (``VTPM.get_contents``, root only) and ``contents_from`` says
+so: the TPM's state a moment after the disks' — or, when that read fails, that there are
+none and why.  Devices a VM point cannot carry (VUSBs: the snapshot is refused; vGPUs,
+PCI passthrough: bound to one host's hardware) are listed under ``not_captured``.
+
+Records rather than ``/export_metadata``'s XVA: with
 records restore-vm maps networks itself (``--network FROM=TO``), chooses MACs and SRs, and
 works across pools and versions; ``import_metadata`` matches networks by name or creates
 them, and an XVA would hold the vTPM in a format we would have to parse to check it
@@ -23,6 +31,8 @@ import json
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from xencbt_core.errors import XapiError
 
 from . import image, repokey
 from .errors import RepositoryError
@@ -67,9 +77,22 @@ VM_FIELDS = (
     "xenstore_data",
     "has_vendor_device",
     "domain_type",
+    "actions_after_softreboot",
+    "hardware_platform_version",
+    "reference_label",
+    "order",
+    "start_delay",
+    "shutdown_delay",
 )
+# other_config:pci asks for a host's PCI device at start (passthrough): it is named in
+# not_captured instead, since the restored VM may be on another host or pool.
+PCI_KEY = "pci"
+# Where a vTPM's contents in the point came from (the point's ``contents_from``).
+FROM_SNAPSHOT = "snapshot"
+FROM_LIVE_VM = "live VM right after the snapshot"
+FROM_NOWHERE = "none"
 # other_config keys that belong to one VM instance, not to its configuration.
-DROP_OTHER_CONFIG = ("mac_seed", "xencbt-restore", "import_task", "mac_seed_")
+DROP_OTHER_CONFIG = ("mac_seed", "xencbt-restore", "import_task", "mac_seed_", PCI_KEY)
 VBD_FIELDS = ("userdevice", "bootable", "mode", "type", "empty", "unpluggable", "other_config")
 VDI_FIELDS = ("name_label", "name_description", "virtual_size", "sharable", "read_only")
 VIF_FIELDS = ("device", "MAC", "MTU", "locking_mode", "ipv4_allowed", "ipv6_allowed")
@@ -97,8 +120,10 @@ class VmManifest:
         return m
 
 
-def capture(call, snap_vm: str, live_name: str) -> dict:
-    """The configuration of the VM whose snapshot is ``snap_vm``, as plain records."""
+def capture(call, snap_vm: str, live_name: str, live_vm: str | None = None) -> dict:
+    """The configuration of the VM whose snapshot is ``snap_vm``, as plain records; its
+    unique vTPM's contents from ``live_vm`` (read now: call this right after the
+    snapshot)."""
     rec = call("VM.get_record", snap_vm)
     vm = {k: rec[k] for k in VM_FIELDS if k in rec}
     vm["name_label"] = live_name  # the snapshot's own name is ours
@@ -116,16 +141,73 @@ def capture(call, snap_vm: str, live_name: str) -> dict:
             row["vdi_uuid"] = uuid  # the live disk: the chain's name in the repository
             vdis[uuid] = {k: vdi[k] for k in VDI_FIELDS if k in vdi}
             vdis[uuid]["SR"] = call("SR.get_uuid", vdi["SR"])
+        elif vbd["VDI"] != NULL_REF:  # a CD drive holding an ISO: not copied, named
+            iso = call("VDI.get_record", vbd["VDI"])
+            row["iso"] = {"uuid": iso["uuid"], "name_label": iso["name_label"]}
         vbds.append(row)
     vifs = [vif_record(call, ref) for ref in rec.get("VIFs", [])]
-    vtpms = [
-        {
-            "is_unique": bool(call("VTPM.get_is_unique", ref)),
+    vtpms = [vtpm_record(call, ref, live_vm) for ref in rec.get("VTPMs", [])]
+    return {
+        "format": FORMAT,
+        "vm": vm,
+        "vbds": vbds,
+        "vdis": vdis,
+        "vifs": vifs,
+        "vtpms": vtpms,
+        "not_captured": not_captured(call, rec, live_vm),
+    }
+
+
+def vtpm_record(call, ref: str, live_vm: str | None) -> dict:
+    """A vTPM of the snapshot: a non-unique one carries its contents (xapi copied them);
+    a unique one's copy is blank (xapi_vtpm.ml copy), so they are read from the live VM's
+    vTPM, a moment after the snapshot was taken."""
+    unique = bool(call("VTPM.get_is_unique", ref))
+    if not unique:
+        return {
+            "is_unique": False,
             "contents": call("VTPM.get_contents", ref),
+            "contents_from": FROM_SNAPSHOT,
         }
-        for ref in rec.get("VTPMs", [])
-    ]
-    return {"format": FORMAT, "vm": vm, "vbds": vbds, "vdis": vdis, "vifs": vifs, "vtpms": vtpms}
+    why = "the live VM was not given"
+    if live_vm is not None:
+        try:
+            live = call("VM.get_VTPMs", live_vm)
+            if len(live) == 1:
+                contents = call("VTPM.get_contents", live[0])
+                return {"is_unique": True, "contents": contents, "contents_from": FROM_LIVE_VM}
+            why = "the live VM has %d vTPMs" % len(live)
+        except XapiError as e:  # e.g. RBAC_PERMISSION_DENIED: get_contents is root only
+            why = "VTPM.get_contents of the live VM failed: %s" % e.code
+    return {"is_unique": True, "contents": "", "contents_from": FROM_NOWHERE, "why": why}
+
+
+def not_captured(call, rec: dict, live_vm: str | None = None) -> list[str]:
+    """What the VM has that a VM point does not carry, one phrase each: vGPUs, PCI
+    devices (attached to the live VM, or asked for by other_config:pci)."""
+    out = []
+    vgpus = rec.get("VGPUs", []) if live_vm is None else call("VM.get_VGPUs", live_vm)
+    if live_vm is not None:
+        for ref in call("VM.get_attached_PCIs", live_vm):
+            pci = call("PCI.get_record", ref)
+            out.append(
+                "PCI device %s (%s %s) passed through (a host's device; pass it through "
+                "again where there is one)"
+                % (pci.get("pci_id", ""), pci.get("vendor_name", ""), pci.get("device_name", ""))
+            )
+    for ref in vgpus:
+        try:
+            kind = call("VGPU_type.get_model_name", call("VGPU.get_type", ref))
+        except XapiError:
+            kind = "vGPU"
+        out.append("vGPU %s (bound to a host's GPU; add it again: xe vgpu-create)" % kind)
+    pci = rec.get("other_config", {}).get(PCI_KEY)
+    if pci:
+        out.append(
+            "PCI passthrough other_config:pci=%s (a host's device; set it again where "
+            "that device is)" % pci
+        )
+    return out
 
 
 def vif_record(call, ref: str) -> dict:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from . import records
 from .faults import Counters, Faults
 from .xapi import Xapi
 
@@ -28,6 +29,8 @@ class Admin:
             ("POST", "sessions/invalidate"): self._invalidate,
             ("POST", "cbt-off"): self._cbt_off,
             ("POST", "licence"): self._licence,
+            ("POST", "host-memory"): self._host_memory,
+            ("POST", "passthrough"): self._passthrough,
             ("POST", "sr-cbt"): self._sr_cbt,
             ("GET", "counters"): lambda a: self._counters(),
             ("POST", "counters/reset"): self._reset,
@@ -78,14 +81,59 @@ class Admin:
         return {"vdi": db.get("VDI", ref)["uuid"], "cbt_enabled": False}
 
     def _licence(self, args: dict) -> dict:
-        """An unlicensed pool: Pool_features (xen-api pool_features.ml) restricts CBT."""
+        """Licence flags of pool.restrictions (xen-api xapi-types features.ml: each
+        feature's ``restrict_<name>``, "true" when unlicensed; a missing flag means
+        restricted for most features, xensim's pools start with them all present):
+        ``cbt`` (restrict_cbt), ``vtpm`` (restrict_vtpm, xapi_vtpm.ml), ``vif_locking``
+        (restrict_vif_locking, xapi_vif_helpers.ml): true = licensed.  Only the flags
+        given change."""
         db = self.xapi.db
+        flags = {"cbt": "restrict_cbt", "vtpm": "restrict_vtpm"}
+        flags["vif_locking"] = "restrict_vif_locking"
+        unknown = set(args) - set(flags)
+        if unknown:
+            raise ValueError(f"unknown licence flags {sorted(unknown)}")
         with db.lock:
             pool = db.get("pool", db.refs("pool")[0])
             restrictions = pool.setdefault("restrictions", {})
-            restrictions["restrict_cbt"] = "false" if args["cbt"] else "true"
+            for name, key in flags.items():
+                if name in args:
+                    restrictions[key] = "false" if args[name] else "true"
             db.save()
             return dict(restrictions)
+
+    def _host_memory(self, args: dict) -> dict:
+        """A host's memory (Host_metrics.memory_total, vms.py ``host_free_memory``): make
+        VM.start fail HOST_NOT_ENOUGH_FREE_MEMORY as on a full host."""
+        db = self.xapi.db
+        with db.lock:
+            found = db.find("host", name_label=str(args["host"]))
+            if not found:
+                raise ValueError(f"no host named {args['host']!r}")
+            db.get("host", found[0])["_memory_total"] = int(args["memory_total"])
+            db.save()
+            return {"host": args["host"], "free": self.xapi.vms.host_free_memory(found[0])}
+
+    def _passthrough(self, args: dict) -> dict:
+        """Give a VM a passed-through device, as a host with the hardware would: a VUSB
+        (a USB stick), a VGPU or a PCI device (``kind``).  xensim has no USB groups,
+        GPU groups or host PCI inventory to create them through the API."""
+        db = self.xapi.db
+        kind = str(args["kind"])
+        if kind not in ("VUSB", "VGPU", "PCI"):
+            raise ValueError(f"kind must be VUSB, VGPU or PCI, not {kind!r}")
+        with db.lock:
+            vm = db.by_uuid("VM", str(args["vm"]))
+            if kind == "PCI":
+                host = db.get("pool", db.refs("pool")[0])["master"]
+                rec = records.new("PCI", host=host, pci_id="0000:3b:00.0")
+                rec.update(class_name="Network controller", vendor_name="Intel Corporation")
+                ref = db.add("PCI", rec)
+                db.get("VM", vm)["attached_PCIs"] = [*db.get("VM", vm)["attached_PCIs"], ref]
+            else:
+                ref = db.add(kind, records.new(kind, VM=vm))
+            db.save()
+            return {"kind": kind, "uuid": db.get(kind, ref)["uuid"]}
 
     def _sr_cbt(self, args: dict) -> dict:
         """An SR whose driver lacks the VDI_CONFIG_CBT feature (xapi_vdi.ml

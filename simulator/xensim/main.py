@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
         help="how long a refused login waits before answering (xapi: 5 s)",
     )
     s.add_argument("--srs", choices=("shared", "local"), default="shared")
+    s.add_argument(
+        "--oem-vm",
+        type=int,
+        choices=(0, 1),
+        default=0,
+        help="1: also a VM 'oem-vm', a guest installed from an OEM template: a unique "
+        "vTPM, the host's OEM BIOS strings, an ISO (from an ISO library SR) in its CD drive",
+    )
 
     g = sub.add_parser("guest-disk", help="serve a live VDI read-write as its guest sees it")
     g.add_argument("--state-dir", type=Path, required=True)
@@ -93,6 +101,7 @@ def _serve(args: argparse.Namespace) -> int:
         vbd_cleanup=args.vbd_cleanup,
         auth_fail_delay=args.auth_fail_delay,
         srs=args.srs,
+        oem_vm=args.oem_vm,
     )
     return run(opts)
 

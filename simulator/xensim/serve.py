@@ -48,6 +48,7 @@ class ServeOptions:
     vbd_cleanup: float = DEFAULT_CLEANUP  # seconds to unplug+destroy an NBD VBD (dom0.py)
     auth_fail_delay: float = 5.0
     srs: str = "shared"  # or "local": an SR per host, VMs spread over the hosts
+    oem_vm: int = 0  # 1: add "oem-vm" (inventory.py _oem_vm)
 
 
 def host_addresses(listen: str, count: int) -> list[str]:
@@ -80,7 +81,14 @@ def open_database(opts: ServeOptions) -> Database:
             inventory.HostSpec(f"host{i}", address, cert.read_text(), f"host{i}.xensim.test")
         )
     inventory.build(
-        db, opts.state_dir, specs, opts.vms, list(opts.disk_sizes), opts.nbd_purpose, opts.srs
+        db,
+        opts.state_dir,
+        specs,
+        opts.vms,
+        list(opts.disk_sizes),
+        opts.nbd_purpose,
+        opts.srs,
+        oem_vm=bool(opts.oem_vm),
     )
     db.save()
     return db

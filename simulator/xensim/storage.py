@@ -7,9 +7,11 @@ metadata under the database lock held by the caller (``Xapi.call``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import logging
 import os
+import re
 import time
 from pathlib import Path
 
@@ -20,11 +22,48 @@ from .errors import XapiError, sr_backend_failure
 
 log = logging.getLogger(__name__)
 
-VHD_BLOCK = 2 * 1024 * 1024  # sm rounds VHD-based (ext) VDI sizes up to this
+VHD_BLOCK = 2 * 1024 * 1024
+VDI_CREATE_KEEPS = ("name_description", "sharable", "read_only", "other_config", "sm_config")
+VDI_CREATE_KEEPS += ("tags", "xenstore_data")  # sm rounds VHD-based (ext) VDI sizes up to this
 
 
 def vhd_size(size: int) -> int:
     return max(VHD_BLOCK, -(-size // VHD_BLOCK) * VHD_BLOCK)
+
+
+# xapi_vbd.ml create: the VDI types a VBD may point at
+VBD_VDI_TYPES = ("system", "user", "ephemeral", "suspend", "crashdump", "metadata", "rrd")
+VBD_VDI_TYPES += ("pvs_cache",)
+OCAML_INT = re.compile(
+    r"^[-+]?(0[xX][0-9a-fA-F][0-9a-fA-F_]*|0[oO][0-7][0-7_]*|0[bB][01][01_]*|[0-9][0-9_]*)$"
+)
+LINUX_DEVICE = re.compile(r"^(xvd|hd|sd)([a-z]+)([0-9]*)$")
+
+
+def _letters(text: str) -> int:
+    n = 0
+    for ch in text:
+        n = n * 26 + (ord(ch) - ord("a") + 1)
+    return n - 1
+
+
+def device_numbers(name: str) -> set[int]:
+    """xapi_vm_helpers.ml ``possible_VBD_devices_of_string`` (Device_number.of_string,
+    HVM and PV readings), reduced to the disk number: "1", "xvdb", "hdb", "sdb" are
+    disk 1; "" and unparsable names are none."""
+    if re.fullmatch(r"[0-9]+", name):
+        return {int(name)}
+    m = LINUX_DEVICE.match(name)
+    return {_letters(m.group(2))} if m else set()
+
+
+def valid_device(name: str, kind: str) -> bool:
+    """xapi_vbd_helpers.ml ``valid_device``: "autodetect", a Linux device name, or (not
+    for a floppy) anything OCaml's int_of_string reads (its ``n >= 0 || n < 16`` test
+    holds for every int)."""
+    if name == "autodetect" or LINUX_DEVICE.match(name):
+        return True
+    return kind != "Floppy" and OCAML_INT.match(name) is not None
 
 
 def as_int(value: object, name: str) -> int:
@@ -89,17 +128,21 @@ class Storage:
 
     # -- VDI ----------------------------------------------------------------------------
     def create_vdi(self, fields: dict, exact_size: bool = False) -> str:
-        for name in ("SR", "virtual_size"):
-            if name not in fields:
-                raise XapiError("FIELD_TYPE_ERROR", name)
+        """xapi_vdi.ml ``create``: a cbt_metadata VDI is refused; sm makes the VDI from
+        name, description, type, read_only, size, sharable and sm_config, then xapi sets
+        other_config, sharable, tags and xenstore_data.  ``fields`` is the record as the
+        dispatcher read it (every constructor field, datamodel.py); internal callers may
+        give fewer."""
         self.db.get("SR", fields["SR"])
+        if fields.get("type") == "cbt_metadata":
+            raise XapiError("VDI_INCOMPATIBLE_TYPE", "", "cbt_metadata")
         size = as_int(fields["virtual_size"], "virtual_size")
         if size < 0:
             raise sr_backend_failure(79, "negative size")
         rec = records.vdi(str(fields.get("name_label", "")), fields["SR"], size)
         raw = dict(fields.get("sm_config") or {}).get("type") == "raw"  # sm: no VHD rounding
         rec["virtual_size"] = size if exact_size or raw else vhd_size(size)
-        for key in ("name_description", "sharable", "read_only", "other_config", "sm_config"):
+        for key in VDI_CREATE_KEEPS:
             if key in fields:
                 rec[key] = fields[key]
         rec["type"] = str(fields.get("type", "user"))
@@ -272,53 +315,119 @@ class Storage:
 
     # -- VBD ----------------------------------------------------------------------------
     def create_vbd(self, fields: dict) -> str:
-        for name in ("VM", "VDI", "userdevice"):
-            if name not in fields:
-                raise XapiError("FIELD_TYPE_ERROR", name)
-        self.db.get("VM", fields["VM"])
-        if fields["VDI"] != NULL_REF:
-            self.refuse_metadata(fields["VDI"])
-        rec = records.vbd(fields["VM"], fields["VDI"], str(fields["userdevice"]))
-        for key in ("mode", "type", "bootable", "empty", "other_config", "unpluggable"):
-            if key in fields:
-                rec[key] = fields[key]
+        """xapi_vbd.ml ``create``, in its order: the VM must exist; a non-empty VBD's VDI
+        must be of a type a VBD may use (VDI_INCOMPATIBLE_TYPE); CDs are read-only
+        (VBD_CDS_MUST_BE_READONLY), only CDs may be empty (VBD_NOT_REMOVABLE_MEDIA
+        ["in constructor"]); no RW VBD on a read-only VDI (VDI_READONLY); the userdevice
+        must be valid (xapi_vbd_helpers.ml ``valid_device``: INVALID_DEVICE), "autodetect"
+        takes the first free one, and it must not clash with a device of the VM's other
+        VBDs (DEVICE_ALREADY_EXISTS).  ``device`` and ``currently_attached`` are taken
+        from the record only for a suspended VM ("" and false otherwise)."""
+        vm_ref = fields.get("VM", NULL_REF)
+        vm = self.db.get("VM", vm_ref)
+        vdi_ref = fields.get("VDI", NULL_REF)
+        empty = bool(fields.get("empty", False))
+        kind = str(fields.get("type", "Disk"))
+        mode = str(fields.get("mode", "RW"))
+        if not empty:
+            vdi_type = self.vdi(vdi_ref)["type"]  # HANDLE_INVALID for a bad VDI ref
+            if vdi_type not in VBD_VDI_TYPES:
+                raise XapiError("VDI_INCOMPATIBLE_TYPE", vdi_ref, vdi_type)
+        if kind == "CD" and mode != "RO":
+            raise XapiError("VBD_CDS_MUST_BE_READONLY")
+        if kind != "CD" and empty:
+            raise XapiError("VBD_NOT_REMOVABLE_MEDIA", "in constructor")
+        if mode == "RW" and self.vdi(vdi_ref)["read_only"]:
+            raise XapiError("VDI_READONLY", vdi_ref)
+        userdevice = str(fields.get("userdevice", ""))
+        if not valid_device(userdevice, kind):
+            raise XapiError("INVALID_DEVICE", userdevice)
+        used = self._used_devices(vm_ref)
+        if userdevice == "autodetect":
+            # xapi_vm_helpers.ml allowed_VBD_devices: HVM 0..254 (PV too), minus the used
+            free = [n for n in range(255) if n not in used]
+            if kind == "Floppy" or not free:
+                raise XapiError("INVALID_DEVICE", userdevice)
+            userdevice = str(free[0])
+        if device_numbers(userdevice) & used:
+            raise XapiError("DEVICE_ALREADY_EXISTS", userdevice)
+        suspended = vm["power_state"] == "Suspended"
+        rec = records.new(
+            "VBD",
+            VM=vm_ref,
+            VDI=vdi_ref,
+            userdevice=userdevice,
+            device=str(fields.get("device", "")) if suspended else "",
+            currently_attached=bool(fields.get("currently_attached")) if suspended else False,
+            bootable=bool(fields.get("bootable", False)),
+            mode=mode,
+            type=kind,
+            empty=empty,
+            unpluggable=bool(fields.get("unpluggable", True)),
+            other_config=dict(fields.get("other_config") or {}),
+            qos_algorithm_type=str(fields.get("qos_algorithm_type", "")),
+            qos_algorithm_params=dict(fields.get("qos_algorithm_params") or {}),
+        )
+        return self.db.add("VBD", rec)
+
+    def _used_devices(self, vm_ref: str) -> set[int]:
+        """xapi_vm_helpers.ml ``all_used_VBD_devices``: both the device and the
+        userdevice of every VBD of the VM, each read as a disk number."""
+        used: set[int] = set()
+        for ref in self.db.find("VBD", VM=vm_ref):
+            rec = self.db.get("VBD", ref)
+            used |= device_numbers(str(rec.get("device", ""))) | device_numbers(rec["userdevice"])
+        return used
+
+    def copy_vbd(self, vbd: dict, vm_ref: str, vdi_ref: str) -> str:
+        """xapi_vbd_helpers.ml ``copy``: a straight database copy (no create checks) onto
+        another VM and VDI; empty when the VDI is NULL.  currently_attached is false:
+        the copy's VM is halted (xapi_vm_clone.ml resets its state)."""
+        rec = records.new("VBD")
+        for key in rec:
+            if key in vbd and key != "uuid":
+                rec[key] = copy.deepcopy(vbd[key])
+        rec.update(
+            VM=vm_ref,
+            VDI=vdi_ref,
+            empty=bool(vbd.get("empty")) or vdi_ref == NULL_REF,
+            currently_attached=False,
+        )
         return self.db.add("VBD", rec)
 
     def destroy_vbd(self, ref: str) -> None:
         self.db.remove("VBD", ref)
 
     # -- VM -----------------------------------------------------------------------------
-    def snapshot_vm(self, vm_ref: str, name: str, ignore: list[str] | None = None) -> str:
-        """One snapshot VDI per disk (but the ``ignore``d VDIs), all taken while every
-        disk's lock is held so the set is crash-consistent across the VM's disks."""
-        vm = self.db.get("VM", vm_ref)
-        if vm["is_control_domain"] or vm["is_a_snapshot"]:
-            raise XapiError("OPERATION_NOT_ALLOWED", "VM cannot be snapshotted")
-        vbds = [(r, self.db.get("VBD", r)) for r in self.db.find("VBD", VM=vm_ref)]
-        disks_ = [(r, v) for r, v in vbds if v["type"] == "Disk" and v["VDI"] != NULL_REF]
-        disks_ = [(r, v) for r, v in disks_ if v["VDI"] not in (ignore or [])]
-        for _, vbd in disks_:
-            # xapi_vm_clone.ml safe_clone_disks destroys the snapshots it made when one
-            # fails: checking them all first leaves the same nothing behind.
+    def snapshot_disks(self, vm_ref: str, ignore: list[str] | None = None) -> list:
+        """xapi_vm_clone.ml ``clone`` / ``safe_clone_disks`` for a snapshot: the VM's VBDs
+        (but those of the ``ignore``d VDIs), each with the VDI its copy gets: NULL for an
+        empty one, the same VDI for a CD ("we cannot make copies of ISOs"), a snapshot
+        for a disk.  All disk snapshots are taken while every disk's lock is held, so the
+        set is crash-consistent across the VM's disks.  Returns [(vbd record, VDI)]."""
+        vbds = [self.db.get("VBD", r) for r in self.db.find("VBD", VM=vm_ref)]
+        vbds = [v for v in vbds if v["VDI"] not in (ignore or [])]
+        disks_ = [v for v in vbds if not v["empty"] and v["type"] != "CD"]
+        for vbd in disks_:
+            # safe_clone_disks destroys the snapshots it made when one fails: checking
+            # them all first leaves the same nothing behind.
             self.refuse_snapshot(vbd["VDI"])
-        uuids = sorted({self.vdi(v["VDI"])["uuid"] for _, v in disks_})
+        uuids = sorted({self.vdi(v["VDI"])["uuid"] for v in disks_})
         with contextlib.ExitStack() as stack:
             for uuid in uuids:
                 stack.enter_context(disks.locked(self.state_dir, uuid))
-            snaps = [(vbd, self.snapshot_vdi(vbd["VDI"], locked=True)) for _, vbd in disks_]
-        snap_vm = records.vm(name, power_state="Halted")
-        snap_vm.update(is_a_snapshot=True, snapshot_of=vm_ref, snapshot_time=records.now_stamp())
-        snap_vm_ref = self.db.add("VM", snap_vm)
-        for vbd, snap_vdi in snaps:
-            self.create_vbd({**vbd, "VM": snap_vm_ref, "VDI": snap_vdi})
-        return snap_vm_ref
+            snaps = {id(v): self.snapshot_vdi(v["VDI"], locked=True) for v in disks_}
+        out = []
+        for vbd in vbds:
+            if vbd["empty"]:
+                out.append((vbd, NULL_REF))
+            else:
+                out.append((vbd, snaps.get(id(vbd), vbd["VDI"])))
+        return out
 
     def destroy_vm(self, vm_ref: str) -> None:
-        vm = self.db.get("VM", vm_ref)
-        if vm["is_control_domain"]:
-            raise XapiError("OPERATION_NOT_ALLOWED", "cannot destroy a control domain")
-        if not vm["is_a_snapshot"] and vm["power_state"] != "Halted":
-            raise XapiError("VM_BAD_POWER_STATE", vm_ref, "halted", vm["power_state"].lower())
+        """The VM's VBDs and the VM record (the caller, vms.py, checked the operation)."""
+        self.db.get("VM", vm_ref)
         for vbd in self.db.find("VBD", VM=vm_ref):
             self.db.remove("VBD", vbd)
         self.db.remove("VM", vm_ref)
