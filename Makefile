@@ -48,8 +48,15 @@ lint: deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The suite waits far more than it computes, so it runs on more workers than cores
+# (pytest-xdist; tests/conftest.py keeps tests sharing a module fixture on one worker and
+# gives each worker its own slots, secret watch and temp dirs).  JOBS=1: one process.
+# The 20 slowest tests are printed at the end.
+JOBS ?= 3
+PYTEST_PAR = $(if $(filter 1,$(JOBS)),-p no:xdist,-n $(JOBS) --dist loadgroup)
+
 test: deps
-	$(VENV)/bin/pytest
+	$(VENV)/bin/pytest $(PYTEST_PAR) --durations=20
 
 check: lint test
 

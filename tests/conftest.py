@@ -23,6 +23,19 @@ A ``Simulator`` handle has:
   ``.guest_disk(vdi_uuid)`` context manager yielding the ``nbd+unix://`` URI of the live
                    VDI served read-write by ``xensim guest-disk`` (writes mark CBT)
   ``.stop()``      SIGTERM and wait; returns the exit code
+
+``hold``            function scope; ``hold("backup-vm-done")`` is an XENCBT_TEST_PAUSE item
+                    that blocks that step of the product until ``hold.release(step)``, a
+                    stop signal it handled, or the test's end: windows held by events,
+                    never by timers.
+
+Parallel runs (pytest-xdist, ``make check``'s ``-n``): every worker has its own basetemp,
+hence its own slot directory (XENCBT_RUNTIME_DIR), secret watch (TMPDIR, exec records,
+XENSIM_SECRETS_LOG) and tmp paths; ports are 0.  Tests of a module that defines a module-
+(or class-, package-) scoped fixture stay together on one worker, every other test is
+scheduled on its own (tests/xdist_groups.py), the slowest known ones first
+(``SLOW_FIRST``).  Each worker hands its reliability figures to the
+controller (``workeroutput``), which sums them for the summary.
 """
 
 from __future__ import annotations
@@ -149,6 +162,42 @@ def xensim(xensim_factory) -> Simulator:
     return xensim_factory()
 
 
+class Holds:
+    """``hold(step)``: the XENCBT_TEST_PAUSE item that holds ``step`` of the product
+    (orchestrate/xencbt_cli/testhook.py) until ``release(step)``, a stop signal the
+    product handled, or the end of the test (every hold is released at teardown)."""
+
+    def __init__(self, where: Path) -> None:
+        self.where = where
+        self.fds: dict[str, int] = {}
+
+    def __call__(self, step: str) -> str:
+        fifo = self.where / ("hold-" + step)
+        if step not in self.fds:
+            os.mkfifo(fifo, 0o600)
+            self.fds[step] = os.open(fifo, os.O_RDWR)  # never blocks; the product's reads
+        return "%s=hold:%s" % (step, fifo)  # block until it is closed
+
+    def release(self, step: str) -> None:
+        """Removed first: a later pass of the step is not held; then closed: the one held
+        now reads EOF."""
+        fd = self.fds.pop(step, None)
+        if fd is not None:
+            (self.where / ("hold-" + step)).unlink()
+            os.close(fd)
+
+    def release_all(self) -> None:
+        for step in list(self.fds):
+            self.release(step)
+
+
+@pytest.fixture
+def hold(tmp_path_factory) -> Iterator[Holds]:
+    holds = Holds(tmp_path_factory.mktemp("holds"))
+    yield holds
+    holds.release_all()
+
+
 @pytest.fixture(autouse=True)
 def _simulator_on_path(monkeypatch: pytest.MonkeyPatch) -> None:
     # Child processes run `python -m xensim.main` from the editable install; make sure a
@@ -192,8 +241,90 @@ def _secret_watch(tmp_path_factory) -> Iterator[None]:
         pytest.fail("secrets leaked:\n  " + "\n  ".join(findings[:50]), pytrace=False)
 
 
+# Tests that take a minute or more (measured, README "Testing"): scheduled first, so none
+# of them starts last and stretches a parallel run's tail.  Only the order changes.
+SLOW_FIRST = (
+    "test_cli_files.py::",
+    "test_cli_encrypt.py::test_reencrypting_copy_killed_at_random_moments_then_rerun_is_complete",
+    "test_cli_signals.py::test_sigkill_leaves_no_process_and_no_reader",
+    "test_cli_copy.py::test_copy_killed_at_random_moments_then_rerun_is_complete",
+    "test_crash_prune.py::test_prune_killed[anywhere-True]",
+    "test_cli_retention.py::test_policies_over_simulated_weeks",
+    "test_crash_prune.py::test_prune_killed[flatten-True]",
+    "test_cli_encrypt.py::test_encrypted_chain_backs_up_restores_verifies_prunes",
+    "test_restore_vm.py::test_restore_vm_killed_at_random_moments_leaves_nothing_after_repair",
+)
+
+_controller = False  # this process is xdist's controller: it runs no test itself
+
+
+# Set in an xdist worker's environment (COLUMNS=80, LINES=24) though not in the run's:
+# rich would wrap what xencbt says at 80 columns, whatever the terminal a test gives it.
+TERMINAL_SIZE = ("COLUMNS", "LINES")
+
+
+def pytest_configure(config) -> None:
+    global _controller
+    dist = getattr(config.option, "dist", "no")
+    _controller = dist != "no" and not hasattr(config, "workerinput")
+    if hasattr(config, "workerinput"):  # a worker: the environment the run was started in
+        for name in TERMINAL_SIZE:
+            value = config.workerinput.get("environ " + name)
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the controller, starting a worker
+def pytest_configure_node(node) -> None:
+    for name in TERMINAL_SIZE:
+        node.workerinput["environ " + name] = os.environ.get(name)
+
+
+def _slow_rank(item) -> int:
+    for rank, prefix in enumerate(SLOW_FIRST):
+        if item.nodeid.split("/")[-1].startswith(prefix):
+            return rank
+    return len(SLOW_FIRST)
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """The slowest tests first (what a parallel run hands out first)."""
+    items.sort(key=_slow_rank)  # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the controller's scheduler
+def pytest_xdist_make_scheduler(config, log):
+    """``--dist loadgroup``: the tests of a module with a shared fixture on one worker,
+    every other test on its own (tests/xdist_groups.py)."""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist_groups import Scheduler
+
+    return Scheduler(config, log)
+
+
+def pytest_sessionfinish(session) -> None:
+    """A worker hands its figures to the controller (summed in pytest_testnodedown)."""
+    if hasattr(session.config, "workerinput"):
+        from tally import figures
+
+        session.config.workeroutput["tally"] = json.dumps(figures())
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: the controller, as each worker ends
+def pytest_testnodedown(node, error) -> None:
+    from tally import merge
+
+    merge(json.loads(getattr(node, "workeroutput", {}).get("tally", "{}")))
+
+
 def pytest_runtest_logreport(report) -> None:
-    """Captured output of every test phase goes to the secret watch."""
+    """Captured output of every test phase goes to the secret watch (the worker's, in a
+    parallel run: the controller only relays reports)."""
+    if _controller:
+        return
     for name, content in report.sections:
         WATCH.output("%s (%s)" % (report.nodeid, name), content)
     if report.failed:

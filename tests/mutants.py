@@ -2,12 +2,14 @@
 that the default test suite catches each (issue #18).
 
 For each mutant: a fresh copy of the checkout (tracked and new files, not .venv) in a
-scratch directory, one small patch applied (it must apply exactly once), then the few
-test files that should catch it, run with this checkout's venv and the copy first on
-PYTHONPATH (so the copy's product code runs, in the tests' process and in every xencbt
+scratch directory, one small patch applied (it must apply exactly once), then the test
+that catches it (each mutant names it), run with this checkout's venv and the copy first
+on PYTHONPATH (so the copy's product code runs, in the tests' process and in every xencbt
 and plugin they start).  The same tests first run on an unplanted copy and must pass
 (else exit 2).  A mutant is caught when pytest exits non-zero; one that survives makes
-this script exit 1.  Run ``python tests/mutants.py [NAME...]``.
+this script exit 1.  Run ``python tests/mutants.py [NAME...]``.  tests/test_mutants.py
+(part of ``make check``) asserts in milliseconds that every patch still applies exactly
+once and every named test exists, so this script cannot rot unseen.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ MUTANTS = [
         "        spans = self._spans(offset, count, 1 if one else MAX_EXTENTS, types)\n"
         "        return [(o, n, self.unchanged_type if n <= BLOCK_SIZE else t)"
         " for o, n, t in spans]\n",
-        ("tests/test_cli_serve.py",),
+        ("tests/test_cli_serve.py::test_points_served_byte_identical_then_cleaned_up",),
     ),
     Mutant(
         "accept any NBD certificate",
@@ -53,17 +55,19 @@ MUTANTS = [
         '        """Raise TrustError unless the presented certificate is the expected one."""\n',
         '        """Raise TrustError unless the presented certificate is the expected one."""\n'
         "        return\n",
-        ("tests/test_plugin_trust.py",),
+        ("tests/test_plugin_trust.py::test_other_certificate_is_refused_before_the_export_name",),
     ),
     Mutant(
         "manifest written before its sums in repository.commit",
         "orchestrate/xencbt_cli/repository.py",
         "        if sums is not None:\n"
-        "            write_atomically(self.sums_path(manifest.point), sums)\n"
+        "            path = self.sums_path(manifest.point)\n"
+        "            write_atomically(path, repokey.sealed(path, sums))  # they reveal content\n"
         "        write_atomically(self.manifest_path(manifest.point), manifest.to_json())\n",
         "        write_atomically(self.manifest_path(manifest.point), manifest.to_json())\n"
         "        if sums is not None:\n"
-        "            write_atomically(self.sums_path(manifest.point), sums)\n",
+        "            path = self.sums_path(manifest.point)\n"
+        "            write_atomically(path, repokey.sealed(path, sums))  # they reveal content\n",
         ("tests/test_crash_backup.py::test_backup_killed[sums]",),
     ),
     Mutant(

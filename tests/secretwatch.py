@@ -117,8 +117,13 @@ class Watch:
         # files here (0600, theirs) but not list or read the others'.
         self.private.chmod(0o711)
         (self.private / "execs").chmod(0o1733)
-        for d in (basetemp, basetemp.parent):  # the way there (search only, no listing)
+        # The way there (search only, no listing): basetemp and each directory above it
+        # that others cannot search yet (pytest-of-USER; with xdist also pytest-N, as a
+        # worker's basetemp is pytest-N/popen-gwK), up to one they can (/tmp).
+        d = basetemp
+        while d == basetemp or (d != d.parent and not d.stat().st_mode & 0o001):
             d.chmod(d.stat().st_mode & 0o7777 | 0o011)
+            d = d.parent
         os.environ[EXEC_ENV] = str(self.private / "execs")
         os.environ[ISSUED_ENV] = str(self.private / "issued")
         self.tmpdir = basetemp / "tmpdir"

@@ -211,15 +211,15 @@ def test_sigterm_says_one_line_per_vm(xensim_factory, tmp_path, jobs):
     assert session_members(proc.pid) == []
 
 
-def test_sigterm_after_a_vm_completed_says_so(xensim_factory, tmp_path):
+def test_sigterm_after_a_vm_completed_says_so(xensim_factory, tmp_path, hold):
     """The signal comes once the first VM's point is committed, its thread not yet done
-    (held open by the test hook): that VM says its point was kept, the next one that it
-    never started; exit 143 all the same."""
+    (held by the test hook until the signal was handled): that VM says its point was kept,
+    the next one that it never started; exit 143 all the same."""
     sim = xensim_factory(disk_sizes="4M", vms=2, in_use_wait=0.2)
     vms = [Vm(sim), Vm(sim, "demo-vm-2")]
     repo = tmp_path / "repo"
     args = ("backup", "demo-vm", "demo-vm-2", "--repo", str(repo), "--jobs", "1")
-    proc = start(sim, *args, pause="backup-vm-done=30")
+    proc = start(sim, *args, pause=hold("backup-vm-done"))
 
     def vm_points() -> list[str]:  # the VM manifests (written last), not the configurations
         found = repo.glob("*/points/*.json")

@@ -365,7 +365,7 @@ def test_restore_vm_failure_destroys_what_it_created(xensim, tmp_path):
     assert marked(x) == [] and pool_state(x) == before
 
 
-def test_killed_after_the_disks_lost_their_mark_repair_still_takes_them(xensim, tmp_path):
+def test_killed_after_the_disks_lost_their_mark_repair_still_takes_them(xensim, tmp_path, hold):
     """The VM's mark goes last: a run killed just before leaves a marked VM whose disks
     are no longer marked, and repair destroys them with it."""
     repo = tmp_path / "repo"
@@ -380,7 +380,7 @@ def test_killed_after_the_disks_lost_their_mark_repair_still_takes_them(xensim, 
         "demo-vm",
         "--to-sr",
         SR,
-        pause="restore-vm-commit=30",
+        pause=hold("restore-vm-commit"),
     )
 
     def committing():

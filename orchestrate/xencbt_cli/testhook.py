@@ -1,7 +1,13 @@
 """A test-only hook that holds a step open, so the crash tests can stop and kill the
 command inside windows that otherwise last one fsync (tests/crash_support.py).
 
-``XENCBT_TEST_PAUSE=step=seconds[,step=seconds…]`` makes ``pause(step)`` sleep that long.
+``XENCBT_TEST_PAUSE=step=seconds[,step=seconds…]`` makes ``pause(step)`` sleep that long
+(the crash tests' short windows, killed at random moments inside them);
+``step=hold:FIFO`` makes it block until the test releases it (the test made FIFO and holds
+it open O_RDWR, so opening it here never blocks; it releases by removing it, then closing
+or writing to it; exiting closes it too), or until a stop signal was handled
+(children.GROUP.signum: the step may run in a thread the signal does not interrupt).
+A window is then held exactly as long as the test needs it, never for a guessed time.
 Unset (always, outside the test suite) it does nothing.  Steps:
 
 ``write-tmp``   repository.write_atomically: the temp file is written, not yet renamed
@@ -23,6 +29,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+import select
 import time
 
 log = logging.getLogger(__name__)
@@ -46,6 +53,29 @@ def pause(step: str) -> None:
         return
     for item in spec.split(","):
         name, _, seconds = item.partition("=")
-        if name.strip() == step:
+        if name.strip() != step:
+            continue
+        if seconds.startswith("hold:"):
+            log.debug("test pause: %s held until released", step)
+            hold(seconds[len("hold:") :])
+        else:
             log.debug("test pause: %s for %s s", step, seconds)
             time.sleep(float(seconds))
+
+
+def hold(fifo: str) -> None:
+    """Block until the test writes to or closes ``fifo``, or a stop signal was handled."""
+    from .children import GROUP
+
+    try:
+        fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return  # released for good (the test removed it)
+    try:
+        # A signal handled in this thread (the main one) raises out of select; in another
+        # thread the handler's GROUP.signum is looked at between waits.
+        while GROUP.signum is None:
+            if select.select([fd], [], [], 0.05)[0]:
+                return  # a byte, or EOF: released
+    finally:
+        os.close(fd)
