@@ -120,8 +120,10 @@ def test_retries_run_out_one_clear_line_nothing_half_done(sim, tmp_path):
     assert not partials(repo)
     assert not vm.x.VM.get_snapshots(vm.ref)  # the snapshot of the failed run is gone
 
-    # Mid-copy: the host goes away for longer than the retry budget.
-    sim.control.set_faults(read_latency=0.5)
+    # Mid-copy: the host goes away for longer than the retry budget.  Each read takes 2 s,
+    # so the copy cannot end between "data flows" and the faults below, however loaded
+    # the machine (at 0.5 s it did, once, under 3 xdist workers).
+    sim.control.set_faults(read_latency=2.0)
     with running(sim, "backup", "demo-vm", "--repo", str(repo), "--retry-timeout", "2") as finish:
         wait_until(lambda: partials(repo), what="the copy to start")
         wait_until(lambda: counters(sim)["bytes_served"] > 0, what="data to flow")
