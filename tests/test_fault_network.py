@@ -120,9 +120,10 @@ def test_retries_run_out_one_clear_line_nothing_half_done(sim, tmp_path):
     assert not partials(repo)
     assert not vm.x.VM.get_snapshots(vm.ref)  # the snapshot of the failed run is gone
 
-    # Mid-copy: the host goes away for longer than the retry budget.  Each read takes 2 s,
-    # so the copy cannot end between "data flows" and the faults below, however loaded
-    # the machine (at 0.5 s it did, once, under 3 xdist workers).
+    # Mid-copy: the host goes away for longer than the retry budget.  Each read takes 2 s
+    # and a fault set meanwhile applies to the reads in flight (nbdserver.py), so the copy
+    # cannot end between "data flows" and the faults below, however loaded the machine
+    # (under 3 xdist workers its last reads, already waiting, were served).
     sim.control.set_faults(read_latency=2.0)
     with running(sim, "backup", "demo-vm", "--repo", str(repo), "--retry-timeout", "2") as finish:
         wait_until(lambda: partials(repo), what="the copy to start")

@@ -357,6 +357,9 @@ class Session:
             raise Disconnect("server stopping")
         if faults.read_latency and self._server.sleep(faults.read_latency):
             raise Disconnect("server stopping")
+        # The faults as they are now: one set while this read waited (the host went away
+        # mid-read) applies to it, as on a host that dies while it reads.
+        faults = self._server.faults.snapshot()
         self._reads += 1
         self._server.counters.read()
         # Like the host, the success header goes out before any data is read, so every
