@@ -194,6 +194,23 @@ def wait_until(predicate: Callable[[], object], proc: subprocess.Popen, timeout:
     raise AssertionError("trigger not seen within %.0f s" % timeout)
 
 
+def reads_at_gate(sim) -> int:
+    """Reads waiting at the simulator's gate (fault gate_after_reads): the copy is held."""
+    return sim.control.faults()["reads_at_gate"]
+
+
+@contextlib.contextmanager
+def gate(sim, after: int):
+    """Within the block, the simulator answers ``after`` more reads, then holds every read
+    until the block ends: a copy is held mid-flight for exactly as long as the test needs
+    it, however loaded the machine (events, not timers)."""
+    sim.control.set_faults(gate_after_reads=after)
+    try:
+        yield
+    finally:
+        sim.control.set_faults(gate_after_reads=None)
+
+
 class Inotify:
     """Wake up the moment a file is created or renamed into a directory (no polling),
     for windows too short to poll: a manifest's temp file lives for one fsync."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 from cli_support import BLOCK, Vm, rand, restored_sha, sha
+from crash_support import gate, reads_at_gate
 from faultkit import assert_clear_error, counters, partials, run, running, slots_taken, wait_until
 from tally import tally
 
@@ -120,16 +121,20 @@ def test_retries_run_out_one_clear_line_nothing_half_done(sim, tmp_path):
     assert not partials(repo)
     assert not vm.x.VM.get_snapshots(vm.ref)  # the snapshot of the failed run is gone
 
-    # Mid-copy: the host goes away for longer than the retry budget.  Each read takes 2 s
-    # and a fault set meanwhile applies to the reads in flight (nbdserver.py), so the copy
-    # cannot end between "data flows" and the faults below, however loaded the machine
-    # (under 3 xdist workers its last reads, already waiting, were served).
-    sim.control.set_faults(read_latency=2.0)
-    with running(sim, "backup", "demo-vm", "--repo", str(repo), "--retry-timeout", "2") as finish:
+    # Mid-copy: the host goes away for longer than the retry budget.  One read is answered,
+    # the next ones are held at the simulator's gate until the faults are set; a fault set
+    # meanwhile applies to the reads held (nbdserver.py), so the copy cannot end between
+    # "data flows" and the faults, however loaded the machine.
+    with (
+        gate(sim, after=1),
+        running(sim, "backup", "demo-vm", "--repo", str(repo), "--retry-timeout", "2") as finish,
+    ):
         wait_until(lambda: partials(repo), what="the copy to start")
+        wait_until(lambda: reads_at_gate(sim), what="the copy to be held mid-flight")
         wait_until(lambda: counters(sim)["bytes_served"] > 0, what="data to flow")
         sim.control.set_faults(drop_on_read=1)
         sim.control.refuse_for(60)
+        sim.control.set_faults(gate_after_reads=None)  # the held reads meet the faults
         r = finish()
     sim.control.clear()
     refused = counters(sim)["refused"]  # both phases: the simulator counts since its start

@@ -430,6 +430,48 @@ def test_hold_for_holds_every_read_until_its_deadline(server, tls_ctx):
     assert after < 0.3 < 0.45 <= held
 
 
+def test_hold_for_cleared_early_lets_the_held_read_go(server, tls_ctx):
+    with transmission(server, tls_ctx) as tls:
+        server.faults.update(hold_for=600)
+        w.request(tls, w.CMD_READ, 1, 0, 512)
+        wait_for(lambda: server.faults.to_dict()["reads_at_gate"] == 1)
+        server.faults.clear()  # wakes the read at once, not at the deadline
+        assert w.simple_reply(tls) == (0, 1)
+
+
+def test_gate_answers_n_reads_then_holds_the_rest_until_released(server, tls_ctx):
+    with transmission(server, tls_ctx) as one, transmission(server, tls_ctx) as two:
+        server.faults.update(gate_after_reads=2)
+        w.read(one, 0, 512)
+        w.read(two, 512, 512)
+        w.request(one, w.CMD_READ, 7, 0, 512)
+        w.request(two, w.CMD_READ, 8, 0, 512)
+        wait_for(lambda: server.faults.to_dict()["reads_at_gate"] == 2)
+        assert server.counters.to_dict()["reads"] == 2  # the held ones were not answered
+        server.faults.update(gate_after_reads=None)
+        assert w.simple_reply(one) == (0, 7)
+        assert w.simple_reply(two) == (0, 8)
+    assert server.faults.to_dict()["reads_at_gate"] == 0
+
+
+def test_stop_ends_a_read_held_at_the_gate(make_server, tls_ctx):
+    server = make_server()
+    with transmission(server, tls_ctx) as tls:
+        server.faults.update(gate_after_reads=0)
+        w.request(tls, w.CMD_READ, 1, 0, 512)
+        wait_for(lambda: server.faults.to_dict()["reads_at_gate"] == 1)
+        server.stop()
+        assert_closed(tls)
+
+
+def wait_for(predicate, timeout: float = 10.0) -> None:
+    """The test waits for the server's state (an event), polling a cheap counter."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "not within %.0f s" % timeout
+        time.sleep(0.005)
+
+
 def test_refuse_for_closes_new_connections_before_the_greeting(server):
     with w.connect(server.port) as before:
         assert w.recv_exact(before, 18).startswith(b"NBDMAGIC")
@@ -483,7 +525,11 @@ def test_faults_update_validates_and_is_all_or_nothing():
         "read_latency": 1.0,
         "refuse_for_remaining": 0.0,
         "hold_for_remaining": 0.0,
+        "gate_after_reads": None,
+        "reads_at_gate": 0,
     }
+    with pytest.raises(ValueError):
+        faults.update(gate_after_reads=-1)
     faults.clear()
     assert faults.to_dict()["drop_after_bytes"] is None
 

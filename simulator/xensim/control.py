@@ -52,7 +52,8 @@ class Control:
 
     def set_faults(self, **faults: Any) -> dict:
         """drop_after_bytes=N, drop_on_read=N, read_latency=S, refuse_for=S, hold_for=S (reads
-        wait S seconds from now; None clears)."""
+        wait S seconds from now), gate_after_reads=N (N more reads, then reads wait until it
+        is set to None); None clears."""
         return self._request("POST", "faults", faults)
 
     def clear(self) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 _INT_OR_NONE = ("drop_after_bytes", "drop_on_read")
+_COUNT_OR_NONE = ("gate_after_reads",)
 _SECONDS = ("read_latency", "refuse_until", "hold_until")
 
 
@@ -29,7 +30,11 @@ class Faults:
         the greeting.
     hold_until: time.monotonic() deadline; until then every read waits (a gate: clients
         keep opening connections for their queued reads, so a load test reaches the
-        connection limit whatever the machine's speed).
+        connection limit whatever the machine's speed).  Cleared early, the reads go on.
+    gate_after_reads: N: the next N reads (of every host and connection) are answered,
+        then every read waits at the gate until the fault is set to None or cleared; a test
+        holds a copy in mid-flight this way, sees it held (``reads_at_gate``) and releases
+        it when it is done, whatever the machine's speed (issue #22: events, not timers).
     """
 
     drop_after_bytes: int | None = None
@@ -37,9 +42,16 @@ class Faults:
     read_latency: float = 0.0
     refuse_until: float = 0.0
     hold_until: float = 0.0
+    gate_after_reads: int | None = None
     _lock: threading.Lock = field(
         default_factory=threading.Lock, init=False, repr=False, compare=False
     )
+    _passed: int = field(default=0, init=False, repr=False, compare=False)
+    _waiting: int = field(default=0, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Waits at the gate or the hold deadline end as soon as a fault changes.
+        self._changed = threading.Condition(self._lock)
 
     def update(self, **changes: Any) -> None:
         """Set several faults at once, all or none; ValueError names the bad one.
@@ -52,9 +64,31 @@ class Faults:
                 seconds = _seconds(relative, changes.pop(relative))
                 changes[deadline] = time.monotonic() + seconds
         checked = {name: _check(name, value) for name, value in changes.items()}
-        with self._lock:
+        with self._changed:
             for name, value in checked.items():
                 setattr(self, name, value)
+            if "gate_after_reads" in checked:
+                self._passed = 0
+            self._changed.notify_all()
+
+    def wait_to_read(self, stopping: threading.Event) -> bool:
+        """Wait while the reads are held (hold_until, the gate); True if ``stopping`` was
+        set meanwhile (the server is shutting down)."""
+        with self._changed:
+            while not stopping.is_set():
+                held = self.hold_until - time.monotonic()
+                gated = self.gate_after_reads is not None and self._passed >= self.gate_after_reads
+                if held <= 0 and not gated:
+                    self._passed += self.gate_after_reads is not None
+                    return False
+                self._waiting += 1
+                try:
+                    # Bounded so a stopping server is noticed: stop() sets an Event, which
+                    # cannot wake a Condition.
+                    self._changed.wait(min(held, 0.2) if held > 0 else 0.2)
+                finally:
+                    self._waiting -= 1
+            return True
 
     def refuse_for(self, seconds: float) -> None:
         self.update(refuse_for=seconds)
@@ -71,6 +105,7 @@ class Faults:
                 self.read_latency,
                 self.refuse_until,
                 self.hold_until,
+                self.gate_after_reads,
             )
 
     def to_dict(self) -> dict:
@@ -81,6 +116,8 @@ class Faults:
             "read_latency": now.read_latency,
             "refuse_for_remaining": max(0.0, now.refuse_until - time.monotonic()),
             "hold_for_remaining": max(0.0, now.hold_until - time.monotonic()),
+            "gate_after_reads": now.gate_after_reads,
+            "reads_at_gate": self._waiting,
         }
 
     def clear(self) -> None:
@@ -90,6 +127,7 @@ class Faults:
             read_latency=0.0,
             refuse_until=0.0,
             hold_until=0.0,
+            gate_after_reads=None,
         )
 
 
@@ -100,6 +138,12 @@ def _check(name: str, value: Any) -> Any:
         # bool is an int subclass; True as a byte count is a caller's mistake.
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"fault {name} must be a positive integer or None, not {value!r}")
+        return value
+    if name in _COUNT_OR_NONE:
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise ValueError(f"fault {name} must be an integer >= 0 or None, not {value!r}")
         return value
     if name in _SECONDS:
         return _seconds(name, value)

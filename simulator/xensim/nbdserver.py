@@ -15,7 +15,6 @@ import socket
 import ssl
 import struct
 import threading
-import time
 from typing import Callable, Protocol
 
 from .faults import Counters, Faults
@@ -205,6 +204,10 @@ class NBDServer:
     def tls_context(self) -> ssl.SSLContext:
         return self._tls
 
+    def wait_to_read(self) -> bool:
+        """Wait while the faults hold reads; True if the server is stopping."""
+        return self._faults.wait_to_read(self._stopping)
+
     def sleep(self, seconds: float) -> bool:
         """Sleep, cut short by stop(); True if the server is stopping."""
         return self._stopping.wait(seconds)
@@ -351,10 +354,9 @@ class Session:
         self._send(_REPLY.pack(SIMPLE_REPLY_MAGIC, code, handle))
 
     def _read(self, export: Export, handle: int, offset: int, length: int) -> None:
-        faults = self._server.faults.snapshot()
-        held = faults.hold_until - time.monotonic()
-        if held > 0 and self._server.sleep(held):
+        if self._server.wait_to_read():
             raise Disconnect("server stopping")
+        faults = self._server.faults.snapshot()
         if faults.read_latency and self._server.sleep(faults.read_latency):
             raise Disconnect("server stopping")
         # The faults as they are now: one set while this read waited (the host went away
