@@ -57,13 +57,13 @@ class WatchedPopen(subprocess.Popen):
         return out, err
 
 
-def xencbt(sim, *args: str, check: int | None = 0, popen: bool = False):
+def xencbt(sim, *args: str, check: int | None = 0, popen: bool = False, timeout: float = 120):
     argv = [*XENCBT, "--xapi-cafile", sim.info["ca_file"], *args]
     if popen:
         return WatchedPopen(
             argv, env=cli_env(sim), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
-    r = subprocess.run(argv, env=cli_env(sim), capture_output=True, text=True, timeout=120)
+    r = subprocess.run(argv, env=cli_env(sim), capture_output=True, text=True, timeout=timeout)
     WATCH.output("xencbt %s" % " ".join(args), r.stdout, r.stderr)
     if check is not None:
         assert r.returncode == check, "exit %d\n%s\n%s" % (r.returncode, r.stdout, r.stderr)
