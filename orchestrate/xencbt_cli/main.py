@@ -34,6 +34,8 @@ exit codes:
      or the key file is not the encrypted repository's key
   7  restore-vm --start: the VM was restored whole but did not start (e.g.
      HOST_NOT_ENOUGH_FREE_MEMORY); its uuid is printed and it stays, halted
+  8  restore --salvage: the file was written, but the ranges listed are damaged (what
+     was read is there, zeros where nothing could be read): distrust them
 130 interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP: either way the
     copies are stopped, the snapshot destroyed, partial files removed, locks released
 With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.
@@ -202,6 +204,13 @@ def parser() -> argparse.ArgumentParser:
         "--force",
         action="store_true",
         help="overwrite an existing file, or a VDI in use or of another VM (--to-vdi)",
+    )
+    r.add_argument(
+        "--salvage",
+        action="store_true",
+        help="--to-file only: a point that does not read back as recorded is written all "
+        "the same (zeros where nothing can be read); the damaged ranges are listed and "
+        "the exit code is 8",
     )
 
     rv = sub.add_parser("restore-vm", parents=g, help="rebuild a whole VM from a VM point")
@@ -513,6 +522,8 @@ def cmd_list(args, conf: settings.Settings) -> int:
 
 def cmd_restore(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
+    if args.salvage:
+        return salvage(args, repo)
     if args.to_file:
         fmt = restore.file_format(args.to_file, args.format)
         mode = 0o600 if args.mode is None else args.mode
@@ -535,6 +546,31 @@ def cmd_restore(args, conf: settings.Settings) -> int:
     else:
         say("restored VDI %s point %s to %s" % (m.vdi_uuid, m.point, target))
     return errors.OK
+
+
+def salvage(args, repo) -> int:
+    if not args.to_file:
+        raise UsageError("--salvage writes a file: give --to-file PATH (then import it)")
+    fmt = restore.file_format(args.to_file, args.format)
+    mode = 0o600 if args.mode is None else args.mode
+    found = restore.salvage(repo, args.vdi, args.at, args.to_file, fmt, args.force, mode)
+    code = errors.SALVAGED if found.damaged or found.unchecked else errors.OK
+    lines = restore.salvaged_lines(found, str(args.to_file))
+    if args.json:
+        report.emit_json(
+            {
+                "restored": asdict(found.m),
+                "to": str(args.to_file),
+                "salvaged": True,
+                "damaged": found.ranges(),
+                "unreadable": [{"offset": o, "length": n} for o, n in found.unreadable],
+                "unchecked": found.unchecked,
+                "exit_code": code,
+            }
+        )
+    for line in lines:
+        say(line)
+    return code
 
 
 def cmd_restore_vm(args, conf: settings.Settings) -> int:
