@@ -304,6 +304,24 @@ def parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-psk", metavar="FILE", help="TLS with this PSK file (user:hexkey)")
     tls.add_argument("--tls-certificates", metavar="DIR", help="TLS with DIR/{ca,server}-*.pem")
 
+    fg = sub.add_parser(
+        "forget",
+        parents=g,
+        help="retire a VM: remove all its points and its disks' chains from the repository",
+    )
+    fg.add_argument("--repo", metavar="DIR", help=REPO_HELP)
+    fg.add_argument(
+        "--vm",
+        required=True,
+        metavar="VM",
+        help="VM uuid (or a unique prefix, or its name) as in list",
+    )
+    fg.add_argument(
+        "--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)"
+    )
+    fg.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
+    fg.add_argument("--wait", action="store_true", help="wait for a locked chain")
+
     files_parser(sub, g)
 
     n = sub.add_parser("nbd", parents=g, help="NBD on the pool's networks")
@@ -318,6 +336,9 @@ def parser() -> argparse.ArgumentParser:
         help="enable: how long to wait for every host to serve NBD (default 60)",
     )
     return p
+
+
+REPO_HELP = "the repository (default: repo= in the config)"
 
 
 def keep_count(text: str) -> int:
@@ -750,6 +771,42 @@ def cmd_copy(args, conf: settings.Settings) -> int:
     return errors.OK
 
 
+def cmd_forget(args, conf: settings.Settings) -> int:
+    from . import forget
+    from .backup import human
+
+    repo = repository(args, conf, key_required=False)  # nothing is read, only removed
+    repo.require_marked()
+    vm_uuid, chains = forget.chosen(repo, args.vm)
+    plan = forget.plan(repo, vm_uuid, chains)
+    points = sorted({p for ps in plan.removed.values() for p in ps} | set(plan.vm_points))
+    what = "VM %s (%s): %s of %s (%s), %s" % (
+        plan.vm_name,
+        vm_uuid,
+        report.several(len(points), "point"),
+        report.several(len(plan.removed), "disk"),
+        "%s to %s" % (points[0], points[-1]) if points else "none",
+        human(plan.freed_bytes),
+    )
+    if not args.dry_run and not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                "forget removes every point of %s for good: add --yes (or --dry-run to see "
+                "what would go)" % what
+            )
+        print("remove every point of %s for good? [y/N] " % what, end="", file=sys.stderr)
+        if input().strip().lower() not in ("y", "yes"):
+            say("nothing was removed")
+            return errors.OK
+    done = plan if args.dry_run else forget.forget(repo, vm_uuid, chains, args.wait)
+    if args.json:
+        report.emit_json({**asdict(done), "dry_run": args.dry_run})
+    say("%s %s" % ("would remove" if args.dry_run else "removed", what))
+    for vdi, gone in sorted(done.removed.items()):
+        say("  VDI %s: %s" % (vdi, ", ".join(gone) or "no readable point"))
+    return errors.OK
+
+
 def cmd_nbd(args, conf: settings.Settings) -> int:
     from .network import Networks
 
@@ -807,6 +864,7 @@ COMMANDS = {
     "nbd": cmd_nbd,
     "serve": cmd_serve,
     "files": cmd_files,
+    "forget": cmd_forget,
 }
 
 
