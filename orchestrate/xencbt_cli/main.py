@@ -52,7 +52,13 @@ stdin with --password-file -), never taken on the command line.
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors become UsageError, so ``--json`` can report them as JSON too."""
+    """Usage errors become UsageError, so ``--json`` can report them as JSON too.  No
+    option is taken by an abbreviation (``--keep-w``): a cron line must say what it
+    means, and a later option sharing the prefix would change it silently."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UsageError("%s (see %s --help)" % (message, self.prog))
@@ -95,7 +101,8 @@ def add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         "--key-file",
         metavar="FILE",
         default=default(None),
-        help="key of an encrypted repository (at least 32 bytes of text)",
+        help="key of an encrypted repository (at least 32 bytes of text; trailing "
+        "whitespace, such as a final newline or CRLF, is not part of the key)",
     )
     p.add_argument("--config", metavar="FILE", default=default(None), help="INI config file")
     p.add_argument(
@@ -186,7 +193,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--repo", metavar="DIR")
     r.add_argument("--at", metavar="POINT", help="point id (default: the newest)")
     dest = r.add_mutually_exclusive_group(required=True)
-    dest.add_argument("--to-file", type=Path, metavar="PATH")
+    dest.add_argument(
+        "--to-file",
+        type=Path,
+        metavar="PATH",
+        help="write the disk into this file (raw or qcow2, see --format), private (0600)",
+    )
     dest.add_argument("--to-sr", metavar="SR", help="new VDI on this SR (uuid or name)")
     dest.add_argument("--to-vdi", metavar="VDI", help="overwrite this VDI (differences only)")
     r.add_argument(
@@ -223,6 +235,7 @@ def parser() -> argparse.ArgumentParser:
         "--network",
         action="append",
         default=[],
+        type=network_pair,
         metavar="FROM=TO",
         help="put the VIFs of network FROM (name or uuid) on network TO of this pool",
     )
@@ -309,7 +322,7 @@ def parser() -> argparse.ArgumentParser:
         parents=g,
         help="retire a VM: remove all its points and its disks' chains from the repository",
     )
-    fg.add_argument("--repo", metavar="DIR", help=REPO_HELP)
+    fg.add_argument("--repo", metavar="DIR")
     fg.add_argument(
         "--vm",
         required=True,
@@ -335,6 +348,10 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="enable: how long to wait for every host to serve NBD (default 60)",
     )
+    for command in sub.choices.values():  # one help text for every command's --repo
+        for action in command._actions:
+            if "--repo" in action.option_strings and action.help is None:
+                action.help = REPO_HELP
     return p
 
 
@@ -351,6 +368,17 @@ def keep_count(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError("%r is not a count of 1 or more, or unlimited" % text)
     return n
+
+
+def network_pair(text: str) -> str:
+    """FROM=TO for restore-vm --network: checked here, so a bad one is a usage error."""
+    src, sep, dst = text.partition("=")
+    if not sep or not src or not dst:
+        raise argparse.ArgumentTypeError(
+            "%r is not FROM=TO (a network of the VM point = one of this pool, each a name "
+            "or uuid)" % text
+        )
+    return text
 
 
 def file_mode(text: str) -> int:
@@ -512,7 +540,12 @@ def cmd_init(args, conf: settings.Settings) -> int:
     # A key given means an encrypted repository (restic, borg), unless --encryption none.
     encryption = "luks" if args.encrypt else args.encryption
     config = repoconfig.chosen(conf.key_file, encryption, args.compression)
-    repoconfig.init(repo, config)
+    opened = repoconfig.init(repo, config)
+    if opened is not None:
+        say(
+            "xencbt: %s was open to other users (mode %04o): made private (0700)"
+            % (repo.root, opened)
+        )
     unused = " (the key file is not used)" if conf.key_file and not config.encrypted else ""
     if args.json:
         report.emit_json({"repository": str(repo.root), "settings": config.shown()})
@@ -617,7 +650,10 @@ def cmd_restore_vm(args, conf: settings.Settings) -> int:
     if args.json:
         report.emit_json({**asdict(done), **failed})
     else:
-        say("restored VM %s point %s as %s" % (done.source_vm, done.point, done.name))
+        say(
+            "restored VM %s (uuid %s, new) from point %s of VM %s"
+            % (done.name, done.vm_uuid, done.point, done.source_vm)
+        )
         print(done.vm_uuid)
     return code
 
