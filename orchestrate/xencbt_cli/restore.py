@@ -302,11 +302,19 @@ def salvage_into(chain: Chain, m: Manifest, out: Path) -> Salvaged:
 
 
 def read_range(h, offset: int, length: int, unreadable: list) -> bytes:
-    """``length`` bytes at ``offset``; a block that cannot be read is zeros, noted."""
+    """``length`` bytes at ``offset``, in requests qemu-nbd takes (digest.READ); in a
+    request that fails, block by block: a block that cannot be read is zeros, noted."""
+    out = bytearray()
+    for at in range(offset, offset + length, digest.READ):
+        out += read_piece(h, at, min(digest.READ, offset + length - at), unreadable)
+    return bytes(out)
+
+
+def read_piece(h, offset: int, length: int, unreadable: list) -> bytes:
     import nbd
 
     try:
-        return bytes(h.pread(length, offset))
+        return h.pread(length, offset)
     except nbd.Error:
         pass
     out = bytearray()
