@@ -75,12 +75,13 @@ def plan(repo: Repository, vm_uuid: str, chains: list[Chain]) -> Forgotten:
 
 
 def forget(repo: Repository, vm_uuid: str, chains: list[Chain], wait: bool) -> Forgotten:
-    """Remove the VM's points and folder, under every chain's lock."""
-    done = plan(repo, vm_uuid, chains)
+    """Remove the VM's points and folder, under every chain's lock (what is removed is
+    told as found once the locks are held: a backup that ended meanwhile is counted)."""
     vm_points = VmPoints(repo, vm_uuid)
     with contextlib.ExitStack() as locks:
         for chain in chains:
             locks.enter_context(chain.lock(wait))
+        done = plan(repo, vm_uuid, chains)
         for point in reversed(done.vm_points):
             vm_points.remove(point)
         for chain in chains:
