@@ -13,7 +13,7 @@ VM_PKGS := qemu-system-x86 busybox-static nbd-client cpio
 # (tests/test_cli_files.py; cryptsetup-bin makes the guest's LUKS header); without recommends.
 GUESTFS_PKGS := libguestfs-tools python3-guestfs libguestfs-xfs linux-image-amd64 cryptsetup-bin
 
-.PHONY: deps demo check lint test faults mutants bench clean deb deb-check rpm
+.PHONY: deps demo check lint test faults mutants bench clean deb deb-check rpm man
 
 # $(call apt_ensure,PACKAGES[,APT-OPTIONS]): install the ones not installed yet; dpkg-query
 # first, so a second run never touches apt.
@@ -74,6 +74,21 @@ mutants: deps
 # BENCH_QUICK=1 for a one-minute smoke run; results in bench/results/, table: see README.
 bench: deps
 	$(PY) -m bench.run
+
+# The man pages (packaging/man/*.pod) built with pod2man into build/man (MAN_OUT=DIR for
+# another folder), as the .deb and the .rpm build and ship them; read one with
+# `man -l build/man/xencbt.1`.
+MAN_PAGES := nbdkit-xencbt-plugin xencbt xensim
+MAN_OUT ?= build/man
+
+man:
+	@command -v pod2man >/dev/null || { echo "make man: pod2man (perl) is needed" >&2; exit 1; }
+	@mkdir -p $(MAN_OUT)
+	@for page in $(MAN_PAGES); do \
+	  pod2man --section=1 --center=xencbt --release="xencbt $$(packaging/version.sh)" \
+	    --name="$$page" --errors=die packaging/man/$$page.pod $(MAN_OUT)/$$page.1 || exit 1; \
+	done
+	@echo "built: $(patsubst %,$(MAN_OUT)/%.1,$(MAN_PAGES)) (man -l $(MAN_OUT)/xencbt.1)"
 
 # Packages (packaging/): Debian packages into dist/, then install, use and purge them.
 DEB_BUILD_PKGS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools \

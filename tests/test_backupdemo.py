@@ -28,6 +28,13 @@ def test_demo_backs_up_restores_and_cleans_up():
     out = done.stdout
     assert out.count("byte-identical to the disk as it was at that backup") == 2
     assert "6 points verified" in out
+    # Each xencbt command is shown as run, to be copied; connection settings from the
+    # environment, the password only ever from its file.
+    assert re.search(r"^    \$ export XENCBT_XAPI=https://\S+ XENCBT_PASSWORD_FILE=\S+$", out, re.M)
+    commands = re.findall(r"^    \$ (xencbt .*)$", out, re.M)
+    assert len(commands) == 7, commands
+    assert any(re.search(r" backup demo-vm --repo \S+$", c) for c in commands), commands
+    assert any(" restore-vm --repo " in c for c in commands), commands
     # Incrementals move kilobytes, the full moves the whole VM (84 MiB).
     moved = re.findall(r"read from the host's NBD server: ([\d.]+ \w+)", out)
     assert moved[0] == "84.0 MiB" and all(m.endswith("KiB") for m in moved[1:]), moved

@@ -110,9 +110,10 @@ def test_a_wrong_ca_file_names_the_presented_certificate(sim, tmp_path):
     )
     assert r.returncode == 1, r.stderr
     (line,) = r.stderr.splitlines()
-    assert "against xapi-cafile %s" % other in line
+    assert "against --xapi-cafile %s" % other in line  # the command's options, not the plugin's
     assert "SHA-256 fingerprint %s" % presented in line
-    assert "Pass xapi-cafile" not in line and "--xapi-cafile" not in line
+    assert "--thumbprint pins it instead" in line
+    assert "xapi-cafile=" not in line and "thumbprint=" not in line
 
 
 def damage(image: Path, guest_offset: int) -> None:

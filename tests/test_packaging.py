@@ -85,3 +85,17 @@ def test_installed_metadata_version_is_the_project_version():
     from importlib.metadata import version
 
     assert version("xencbt") == __version__
+
+
+def test_make_man_builds_every_page_with_pod2man(tmp_path):
+    """`make man` (and the .deb, the .rpm): roff pages, not POD."""
+    import subprocess
+
+    subprocess.run(
+        ["make", "-s", "man", "MAN_OUT=%s" % tmp_path], cwd=ROOT, check=True, capture_output=True
+    )
+    for name in ("xencbt", "nbdkit-xencbt-plugin", "xensim"):
+        page = (tmp_path / (name + ".1")).read_text()
+        assert re.search(r"^\.TH %s 1 " % re.escape(name), page, re.M), name
+        assert ".SH NAME" in page or '.SH "NAME"' in page, name
+        assert "=head1" not in page, name

@@ -103,7 +103,12 @@ def failed(name: str, code: int, stderr: str) -> CommandFailed:
     """One line saying why: the tool's own explanation, the rest only with -vv."""
     text = scrub(stderr)
     log.debug("%s stderr:\n%s", name, text.strip())
-    return CommandFailed("%s failed (exit %d): %s" % (name, code, summary(text)))
+    line = summary(text)
+    # The tool is named once: "qemu-img failed (exit 1): Could not open …", not
+    # "… (exit 1): qemu-img: Could not open …".
+    own = os.path.basename(str(name)) + ": "
+    line = line[len(own) :] if line.startswith(own) else line
+    return CommandFailed("%s failed (exit %d): %s" % (name, code, line))
 
 
 def summary(stderr: str) -> str:

@@ -93,10 +93,18 @@ def point_disks(repo: Repository, target: str, at: str | None) -> Selection:
     chains = _chains_of(repo, target)
     ids = sorted({m.point for _, ms in chains for m in ms})
     point = at or ids[-1]
-    if point not in ids:
-        raise RepositoryError(
-            "no point %s for %s (xencbt list shows them; newest: %s)" % (point, target, ids[-1])
-        )
+    if point not in ids:  # a unique prefix of an id names it, as for restore and serve
+        matches = [p for p in ids if p.startswith(point)]
+        if len(matches) > 1:
+            raise RepositoryError(
+                "point %s of %s is ambiguous: %d points start with it (%s, …): give more of it"
+                % (point, target, len(matches), ", ".join(matches[:2]))
+            )
+        if not matches:
+            raise RepositoryError(
+                "no point %s for %s (xencbt list shows them; newest: %s)" % (point, target, ids[-1])
+            )
+        point = matches[0]
     disks = []
     for chain, ms in chains:
         m = next((m for m in ms if m.point == point), None)

@@ -66,7 +66,7 @@ def objects(*keys: repokey.Unlocked | None) -> list[str]:
     the key file itself; only its path is on the command line."""
     argv: list[str] = []
     for u in {secret_id(u): u for u in keys if u is not None}.values():
-        path = str(u.key.path).replace(",", ",,")
+        path = u.key.qemu_file().replace(",", ",,")
         argv += ["--object", "secret,id=%s,file=%s" % (secret_id(u), path)]
     return argv
 

@@ -34,6 +34,8 @@ exit codes:
      or the key file is not the encrypted repository's key
   7  restore-vm --start: the VM was restored whole but did not start (e.g.
      HOST_NOT_ENOUGH_FREE_MEMORY); its uuid is printed and it stays, halted
+  8  restore --salvage: the file was written, but the ranges listed are damaged (what
+     was read is there, zeros where nothing could be read): distrust them
 130 interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP: either way the
     copies are stopped, the snapshot destroyed, partial files removed, locks released
 With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.
@@ -50,7 +52,13 @@ stdin with --password-file -), never taken on the command line.
 
 
 class Parser(argparse.ArgumentParser):
-    """Usage errors become UsageError, so ``--json`` can report them as JSON too."""
+    """Usage errors become UsageError, so ``--json`` can report them as JSON too.  No
+    option is taken by an abbreviation (``--keep-w``): a cron line must say what it
+    means, and a later option sharing the prefix would change it silently."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UsageError("%s (see %s --help)" % (message, self.prog))
@@ -93,7 +101,8 @@ def add_global_options(p: argparse.ArgumentParser, suppress: bool) -> None:
         "--key-file",
         metavar="FILE",
         default=default(None),
-        help="key of an encrypted repository (at least 32 bytes of text)",
+        help="key of an encrypted repository (at least 32 bytes of text; trailing "
+        "whitespace, such as a final newline or CRLF, is not part of the key)",
     )
     p.add_argument("--config", metavar="FILE", default=default(None), help="INI config file")
     p.add_argument(
@@ -184,7 +193,12 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--repo", metavar="DIR")
     r.add_argument("--at", metavar="POINT", help="point id (default: the newest)")
     dest = r.add_mutually_exclusive_group(required=True)
-    dest.add_argument("--to-file", type=Path, metavar="PATH")
+    dest.add_argument(
+        "--to-file",
+        type=Path,
+        metavar="PATH",
+        help="write the disk into this file (raw or qcow2, see --format), private (0600)",
+    )
     dest.add_argument("--to-sr", metavar="SR", help="new VDI on this SR (uuid or name)")
     dest.add_argument("--to-vdi", metavar="VDI", help="overwrite this VDI (differences only)")
     r.add_argument(
@@ -203,6 +217,13 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="overwrite an existing file, or a VDI in use or of another VM (--to-vdi)",
     )
+    r.add_argument(
+        "--salvage",
+        action="store_true",
+        help="--to-file only: a point that does not read back as recorded is written all "
+        "the same (zeros where nothing can be read); the damaged ranges are listed and "
+        "the exit code is 8",
+    )
 
     rv = sub.add_parser("restore-vm", parents=g, help="rebuild a whole VM from a VM point")
     rv.add_argument("vm", metavar="VM", help="VM name or uuid as in list")
@@ -214,6 +235,7 @@ def parser() -> argparse.ArgumentParser:
         "--network",
         action="append",
         default=[],
+        type=network_pair,
         metavar="FROM=TO",
         help="put the VIFs of network FROM (name or uuid) on network TO of this pool",
     )
@@ -295,6 +317,24 @@ def parser() -> argparse.ArgumentParser:
     tls.add_argument("--tls-psk", metavar="FILE", help="TLS with this PSK file (user:hexkey)")
     tls.add_argument("--tls-certificates", metavar="DIR", help="TLS with DIR/{ca,server}-*.pem")
 
+    fg = sub.add_parser(
+        "forget",
+        parents=g,
+        help="retire a VM: remove all its points and its disks' chains from the repository",
+    )
+    fg.add_argument("--repo", metavar="DIR")
+    fg.add_argument(
+        "--vm",
+        required=True,
+        metavar="VM",
+        help="VM uuid (or a unique prefix, or its name) as in list",
+    )
+    fg.add_argument(
+        "--yes", action="store_true", help="do not ask (needed when stdin is not a terminal)"
+    )
+    fg.add_argument("--dry-run", action="store_true", help="say what would go, change nothing")
+    fg.add_argument("--wait", action="store_true", help="wait for a locked chain")
+
     files_parser(sub, g)
 
     n = sub.add_parser("nbd", parents=g, help="NBD on the pool's networks")
@@ -308,7 +348,14 @@ def parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="enable: how long to wait for every host to serve NBD (default 60)",
     )
+    for command in sub.choices.values():  # one help text for every command's --repo
+        for action in command._actions:
+            if "--repo" in action.option_strings and action.help is None:
+                action.help = REPO_HELP
     return p
+
+
+REPO_HELP = "the repository (default: repo= in the config)"
 
 
 def keep_count(text: str) -> int:
@@ -321,6 +368,17 @@ def keep_count(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError("%r is not a count of 1 or more, or unlimited" % text)
     return n
+
+
+def network_pair(text: str) -> str:
+    """FROM=TO for restore-vm --network: checked here, so a bad one is a usage error."""
+    src, sep, dst = text.partition("=")
+    if not sep or not src or not dst:
+        raise argparse.ArgumentTypeError(
+            "%r is not FROM=TO (a network of the VM point = one of this pool, each a name "
+            "or uuid)" % text
+        )
+    return text
 
 
 def file_mode(text: str) -> int:
@@ -482,7 +540,12 @@ def cmd_init(args, conf: settings.Settings) -> int:
     # A key given means an encrypted repository (restic, borg), unless --encryption none.
     encryption = "luks" if args.encrypt else args.encryption
     config = repoconfig.chosen(conf.key_file, encryption, args.compression)
-    repoconfig.init(repo, config)
+    opened = repoconfig.init(repo, config)
+    if opened is not None:
+        say(
+            "xencbt: %s was open to other users (mode %04o): made private (0700)"
+            % (repo.root, opened)
+        )
     unused = " (the key file is not used)" if conf.key_file and not config.encrypted else ""
     if args.json:
         report.emit_json({"repository": str(repo.root), "settings": config.shown()})
@@ -513,6 +576,8 @@ def cmd_list(args, conf: settings.Settings) -> int:
 
 def cmd_restore(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
+    if args.salvage:
+        return salvage(args, repo)
     if args.to_file:
         fmt = restore.file_format(args.to_file, args.format)
         mode = 0o600 if args.mode is None else args.mode
@@ -535,6 +600,31 @@ def cmd_restore(args, conf: settings.Settings) -> int:
     else:
         say("restored VDI %s point %s to %s" % (m.vdi_uuid, m.point, target))
     return errors.OK
+
+
+def salvage(args, repo) -> int:
+    if not args.to_file:
+        raise UsageError("--salvage writes a file: give --to-file PATH (then import it)")
+    fmt = restore.file_format(args.to_file, args.format)
+    mode = 0o600 if args.mode is None else args.mode
+    found = restore.salvage(repo, args.vdi, args.at, args.to_file, fmt, args.force, mode)
+    code = errors.SALVAGED if found.damaged or found.unchecked else errors.OK
+    lines = restore.salvaged_lines(found, str(args.to_file))
+    if args.json:
+        report.emit_json(
+            {
+                "restored": asdict(found.m),
+                "to": str(args.to_file),
+                "salvaged": True,
+                "damaged": found.ranges(),
+                "unreadable": [{"offset": o, "length": n} for o, n in found.unreadable],
+                "unchecked": found.unchecked,
+                "exit_code": code,
+            }
+        )
+    for line in lines:
+        say(line)
+    return code
 
 
 def cmd_restore_vm(args, conf: settings.Settings) -> int:
@@ -560,7 +650,10 @@ def cmd_restore_vm(args, conf: settings.Settings) -> int:
     if args.json:
         report.emit_json({**asdict(done), **failed})
     else:
-        say("restored VM %s point %s as %s" % (done.source_vm, done.point, done.name))
+        say(
+            "restored VM %s (uuid %s, new) from point %s of VM %s"
+            % (done.name, done.vm_uuid, done.point, done.source_vm)
+        )
         print(done.vm_uuid)
     return code
 
@@ -714,6 +807,42 @@ def cmd_copy(args, conf: settings.Settings) -> int:
     return errors.OK
 
 
+def cmd_forget(args, conf: settings.Settings) -> int:
+    from . import forget
+    from .backup import human
+
+    repo = repository(args, conf, key_required=False)  # nothing is read, only removed
+    repo.require_marked()
+    vm_uuid, chains = forget.chosen(repo, args.vm)
+    plan = forget.plan(repo, vm_uuid, chains)
+    points = sorted({p for ps in plan.removed.values() for p in ps} | set(plan.vm_points))
+    what = "VM %s (%s): %s of %s (%s), %s" % (
+        plan.vm_name,
+        vm_uuid,
+        report.several(len(points), "point"),
+        report.several(len(plan.removed), "disk"),
+        "%s to %s" % (points[0], points[-1]) if points else "none",
+        human(plan.freed_bytes),
+    )
+    if not args.dry_run and not args.yes:
+        if not sys.stdin.isatty():
+            raise UsageError(
+                "forget removes every point of %s for good: add --yes (or --dry-run to see "
+                "what would go)" % what
+            )
+        print("remove every point of %s for good? [y/N] " % what, end="", file=sys.stderr)
+        if input().strip().lower() not in ("y", "yes"):
+            say("nothing was removed")
+            return errors.OK
+    done = plan if args.dry_run else forget.forget(repo, vm_uuid, chains, args.wait)
+    if args.json:
+        report.emit_json({**asdict(done), "dry_run": args.dry_run})
+    say("%s %s" % ("would remove" if args.dry_run else "removed", what))
+    for vdi, gone in sorted(done.removed.items()):
+        say("  VDI %s: %s" % (vdi, ", ".join(gone) or "no readable point"))
+    return errors.OK
+
+
 def cmd_nbd(args, conf: settings.Settings) -> int:
     from .network import Networks
 
@@ -771,6 +900,7 @@ COMMANDS = {
     "nbd": cmd_nbd,
     "serve": cmd_serve,
     "files": cmd_files,
+    "forget": cmd_forget,
 }
 
 

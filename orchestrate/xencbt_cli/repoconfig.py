@@ -199,9 +199,10 @@ def unlock(repo: Repository, key_file: str | None, required: bool = True) -> Rep
     return config
 
 
-def init(repo: Repository, config: RepoConfig) -> None:
+def init(repo: Repository, config: RepoConfig) -> int | None:
     """Create ``repo`` with ``config``; a repository that already has settings is refused
-    (its points were written with them)."""
+    (its points were written with them).  The mode an existing empty folder had when it
+    was made private (Repository.claim), else None."""
     if config.compression not in COMPRESSIONS:
         raise UsageError("--compression must be one of %s" % ", ".join(COMPRESSIONS))
     if config.encrypted and config.compression != "none":
@@ -211,8 +212,9 @@ def init(repo: Repository, config: RepoConfig) -> None:
             "%s is already a repository (%s): its settings stay"
             % (repo.root, (load(repo) or RepoConfig()).describe())
         )
-    repo.create()
+    opened = repo.claim()
     write_atomically(path(repo), config.to_ini())
+    return opened
 
 
 def ensure(

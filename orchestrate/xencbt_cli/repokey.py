@@ -12,6 +12,13 @@ Design (README, "Encryption at rest"):
 * The key file's bytes are the LUKS passphrase; qemu reads a LUKS secret as UTF-8 text,
   so a key file must be UTF-8, and at least 32 bytes (``openssl rand -base64 48``): its
   strength is all there is, as LUKS's own PBKDF is kept short (image.ITER_TIME_MS).
+* Trailing whitespace is not part of the key (as restic reads a password file): the same
+  key without its final newline, or with CRLF (as a password vault hands it out), opens
+  the repository.  The repository keeps the exact bytes it was created with (the key
+  check and every LUKS header are over them, so repositories stay as they were): those
+  bytes are found among the forms of the key given (``RepoKey.forms``) by the key check,
+  and when they are not the file's own bytes qemu reads them from a private in-memory
+  file (``memfd``, ``RepoKey.qemu_file``), never from disk or argv.
 * ``repository.conf`` holds a random salt and a key check value: HMAC-SHA256 of a fixed
   label under a key derived from the key file (HKDF-SHA256, salt, its own info label),
   never the key.  Every command that reads or writes images checks the key against it
@@ -52,17 +59,45 @@ CHECK_INFO = b"xencbt key check"
 SEAL_INFO = b"xencbt sidecar aes-256-gcm v1"
 MAGIC = b"XENCBT-SEALED-1\n"  # a sealed sidecar starts with it: never mistaken for clear
 NONCE_BYTES = 12
+WHITESPACE = b" \t\r\n"  # trailing, not part of a key
+_copies: dict[bytes, int] = {}  # key form -> memfd holding it (RepoKey.qemu_file)
 
 
 @dataclass(frozen=True)
 class RepoKey:
-    """A key file, read once to derive from; qemu reads the file again by itself."""
+    """A key file, read once to derive from; qemu reads the file again by itself
+    (``exact``), or the same key in the form the repository has (``qemu_file``)."""
 
     path: Path
     material: bytes
+    exact: bool = True  # the file holds exactly ``material``
 
     def __repr__(self) -> str:  # never the material
         return "RepoKey(%s)" % self.path
+
+    def forms(self) -> list[RepoKey]:
+        """The key as given, then without its trailing whitespace, then with the line
+        ends a key file is usually written with: one of them is the form a repository
+        was created with (its key check says which)."""
+        bare = self.material.rstrip(WHITESPACE)
+        found = [self.material]
+        for form in (bare, bare + b"\n", bare + b"\r\n"):
+            if form not in found:
+                found.append(form)
+        return [RepoKey(self.path, form, form == self.material) for form in found]
+
+    def qemu_file(self) -> str:
+        """The file qemu reads this key from: the key file itself when it holds exactly
+        these bytes, else an in-memory copy of them, private to this process and gone
+        when it exits (/proc/PID/fd/N of a memfd: our children may open it)."""
+        if self.exact:
+            return str(self.path)
+        fd = _copies.get(self.material)
+        if fd is None:
+            fd = os.memfd_create("xencbt-key", os.MFD_CLOEXEC)
+            os.write(fd, self.material)
+            _copies[self.material] = fd
+        return "/proc/%d/fd/%d" % (os.getpid(), fd)
 
     def derive(self, salt: bytes, info: bytes) -> bytes:
         return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(
@@ -124,8 +159,12 @@ _unlocked: dict[Path, Unlocked] = {}
 
 
 def unlock(root: Path, key: RepoKey, salt: bytes, check: str) -> Unlocked:
-    """Check ``key`` against the repository's check value; register it."""
-    if not hmac.compare_digest(key.check_value(salt), check):
+    """Check ``key`` (in any of its forms: trailing whitespace is not part of it)
+    against the repository's check value; register the form that matches."""
+    match = [k for k in key.forms() if hmac.compare_digest(k.check_value(salt), check)]
+    if match:
+        key = match[0]
+    else:
         raise WrongKey(
             "the key file %s is not the key of repository %s (its key check does not "
             "match): nothing was read or written" % (key.path, root)

@@ -104,9 +104,39 @@ def retained_lines(vm: dict, dry_run: bool) -> list[str]:
 
 
 def shrunk(r: dict) -> str:
-    """e.g. "zstd 3.2:1": the compression and changed bytes per byte on disk."""
+    """e.g. "zstd 3.2:1": the compression and changed bytes per byte on disk; at most
+    11 characters ("zstd >999:1"), so a column stays a column."""
     ratio = r.get("ratio")
-    return "%s %s" % (r.get("compression", "none"), "%.1f:1" % ratio if ratio else "-")
+    if not ratio:
+        shown = "-"
+    elif ratio < 100:
+        shown = "%.1f:1" % ratio
+    elif ratio < 1000:
+        shown = "%d:1" % ratio
+    else:
+        shown = ">999:1"
+    return "%s %s" % (r.get("compression", "none"), shown)
+
+
+MERGED = "into this point (prune)"  # prune.finish's history entry
+
+
+def as_listed(m) -> dict:
+    """A disk point as ``list`` shows it.  What the manifest recorded at backup time,
+    except what a prune or a copy changed since: a point a prune merged older points
+    into holds more than its backup changed (its changed figure and ratio are no longer
+    known, ``merged``) and, when it became the chain's base, is a full; the ratio is of
+    the image as it is in this repository (a copy recompresses: bytes_on_disk is the
+    copy's own)."""
+    row = asdict(m)
+    row["merged"] = any(MERGED in h for h in m.history)
+    if m.base_point is None:
+        row["type"] = "full"
+    if row["merged"]:
+        row["ratio"] = None
+    elif m.changed_bytes and m.bytes_on_disk:
+        row["ratio"] = round(m.changed_bytes / m.bytes_on_disk, 2)
+    return row
 
 
 def listing(repo: Repository) -> dict:
@@ -121,7 +151,7 @@ def listing(repo: Repository) -> dict:
     vms: dict[str, dict] = {}
     for chain in repo.chains():
         for m in chain.points():
-            row = asdict(m)
+            row = as_listed(m)
             row["vm_point"] = in_vm_point.get((m.vdi_uuid, m.point))
             vm = vms.setdefault(m.vm_uuid, {"vm_uuid": m.vm_uuid, "points": {}})
             vm["vm_name"] = m.vm_name  # the newest name the VM had
@@ -169,7 +199,7 @@ def disk_line(r: dict) -> str:
     return "disk %-3s %-11s changed %-10s on disk %-10s %-12s size %-10s VDI %s (%s)%s" % (
         r["userdevice"],
         r["type"],
-        human(r["changed_bytes"]),
+        "(merged)" if r.get("merged") else human(r["changed_bytes"]),
         human(r["bytes_on_disk"]),
         shrunk(r),
         human(r["virtual_size"]),

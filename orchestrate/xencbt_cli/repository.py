@@ -443,6 +443,27 @@ class Repository:
     def create(self) -> None:
         make_dirs(self.root)
 
+    def claim(self) -> int | None:
+        """``init``'s folder, private (0700): made so; or an existing empty folder (an
+        administrator's mkdir) made private, returning the mode it had.  An existing
+        world-writable folder that holds anything is refused: it is a shared folder
+        (/tmp), not one to lock everyone else out of; another existing folder that holds
+        files keeps its mode (``repair`` makes a repository's own files private)."""
+        mode = exposed(self.root) if self.root.is_dir() else None
+        if mode is not None and any(self.root.iterdir()):
+            if not mode & 0o002:
+                return None
+            raise RepositoryError(
+                "%s is writable by every user (mode %04o) and not empty: a shared folder, "
+                "no repository (a repository is private, 0700); nothing was changed: give a "
+                "new folder (xencbt init makes it), e.g. --repo %s"
+                % (self.root, mode, self.root / "xencbt")
+            )
+        make_dirs(self.root)
+        if mode is not None:
+            os.chmod(self.root, PRIVATE_DIR)
+        return mode
+
     def chains(self) -> list[Chain]:
         self.require()
         found = []

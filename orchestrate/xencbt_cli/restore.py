@@ -6,17 +6,26 @@ one it is backed by) gives an error naming the point, never silently wrong data.
 is written as ``PATH.partial`` and renamed, so PATH is either absent or complete.
 Overwriting a pool VDI in place is refused, unless forced, when the VDI is in use or
 belongs to another VM (``in_use``).
+
+``salvage`` is the way out for a point that does not read back as recorded: it writes
+what can be read (zeros where the image cannot be read at all) and names every range
+whose content differs from the point's recorded chunk digests (``<point>.sums``,
+digest.py): the granularity of those digests, 64 MiB by default.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import command, image, progress, testhook
-from .digest import Reading
+from xencbt_core.cbt import BLOCK_SIZE
+
+from . import command, digest, image, progress, testhook
+from .digest import Reading, SumsDamaged
 from .errors import CliError, CommandFailed, PointDamaged, TargetFull, UsageError, out_of_space
 from .repository import Chain, Manifest, Repository, nearest
 
@@ -48,7 +57,8 @@ def check(reading: Reading, where: str, chain: Chain | None = None) -> None:
         m = reading.m
         raise PointDamaged(
             "point %s of VDI %s does not read back as recorded (%s): its image or one it is "
-            "backed by is damaged (xencbt verify names it); %s; %s"
+            "backed by is damaged (xencbt verify names it); %s; %s (or restore --to-file "
+            "... --salvage: what can be read, the damaged ranges named)"
             % (m.point, m.vdi_uuid, problem, where, advice(chain, m))
         )
 
@@ -179,3 +189,186 @@ def full(path: Path, m: Manifest, free: int | None) -> TargetFull:
 
 def size(n: int) -> str:
     return "%.1f GiB" % (n / (1 << 30)) if n >= 1 << 30 else "%.1f MiB" % (n / (1 << 20))
+
+
+# -- salvage ---------------------------------------------------------------------------
+@dataclass
+class Salvaged:
+    """What ``salvage`` wrote: the point, the ranges (offset, length) whose content does
+    not match the recorded digests (or could not be checked), and why not when the
+    point's digests themselves were not to be had."""
+
+    m: Manifest
+    damaged: list[tuple[int, int]] = field(default_factory=list)
+    unreadable: list[tuple[int, int]] = field(default_factory=list)  # zeros written there
+    unchecked: str | None = None  # why nothing could be compared (no usable .sums)
+
+    def ranges(self) -> list[dict]:
+        return [{"offset": o, "length": n, "end": o + n - 1} for o, n in self.damaged]
+
+
+def salvage(
+    repo: Repository,
+    vdi: str,
+    at: str | None,
+    path: Path,
+    fmt: str,
+    force: bool = False,
+    mode: int = 0o600,
+) -> Salvaged:
+    """Write what point ``at`` of ``vdi`` shows to ``path``, however damaged: each chunk
+    is read and compared with its recorded digest; a block the image cannot give is
+    written as zeros.  The file is kept whatever was found: the caller says which ranges
+    are damaged."""
+    chain = repo.find(vdi)
+    m = chain.get(at)
+    if path.exists() and not force:
+        raise CliError("%s exists: remove it or pass --force" % path)
+    partial = path.with_name(path.name + ".partial")
+    raw = partial if fmt == "raw" else path.with_name(path.name + ".salvage.partial")
+    free = free_space(path.parent)
+    try:
+        for created in {partial, raw}:
+            os.close(os.open(created, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+            os.chmod(created, 0o600)
+        try:
+            found = salvage_into(chain, m, raw)
+            if raw != partial:
+                command.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw, partial])
+        except CommandFailed as e:
+            if out_of_space(e):
+                raise full(path, m, free) from None
+            raise
+        except OSError as e:
+            if out_of_space(e):
+                raise full(path, m, free) from None
+            raise
+        os.chmod(partial, mode)
+        os.replace(partial, path)
+    finally:
+        for left in (partial, raw):
+            if left.exists():
+                left.unlink()
+    return found
+
+
+def salvage_into(chain: Chain, m: Manifest, out: Path) -> Salvaged:
+    """The point's flattened disk into the raw file ``out`` (sparse), chunk by chunk."""
+    found = Salvaged(m)
+    recorded = None
+    if m.digest:
+        try:
+            recorded = digest.load_sums(
+                chain.sums_path(m.point), m.virtual_size, m.chunk_size, m.digest
+            )
+        except SumsDamaged as e:
+            found.unchecked = str(e)
+    else:
+        found.unchecked = "it was backed up before chunk digests (format 1)"
+    chunk = m.chunk_size or digest.CHUNK
+    whole = hashlib.sha256()
+    label = "%s disk %s: salvage %s" % (m.vm_name, m.userdevice, m.point)
+    with (
+        image.random_access(chain.image_path(m.point)) as h,
+        open(out, "r+b") as f,
+        progress.task(label, m.virtual_size) as advance,
+    ):
+        f.truncate(m.virtual_size)
+        for i in range(digest.count(m.virtual_size, chunk)):
+            offset, length = digest.span(i, m.virtual_size, chunk)
+            data = read_range(h, offset, length, found.unreadable)
+            advance(length)
+            whole.update(data)
+            for at in range(0, length, BLOCK_SIZE):  # holes stay holes
+                block = data[at : at + BLOCK_SIZE]
+                if block.count(0) != len(block):
+                    os.pwrite(f.fileno(), block, offset + at)
+            want = recorded[i * digest.SUM : (i + 1) * digest.SUM] if recorded else None
+            if want is not None and hashlib.sha256(data).digest() != want:
+                found.damaged.append((offset, length))
+        f.flush()
+        os.fsync(f.fileno())
+    if recorded is None:
+        # Nothing to compare chunk by chunk: a format-1 point's whole-disk sha256 says
+        # whether it is all sound; else only what could not be read is known.
+        if not m.digest and whole.hexdigest() == m.sha256:
+            found.unchecked = None
+        else:
+            found.damaged = list(found.unreadable) or [(0, m.virtual_size)]
+    elif found.unreadable:
+        found.damaged = sorted({*found.damaged, *found.unreadable})
+    found.damaged = merged(found.damaged)
+    return found
+
+
+def read_range(h, offset: int, length: int, unreadable: list) -> bytes:
+    """``length`` bytes at ``offset``, in requests qemu-nbd takes (digest.READ); in a
+    request that fails, block by block: a block that cannot be read is zeros, noted."""
+    out = bytearray()
+    for at in range(offset, offset + length, digest.READ):
+        out += read_piece(h, at, min(digest.READ, offset + length - at), unreadable)
+    return bytes(out)
+
+
+def read_piece(h, offset: int, length: int, unreadable: list) -> bytes:
+    import nbd
+
+    try:
+        return h.pread(length, offset)
+    except nbd.Error:
+        pass
+    out = bytearray()
+    for at in range(offset, offset + length, BLOCK_SIZE):
+        n = min(BLOCK_SIZE, offset + length - at)
+        try:
+            out += h.pread(n, at)
+        except nbd.Error as e:
+            log.info("bytes %d-%d cannot be read: %s", at, at + n - 1, e)
+            unreadable.append((at, n))
+            out += bytes(n)
+    return bytes(out)
+
+
+def merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ranges (offset, length) sorted, overlapping or adjacent ones joined."""
+    out: list[list[int]] = []
+    for offset, length in sorted(ranges):
+        if out and offset <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][1], offset + length - out[-1][0])
+        else:
+            out.append([offset, length])
+    return [(o, n) for o, n in out]
+
+
+def salvaged_lines(found: Salvaged, target: str) -> list[str]:
+    """What a salvage tells the user: the file is kept, and which of its ranges to
+    distrust."""
+    m = found.m
+    head = "salvaged point %s of VDI %s to %s" % (m.point, m.vdi_uuid, target)
+    if not found.damaged and not found.unchecked:
+        return [head + ": every byte reads back as recorded (nothing was damaged)"]
+    if found.unchecked and found.damaged == [(0, m.virtual_size)]:
+        return [
+            head + ": SALVAGED, NOT VERIFIED: the point's checksums cannot be had (%s), so "
+            "no byte of it is known to be right" % found.unchecked
+        ]
+    lines = [
+        head + ": SALVAGED: %d damaged %s (not what was backed up; "
+        "every other byte reads back as recorded):"
+        % (len(found.damaged), "range" if len(found.damaged) == 1 else "ranges")
+    ]
+    unreadable = found.unreadable
+    for offset, length in found.damaged:
+        zeros = [u for u in unreadable if offset <= u[0] < offset + length]
+        lines.append(
+            "  damaged %s%s"
+            % (
+                digest.describe((offset, length)).replace(" chunk ", " range "),
+                ", %d KiB of it unreadable (zeros written)" % (sum(n for _, n in zeros) >> 10)
+                if zeros
+                else "",
+            )
+        )
+    if found.unchecked:
+        lines.append("  the rest could not be checked: %s" % found.unchecked)
+    return lines

@@ -69,7 +69,7 @@ class Settings:
     _password: Secret | None = field(default=None, repr=False, compare=False)
 
     def trust(self) -> ApiTrust:
-        return ApiTrust(cafile=self.xapi_cafile, thumbprint=self.thumbprint)
+        return ApiTrust(cafile=self.xapi_cafile, thumbprint=self.thumbprint, options=True)
 
     def require_pool(self) -> None:
         if not self.xapi:

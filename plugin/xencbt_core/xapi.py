@@ -18,7 +18,7 @@ import ssl
 import threading
 import urllib.parse
 import xmlrpc.client
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import (
     AuthenticationFailed,
@@ -44,16 +44,29 @@ class ApiTrust:
     cafile: str = ""
     thumbprint: str = ""
     insecure: bool = False
+    # Errors advise settings as the user gives them: the plugin's parameters
+    # ("xapi-cafile="), or the xencbt command's options ("--xapi-cafile").
+    options: bool = field(default=False, compare=False)
 
     def __post_init__(self):
         if sum(map(bool, (self.cafile, self.thumbprint, self.insecure))) > 1:
-            raise ConfigError("give at most one of xapi-cafile=, thumbprint=, xapi-insecure=")
+            raise ConfigError(
+                "give at most one of %s, %s, %s"
+                % (self.says("xapi-cafile"), self.says("thumbprint"), self.says("xapi-insecure"))
+            )
         if self.thumbprint and len(self.normalized()) != 64:
             raise ConfigError(
-                "thumbprint= must be a SHA-256 fingerprint (64 hex digits, colons allowed), "
+                "%s must be a SHA-256 fingerprint (64 hex digits, colons allowed), "
                 "e.g. from: openssl x509 -in /etc/xensource/xapi-ssl.pem -noout "
-                "-fingerprint -sha256"
+                "-fingerprint -sha256" % self.says("thumbprint")
             )
+
+    def says(self, setting: str, value: str | None = None) -> str:
+        """``setting`` (with ``value``) as the user gives it: "xapi-cafile=FILE", or
+        "--xapi-cafile FILE" from the xencbt command."""
+        if self.options:
+            return "--" + setting + ("" if value is None else " " + value)
+        return setting + "=" + ("" if value is None else value)
 
     def normalized(self) -> str:
         return self.thumbprint.replace(":", "").strip().upper()
@@ -67,7 +80,9 @@ class ApiTrust:
             try:
                 ctx = ssl.create_default_context(cafile=self.cafile or None)
             except (OSError, ssl.SSLError) as e:
-                raise ConfigError("cannot load xapi-cafile=%s: %s" % (self.cafile, e)) from None
+                raise ConfigError(
+                    "cannot load %s: %s" % (self.says("xapi-cafile", self.cafile), e)
+                ) from None
         ctx.minimum_version = ssl.TLSVersion.TLSv1_2
         return ctx
 
@@ -78,16 +93,16 @@ class ApiTrust:
         shown = " (it presented a certificate with SHA-256 fingerprint %s)" % found if found else ""
         if self.cafile:
             return (
-                "cannot verify the XAPI server %s certificate against xapi-cafile %s: %s%s. "
+                "cannot verify the XAPI server %s certificate against %s: %s%s. "
                 "Is that file the pool master's certificate (the certificate part of its "
                 "/etc/xensource/xapi-ssl.pem), and does the URL name that host? If the "
-                "fingerprint is the master's, thumbprint= pins it instead"
-                % (host, self.cafile, why, shown)
+                "fingerprint is the master's, %s pins it instead"
+                % (host, self.says("xapi-cafile", self.cafile), why, shown, self.says("thumbprint"))
             )
         return (
-            "cannot verify the XAPI server %s certificate: %s%s. Pass xapi-cafile= (the "
-            "pool master's certificate) or thumbprint= (its SHA-256 fingerprint)"
-            % (host, why, shown)
+            "cannot verify the XAPI server %s certificate: %s%s. Pass %s (the "
+            "pool master's certificate) or %s (its SHA-256 fingerprint)"
+            % (host, why, shown, self.says("xapi-cafile"), self.says("thumbprint"))
         )
 
     def check(self, sock: ssl.SSLSocket, host: str) -> None:
@@ -97,7 +112,8 @@ class ApiTrust:
         if hashlib.sha256(der).hexdigest().upper() != self.normalized():
             raise TrustError(
                 "the XAPI server %s presented a certificate with SHA256 fingerprint %s, "
-                "not the pinned thumbprint=%s" % (host, fingerprint(der), self.thumbprint)
+                "not the pinned %s"
+                % (host, fingerprint(der), self.says("thumbprint", self.thumbprint))
             )
 
 

@@ -5,7 +5,10 @@ backup, changes files through the guest-write path (only the blocks a guest woul
 write), runs two incrementals showing how few bytes moved, restores the latest and the
 first point to files, proves them byte-identical to the disk at those moments, and
 prints a summary. The product is driven only through its command line (``xencbt``), as
-an administrator would. Everything started is stopped, even on failure.
+an administrator would, and each command is printed as it runs (``$ xencbt …``) for a
+newcomer to copy; the password is never on it: it is read from the file that
+``XENCBT_PASSWORD_FILE`` names (printed once, with ``XENCBT_XAPI``).  Everything started is
+stopped, even on failure.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -104,6 +108,7 @@ class Demo:
             "XENCBT_PASSWORD_FILE": self.info["password_file"],
         }
         argv = [*XENCBT, "--xapi-cafile", self.info["ca_file"], *args]
+        print("    $ %s" % shlex.join(["xencbt", *argv[1:]]), flush=True)
         done = subprocess.run(argv, capture_output=True, text=True, env=env)
         if done.returncode != 0:
             raise DemoError("xencbt %s failed: %s" % (args[0], done.stderr.strip()))
@@ -117,6 +122,14 @@ class Demo:
             from .control import Control
 
             self.control = Control(self.info)
+            step(
+                "xencbt finds the pool and the password file in its environment (the "
+                "password itself is never on a command line):"
+            )
+            print(
+                "    $ export XENCBT_XAPI=%s XENCBT_PASSWORD_FILE=%s"
+                % (shlex.quote(self.info["xapi"]), shlex.quote(self.info["password_file"]))
+            )
             self.story()
 
     def story(self) -> None:

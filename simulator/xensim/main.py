@@ -34,17 +34,74 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    s = sub.add_parser("serve", help="run the simulated pool until SIGTERM")
-    s.add_argument("--state-dir", type=Path, required=True)
-    s.add_argument("--listen", default="127.0.0.1")
-    s.add_argument("--hosts", type=int, default=1)
-    s.add_argument("--vms", type=int, default=1)
-    s.add_argument("--disk-sizes", type=_sizes, default="64M,20M+512")
-    s.add_argument("--nbd-purpose", choices=("nbd", "insecure_nbd", "none"), default="nbd")
-    s.add_argument("--nbd-propagation", type=float, default=0.0, metavar="SECONDS")
-    s.add_argument("--session-timeout", type=float, default=86400.0, metavar="SECONDS")
-    s.add_argument("--in-use-wait", type=float, default=4.0, metavar="SECONDS")
-    s.add_argument("--vbd-cleanup", type=float, default=DEFAULT_CLEANUP, metavar="SECONDS")
+    s = sub.add_parser(
+        "serve",
+        help="run the simulated pool until SIGTERM",
+        description="Run a simulated XenServer pool (one XAPI HTTPS endpoint and one TLS NBD "
+        "server per host) until SIGTERM or SIGINT.  Prints one JSON line on stdout once "
+        "ready (also in STATE_DIR/serve.json): the API URL, the CA file to trust and "
+        "the password file of root.",
+    )
+    s.add_argument(
+        "--state-dir",
+        type=Path,
+        required=True,
+        help="where the pool lives: database, disks, certificates, password (kept across "
+        "runs: a second serve on it is the same pool)",
+    )
+    s.add_argument(
+        "--listen", default="127.0.0.1", help="address the API and NBD servers listen on"
+    )
+    s.add_argument(
+        "--hosts", type=int, default=1, help="hosts in the pool (default 1; the first is master)"
+    )
+    s.add_argument(
+        "--vms", type=int, default=1, help="VMs made on a new pool: demo-vm, demo-vm-2, ..."
+    )
+    s.add_argument(
+        "--disk-sizes",
+        type=_sizes,
+        default="64M,20M+512",
+        metavar="SIZE,...",
+        help="the disks of each new VM, one size each (K, M, G; +N adds bytes: an odd "
+        "size); default 64M,20M+512",
+    )
+    s.add_argument(
+        "--nbd-purpose",
+        choices=("nbd", "insecure_nbd", "none"),
+        default="nbd",
+        help="how the pool network serves NBD at the start (default nbd: TLS)",
+    )
+    s.add_argument(
+        "--nbd-propagation",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="how long a host takes to serve NBD once enabled on a network (real hosts: "
+        "10 s or more; default 0)",
+    )
+    s.add_argument(
+        "--session-timeout",
+        type=float,
+        default=86400.0,
+        metavar="SECONDS",
+        help="an idle session expires after this long (default one day)",
+    )
+    s.add_argument(
+        "--in-use-wait",
+        type=float,
+        default=4.0,
+        metavar="SECONDS",
+        help="how long VDI operations wait for VBDs to go before VDI_IN_USE (xapi: 4 s)",
+    )
+    s.add_argument(
+        "--vbd-cleanup",
+        type=float,
+        default=DEFAULT_CLEANUP,
+        metavar="SECONDS",
+        help="how long dom0 takes to unplug and destroy an NBD VBD (default %s; real "
+        "hosts 1-2 s)" % DEFAULT_CLEANUP,
+    )
     s.add_argument(
         "--auth-fail-delay",
         type=float,
@@ -52,7 +109,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="how long a refused login waits before answering (xapi: 5 s)",
     )
-    s.add_argument("--srs", choices=("shared", "local"), default="shared")
+    s.add_argument(
+        "--srs",
+        choices=("shared", "local"),
+        default="shared",
+        help="shared: one SR for the pool (default); local: one per host, VMs spread over "
+        "the hosts",
+    )
     s.add_argument(
         "--oem-vm",
         type=int,
