@@ -727,8 +727,7 @@ def cmd_copy(args, conf: settings.Settings) -> int:
         failed = {"error": message, "exit_code": code}
     if args.json:
         report.emit_json(
-            {"copied": copied, "vm_points": vm_points, "held": held, "to": str(dst.root)}
-            | failed
+            {"copied": copied, "vm_points": vm_points, "held": held, "to": str(dst.root)} | failed
         )
     return code
 
