@@ -48,17 +48,14 @@ def image_alone(repo: Path, vm: Vm):
 
 
 def sums_tmp(repo: Path, vm: Vm):
-    """The sums' temp file written, not renamed; no manifest for it."""
-    return any(names(d, ".sums.tmp") - names(d, ".json") for d in chain_dirs(repo, vm))
+    """The sums' temp file written, not renamed (the manifest must not be there: the
+    invariants check after the kill)."""
+    return any(names(d, ".sums.tmp") for d in chain_dirs(repo, vm))
 
 
 def manifest_tmp(repo: Path, vm: Vm):
-    """Image and sums in place, the manifest's temp file written, not renamed."""
-    for d in chain_dirs(repo, vm):
-        pending = names(d, ".json.tmp") - names(d, ".json")
-        if pending and pending <= names(d, ".qcow2") & names(d, ".sums"):
-            return True
-    return False
+    """The manifest's temp file written, not renamed (image and sums must be there)."""
+    return any(names(d, ".json.tmp") for d in chain_dirs(repo, vm))
 
 
 def config_alone(repo: Path, vm: Vm):
