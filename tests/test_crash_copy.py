@@ -4,10 +4,12 @@ copy writes, per point: the image as ``<point>.qcow2.partial`` (read back and ch
 renamed into place, its sums (temp file, rename), its manifest (temp file, rename); per VM
 point: its configuration, then its VM manifest.  Each window between two of those writes
 is held open by the product's test hook (``XENCBT_TEST_PAUSE`` step=hold:FIFO, the
-``hold`` fixture: the run blocks there until released, no timer), the state that defines
-the window is confirmed while the run is stopped, and only then is it killed (counted as
-"kills confirmed: copy <window>").  After each kill: every manifest in DST has its image
-and its sums, every VM manifest its configuration and its disks' points; a re-run of copy
+``hold`` fixture: the run blocks there until released, no timer).  The window is
+confirmed while the run is stopped: it holds the step's FIFO open (it is blocked in the
+step, not merely past a file's creation: a ``.partial`` is there during the conversion
+too) and the window's files are there; only then is it killed (counted as "kills
+confirmed: copy <window>").  After each kill: every manifest in DST has its image and its
+sums, every VM manifest its configuration and its disks' points; a re-run of copy
 completes, leaves nothing half-written, and DST verifies.  At the end every point of DST
 restores as the guest wrote it.
 """
@@ -15,6 +17,7 @@ restores as the guest wrote it.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -24,6 +27,18 @@ from tally import tally
 from test_cli_copy import backups, manifests, same_as_model, same_vm_points
 
 pytestmark = pytest.mark.reliability
+
+
+def holding(proc, fifo: Path) -> bool:
+    """The run is blocked in the held step: it has the step's FIFO open (testhook.hold
+    opens it only there; a file's mere presence, e.g. a .partial, also holds while the
+    image is still being converted, before the step)."""
+    fds = Path("/proc/%d/fd" % proc.pid)
+    try:
+        links = [os.readlink(fd) for fd in fds.iterdir()]
+    except OSError:  # gone, or an fd closed while listing
+        return False
+    return str(fifo) in links
 
 
 def chain_dirs(repo: Path, vm: Vm) -> list[Path]:
@@ -107,12 +122,13 @@ def test_copy_killed(sim, tmp_path, hold, window: str):
     for _ in kills:
         backups(sim, src, vm, 1, history)  # news for this run: an incremental per disk
         proc = start(sim, "copy", "--repo", str(src), "--to", str(dst), pause=hold(step))
-        held = wait_until(lambda: confirm(dst, vm), proc, timeout=120)
-        assert held, "copy ended without entering the %s window: %s" % (
+        fifo = hold.where / ("hold-" + step)
+        inside = wait_until(lambda p=proc, f=fifo: holding(p, f), proc, timeout=120)
+        assert inside, "copy ended without entering the %s window: %s" % (
             window,
             proc.communicate(),
         )
-        killed = kill_if(proc, lambda: confirm(dst, vm))
+        killed = kill_if(proc, lambda p=proc, f=fifo: holding(p, f) and confirm(dst, vm))
         hold.release(step)
         kills.count(killed)
         invariants(dst, vm)
