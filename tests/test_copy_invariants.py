@@ -164,7 +164,26 @@ def test_copy_refuses_a_damaged_source_point_full_or_incremental(sim, tmp_path, 
     assert vm_points == ([] if damaged == "full" else [full])
 
 
-def test_a_damaged_target_chain_holds_back_that_chain_alone_and_full_copies_past_it(sim, tmp_path):
+def corrupt_first_data_cluster(path: Path) -> int:
+    """``corrupt_data_cluster`` of an uncompressed image; returns the guest offset of the
+    cluster it damaged."""
+    entries = json.loads(
+        subprocess.run(
+            ["qemu-img", "map", "--output=json", str(path)],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+    )
+    entry = next(e for e in entries if e["data"] and e["depth"] == 0)
+    corrupt_data_cluster(path)
+    return entry["start"]
+
+
+@pytest.mark.parametrize("damage", ["flipped bytes", "image missing"])
+def test_a_damaged_target_chain_holds_back_that_chain_alone_and_full_copies_past_it(
+    sim, tmp_path, damage
+):
     """#24 finding 6: one damaged chain in DST does not block the copy of the VM's other
     disks; the message names DST's damaged chain (not SRC: SRC is intact) and the way on,
     ``copy --full``, which copies that chain's next point standalone."""
@@ -174,11 +193,22 @@ def test_a_damaged_target_chain_holds_back_that_chain_alone_and_full_copies_past
     history: dict[str, list[bytes]] = {}
     xencbt(sim, "init", "--repo", str(src), "--compression", "none")
     backups(sim, src, vm, 2, history)
+    xencbt(sim, "init", "--repo", str(dst), "--compression", "none")  # bytes to flip
     xencbt(sim, "copy", "--repo", str(src), "--to", str(dst))
     old = max(history)
-    corrupt_data_cluster(dst / vm.uuid / vm.uuids[hit] / (old + ".qcow2"))
-    backups(sim, src, vm, 1, history)
-    new = max(history)
+    damaged = dst / vm.uuid / vm.uuids[hit] / (old + ".qcow2")
+    spared = 0
+    if damage == "flipped bytes":
+        spared = corrupt_first_data_cluster(damaged)
+    else:
+        damaged.unlink()
+    # The next point writes elsewhere: DST's damage stays in its view.
+    away = (spared // BLOCK + 1) % 8 * BLOCK
+    for disk in (0, 1):
+        vm.write(disk, {away: text(BLOCK)})
+    (got,) = backup(sim, src, "demo-vm")["vms"]
+    new = got["point"]
+    history[new] = [bytes(m) for m in vm.models]
 
     r = xencbt(sim, "--json", "copy", "--repo", str(src), "--to", str(dst), check=4)
     out = json.loads(r.stdout)
