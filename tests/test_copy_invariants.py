@@ -216,7 +216,7 @@ def test_a_damaged_target_chain_holds_back_that_chain_alone_and_full_copies_past
     assert list(out["held"]) == [vm.uuids[hit]]
     (line,) = [x for x in r.stderr.splitlines() if "not copied on" in x]
     assert vm.uuids[hit] in line and str(dst) in line and old in line, line
-    assert "copy --repo %s --to %s demo-vm --full" % (src, dst) in line, line
+    assert "copy --repo %s --to %s %s --full" % (src, dst, vm.uuid) in line, line
     assert "verify --repo %s %s" % (dst, vm.uuids[hit]) in line, line
     assert "verify --repo %s" % src not in line, line
     chains = manifests(dst, vm)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import shlex
 
 from . import digest, image, repoconfig, testhook
 from .errors import PointDamaged, TargetDamaged
@@ -153,12 +154,18 @@ def copy_point(src: Chain, dst: Chain, m: Manifest, compression: str, standalone
 def target_damaged(src: Chain, dst: Chain, m: Manifest, onto: Manifest, why: str):
     """DST's point ``onto``, which SRC's point ``m`` (intact) would be written onto, is
     damaged: the error naming DST's chain and the way on."""
-    root = dst.path.parent.parent
+    root, source = dst.path.parent.parent, src.path.parent.parent
+    # The VM by uuid: names need not be unique; paths and all quoted for a shell.
+    redo = "xencbt copy --repo %s --to %s %s --full" % (
+        shlex.quote(str(source)),
+        shlex.quote(str(root)),
+        dst.vm_uuid,
+    )
     return TargetDamaged(
         "VDI %s (%s disk %s) in %s: its point %s, which point %s would be copied onto, is "
         "damaged (%s): nothing of %s was kept; xencbt verify --repo %s %s names the "
-        "damage; xencbt copy --repo %s --to %s %s --full copies %s standalone (the "
-        "damaged point stays for verify to name and prune to retire)"
+        "damage; %s copies %s standalone (the damaged point stays for verify to name "
+        "and prune to retire)"
         % (
             dst.vdi_uuid,
             m.vm_name,
@@ -168,11 +175,9 @@ def target_damaged(src: Chain, dst: Chain, m: Manifest, onto: Manifest, why: str
             m.point,
             why,
             m.point,
-            root,
+            shlex.quote(str(root)),
             dst.vdi_uuid,
-            src.path.parent.parent,
-            root,
-            m.vm_name,
+            redo,
             m.point,
         )
     )
@@ -193,7 +198,10 @@ def check(m: Manifest, path, src: Chain | None) -> bytes | None:
     place to look, nothing published."""
     where = ""
     if src is not None:
-        where = " (xencbt verify --repo %s %s)" % (src.path.parent.parent, src.vdi_uuid)
+        where = " (xencbt verify --repo %s %s)" % (
+            shlex.quote(str(src.path.parent.parent)),
+            src.vdi_uuid,
+        )
     damaged = PointDamaged(
         "point %s of VDI %s does not read back as recorded after the copy: nothing of it "
         "was kept%s" % (m.point, m.vdi_uuid, where)
