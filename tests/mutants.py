@@ -78,6 +78,101 @@ MUTANTS = [
         "                pass\n            except CleanupLagged",
         ("tests/test_crash_backup.py::test_backup_killed[snapshot]",),
     ),
+    # Issue #23's properties on the paths no test looked at (each its own, named after it).
+    Mutant(
+        "copy's incrementals written clear into an encrypted repository",
+        "orchestrate/xencbt_cli/image.py",
+        "    into = target(out, virtual_size(path), base)\n",
+        "    into = None\n",
+        (
+            "tests/test_copy_invariants.py::"
+            "test_copy_of_a_clear_repository_into_an_encrypted_one_is_luks_throughout",
+        ),
+    ),
+    Mutant(
+        "copy's incrementals written uncompressed into a zstd repository",
+        "orchestrate/xencbt_cli/image.py",
+        "    options = compress_options(compression)\n    source, name = opening(path)\n"
+        "    into = target(out, virtual_size(path), base)\n",
+        "    options = []\n    source, name = opening(path)\n"
+        "    into = target(out, virtual_size(path), base)\n",
+        ("tests/test_copy_invariants.py::test_copy_into_a_zstd_repository_compresses_every_image",),
+    ),
+    Mutant(
+        "copy writes a manifest before its image is in place",
+        "orchestrate/xencbt_cli/copy.py",
+        '        testhook.pause("copy-checked")\n',
+        '        dst.commit(m)\n        testhook.pause("copy-checked")\n',
+        ("tests/test_crash_copy.py::test_copy_killed[image checked]",),
+    ),
+    Mutant(
+        "copy writes a manifest before its sums",
+        "orchestrate/xencbt_cli/copy.py",
+        "        dst.commit(copy, sums)\n",
+        "        dst.commit(copy)\n        dst.commit(copy, sums)\n",
+        ("tests/test_crash_copy.py::test_copy_killed[sums]",),
+    ),
+    Mutant(
+        "copy stops every chain at the first damaged one",
+        "orchestrate/xencbt_cli/copy.py",
+        "                    break  # its later points need this one\n",
+        "                    return copied, held\n",
+        (
+            "tests/test_copy_invariants.py::"
+            "test_copy_refuses_a_damaged_source_point_full_or_incremental",
+        ),
+    ),
+    Mutant(
+        "copy blames the source for a damaged target chain",
+        "orchestrate/xencbt_cli/copy.py",
+        "            if onto is None or not reads_as_recorded(m, src.image_path(m.point)):\n",
+        "            if True:\n",
+        (
+            "tests/test_copy_invariants.py::"
+            "test_a_damaged_target_chain_holds_back_that_chain_alone_and_full_copies_past_it",
+        ),
+    ),
+    Mutant(
+        "restore-vm drops the VM's other_config",
+        "orchestrate/xencbt_cli/restore_vm.py",
+        '        record["other_config"] = {**saved.get("other_config", {}), MARK: self.mark}\n',
+        '        record["other_config"] = {MARK: self.mark}\n',
+        (
+            "tests/test_restore_vm_fields.py::"
+            "test_restore_vm_gives_back_every_field_of_the_configuration",
+        ),
+    ),
+    Mutant(
+        "VM point takes order and delays from the snapshot (reset there)",
+        "orchestrate/xencbt_cli/vmpoint.py",
+        'FROM_LIVE = ("order", "start_delay", "shutdown_delay")\n',
+        "FROM_LIVE = ()\n",
+        (
+            "tests/test_restore_vm_fields.py::"
+            "test_restore_vm_gives_back_every_field_of_the_configuration",
+        ),
+    ),
+    Mutant(
+        "vm= renumbers userdevices 0, 1, ...",
+        "plugin/xencbt_core/vmexport.py",
+        "        return dict(sorted(found.items(), key=lambda kv: _device_order(kv[0])))\n",
+        "        ordered = sorted(found.values(), key=lambda d: _device_order(d.userdevice))\n"
+        "        for n, d in enumerate(ordered):\n"
+        "            d.userdevice = str(n)\n"
+        "        return {d.userdevice: d for d in ordered}\n",
+        (
+            "tests/test_vm_userdevices.py::"
+            "test_plugin_exports_disks_at_userdevices_1_and_3_by_those_names",
+        ),
+    ),
+    Mutant(
+        "a named VDI resolves to the first chain in uuid order",
+        "orchestrate/xencbt_cli/repository.py",
+        "        matches = [c for c in self.chains() if c.vdi_uuid.startswith(vdi)]\n",
+        "        matches = [c for c in self.chains() if c.vdi_uuid.startswith(vdi)]\n"
+        "        matches = self.chains()[: len(matches)]\n",
+        ("tests/test_cli_backup.py::test_verify_names_the_corrupted_point",),
+    ),
 ]
 
 

@@ -68,6 +68,12 @@ class PointDamaged(CliError):
     exit_code = VERIFY_FAILED
 
 
+class TargetDamaged(PointDamaged):
+    """copy: the point of the target repository a copied point would be written onto is
+    damaged (the source's point is intact): that chain is held back, ``copy --full``
+    copies past it."""
+
+
 class PartialFailure(CliError):
     """A backup of several VMs where some succeeded and some failed."""
 

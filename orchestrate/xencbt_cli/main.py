@@ -287,6 +287,12 @@ def parser() -> argparse.ArgumentParser:
     cp.add_argument("--to", metavar="DIR", required=True, help="the repository to copy into")
     cp.add_argument("--wait", action="store_true", help="wait for a locked chain")
     cp.add_argument(
+        "--full",
+        action="store_true",
+        help="copy each chain's next point as a standalone image (a full), not onto DST's "
+        "newest point: the way on past a damaged chain in DST, which copy names",
+    )
+    cp.add_argument(
         "--to-key-file",
         metavar="FILE",
         help="key of an encrypted DST when it is not --key-file's (copy re-encrypts)",
@@ -799,12 +805,24 @@ def cmd_copy(args, conf: settings.Settings) -> int:
     chains = [c for cs in report.vms(src, args.vms).values() for c in cs]
     if encryption is not None:  # a new DST
         repoconfig.ensure(dst, say, dst_key, encryption)
-    copied = copy_repository(src, dst, chains, args.wait, say)
+    copied, held = copy_repository(src, dst, chains, args.wait, say, args.full)
     vm_points = copy_vm_points(src, dst, chains, args.wait, say)
-    if args.json:
-        report.emit_json({"copied": copied, "vm_points": vm_points, "to": str(dst.root)})
     say(report.copied(copied, vm_points, dst.root))
-    return errors.OK
+    code, failed = errors.OK, {}
+    if held:
+        # The others were copied; each chain held back is named with its way on.
+        code = errors.VERIFY_FAILED
+        message = scrub(
+            "%s not copied on (the other points were): %s"
+            % (report.several(len(held), "VDI"), "; ".join(held[v] for v in sorted(held)))
+        )
+        say("xencbt: %s" % message)
+        failed = {"error": message, "exit_code": code}
+    if args.json:
+        report.emit_json(
+            {"copied": copied, "vm_points": vm_points, "held": held, "to": str(dst.root)} | failed
+        )
+    return code
 
 
 def cmd_forget(args, conf: settings.Settings) -> int:

@@ -139,6 +139,7 @@ def write_atomically(path: Path, content: str | bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         testhook.pause("write-tmp")
+        testhook.pause("write-tmp" + path.suffix)  # e.g. write-tmp.sums, write-tmp.json
         os.replace(tmp, path)
         testhook.pause("write-done")
     except BaseException:

@@ -281,8 +281,14 @@ class Builder:
                 % ", ".join("%s=%r" % (k, saved[k]) for k in lost)
             )
 
-    def disk(self, repo: Repository, d: dict, sr: str, name: str | None) -> str:
-        m, uuid = to_sr(self.pool, repo, d["vdi_uuid"], d["point"], sr, name, {MARK: self.mark})
+    def disk(self, repo: Repository, d: dict, sr: str, name: str | None, saved: dict) -> str:
+        """The disk restored to ``sr`` with the saved VDI's description and other_config
+        (a point older than their capture: to_sr's own description)."""
+        other_config = {**saved.get("other_config", {}), MARK: self.mark}
+        description = saved.get("name_description")
+        m, uuid = to_sr(
+            self.pool, repo, d["vdi_uuid"], d["point"], sr, name, other_config, description
+        )
         ref = self.call("VDI.get_by_uuid", uuid)
         self.vdis.append((ref, uuid))
         return ref
@@ -305,8 +311,8 @@ class Builder:
             "empty": vdi == NULL_REF,
             "unpluggable": bool(row.get("unpluggable", True)),
             "other_config": other_config,
-            "qos_algorithm_type": "",
-            "qos_algorithm_params": {},
+            "qos_algorithm_type": row.get("qos_algorithm_type", ""),
+            "qos_algorithm_params": row.get("qos_algorithm_params", {}),
         }
         self.call("VBD.create", record)
 
@@ -330,9 +336,9 @@ class Builder:
             "VM": self.vm,
             "MAC": vif["MAC"] if keep_mac else "",
             "MTU": str(vif.get("MTU", 1500)),
-            "other_config": {},
-            "qos_algorithm_type": "",
-            "qos_algorithm_params": {},
+            "other_config": vif.get("other_config", {}),
+            "qos_algorithm_type": vif.get("qos_algorithm_type", ""),
+            "qos_algorithm_params": vif.get("qos_algorithm_params", {}),
             "locking_mode": vif.get("locking_mode", "network_default"),
             "ipv4_allowed": vif.get("ipv4_allowed", []),
             "ipv6_allowed": vif.get("ipv6_allowed", []),
@@ -658,9 +664,14 @@ def build(builder, repo, config, chains, sr, networks, keep_macs, result) -> Non
         vdi = NULL_REF
         if row.get("vdi_uuid"):
             d = chains[row["userdevice"]]
-            saved = config["vdis"].get(row["vdi_uuid"], {}).get("name_label", "")
-            name = disk_name(saved, config["vm"]["name_label"], result.name, row["userdevice"])
-            vdi = builder.disk(repo, d, sr, name)
+            saved = config["vdis"].get(row["vdi_uuid"], {})
+            name = disk_name(
+                saved.get("name_label", ""),
+                config["vm"]["name_label"],
+                result.name,
+                row["userdevice"],
+            )
+            vdi = builder.disk(repo, d, sr, name, saved)
             result.disks.append({"userdevice": row["userdevice"], "vdi_uuid": builder.vdis[-1][1]})
         elif row.get("type") == "CD":
             vdi = builder.iso(row, result.notes)

@@ -11,6 +11,8 @@ A window is then held exactly as long as the test needs it, never for a guessed 
 Unset (always, outside the test suite) it does nothing.  Steps:
 
 ``write-tmp``   repository.write_atomically: the temp file is written, not yet renamed
+``write-tmp.json``, ``write-tmp.sums``, …  the same, for a file of that suffix only (a
+                manifest's, a sums file's), right after ``write-tmp``
 ``write-done``  repository.write_atomically: renamed into place (a prune's journal is
                 then in place while the swap has not happened)
 ``vdi-extent``  transfer.to_vdi: before each extent is sent (the VDI is partly rewritten)
@@ -18,6 +20,12 @@ Unset (always, outside the test suite) it does nothing.  Steps:
 ``restore-vm-device``  restore_vm.build: before each VBD is created (the VM is half built)
 ``restore-vm-commit``  restore_vm.Builder.finish: the disks' marks are gone, the VM's not
 ``backup-vm-done``  backup.Backup.one: a VM's point is committed, its thread not yet done
+``copy-checked``  copy.copy_point: the copied ``.partial`` image reads back as recorded,
+                not yet renamed
+``copy-published``  copy.copy_point: the image renamed into place, its sums and manifest
+                not yet written
+``copy-vm-config``  copy.copy_vm_point: the VM point's configuration written, its VM
+                manifest not yet
 
 ``XENCBT_NOW=2026-01-05T10:00:00`` (UTC) stands in for the clock where a backup names
 its point (the time retention rules bucket points by), so a test can back up over

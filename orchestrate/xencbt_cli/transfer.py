@@ -52,16 +52,20 @@ def to_sr(
     sr: str,
     name: str | None = None,
     other_config: dict | None = None,
+    description: str | None = None,
 ):
     """A new VDI on ``sr`` with the point's content; returns (manifest, new VDI uuid).
-    restore-vm names it and marks it (``other_config``) so a killed run's VDI is found."""
+    restore-vm names it, gives it the saved disk's description and other_config, and
+    marks it (``other_config``) so a killed run's VDI is found."""
     chain = repo.find(vdi)
     m = chain.get(at)
     name = name or "%s (restored %s)" % (m.vdi_name, m.point)
+    if description is None:
+        description = "xencbt restore of VDI %s point %s" % (m.vdi_uuid, m.point)
     record = {
         # A restore killed half-way leaves a VDI that says so; the operator deletes it.
         "name_label": name + INCOMPLETE,
-        "name_description": "xencbt restore of VDI %s point %s" % (m.vdi_uuid, m.point),
+        "name_description": description,
         "SR": resolve_sr(pool, sr),
         "virtual_size": str(m.virtual_size),
         "type": "user",

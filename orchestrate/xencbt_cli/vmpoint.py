@@ -84,6 +84,10 @@ VM_FIELDS = (
     "start_delay",
     "shutdown_delay",
 )
+# Fields a VM snapshot does not copy (xapi_vm_clone.ml copy_vm_record resets them: an
+# appliance's boot order and delays belong to the VM, not to its snapshots): read from
+# the live VM, right after the snapshot, as a unique vTPM's contents are.
+FROM_LIVE = ("order", "start_delay", "shutdown_delay")
 # other_config:pci asks for a host's PCI device at start (passthrough): it is named in
 # not_captured instead, since the restored VM may be on another host or pool.
 PCI_KEY = "pci"
@@ -94,8 +98,11 @@ FROM_NOWHERE = "none"
 # other_config keys that belong to one VM instance, not to its configuration.
 DROP_OTHER_CONFIG = ("mac_seed", "xencbt-restore", "import_task", "mac_seed_", PCI_KEY)
 VBD_FIELDS = ("userdevice", "bootable", "mode", "type", "empty", "unpluggable", "other_config")
+VBD_FIELDS += ("qos_algorithm_type", "qos_algorithm_params")
 VDI_FIELDS = ("name_label", "name_description", "virtual_size", "sharable", "read_only")
+VDI_FIELDS += ("other_config",)
 VIF_FIELDS = ("device", "MAC", "MTU", "locking_mode", "ipv4_allowed", "ipv6_allowed")
+VIF_FIELDS += ("other_config", "qos_algorithm_type", "qos_algorithm_params")
 
 
 @dataclass
@@ -127,6 +134,8 @@ def capture(call, snap_vm: str, live_name: str, live_vm: str | None = None) -> d
     rec = call("VM.get_record", snap_vm)
     vm = {k: rec[k] for k in VM_FIELDS if k in rec}
     vm["name_label"] = live_name  # the snapshot's own name is ours
+    if live_vm is not None:
+        vm.update({k: call("VM.get_%s" % k, live_vm) for k in FROM_LIVE})
     vm["other_config"] = {
         k: v for k, v in rec.get("other_config", {}).items() if k not in DROP_OTHER_CONFIG
     }
@@ -140,6 +149,8 @@ def capture(call, snap_vm: str, live_name: str, live_vm: str | None = None) -> d
             uuid = vdi["snapshot_of"] and call("VDI.get_uuid", vdi["snapshot_of"])
             row["vdi_uuid"] = uuid  # the live disk: the chain's name in the repository
             vdis[uuid] = {k: vdi[k] for k in VDI_FIELDS if k in vdi}
+            # A disk's snapshot need not carry its other_config: the live disk's, now.
+            vdis[uuid]["other_config"] = call("VDI.get_other_config", vdi["snapshot_of"])
             vdis[uuid]["SR"] = call("SR.get_uuid", vdi["SR"])
         elif vbd["VDI"] != NULL_REF:  # a CD drive holding an ISO: not copied, named
             iso = call("VDI.get_record", vbd["VDI"])
