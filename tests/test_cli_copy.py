@@ -81,6 +81,9 @@ def test_copy_what_dst_lacks_with_its_own_compression(sim, tmp_path):
             assert m["compression"] == "none"
             image = dst / vm.uuid / m["vdi_uuid"] / (point + ".qcow2")
             assert compressed_clusters(image) == 0.0
+            # The ratio is the image's here, not SRC's (zstd) one.
+            assert m["bytes_on_disk"] == image.stat().st_blocks * 512
+            assert m["ratio"] == round(m["changed_bytes"] / m["bytes_on_disk"], 2), m
     # SRC's points are zstd (its default): DST's own choice applied.
     assert {m["compression"] for c in manifests(src, vm) for m in c.values()} == {"zstd"}
     xencbt(sim, "verify", "--repo", str(dst))

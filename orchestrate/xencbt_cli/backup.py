@@ -474,7 +474,7 @@ class Backup:
         manifest.hashed_bytes = hashed
         manifest.seconds = round(w.copy_seconds + time.monotonic() - t0, 3)
         manifest.copy_seconds = round(w.copy_seconds, 3)
-        manifest.ratio = ratio(manifest.changed_bytes, manifest.bytes_on_disk)
+        manifest.ratio = manifest.compression_ratio()
         w.chain.commit(manifest, sums)
         return manifest
 
@@ -592,11 +592,6 @@ def summary(m: Manifest, prev: Manifest | None) -> dict:
     d = asdict(m)
     d["previous_snapshot"] = prev.snapshot_uuid if prev else None
     return d
-
-
-def ratio(changed: int, on_disk: int) -> float | None:
-    """How many times smaller the point is on disk than the data it holds changed."""
-    return round(changed / on_disk, 2) if changed and on_disk else None
 
 
 def undone(result: VmResult) -> str:

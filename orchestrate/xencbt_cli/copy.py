@@ -143,6 +143,7 @@ def copy_point(src: Chain, dst: Chain, m: Manifest, compression: str, standalone
             bytes_on_disk=image.disk_usage(final),
             history=[*m.history, "copied from %s" % src.path.parent.parent],
         )
+        copy.ratio = copy.compression_ratio()  # of the image here, not of SRC's
         dst.commit(copy, sums)
     except BaseException:
         if not dst.manifest_path(m.point).exists():

@@ -101,6 +101,11 @@ class Manifest:
     history: list[str] = field(default_factory=list)  # e.g. what prune merged into it
     format: int = FORMAT
 
+    def compression_ratio(self) -> float | None:
+        """How many times smaller the point is on disk than the data it holds changed."""
+        changed, on_disk = self.changed_bytes, self.bytes_on_disk
+        return round(changed / on_disk, 2) if changed and on_disk else None
+
     @property
     def image(self) -> str:
         return self.point + ".qcow2"
