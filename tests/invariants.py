@@ -119,7 +119,11 @@ def chain(d: Path, compression: str, encryption: str, leftovers: bool, found: li
 
 
 def header(img: Path, m: dict, compression: str, encryption: str, found: list[str]) -> None:
-    i = info(img)
+    try:
+        i = info(img)
+    except subprocess.CalledProcessError:
+        found.append("%s: qemu-img info cannot read its header" % img)
+        return
     data = i.get("format-specific", {}).get("data", {})
     luks = data.get("encrypt", {}).get("format") == "luks"
     if encryption == "luks" and not luks:

@@ -102,7 +102,7 @@ def test_full_incrementals_restore_every_point_verify_prune(sim, tmp_path):
 
     listing = disk_rows(json.loads(xencbt(sim, "--json", "list", "--repo", str(repo)).stdout))
     assert len(listing) == 8
-    assert "4 points verified" in xencbt(sim, "verify", "--repo", str(repo)).stdout
+    assert "8 points verified" in xencbt(sim, "verify", "--repo", str(repo)).stdout
 
     # Only CBT metadata of the newest snapshot stays on the host; no snapshot VM.
     x = vm.x

@@ -34,7 +34,9 @@ def one_line_error(r: subprocess.CompletedProcess, code: int, text: str) -> str:
     (the error on stderr, a report's line, e.g. verify's, on stdout)."""
     assert r.returncode == code, "exit %d\n%s" % (r.returncode, r.stderr)
     assert "Traceback" not in r.stdout + r.stderr
-    (line,) = [line for line in (r.stdout + r.stderr).splitlines() if text in line]
+    (line,) = [line for line in r.stderr.splitlines() if text in line] or [
+        line for line in r.stdout.splitlines() if text in line
+    ]
     return line
 
 
