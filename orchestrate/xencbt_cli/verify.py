@@ -1,6 +1,9 @@
-"""Verify a repository: qemu-img check, the backing chain against the manifests, and
-every chunk digest of every point's whole virtual disk (one pass) against the ones
-recorded at backup time (digest.py; format-1 points: their whole-disk sha256).
+"""Verify a repository: what it promises for every point, from headers only
+(invariants.py: its settings honoured, modes, image and manifest, backing names), then
+qemu-img check, the backing chain against the manifests, and every chunk digest of every
+point's whole virtual disk (one pass) against the ones recorded at backup time
+(digest.py; format-1 points: their whole-disk sha256), and each VM point against its
+disks' points.
 
 Read-only: it takes each chain's lock shared (so it never sees a backup's or a prune's
 work in progress) and changes nothing.  What an interrupted run left (temp files, images
