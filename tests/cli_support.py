@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import invariants
 import nbd
 from secretwatch import WATCH, traced
 from tally import tally
@@ -57,16 +58,50 @@ class WatchedPopen(subprocess.Popen):
         return out, err
 
 
+# Commands that write to a repository (--repo; copy's --to): the repository's invariants
+# are checked after each (tests/invariants.py).
+WRITERS = ("init", "backup", "prune", "copy", "repair", "forget")
+
+
+def written(args: tuple[str, ...]) -> list[Path]:
+    """The repositories a run of xencbt with ``args`` may write to."""
+    command = next((a for a in args if a in WRITERS), None)
+    if command is None:
+        return []
+    names = ("--repo", "--to") if command == "copy" else ("--repo",)
+    found = []
+    for i, a in enumerate(args):
+        if a in names and i + 1 < len(args):
+            found.append(Path(args[i + 1]))
+        elif a.split("=", 1)[0] in names and "=" in a:
+            found.append(Path(a.split("=", 1)[1]))
+    return found
+
+
 def xencbt(sim, *args: str, check: int | None = 0, popen: bool = False, timeout: float = 120):
+    """Run xencbt; a run that may write to a repository is followed by the check of its
+    invariants: any breach it introduced (one already there before it ran, e.g. damage a
+    test planted, is not its doing) fails the test; leftovers of an interrupted run count
+    only after a run that succeeded."""
     argv = [*XENCBT, "--xapi-cafile", sim.info["ca_file"], *args]
     if popen:
         return WatchedPopen(
             argv, env=cli_env(sim), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
         )
+    repos = written(args)
+    before = {repo: set(invariants.breaches(repo)) for repo in repos}
     r = subprocess.run(argv, env=cli_env(sim), capture_output=True, text=True, timeout=timeout)
     WATCH.output("xencbt %s" % " ".join(args), r.stdout, r.stderr)
     if check is not None:
         assert r.returncode == check, "exit %d\n%s\n%s" % (r.returncode, r.stdout, r.stderr)
+    for repo in repos:
+        tally("invariant checks after a command")
+        new = [b for b in invariants.breaches(repo, r.returncode == 0) if b not in before[repo]]
+        assert not new, "xencbt %s broke the invariants of repository %s:\n  %s" % (
+            " ".join(args),
+            repo,
+            "\n  ".join(new),
+        )
     return r
 
 

@@ -263,8 +263,15 @@ _controller = False  # this process is xdist's controller: it runs no test itsel
 TERMINAL_SIZE = ("COLUMNS", "LINES")
 
 
+# The suite runs under the umask most shells have (022), whatever the caller's: xencbt
+# must make its repositories 0700/0600 all the same, and the invariant check after every
+# command (tests/invariants.py) sees it.  XENCBT_TEST_UMASK (octal) tries another.
+UMASK = int(os.environ.get("XENCBT_TEST_UMASK", "022"), 8)
+
+
 def pytest_configure(config) -> None:
     global _controller
+    os.umask(UMASK)
     dist = getattr(config.option, "dist", "no")
     _controller = dist != "no" and not hasattr(config, "workerinput")
     if hasattr(config, "workerinput"):  # a worker: the environment the run was started in

@@ -173,6 +173,47 @@ MUTANTS = [
         "        matches = self.chains()[: len(matches)]\n",
         ("tests/test_cli_backup.py::test_verify_names_the_corrupted_point",),
     ),
+    # Issue #23: the repository's invariants, each a property some path could break while
+    # the paths a test looks at keep it.  (A name becomes a directory on PYTHONPATH: no
+    # colon in it.)
+    Mutant(
+        "invariant zstd - prune rewrite keeps the repository compression",
+        "orchestrate/xencbt_cli/prune.py",
+        '    return config.compression if config else "none"\n',
+        '    return "none"\n',
+        ("tests/test_invariants.py::test_verify_names_an_uncompressed_image_in_a_zstd_repository",),
+    ),
+    Mutant(
+        "invariant luks - a rewritten image of an encrypted repository stays LUKS",
+        "orchestrate/xencbt_cli/image.py",
+        '    into = target(out, virtual_size(path)) if fmt == "qcow2" else None\n',
+        "    into = None\n",
+        ("tests/test_cli_encrypt.py::test_encrypted_chain_backs_up_restores_verifies_prunes",),
+    ),
+    Mutant(
+        "invariant modes - files 0600 whatever the umask",
+        "orchestrate/xencbt_cli/repository.py",
+        "        os.fchmod(fd, PRIVATE_FILE)  # a tmp file left by an older run may be 0644\n",
+        "        os.fchmod(fd, 0o644)\n",
+        ("tests/test_invariants.py::test_verify_names_open_modes_and_repair_mends_them",),
+    ),
+    Mutant(
+        "invariant luks - verify fails a clear image in an encrypted repository",
+        "orchestrate/xencbt_cli/invariants.py",
+        "    if config is not None and config.encrypted and not luks:\n",
+        "    if False:\n",
+        ("tests/test_invariants.py::test_verify_names_a_clear_image_in_an_encrypted_repository",),
+    ),
+    Mutant(
+        "invariant sums - repair never makes up sums for a damaged image",
+        "orchestrate/xencbt_cli/mend.py",
+        "    if size != m.virtual_size or digest.combine(found, size) != m.digest:\n",
+        "    if size != m.virtual_size:\n",
+        (
+            "tests/test_invariants.py::"
+            "test_repair_rebuilds_a_missing_sums_only_from_an_intact_image[clear]",
+        ),
+    ),
 ]
 
 

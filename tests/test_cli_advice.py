@@ -141,7 +141,7 @@ def test_after_a_damaged_point_the_nearest_intact_one_is_named(sim, tmp_path):
     for point in (p1, p2):
         assert (
             "note   VDI %s: the nearest intact point to %s is %s (older)" % (vm.uuids[0], point, p0)
-            in r.stderr
+            in r.stdout
         )
 
     # A full backup after them, and the oldest point damaged too: for the newest damaged

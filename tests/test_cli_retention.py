@@ -72,8 +72,8 @@ def test_policies_over_simulated_weeks(sim, weeks, tmp_path):
         assert {names[p]: r for p, r in kept_by(out).items()} == expected, policy
         assert out["dry_run"] and on_disk(repo, vm) == before
     r = xencbt(sim, "prune", "--repo", str(repo), "demo-vm", "--dry-run", "--keep-weekly", "3")
-    assert "keep   %s  (weekly)" % point_id("P6") in r.stderr
-    assert "would go %s" % point_id("P5") in r.stderr
+    assert "keep   %s  (weekly)" % point_id("P6") in r.stdout
+    assert "would go %s" % point_id("P5") in r.stdout
 
     # The real prune: kept P1, P7, P9, P10; P2..P6 merge into P7, P8 into P9 (both disks).
     out = json.loads(

@@ -324,7 +324,7 @@ def test_bad_names_and_uuids_on_the_command_line(xensim_factory, tmp_path):
         (("restore", vdi, "--repo", repo, "--to-vdi", ZERO), 1, "no VDI %s" % ZERO),
         (("restore", vdi, "--repo", repo, "--to-sr", "no-such-sr"), 1, "0 SRs named no-such-sr"),
         (("restore", vdi, "--repo", repo, "--to-sr", ZERO), 1, "no SR %s" % ZERO),
-        (("verify", "not-a-vdi", "--repo", repo), 1, "no VDI matching"),
+        (("verify", "not-a-vdi", "--repo", repo), 1, "no VM or VDI matching"),
         (("list", "--repo", str(tmp_path / "nowhere")), 1, "does not exist"),
         (("nbd", "enable", "--network", "no-such-net"), 1, "0 networks match"),
         (("--xapi", "http://127.0.0.1:1", "nbd", "status"), 2, "only https://"),

@@ -30,10 +30,13 @@ def sim(xensim_factory):
 
 
 def one_line_error(r: subprocess.CompletedProcess, code: int, text: str) -> str:
-    """The run failed with ``code`` and said ``text`` on one line, without a traceback."""
+    """The run failed with ``code`` and said ``text`` on one line, without a traceback
+    (the error on stderr, a report's line, e.g. verify's, on stdout)."""
     assert r.returncode == code, "exit %d\n%s" % (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
-    (line,) = [line for line in r.stderr.splitlines() if text in line]
+    assert "Traceback" not in r.stdout + r.stderr
+    (line,) = [line for line in r.stderr.splitlines() if text in line] or [
+        line for line in r.stdout.splitlines() if text in line
+    ]
     return line
 
 
@@ -106,11 +109,11 @@ def test_damaged_images_are_named_with_every_point_built_on_them(sim, tmp_path):
 
     r = verify(sim, repo, 4)
     for uuid in vm.uuids:
-        assert "ok     VDI %s point %s" % (uuid, p0) in r.stderr
+        assert "ok     VDI %s point %s" % (uuid, p0) in r.stdout
         for point in (p1, p2):  # the third point reads block 5 from the second's image
-            assert "FAILED VDI %s point %s: " % (uuid, point) in r.stderr
+            assert "FAILED VDI %s point %s: " % (uuid, point) in r.stdout
     for point in (p1, p2):
-        assert "FAILED VDI %s point %s: %s" % (vm.uuids[0], point, rotten) in r.stderr
+        assert "FAILED VDI %s point %s: %s" % (vm.uuids[0], point, rotten) in r.stdout
     one_line_error(r, 4, "4 of 6 points failed verification")
 
     # The older points restore byte-identical; a damaged one is refused, nothing written.
@@ -139,7 +142,7 @@ def test_damaged_images_are_named_with_every_point_built_on_them(sim, tmp_path):
     assert new[0]["hashed_bytes"] == CHUNK and new[1]["digest"] == vm.contents()[1]
     r = verify(sim, repo, 4)
     for point in (p1, p2, p3):
-        assert "FAILED VDI %s point %s: %s" % (vm.uuids[0], point, rotten) in r.stderr
+        assert "FAILED VDI %s point %s: %s" % (vm.uuids[0], point, rotten) in r.stdout
     refused(vm.uuids[0], p3, 4, "does not read back as recorded (%s" % rotten)
 
     # The operator runs a full backup and prunes: everything is clean again.
@@ -176,7 +179,7 @@ def test_lost_manifests_hide_only_their_point(sim, tmp_path):
     one_line_error(r, 4, "point %s: its manifest is unreadable" % p1)
     one_line_error(r, 4, "point %s: its manifest is missing" % p1)
     for uuid in vm.uuids:  # the newer point is intact: its data still checks out
-        assert "ok     VDI %s point %s" % (uuid, p2) in r.stderr
+        assert "ok     VDI %s point %s" % (uuid, p2) in r.stdout
     one_line_error(r, 4, "FAILED VM %s point %s" % (vm.uuid, p1))  # its disks' points are gone
     one_line_error(r, 4, "0 of 4 points failed verification and 3 other problem(s)")
 
@@ -199,7 +202,7 @@ def test_lost_manifests_hide_only_their_point(sim, tmp_path):
     (chains[0] / (p3 + ".json")).unlink()
     tally("faults injected")
     r = verify(sim, repo, 4)  # (the middle manifests are still damaged)
-    assert "leftovers of an interrupted run: %s.qcow2" % p3 in r.stderr
+    assert "leftovers of an interrupted run: %s.qcow2" % p3 in r.stdout
     vm.write(0, {12 * BLOCK: rand(BLOCK)})
     new = disks(backup(sim, repo))
     assert new[0]["type"] == "full" and "no longer on the host" in new[0]["reason"]

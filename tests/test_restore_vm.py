@@ -171,7 +171,7 @@ def test_vm_point_holds_the_configuration_privately_and_is_listed(xensim, tmp_pa
     records["vm"]["VCPUs_max"] = "8"  # a change that still parses: only the sha256 tells
     config.write_text(json.dumps(records))
     r = xencbt(xensim, "verify", "--repo", str(repo), check=4)
-    assert "configuration" in r.stderr and before["vtpm"][0] not in r.stderr + r.stdout
+    assert "configuration" in r.stdout and before["vtpm"][0] not in r.stderr + r.stdout
 
 
 def test_restore_vm_after_disaster_is_the_same_vm_with_the_same_macs(xensim, tmp_path):

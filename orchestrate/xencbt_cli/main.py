@@ -16,9 +16,9 @@ from xencbt_core import __version__
 from xencbt_core.errors import ConfigError, XencbtError
 from xencbt_core.secret import ScrubFilter, scrub
 
-from . import errors, progress, repoconfig, report, restore, settings, signals, verify
+from . import errors, mend, progress, repoconfig, report, restore, settings, signals, verify
 from .children import GROUP
-from .errors import Interrupted, UsageError
+from .errors import Interrupted, RepositoryError, UsageError
 
 log = logging.getLogger("xencbt_cli")
 
@@ -243,7 +243,9 @@ def parser() -> argparse.ArgumentParser:
     rv.add_argument("--start", action="store_true", help="start the VM once restored")
 
     v = sub.add_parser("verify", parents=g, help="check images, chains and checksums (read-only)")
-    v.add_argument("vdis", nargs="*", metavar="VDI")
+    v.add_argument(
+        "vdis", nargs="*", metavar="VM|VDI", help="VM (name or uuid) or VDI uuid (default: all)"
+    )
     v.add_argument("--repo", metavar="DIR")
 
     rp = sub.add_parser(
@@ -251,7 +253,9 @@ def parser() -> argparse.ArgumentParser:
         parents=g,
         help="remove what interrupted runs left; finish or undo interrupted prunes",
     )
-    rp.add_argument("vdis", nargs="*", metavar="VDI")
+    rp.add_argument(
+        "vdis", nargs="*", metavar="VM|VDI", help="VM (name or uuid) or VDI uuid (default: all)"
+    )
     rp.add_argument("--repo", metavar="DIR")
     rp.add_argument("--wait", action="store_true", help="wait for a locked chain")
 
@@ -472,6 +476,11 @@ def say(text: str) -> None:
     print(scrub(text), file=sys.stderr, flush=True)
 
 
+def out(text: str) -> None:
+    """A line of a command's report (verify, prune, repair): stdout."""
+    print(scrub(text), flush=True)
+
+
 def repository(args, conf: settings.Settings, key_required: bool = True):
     """The repository the command names, its key checked (repoconfig.unlock) before
     anything is read or written: a wrong or missing key stops here."""
@@ -666,27 +675,15 @@ def cmd_restore_vm(args, conf: settings.Settings) -> int:
 
 def cmd_verify(args, conf: settings.Settings) -> int:
     repo = repository(args, conf)
-    exposed = warn_exposed(repo)
-    count = verify.verify(repo, args.vdis, say)
+    # The report is the command's output (stdout, as backup's and list's); with --json
+    # stdout holds the JSON, and the lines go to stderr.
+    count = verify.verify(repo, args.vdis, say if args.json else out)
     if args.json:
+        exposed = sorted(map(str, repo.exposed())) if repo.marked() else []
         report.emit_json({"ok": True, "points": count, "open_to_others": exposed})
     else:
-        say("%d points verified" % count)
+        out("%d points verified" % count)
     return errors.OK
-
-
-def warn_exposed(repo) -> list[str]:
-    """Disk images readable by other users: said, not failed (the data is sound).  Not
-    in a folder that is no repository: repair would refuse it."""
-    found = repo.exposed() if repo.root.is_dir() and repo.marked() else {}
-    if found:
-        path, mode = next(iter(found.items()))
-        say(
-            "xencbt: warning: %d directories and files of %s are open to other users "
-            "(e.g. %s, mode %04o): xencbt repair makes them private (0700/0600)"
-            % (len(found), repo.root, path, mode)
-        )
-    return sorted(map(str, found))
 
 
 def cmd_repair(args, conf: settings.Settings) -> int:
@@ -698,19 +695,36 @@ def cmd_repair(args, conf: settings.Settings) -> int:
             "made %d directories and files of %s private (directories 0700, files 0600)"
             % (len(opened), repo.root)
         )
-    chains = [repo.find(v) for v in args.vdis] if args.vdis else repo.chains()
-    removed = {}
+    chains, _ = verify.targets(repo, args.vdis)
+    removed, rebuilt, unmendable = {}, [], []
     for chain in chains:
         with chain.lock(args.wait):
             gone = chain.clean()
+            mended = [(m.point, mend.sums(chain, m)) for m in chain.points()]
         if gone:
             removed[chain.vdi_uuid] = gone
             say("VDI %s: removed %s" % (chain.vdi_uuid, ", ".join(gone)))
+        for point, done in mended:
+            if done is not None:
+                (rebuilt if done[0] else unmendable).append("%s/%s" % (chain.vdi_uuid, point))
+                say("VDI %s point %s: %s" % (chain.vdi_uuid, point, done[1]))
     removed.update(vm_leftovers(repo, conf))
     if args.json:
-        report.emit_json({"removed": removed, "made_private": sorted(map(str, opened))})
-    elif not removed and not opened:
+        report.emit_json(
+            {
+                "removed": removed,
+                "made_private": sorted(map(str, opened)),
+                "sums_rebuilt": rebuilt,
+                "not_mended": unmendable,
+            }
+        )
+    elif not removed and not opened and not rebuilt and not unmendable:
         say("nothing to repair")
+    if unmendable:
+        raise RepositoryError(
+            "%d point(s) could not be mended (each line above says why): xencbt verify "
+            "names the nearest intact points" % len(unmendable)
+        )
     return errors.OK
 
 
@@ -760,16 +774,17 @@ def cmd_prune(args, conf: settings.Settings) -> int:
     )
     if policy.empty():
         raise UsageError("say what to keep: --keep-last N (or --keep N), --keep-daily N, ...")
-    repo = repository(args, conf)
+    repo = repository(args, conf, key_required=not args.dry_run)  # a plan reads manifests
+    tell = say if args.json else out  # the report is the output; --json's is on stdout
     removed, freed, vms = {}, 0, []
     for vm_uuid, chains in report.vms(repo, args.vms).items():
         done = retain(chains, policy, args.wait, args.dry_run)
         vms.append(report.retained(vm_uuid, chains, done))
         if not args.json:
             for line in report.retained_lines(vms[-1], args.dry_run):
-                say(line)
+                out(line)
         for vdi, gone in done["removed"].items():
-            say(report.pruned_chain(vdi, gone, done["freed_by_vdi"][vdi], args.dry_run))
+            tell(report.pruned_chain(vdi, gone, done["freed_by_vdi"][vdi], args.dry_run))
         removed.update(done["removed"])
         freed += done["freed_bytes"]
     if args.json:
@@ -782,7 +797,7 @@ def cmd_prune(args, conf: settings.Settings) -> int:
                 "vms": vms,
             }
         )
-    say(report.pruned(removed, freed, policy, args.dry_run))
+    tell(report.pruned(removed, freed, policy, args.dry_run))
     return errors.OK
 
 

@@ -1,6 +1,9 @@
-"""Verify a repository: qemu-img check, the backing chain against the manifests, and
-every chunk digest of every point's whole virtual disk (one pass) against the ones
-recorded at backup time (digest.py; format-1 points: their whole-disk sha256).
+"""Verify a repository: what it promises for every point, from headers only
+(invariants.py: its settings honoured, modes, image and manifest, backing names), then
+qemu-img check, the backing chain against the manifests, and every chunk digest of every
+point's whole virtual disk (one pass) against the ones recorded at backup time
+(digest.py; format-1 points: their whole-disk sha256), and each VM point against its
+disks' points.
 
 Read-only: it takes each chain's lock shared (so it never sees a backup's or a prune's
 work in progress) and changes nothing.  What an interrupted run left (temp files, images
@@ -15,9 +18,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+from pathlib import Path
 
-from . import command, digest, image, progress, prune
+from . import command, digest, image, invariants, progress, prune
 from .errors import CliError, RepositoryError, VerifyFailed
+from .repoconfig import RepoConfig
 from .repository import Chain, Manifest, Repository, nearest
 from .vmpoint import all_vm_points
 
@@ -42,11 +47,24 @@ def expected_chain(m: Manifest, by_point: dict[str, Manifest]) -> tuple[list[str
     return names, False
 
 
-def check_point(chain: Chain, m: Manifest, by_point: dict[str, Manifest]) -> str | None:
-    """None when the point is sound, else what is wrong with it."""
+def check_point(
+    chain: Chain,
+    m: Manifest,
+    by_point: dict[str, Manifest],
+    config: RepoConfig | None = None,
+) -> str | None:
+    """None when the point is sound, else what is wrong with it: the repository's
+    promises first (invariants.py: a clear image in an encrypted repository reads back
+    as recorded all the same), then its chain and its content."""
     path = chain.image_path(m.point)
+    promises = invariants.point(chain, m, config)
     if not path.is_file():
-        return "image %s is missing" % path.name
+        return "; ".join(promises)
+    problem = chain_problem(chain, m, by_point, path)
+    return "; ".join([*promises, *([problem] if problem else [])]) or None
+
+
+def chain_problem(chain: Chain, m: Manifest, by_point: dict[str, Manifest], path) -> str | None:
     try:
         image.check(path)
         infos = image.info_chain(path)
@@ -87,10 +105,14 @@ def content_problem(chain: Chain, m: Manifest) -> str | None:
     try:
         digest.load_sums(chain.sums_path(m.point), m.virtual_size, m.chunk_size, m.digest)
     except digest.SumsDamaged as e:
-        return (
-            "%s; the data itself matches the manifest, but the next backup of this VDI "
-            "will be a full one" % e
+        newest = chain.latest()
+        then = (
+            " (until then the next backup of this VDI is a full one: it carries this "
+            "point's checksums over)"
+            if newest is not None and newest.point == m.point
+            else ""
         )
+        return "%s; the data itself matches the manifest: xencbt repair rebuilds it%s" % (e, then)
     return None
 
 
@@ -100,13 +122,18 @@ class Report:
         self.failures: list[str] = []
         self.count = 0
         self.failed_points = 0
+        self.failed: set[tuple[str, str]] = set()  # (VDI uuid, point) that failed
 
     def ok(self, chain: Chain, point: str) -> None:
         self.say("ok     VDI %s point %s" % (chain.vdi_uuid, point))
 
     def fail(self, chain: Chain, point: str, problem: str) -> None:
-        self.failures.append("VDI %s point %s: %s" % (chain.vdi_uuid, point, problem))
-        self.say("FAILED " + self.failures[-1])
+        self.failed.add((chain.vdi_uuid, point))
+        self.failed_line("VDI %s point %s: %s" % (chain.vdi_uuid, point, problem))
+
+    def failed_line(self, text: str) -> None:
+        self.failures.append(text)
+        self.say("FAILED " + text)
 
     def note(self, chain: Chain, text: str) -> None:
         self.say("note   VDI %s: %s" % (chain.vdi_uuid, text))
@@ -136,7 +163,7 @@ def pending_prune(chain: Chain, by_point: dict[str, Manifest], report: Report) -
         )
 
 
-def check_chain(chain: Chain, report: Report) -> None:
+def check_chain(chain: Chain, config: RepoConfig | None, report: Report) -> None:
     points, damaged = chain.load()
     by_point = {m.point: m for m in points}
     pending_prune(chain, by_point, report)
@@ -159,7 +186,7 @@ def check_chain(chain: Chain, report: Report) -> None:
     good, bad = [], []
     for m in points:
         report.count += 1
-        problem = check_point(chain, by_point[m.point], by_point)
+        problem = check_point(chain, by_point[m.point], by_point, config)
         if problem:
             report.failed_points += 1
             report.fail(chain, m.point, problem)
@@ -167,15 +194,15 @@ def check_chain(chain: Chain, report: Report) -> None:
         else:
             report.ok(chain, m.point)
             good.append(m.point)
+    if (bad or damaged) and not good:
+        report.note(chain, "no point of this VDI is intact: take a full backup (--full)")
+        return
     for point in [*bad, *damaged]:
         advise(chain, point, good, report)
 
 
 def advise(chain: Chain, point: str, good: list[str], report: Report) -> None:
     """Which point to restore instead of a damaged one: the nearest sound one."""
-    if not good:
-        report.note(chain, "no point of this VDI is intact: take a full backup (--full)")
-        return
     near = nearest(point, good)[0]
     report.note(
         chain,
@@ -184,35 +211,82 @@ def advise(chain: Chain, point: str, good: list[str], report: Report) -> None:
     )
 
 
-def check_vm_points(repo: Repository, report: Report) -> None:
+def check_vm_points(repo: Repository, vm_uuids: set[str] | None, report: Report) -> None:
     """Each VM point's configuration is there, matches its sha256 and parses, and each
-    of its disks' points exists (vmpoint.py)."""
+    of its disks' points exists (vmpoint.py) and passed above: a VM point is restorable
+    only when all of them are."""
     for points in all_vm_points(repo):
+        if vm_uuids is not None and points.vm_uuid not in vm_uuids:
+            continue
         for vm_m in points.manifests():
+            where = "VM %s point %s" % (vm_m.vm_uuid, vm_m.point)
             try:
                 points.load_config(vm_m)
                 for d in vm_m.disks:
                     repo.chain(vm_m.vm_uuid, d["vdi_uuid"]).get(d["point"])
             except RepositoryError as e:
-                report.failures.append("VM %s point %s: %s" % (vm_m.vm_uuid, vm_m.point, e))
-                report.say("FAILED " + report.failures[-1])
+                report.failed_line("%s: %s" % (where, e))
                 continue
-            report.say("ok     VM %s point %s (configuration)" % (vm_m.vm_uuid, vm_m.point))
+            failed = [d for d in vm_m.disks if (d["vdi_uuid"], d["point"]) in report.failed]
+            if failed:
+                report.failed_line(
+                    "%s: its configuration is sound, but its disk %s failed verification "
+                    "above (see there)"
+                    % (
+                        where,
+                        ", ".join("%s (VDI %s)" % (d["userdevice"], d["vdi_uuid"]) for d in failed),
+                    )
+                )
+                continue
+            report.say("ok     %s (configuration and %d disk(s))" % (where, len(vm_m.disks)))
 
 
-def verify(repo: Repository, vdis: list[str], say) -> int:
-    chains = [repo.find(v) for v in vdis] if vdis else repo.chains()
+def targets(repo: Repository, wanted: list[str]) -> tuple[list[Chain], set[str] | None]:
+    """The chains to verify and the VMs whose VM points to check (None: all): each of
+    ``wanted`` a VDI (uuid or prefix) or a VM (uuid, prefix or name, report.vms)."""
+    from .report import vms
+
+    if not wanted:
+        return repo.chains(), None
+    chains: dict[Path, Chain] = {}
+    vm_uuids: set[str] = set()
+    for want in wanted:
+        try:
+            found = {want: [repo.find(want)]}
+        except RepositoryError:
+            try:
+                found = vms(repo, [want])
+            except RepositoryError:
+                raise RepositoryError(
+                    "no VM or VDI matching %s in %s (or more than one; xencbt list shows "
+                    "them)" % (want, repo.root)
+                ) from None
+            vm_uuids.update(found)
+        for cs in found.values():
+            chains.update((c.path, c) for c in cs)
+    return list(chains.values()), vm_uuids
+
+
+def verify(repo: Repository, wanted: list[str], say) -> int:
+    chains, vm_uuids = targets(repo, wanted)
     report = Report(say)
+    config, broken = invariants.settings(repo)
+    for breach in broken:
+        report.failed_line(str(breach))
+    if repo.marked():
+        # Named, not failed: the data is sound, and a repository opened on purpose to a
+        # user who may only read it is a documented use (README, "Who may read it").
+        for breach in invariants.modes(repo):
+            report.say("WARN   %s" % breach)
     for chain in chains:
         with chain.lock(wait=True, shared=True):
-            check_chain(chain, report)
-    if not vdis:
-        check_vm_points(repo, report)
+            check_chain(chain, config, report)
+    check_vm_points(repo, vm_uuids, report)
     if not report.count and not report.failures:
         # A monitoring check must not pass on an empty (or wrongly named) repository.
         raise RepositoryError(
             "no backup points in %s%s: nothing was verified"
-            % (repo.root, " for VDI " + ", ".join(vdis) if vdis else "")
+            % (repo.root, " for " + ", ".join(wanted) if wanted else "")
         )
     if report.failures:
         others = len(report.failures) - report.failed_points
