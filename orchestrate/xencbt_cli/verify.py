@@ -69,7 +69,7 @@ def chain_problem(chain: Chain, m: Manifest, by_point: dict[str, Manifest], path
         image.check(path)
         infos = image.info_chain(path)
     except CliError as e:
-        return "qemu-img: %s" % e
+        return str(e)  # CommandFailed names the tool itself
     got = [os.path.basename(i["filename"]) for i in infos]
     want, complete = expected_chain(m, by_point)
     if (got != want) if complete else (got[: len(want)] != want):
