@@ -26,10 +26,11 @@ def sim(xensim_factory):
     return xensim_factory(disk_sizes="1M,512K", in_use_wait=0.5)
 
 
-def backups(sim, repo, vm: Vm, n: int, history: dict) -> None:
+def backups(sim, repo, vm: Vm, n: int, history: dict, data=rand) -> None:
+    """``n`` backups, each after a block of ``data(BLOCK)`` written on each disk."""
     for _ in range(n):
-        vm.write(0, {random.randrange(16) * BLOCK: rand(BLOCK)})
-        vm.write(1, {random.randrange(8) * BLOCK: rand(BLOCK)})
+        vm.write(0, {random.randrange(16) * BLOCK: data(BLOCK)})
+        vm.write(1, {random.randrange(8) * BLOCK: data(BLOCK)})
         (got,) = backup(sim, repo, "demo-vm")["vms"]
         assert got["ok"], got
         history[got["point"]] = [bytes(m) for m in vm.models]

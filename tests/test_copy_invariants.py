@@ -54,16 +54,6 @@ def text(n: int) -> bytes:
     return b" ".join(words)[:n]
 
 
-def text_backups(sim, repo: Path, vm: Vm, n: int, history: dict) -> None:
-    """``backups`` with compressible data on both disks at every point."""
-    for _ in range(n):
-        vm.write(0, {random.randrange(16) * BLOCK: text(BLOCK)})
-        vm.write(1, {random.randrange(8) * BLOCK: text(BLOCK)})
-        (got,) = backup(sim, repo, "demo-vm")["vms"]
-        assert got["ok"], got
-        history[got["point"]] = [bytes(m) for m in vm.models]
-
-
 def first_in_uuid_order(vm: Vm) -> tuple[int, int]:
     """(the disk whose chain copy takes first, the other): chains go in uuid order, and
     uuids are random, so the damage goes where it is met first, every run (a copy that
@@ -120,7 +110,7 @@ def test_copy_into_a_zstd_repository_compresses_every_image(sim, tmp_path):
     vm = Vm(sim)
     history: dict[str, list[bytes]] = {}
     xencbt(sim, "init", "--repo", str(src), "--compression", "none")
-    text_backups(sim, src, vm, 3, history)
+    backups(sim, src, vm, 3, history, data=text)
     assert all(compressed_clusters(p) == 0.0 for p in images(src, vm))
     xencbt(sim, "init", "--repo", str(dst), "--compression", "zstd")
     xencbt(sim, "copy", "--repo", str(src), "--to", str(dst))

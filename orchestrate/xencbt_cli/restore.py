@@ -125,6 +125,16 @@ def read_file(path: Path, fmt: str, reading: Reading, advance) -> None:
             update(chunk)
 
 
+def point_for(repo: Repository, vdi: str, at: str | None, path: Path, force: bool):
+    """(chain, manifest) of the point to restore to ``path``, which must not exist unless
+    ``force``."""
+    chain = repo.find(vdi)
+    m = chain.get(at)
+    if path.exists() and not force:
+        raise CliError("%s exists: remove it or pass --force" % path)
+    return chain, m
+
+
 def to_file(
     repo: Repository,
     vdi: str,
@@ -134,10 +144,7 @@ def to_file(
     force: bool = False,
     mode: int = 0o600,
 ) -> Manifest:
-    chain = repo.find(vdi)
-    m = chain.get(at)
-    if path.exists() and not force:
-        raise CliError("%s exists: remove it or pass --force" % path)
+    chain, m = point_for(repo, vdi, at, path, force)
     partial = path.with_name(path.name + ".partial")
     free = free_space(path.parent)
     try:
@@ -220,10 +227,7 @@ def salvage(
     is read and compared with its recorded digest; a block the image cannot give is
     written as zeros.  The file is kept whatever was found: the caller says which ranges
     are damaged."""
-    chain = repo.find(vdi)
-    m = chain.get(at)
-    if path.exists() and not force:
-        raise CliError("%s exists: remove it or pass --force" % path)
+    chain, m = point_for(repo, vdi, at, path, force)
     partial = path.with_name(path.name + ".partial")
     raw = partial if fmt == "raw" else path.with_name(path.name + ".salvage.partial")
     free = free_space(path.parent)
