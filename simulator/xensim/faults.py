@@ -90,6 +90,11 @@ class Faults:
                     self._waiting -= 1
             return True
 
+    def reads_at_gate(self) -> int:
+        # Under the lock: a waiter's count drops and rises again between two waits.
+        with self._lock:
+            return self._waiting
+
     def refuse_for(self, seconds: float) -> None:
         self.update(refuse_for=seconds)
 
@@ -117,7 +122,7 @@ class Faults:
             "refuse_for_remaining": max(0.0, now.refuse_until - time.monotonic()),
             "hold_for_remaining": max(0.0, now.hold_until - time.monotonic()),
             "gate_after_reads": now.gate_after_reads,
-            "reads_at_gate": self._waiting,
+            "reads_at_gate": self.reads_at_gate(),
         }
 
     def clear(self) -> None:
