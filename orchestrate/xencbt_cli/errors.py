@@ -74,12 +74,6 @@ class TargetDamaged(PointDamaged):
     copies past it."""
 
 
-class PartialFailure(CliError):
-    """A backup of several VMs where some succeeded and some failed."""
-
-    exit_code = PARTIAL
-
-
 class VerifyFailed(CliError):
     """A point failed verification; the message names it."""
 
