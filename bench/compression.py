@@ -6,8 +6,8 @@ binaries (/usr/bin) up to about half its size, the rest free space: what a VM di
 holds, not random bytes.  The incremental changes 1 % of the disk's 64 KiB blocks, half
 with text, half with binary content (copies of other blocks of the same disk).  Both
 are what the orchestrator runs (captive nbdkit with the plugin, ``qemu-img convert`` with
-``copier.convert_options`` for the repository's compression, the plugin with
-``copier.readahead_params``), through the TLS upstream.
+``snapshot_copy.convert_options`` for the repository's compression, the plugin with
+``snapshot_copy.readahead_params``), through the TLS upstream.
 Throughput is the disk's (full) or the changed bytes' (incremental) per second; the
 ratio is the data's bytes (the file system's used blocks, or the changed ones) per byte
 on disk.  ``luks`` is an encrypted repository's backup: the image created first by
@@ -28,7 +28,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from xencbt_cli import copier, image, repokey
+from xencbt_cli.jobs import snapshot_copy
+from xencbt_cli.repo import image, repokey
 from xencbt_core.cbt import BLOCK_SIZE, encode
 
 from .context import Context
@@ -111,14 +112,14 @@ def backup_once(ctx: Context, disk: Path, out: Path, base: Path | None, mode: st
     """(seconds creating the target, seconds in all) of one backup of ``disk``."""
     up = Upstream(ctx.work, ctx.certs, ["file", disk])
     compression = "none" if mode == "luks" else mode
-    options = copier.convert_options(base, ctx.connections, compression=compression)
+    options = snapshot_copy.convert_options(base, ctx.connections, compression=compression)
     with up.running():
-        params = [*ctx.plugin_params(up.nbd_info()), *copier.readahead_params(compression)]
+        params = [*ctx.plugin_params(up.nbd_info()), *snapshot_copy.readahead_params(compression)]
         if bitmap is not None:
             params.append("changed=+%s" % bitmap)
         out.unlink(missing_ok=True)
         t0 = time.monotonic()
-        # As copier.copy_vm: an encrypted target is created first, then written into.
+        # As snapshot_copy.copy_vm: an encrypted target is created first, then written into.
         into = image.target(out, disk.stat().st_size, base)
         created = time.monotonic() - t0
         options += into[0] if into else []

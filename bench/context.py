@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from xencbt_cli import copier
-
 from .procs import PLUGIN
 
 
@@ -39,7 +37,6 @@ class Context:
             "nbdkit",
             "-U",
             "-",
-            *copier.NBDKIT_OPTIONS,
             "python",
             str(PLUGIN),
             *params,

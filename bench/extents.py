@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import random
 
-from xencbt_cli import copier
 from xencbt_core.cbt import BLOCK_SIZE, bitmap_length
 
 from .context import Context
@@ -55,7 +54,7 @@ def memory_and_extents(ctx: Context) -> list[Figure]:
             params = [*ctx.plugin_params(info), "changed=+%s" % path]
             rss, seconds, extents = [], [], runs(data, size // BLOCK_SIZE)
             for _ in range(1 if name == "random" else ctx.reps):
-                with plugin_server(ctx.work, params, copier.NBDKIT_OPTIONS) as (uri, proc):
+                with plugin_server(ctx.work, params) as (uri, proc):
                     seconds.append(walk(ctx, uri))
                     rss.append(peak_rss(proc.pid) / (1 << 20))
             figs.append(

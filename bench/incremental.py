@@ -13,7 +13,7 @@ import random
 import shlex
 import statistics
 
-from xencbt_cli import copier
+from xencbt_cli.jobs import snapshot_copy
 from xencbt_core.cbt import BLOCK_SIZE, blocks_for, encode
 
 from .context import Context
@@ -45,7 +45,7 @@ def scaling(ctx: Context) -> list[Figure]:
     size, nblocks = ctx.size, blocks_for(ctx.size)
     up = Upstream(ctx.work, ctx.certs, ["file", ctx.image])
     out = ctx.work / "incr.qcow2"
-    options = copier.convert_options(base, ctx.connections)
+    options = snapshot_copy.convert_options(base, ctx.connections)
     run = shlex.join(["qemu-img", "convert", "-f", "raw", *options]) + ' "$uri" ' + str(out)
     cases = [("none", 0.0)] + [(p, pct) for p in ("random", "clustered") for pct in PERCENTS]
     times: dict[tuple[str, float], list[float]] = {}

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import statistics
 
-from xencbt_cli import copier
-
 from .context import Context
 from .figure import Figure
 from .procs import Upstream, plugin_server, timed
@@ -36,7 +34,7 @@ def tolerance(ctx: Context) -> list[Figure]:
             info = up.nbd_info()
             for n in CONNECTIONS:
                 params = ctx.plugin_params(info, n)
-                with plugin_server(ctx.work, params, copier.NBDKIT_OPTIONS) as (uri, _):
+                with plugin_server(ctx.work, params) as (uri, _):
                     for _ in range(ctx.reps):
                         seconds = timed([*client, uri, "null:"], ctx.log("latency"))
                         results.setdefault((delay, n), []).append(region / seconds / 1e6)

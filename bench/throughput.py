@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import shlex
 
-from xencbt_cli import copier
+from xencbt_cli.jobs import snapshot_copy
 
 from .context import Context
 from .figure import Figure, at_least
@@ -22,7 +22,7 @@ def full_read(ctx: Context) -> list[Figure]:
     cpu = {"direct": [0.0, 0.0, 0.0], "plugin": [0.0, 0.0, 0.0]}  # client, plugin, upstream
     with up.running():
         params = ctx.plugin_params(up.nbd_info())
-        with plugin_server(ctx.work, params, copier.NBDKIT_OPTIONS) as (uri, proc):
+        with plugin_server(ctx.work, params) as (uri, proc):
             for rep in range(ctx.reps):
                 runs = [("direct", up.uri), ("plugin", uri)]
                 for name, source in runs[:: 1 if rep % 2 == 0 else -1]:
@@ -67,7 +67,7 @@ def full_backup(ctx: Context) -> list[Figure]:
     runs it) vs qemu-img convert with qemu's own TLS client, same CA, same options."""
     up = Upstream(ctx.work, ctx.certs, ["file", ctx.image])
     out = ctx.work / "full.qcow2"
-    options = copier.convert_options(None, ctx.connections)
+    options = snapshot_copy.convert_options(None, ctx.connections)
     direct, plugin = [], []
     with up.running():
         params = ctx.plugin_params(up.nbd_info())

@@ -83,7 +83,7 @@ import sys
 import xencbt_cli
 import xencbt_core
 import xensim
-from xencbt_cli.copier import plugin
+from xencbt_cli.jobs.snapshot_copy import plugin
 
 for module in (xencbt_core, xencbt_cli, xensim):
     assert module.__file__.startswith(sys.argv[1] + "/"), module.__file__

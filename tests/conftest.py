@@ -164,7 +164,7 @@ def xensim(xensim_factory) -> Simulator:
 
 class Holds:
     """``hold(step)``: the XENCBT_TEST_PAUSE item that holds ``step`` of the product
-    (orchestrate/xencbt_cli/testhook.py) until ``release(step)``, a stop signal the
+    (orchestrate/xencbt_cli/proc/testhook.py) until ``release(step)``, a stop signal the
     product handled, or the end of the test (every hold is released at teardown)."""
 
     def __init__(self, where: Path) -> None:

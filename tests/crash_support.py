@@ -7,7 +7,7 @@ holds (the temp file is there, the journal is in place, the VDI is partly rewrit
 Only then is it killed with SIGKILL and the kill counted; a run that left the window
 first is continued (SIGCONT), must succeed, and is tried again (``Kills``).  Short
 windows are held open by injected latency: the simulator's API and read latency, and
-the product's test-only ``XENCBT_TEST_PAUSE`` (orchestrate/xencbt_cli/testhook.py).
+the product's test-only ``XENCBT_TEST_PAUSE`` (orchestrate/xencbt_cli/proc/testhook.py).
 After a kill its session is watched until every child is gone, and ``Aftermath``
 checks what the issue promises: verify passes, no half-written point is listed, the
 next backup succeeds byte-identical and the host keeps no snapshot of ours beyond the

@@ -3,7 +3,7 @@
 ``check(repo)`` raises AssertionError naming each breach; cli_support.xencbt runs
 ``breaches`` before and after every command that writes to a repository and fails on
 any breach the command introduced.  This is written again here on purpose, not imported
-from xencbt_cli.invariants: a check that shares the product's code shares its bugs (a
+from xencbt_cli.repo.invariants: a check that shares the product's code shares its bugs (a
 mutant that drops a check from the product must still be caught here).  It is cheap:
 stat, the JSON manifests, the first bytes of sidecars and ``qemu-img info`` (headers
 only, cached by inode and mtime), never the data.

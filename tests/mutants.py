@@ -59,7 +59,7 @@ MUTANTS = [
     ),
     Mutant(
         "manifest written before its sums in repository.commit",
-        "orchestrate/xencbt_cli/repository.py",
+        "orchestrate/xencbt_cli/repo/repository.py",
         "        if sums is not None:\n"
         "            path = self.sums_path(manifest.point)\n"
         "            write_atomically(path, repokey.sealed(path, sums))  # they reveal content\n"
@@ -72,7 +72,7 @@ MUTANTS = [
     ),
     Mutant(
         "snapshot VMs not cleaned",
-        "orchestrate/xencbt_cli/backup.py",
+        "orchestrate/xencbt_cli/jobs/backup.py",
         "                self.pool.destroy_snapshot(ref, keep=needed)\n"
         "            except CleanupLagged",
         "                pass\n            except CleanupLagged",
@@ -81,7 +81,7 @@ MUTANTS = [
     # Issue #23's properties on the paths no test looked at (each its own, named after it).
     Mutant(
         "copy's incrementals written clear into an encrypted repository",
-        "orchestrate/xencbt_cli/image.py",
+        "orchestrate/xencbt_cli/repo/image.py",
         "    into = target(out, virtual_size(path), base)\n",
         "    into = None\n",
         (
@@ -91,7 +91,7 @@ MUTANTS = [
     ),
     Mutant(
         "copy's incrementals written uncompressed into a zstd repository",
-        "orchestrate/xencbt_cli/image.py",
+        "orchestrate/xencbt_cli/repo/image.py",
         "    options = compress_options(compression)\n    source, name = opening(path)\n"
         "    into = target(out, virtual_size(path), base)\n",
         "    options = []\n    source, name = opening(path)\n"
@@ -100,21 +100,21 @@ MUTANTS = [
     ),
     Mutant(
         "copy writes a manifest before its image is in place",
-        "orchestrate/xencbt_cli/copy.py",
+        "orchestrate/xencbt_cli/jobs/replicate.py",
         '        testhook.pause("copy-checked")\n',
         '        dst.commit(m)\n        testhook.pause("copy-checked")\n',
         ("tests/test_crash_copy.py::test_copy_killed[image checked]",),
     ),
     Mutant(
         "copy writes a manifest before its sums",
-        "orchestrate/xencbt_cli/copy.py",
+        "orchestrate/xencbt_cli/jobs/replicate.py",
         "        dst.commit(copy, sums)\n",
         "        dst.commit(copy)\n        dst.commit(copy, sums)\n",
         ("tests/test_crash_copy.py::test_copy_killed[sums]",),
     ),
     Mutant(
         "copy stops every chain at the first damaged one",
-        "orchestrate/xencbt_cli/copy.py",
+        "orchestrate/xencbt_cli/jobs/replicate.py",
         "                    break  # its later points need this one\n",
         "                    return copied, held\n",
         (
@@ -124,7 +124,7 @@ MUTANTS = [
     ),
     Mutant(
         "copy blames the source for a damaged target chain",
-        "orchestrate/xencbt_cli/copy.py",
+        "orchestrate/xencbt_cli/jobs/replicate.py",
         "            if onto is None or not reads_as_recorded(m, src.image_path(m.point)):\n",
         "            if True:\n",
         (
@@ -134,7 +134,7 @@ MUTANTS = [
     ),
     Mutant(
         "restore-vm drops the VM's other_config",
-        "orchestrate/xencbt_cli/restore_vm.py",
+        "orchestrate/xencbt_cli/jobs/restore_vm.py",
         '        record["other_config"] = {**saved.get("other_config", {}), MARK: self.mark}\n',
         '        record["other_config"] = {MARK: self.mark}\n',
         (
@@ -144,7 +144,7 @@ MUTANTS = [
     ),
     Mutant(
         "VM point takes order and delays from the snapshot (reset there)",
-        "orchestrate/xencbt_cli/vmpoint.py",
+        "orchestrate/xencbt_cli/repo/vmpoints.py",
         'FROM_LIVE = ("order", "start_delay", "shutdown_delay")\n',
         "FROM_LIVE = ()\n",
         (
@@ -167,7 +167,7 @@ MUTANTS = [
     ),
     Mutant(
         "a named VDI resolves to the first chain in uuid order",
-        "orchestrate/xencbt_cli/repository.py",
+        "orchestrate/xencbt_cli/repo/repository.py",
         "        matches = [c for c in self.chains() if c.vdi_uuid.startswith(vdi)]\n",
         "        matches = [c for c in self.chains() if c.vdi_uuid.startswith(vdi)]\n"
         "        matches = self.chains()[: len(matches)]\n",
@@ -178,35 +178,35 @@ MUTANTS = [
     # colon in it.)
     Mutant(
         "invariant zstd - prune rewrite keeps the repository compression",
-        "orchestrate/xencbt_cli/prune.py",
+        "orchestrate/xencbt_cli/jobs/prune.py",
         '    return config.compression if config else "none"\n',
         '    return "none"\n',
         ("tests/test_invariants.py::test_verify_names_an_uncompressed_image_in_a_zstd_repository",),
     ),
     Mutant(
         "invariant luks - a rewritten image of an encrypted repository stays LUKS",
-        "orchestrate/xencbt_cli/image.py",
+        "orchestrate/xencbt_cli/repo/image.py",
         '    into = target(out, virtual_size(path)) if fmt == "qcow2" else None\n',
         "    into = None\n",
         ("tests/test_cli_encrypt.py::test_encrypted_chain_backs_up_restores_verifies_prunes",),
     ),
     Mutant(
         "invariant modes - files 0600 whatever the umask",
-        "orchestrate/xencbt_cli/repository.py",
+        "orchestrate/xencbt_cli/repo/repository.py",
         "        os.fchmod(fd, PRIVATE_FILE)  # a tmp file left by an older run may be 0644\n",
         "        os.fchmod(fd, 0o644)\n",
         ("tests/test_invariants.py::test_verify_names_open_modes_and_repair_mends_them",),
     ),
     Mutant(
         "invariant luks - verify fails a clear image in an encrypted repository",
-        "orchestrate/xencbt_cli/invariants.py",
+        "orchestrate/xencbt_cli/repo/invariants.py",
         "    if config is not None and config.encrypted and not luks:\n",
         "    if False:\n",
         ("tests/test_invariants.py::test_verify_names_a_clear_image_in_an_encrypted_repository",),
     ),
     Mutant(
         "invariant sums - repair never makes up sums for a damaged image",
-        "orchestrate/xencbt_cli/mend.py",
+        "orchestrate/xencbt_cli/repo/mend.py",
         "    if size != m.virtual_size or digest.combine(found, size) != m.digest:\n",
         "    if size != m.virtual_size:\n",
         (

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 from cli_support import sha
-from xencbt_cli import digest, image, prune, settings, verify
-from xencbt_cli.copier import ConnectionBudget
+from xencbt_cli import settings
 from xencbt_cli.errors import LockBusy, UsageError
-from xencbt_cli.repository import Manifest, Repository
+from xencbt_cli.jobs import prune, verify
+from xencbt_cli.jobs.snapshot_copy import ConnectionBudget
+from xencbt_cli.repo import digest, image
+from xencbt_cli.repo.repository import Manifest, Repository
 
 VM = "11111111-1111-4111-8111-111111111111"
 VDI = "22222222-2222-4222-8222-222222222222"

@@ -169,7 +169,7 @@ def test_backup_killed(crash: Aftermath, point: str):
 def test_the_test_pause_is_inert_unless_set(monkeypatch):
     """XENCBT_TEST_PAUSE (testhook.py) holds windows open for these tests only: unset, or
     naming other steps, it never sleeps."""
-    from xencbt_cli import testhook
+    from xencbt_cli.proc import testhook
 
     slept: list[float] = []
     monkeypatch.setattr(testhook.time, "sleep", slept.append)

@@ -1,5 +1,5 @@
 """The repository's invariants (issue #23), through the real CLI on the simulator:
-``verify`` names each breach (orchestrate/xencbt_cli/invariants.py), ``repair`` mends what
+``verify`` names each breach (orchestrate/xencbt_cli/repo/invariants.py), ``repair`` mends what
 it provably can (mend.py), and the tests' own check (tests/invariants.py, run after every
 repository-writing command by cli_support.xencbt) sees the same breaches."""
 

@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from cli_support import BLOCK, content, restored, xencbt
 from tally import tally
-from xencbt_cli.copier import ConnectionBudget
+from xencbt_cli.jobs.snapshot_copy import ConnectionBudget
 from xensim import disks
 
 pytestmark = pytest.mark.reliability

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 
 from test_cli_repository import flat_sha, make_chain, verified
-from xencbt_cli import image, prune, verify
-from xencbt_cli.repository import Repository
+from xencbt_cli.jobs import prune, verify
+from xencbt_cli.repo import image
+from xencbt_cli.repo.repository import Repository
 
 
 def test_kept_points_apart_are_rebased_byte_identical(tmp_path):

@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from xencbt_cli import repokey
 from xencbt_cli.errors import RepositoryError, UsageError, WrongKey
+from xencbt_cli.repo import repokey
 
 KEY = "0123456789abcdefghijklmnopqrstuvwxyzABCDEF==\n"
 

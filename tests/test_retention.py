@@ -8,7 +8,7 @@ import datetime
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from xencbt_cli.retention import UNLIMITED, Policy, apply, point_time
+from xencbt_cli.jobs.retention import UNLIMITED, Policy, apply, point_time
 
 
 def at(text: str) -> datetime.datetime:

@@ -1,12 +1,12 @@
-"""The product's test hook (orchestrate/xencbt_cli/testhook.py): a held step blocks until
+"""The product's test hook (orchestrate/xencbt_cli/proc/testhook.py): a held step blocks until
 the test releases it or a stop signal was handled, and nothing else ends it."""
 
 from __future__ import annotations
 
 import threading
 
-from xencbt_cli import testhook
-from xencbt_cli.children import GROUP
+from xencbt_cli.proc import testhook
+from xencbt_cli.proc.children import GROUP
 
 
 def paused(step: str) -> threading.Thread:

@@ -16,9 +16,13 @@ from xencbt_core import __version__
 from xencbt_core.errors import ConfigError, XencbtError
 from xencbt_core.secret import ScrubFilter, scrub
 
-from . import errors, mend, progress, repoconfig, report, restore, settings, signals, verify
-from .children import GROUP
+from . import errors, settings
+from .commands import report
 from .errors import Interrupted, RepositoryError, UsageError
+from .jobs import restore, verify
+from .proc import progress, signals
+from .proc.children import GROUP
+from .repo import mend, repoconfig
 
 log = logging.getLogger("xencbt_cli")
 
@@ -484,7 +488,7 @@ def out(text: str) -> None:
 def repository(args, conf: settings.Settings, key_required: bool = True):
     """The repository the command names, its key checked (repoconfig.unlock) before
     anything is read or written: a wrong or missing key stops here."""
-    from .repository import Repository
+    from .repo.repository import Repository
 
     root = args.repo or conf.repo
     if not root:
@@ -495,10 +499,10 @@ def repository(args, conf: settings.Settings, key_required: bool = True):
 
 
 def cmd_backup(args, conf: settings.Settings) -> int:
-    from .backup import Backup
-    from .copier import Copier
-    from .network import warn_if_insecure
-    from .pool import Pool
+    from .jobs.backup import Backup
+    from .jobs.snapshot_copy import Copier
+    from .xapi.facade import Pool
+    from .xapi.networks import warn_if_insecure
 
     if not 1 <= args.connections <= 16:
         raise UsageError("--connections must be 1..16 (a host serves at most 16)")
@@ -544,7 +548,7 @@ def cmd_backup(args, conf: settings.Settings) -> int:
 
 
 def cmd_init(args, conf: settings.Settings) -> int:
-    from .repository import Repository
+    from .repo.repository import Repository
 
     root = args.repo or conf.repo
     if not root:
@@ -601,8 +605,8 @@ def cmd_restore(args, conf: settings.Settings) -> int:
     else:
         if args.format or args.mode is not None:
             raise UsageError("--format and --mode are about --to-file")
-        from .pool import Pool
-        from .transfer import to_sr, to_vdi
+        from .jobs.pool_restore import to_sr, to_vdi
+        from .xapi.facade import Pool
 
         with conf.session() as session:
             pool = Pool(session)
@@ -643,8 +647,8 @@ def salvage(args, repo) -> int:
 
 
 def cmd_restore_vm(args, conf: settings.Settings) -> int:
-    from .pool import Pool
-    from .restore_vm import Options, restore_vm
+    from .jobs.restore_vm import Options, restore_vm
+    from .xapi.facade import Pool
 
     repo = repository(args, conf)
     opts = Options(args.vm, args.at, args.to_sr, args.name, args.network, args.new_macs, args.start)
@@ -731,7 +735,7 @@ def cmd_repair(args, conf: settings.Settings) -> int:
 def vm_leftovers(repo, conf: settings.Settings) -> dict[str, list[str]]:
     """VM points' stray configurations; with pool options, what killed restore-vm runs
     left on the pool (restore_vm.py)."""
-    from .vmpoint import all_vm_points
+    from .repo.vmpoints import all_vm_points
 
     removed = {}
     for points in all_vm_points(repo):
@@ -742,8 +746,8 @@ def vm_leftovers(repo, conf: settings.Settings) -> dict[str, list[str]]:
             removed[points.vm_uuid + "/points"] = [p.name for p in strays]
             say("VM %s: removed %s" % (points.vm_uuid, ", ".join(p.name for p in strays)))
     if conf.xapi:
-        from .pool import Pool
-        from .restore_vm import clean_leftovers
+        from .jobs.restore_vm import clean_leftovers
+        from .xapi.facade import Pool
 
         try:
             with conf.session() as session:
@@ -759,8 +763,8 @@ def vm_leftovers(repo, conf: settings.Settings) -> dict[str, list[str]]:
 
 
 def cmd_prune(args, conf: settings.Settings) -> int:
-    from .prune import retain
-    from .retention import Policy
+    from .jobs.prune import retain
+    from .jobs.retention import Policy
 
     if args.keep is not None and args.keep_last:
         raise UsageError("--keep is --keep-last: give one of them")
@@ -802,8 +806,8 @@ def cmd_prune(args, conf: settings.Settings) -> int:
 
 
 def cmd_copy(args, conf: settings.Settings) -> int:
-    from .copy import copy_repository, copy_vm_points
-    from .repository import Repository
+    from .jobs.replicate import copy_repository, copy_vm_points
+    from .repo.repository import Repository
 
     src = repository(args, conf)
     dst = Repository(args.to)
@@ -841,8 +845,8 @@ def cmd_copy(args, conf: settings.Settings) -> int:
 
 
 def cmd_forget(args, conf: settings.Settings) -> int:
-    from . import forget
-    from .backup import human
+    from .jobs import forget
+    from .jobs.backup import human
 
     repo = repository(args, conf, key_required=False)  # nothing is read, only removed
     repo.require_marked()
@@ -877,7 +881,7 @@ def cmd_forget(args, conf: settings.Settings) -> int:
 
 
 def cmd_nbd(args, conf: settings.Settings) -> int:
-    from .network import Networks
+    from .xapi.networks import Networks
 
     with conf.session() as session:
         nets = Networks(session, say)
@@ -897,7 +901,7 @@ def cmd_nbd(args, conf: settings.Settings) -> int:
 
 
 def cmd_serve(args, conf: settings.Settings) -> int:
-    from .serve import serve
+    from .jobs.serve import serve
 
     return serve(args, conf, None if args.snapshot else repository(args, conf), say)
 
@@ -906,7 +910,7 @@ SHOWS_PROGRESS = ("backup", "restore", "restore-vm", "verify")
 
 
 def cmd_files(args, conf: settings.Settings) -> int:
-    from . import files
+    from .jobs import files
 
     if args.action == "get" and not (args.to or args.tar):
         raise UsageError("files get: give --to DIR or --tar FILE|-")
