@@ -846,7 +846,7 @@ def cmd_copy(args, conf: settings.Settings) -> int:
 
 def cmd_forget(args, conf: settings.Settings) -> int:
     from .jobs import forget
-    from .jobs.backup import human
+    from .text import human
 
     repo = repository(args, conf, key_required=False)  # nothing is read, only removed
     repo.require_marked()

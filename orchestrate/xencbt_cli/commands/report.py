@@ -7,19 +7,16 @@ import sys
 from dataclasses import asdict
 
 from ..errors import RepositoryError
-from ..jobs.backup import VmResult, human
+from ..jobs.backup import VmResult
 from ..jobs.retention import Policy
 from ..repo.repository import Chain, Repository
 from ..repo.vmpoints import FROM_LIVE_VM, all_vm_points
+from ..text import human, several
 
 
 def emit_json(data: object) -> None:
     json.dump(data, sys.stdout, indent=2, sort_keys=True)
     sys.stdout.write("\n")
-
-
-def several(n: int, word: str) -> str:
-    return "%d %s%s" % (n, word, "" if n == 1 else "s")
 
 
 def pruned_chain(vdi: str, gone: list[str], size: int, dry_run: bool) -> str:

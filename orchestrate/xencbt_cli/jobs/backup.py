@@ -51,6 +51,7 @@ from ..repo import digest, image, vmpoints
 from ..repo.ledger import Ledger
 from ..repo.repository import Chain, Manifest, Repository, new_point_id
 from ..repo.vmpoints import VmManifest, VmPoints
+from ..text import human
 from ..xapi.facade import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, Disk, NoCbt, Pool, Vm
 from .snapshot_copy import ConnectionBudget, Copier, DiskCopy
 
@@ -605,11 +606,3 @@ def undone(result: VmResult) -> str:
     if kept:
         parts.append("point %s kept for %s" % (result.point, ", ".join(kept)))
     return "; ".join(parts) + "; locks released"
-
-
-def human(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return ("%d %s" if unit == "bytes" else "%.1f %s") % (n, unit)
-        n /= 1024
-    return str(n)

@@ -26,6 +26,7 @@ from xencbt_core.cbt import BLOCK_SIZE, Bitmap
 
 from ..errors import CliError, RepositoryError, UsageError
 from ..proc import command
+from ..text import exact
 from . import image, repokey
 
 KIND = "sha256-chunks"
@@ -94,17 +95,9 @@ def describe(where: tuple[int, int]) -> str:
     return "bytes %d-%d (the %s chunk at %s)" % (
         offset,
         offset + length - 1,
-        human(length),
-        human(offset),
+        exact(length),
+        exact(offset),
     )
-
-
-def human(n: int) -> str:
-    for unit in ("bytes", "KiB", "MiB", "GiB"):
-        if n < 1024 or n % 1024:
-            return "%d %s" % (n, unit)
-        n //= 1024
-    return "%d TiB" % n
 
 
 # -- hashing a stream ------------------------------------------------------------------
