@@ -33,7 +33,9 @@ def plugin() -> list[str]:
     """How to name the plugin to nbdkit: $XENCBT_PLUGIN, the checkout's, or the installed."""
     if os.environ.get("XENCBT_PLUGIN"):
         return ["python", os.environ["XENCBT_PLUGIN"]]
-    checkout = Path(__file__).resolve().parent.parent.parent / "plugin" / "xencbt.py"
+    checkout = (
+        Path(__file__).resolve().parents[3] / "plugin" / "xencbt.py"
+    )  # orchestrate/xencbt_cli/jobs/
     if checkout.is_file():
         return ["python", str(checkout)]
     return ["xencbt"]
