@@ -15,7 +15,9 @@ from xencbt_cli.errors import LockBusy, UsageError
 from xencbt_cli.jobs import prune, verify
 from xencbt_cli.jobs.snapshot_copy import ConnectionBudget
 from xencbt_cli.repo import digest, image
-from xencbt_cli.repo.repository import Manifest, Repository
+from xencbt_cli.repo.manifest import Manifest
+from xencbt_cli.repo.journal import JOURNAL
+from xencbt_cli.repo.repository import Repository
 
 VM = "11111111-1111-4111-8111-111111111111"
 VDI = "22222222-2222-4222-8222-222222222222"
@@ -125,15 +127,13 @@ def test_prune_interrupted_after_swap_is_rolled_forward(tmp_path):
     # Crash right after the rename: the image is standalone, manifests still old.
     target = chain.image_path(made[1][0])
     image.flatten(target, chain.partial_path(made[1][0]))
-    (chain.path / prune.JOURNAL).write_text(
-        json.dumps({"point": made[1][0], "remove": [made[0][0]]})
-    )
+    (chain.path / JOURNAL).write_text(json.dumps({"point": made[1][0], "remove": [made[0][0]]}))
     chain.partial_path(made[1][0]).replace(target)
     chain.manifest_path(made[0][0]).unlink()  # ... and after the first removal began
     with chain.lock():
         chain.clean()
     assert [m.point for m in chain.points()] == [made[1][0], made[2][0]]
-    assert not (chain.path / prune.JOURNAL).exists()
+    assert not (chain.path / JOURNAL).exists()
     assert sorted(p.name for p in chain.path.glob("*.sums")) == [p + ".sums" for p, _ in made[1:]]
     assert verified(chain) == [None, None]
     for point, whole in made[1:]:
@@ -143,9 +143,7 @@ def test_prune_interrupted_after_swap_is_rolled_forward(tmp_path):
 def test_prune_interrupted_before_swap_is_undone(tmp_path):
     chain, made = make_chain(tmp_path, 3)
     image.flatten(chain.image_path(made[1][0]), chain.partial_path(made[1][0]))
-    (chain.path / prune.JOURNAL).write_text(
-        json.dumps({"point": made[1][0], "remove": [made[0][0]]})
-    )
+    (chain.path / JOURNAL).write_text(json.dumps({"point": made[1][0], "remove": [made[0][0]]}))
     with chain.lock():
         removed = chain.clean()
     assert removed == [made[1][0] + ".qcow2.partial"]

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from xencbt_cli.errors import UsageError
 from xencbt_cli.repo import digest
-from xencbt_cli.repo.repository import Manifest
+from xencbt_cli.repo.manifest import Manifest
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap, encode
 
 MiB = 1 << 20

@@ -10,6 +10,7 @@ import json
 from test_cli_repository import flat_sha, make_chain, verified
 from xencbt_cli.jobs import prune, verify
 from xencbt_cli.repo import image
+from xencbt_cli.repo.journal import JOURNAL
 from xencbt_cli.repo.repository import Repository
 
 
@@ -45,7 +46,7 @@ def interrupted(chain, made, swapped: bool) -> None:
     target, partial = chain.image_path(made[3][0]), chain.partial_path(made[3][0])
     image.rebased(target, chain.image_path(made[1][0]), partial)
     journal = {"point": made[3][0], "base": made[1][0], "remove": [made[2][0]]}
-    (chain.path / prune.JOURNAL).write_text(json.dumps(journal))
+    (chain.path / JOURNAL).write_text(json.dumps(journal))
     if swapped:
         partial.replace(target)
 
@@ -57,14 +58,14 @@ def test_rebase_step_interrupted_after_swap_is_rolled_forward(tmp_path):
     said: list[str] = []
     assert verify.verify(Repository(chain.path.parent.parent), [], said.append) == 4
     assert any("interrupted after point %s absorbed" % made[3][0] in s for s in said), said
-    assert (chain.path / prune.JOURNAL).exists()
+    assert (chain.path / JOURNAL).exists()
     with chain.lock():
         chain.clean()
     points = {m.point: m for m in chain.points()}
     assert list(points) == [made[0][0], made[1][0], made[3][0]]
     assert points[made[3][0]].base_point == made[1][0]
     assert "merged %s" % made[2][0] in points[made[3][0]].history[0]
-    assert not (chain.path / prune.JOURNAL).exists()
+    assert not (chain.path / JOURNAL).exists()
     for point, whole in (made[0], made[1], made[3]):
         assert flat_sha(chain.image_path(point), tmp_path) == whole
     assert verified(chain) == [None] * 3

@@ -49,7 +49,8 @@ from ..proc import progress, testhook
 from ..proc.children import GROUP
 from ..repo import digest, image, vmpoints
 from ..repo.ledger import Ledger
-from ..repo.repository import Chain, Manifest, Repository, new_point_id
+from ..repo.manifest import Manifest, new_point_id
+from ..repo.repository import Chain, Repository
 from ..repo.vmpoints import VmManifest, VmPoints
 from ..text import human
 from ..xapi.facade import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, Disk, NoCbt, Pool, Vm

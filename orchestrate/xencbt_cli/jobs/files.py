@@ -36,7 +36,8 @@ from pathlib import Path
 
 from ..errors import CliError, RepositoryError, UsageError
 from ..repo import image, repokey
-from ..repo.repository import Chain, Manifest, Repository
+from ..repo.manifest import Manifest
+from ..repo.repository import Chain, Repository
 from .guestfs import Guest, GuestError
 
 log = logging.getLogger(__name__)

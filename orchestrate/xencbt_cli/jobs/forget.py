@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 from ..errors import RepositoryError
 from ..repo import image
-from ..repo.repository import UUID, Chain, Repository
+from ..repo.layout import UUID
+from ..repo.repository import Chain, Repository
 from ..repo.vmpoints import VmPoints
 
 

@@ -18,7 +18,8 @@ from ..errors import CliError, Interrupted
 from ..proc import command, progress, testhook
 from ..repo.digest import Reading
 from ..repo.image import random_access, reader
-from ..repo.repository import UUID, Repository
+from ..repo.layout import UUID
+from ..repo.repository import Repository
 from ..xapi.facade import Pool
 from ..xapi.hosthttp import Download, ImportFailed, Upload
 from .restore import check, in_use

@@ -20,18 +20,14 @@ the chain is exactly as before.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 
-from ..errors import RepositoryError
-from ..repo import image, repoconfig, vmpoints
-from ..repo.repository import Chain, Repository, write_atomically
+from ..repo import image, journal, repoconfig
+from ..repo.repository import Chain, Repository
 from . import retention
 
 log = logging.getLogger(__name__)
-
-JOURNAL = ".prune.json"
 
 
 def prune(chain: Chain, keep: int) -> list[str]:
@@ -72,25 +68,25 @@ def steps(points: list, kept: set[str]) -> list[dict]:
     return found
 
 
-def merge(chain: Chain, journal: dict) -> None:
+def merge(chain: Chain, step: dict) -> None:
     """One step: the kept point's image rewritten (``.partial``, fsync'd), the journal
     written, the image swapped in, then ``finish``."""
-    m = chain.get(journal["point"])
-    if m.base_point != journal["base"]:
+    m = chain.get(step["point"])
+    if m.base_point != step["base"]:
         path = chain.image_path(m.point)
         partial = chain.partial_path(m.point)
-        if journal["base"] is None:
+        if step["base"] is None:
             image.flatten(path, partial, compression=compression_of(chain))
         else:
-            base = chain.image_path(journal["base"])
+            base = chain.image_path(step["base"])
             image.rebased(path, base, partial, compression=compression_of(chain))
         image.fsync(partial)
-        write_atomically(chain.path / JOURNAL, json.dumps(journal))
+        journal.write(chain, step)
         os.replace(partial, path)
         image.fsync_dir(chain.path)
     else:
-        write_atomically(chain.path / JOURNAL, json.dumps(journal))
-    finish(chain, journal)
+        journal.write(chain, step)
+    journal.finish(chain, step)
 
 
 def vm_points(chains: list[Chain]) -> dict[str, list[Chain]]:
@@ -165,53 +161,3 @@ def usage(chain: Chain, point: str | None = None) -> int:
     else:
         paths = [chain.image_path(point), chain.sums_path(point), chain.manifest_path(point)]
     return sum(p.lstat().st_blocks * 512 for p in paths if p.exists())
-
-
-def finish(chain: Chain, journal: dict) -> None:
-    m = chain.get(journal["point"])
-    base = journal.get("base")
-    if m.base_point != base:
-        m.history.append("merged %s into this point (prune)" % ", ".join(journal["remove"]))
-        m.base_point = base
-        m.bytes_on_disk = image.disk_usage(chain.image_path(m.point))
-        chain.commit(m)
-    for point in reversed(journal["remove"]):
-        vmpoints.forget(chain.path.parent, point)  # the VM point first (vmpoints.py)
-        chain.remove(point)
-    with contextlib.suppress(FileNotFoundError):
-        (chain.path / JOURNAL).unlink()
-    image.fsync_dir(chain.path)
-
-
-def load(chain: Chain) -> dict | None:
-    """The journal of an interrupted prune, with ``swapped``: whether the flattened image
-    already replaced the kept point's (then the prune is rolled forward, else back)."""
-    path = chain.path / JOURNAL
-    if not path.is_file():
-        return None
-    try:
-        journal = json.loads(path.read_text())
-        target = chain.image_path(journal["point"])
-        journal["remove"] = list(journal["remove"])
-        journal["base"] = journal.get("base")  # absent: made standalone (older xencbt)
-        backing = None if journal["base"] is None else chain.image_path(journal["base"]).name
-    except (ValueError, TypeError, KeyError) as e:
-        raise RepositoryError(
-            "%s: the journal of an interrupted prune (%s) is unreadable (%s): the chain "
-            "is as before the prune or after it; xencbt verify tells which" % (chain, path, e)
-        ) from None
-    journal["swapped"] = target.is_file() and image.backing(target) == backing
-    return journal
-
-
-def recover(chain: Chain) -> None:
-    """Roll an interrupted prune forward (swap done) or back (not done)."""
-    journal = load(chain)
-    if journal is None:
-        return
-    if journal.pop("swapped"):
-        log.info("%s: finishing an interrupted prune", chain)
-        finish(chain, journal)
-    else:
-        log.info("%s: undoing an interrupted prune", chain)
-        (chain.path / JOURNAL).unlink()

@@ -33,7 +33,8 @@ import shlex
 from ..errors import PointDamaged, TargetDamaged
 from ..proc import testhook
 from ..repo import digest, image, repoconfig
-from ..repo.repository import Chain, Manifest, Repository
+from ..repo.manifest import Manifest
+from ..repo.repository import Chain, Repository
 from ..repo.vmpoints import VmManifest, VmPoints
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,8 @@ from ..errors import CliError, CommandFailed, PointDamaged, TargetFull, UsageErr
 from ..proc import command, progress, testhook
 from ..repo import digest, image
 from ..repo.digest import Reading, SumsDamaged
-from ..repo.repository import Chain, Manifest, Repository, nearest
+from ..repo.manifest import Manifest, nearest
+from ..repo.repository import Chain, Repository
 
 log = logging.getLogger(__name__)
 

@@ -38,7 +38,8 @@ from xencbt_core.secret import register
 from ..errors import CliError, RepositoryError
 from ..proc import command, testhook
 from ..repo import image
-from ..repo.repository import UUID, Repository
+from ..repo.layout import UUID
+from ..repo.repository import Repository
 from ..repo.vmpoints import (
     FROM_LIVE_VM,
     FROM_NOWHERE,

@@ -38,7 +38,8 @@ from xencbt_core.errors import XapiError
 from ..errors import OK, CliError, CommandFailed, UsageError
 from ..proc import command
 from ..repo import image as images
-from ..repo.repository import UUID, Repository
+from ..repo.layout import UUID
+from ..repo.repository import Repository
 from ..xapi.facade import Pool, Vm
 from ..xapi.networks import warn_if_insecure
 from .snapshot_copy import Copier, plugin

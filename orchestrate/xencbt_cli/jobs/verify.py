@@ -23,10 +23,11 @@ from pathlib import Path
 from ..errors import CliError, RepositoryError, VerifyFailed
 from ..proc import command, progress
 from ..repo import digest, image, invariants
+from ..repo import journal as prune_journal
+from ..repo.manifest import Manifest, nearest
 from ..repo.repoconfig import RepoConfig
-from ..repo.repository import Chain, Manifest, Repository, nearest
+from ..repo.repository import Chain, Repository
 from ..repo.vmpoints import all_vm_points
-from . import prune
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ class Report:
 
 def pending_prune(chain: Chain, by_point: dict[str, Manifest], report: Report) -> None:
     try:
-        journal = prune.load(chain)
+        journal = prune_journal.load(chain)
     except RepositoryError as e:
         report.fail(chain, "-", str(e))
         return

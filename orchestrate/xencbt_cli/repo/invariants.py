@@ -32,7 +32,9 @@ from pathlib import Path
 
 from ..errors import CliError, RepositoryError
 from . import image, repoconfig
-from .repository import PRIVATE_DIR, PRIVATE_FILE, Chain, Manifest, Repository
+from .layout import PRIVATE_DIR, PRIVATE_FILE
+from .manifest import Manifest
+from .repository import Chain, Repository
 
 SHOWN = 5  # paths a mode breach names
 

@@ -18,7 +18,7 @@ import json
 from pathlib import Path
 
 from ..errors import RepositoryError
-from .repository import write_atomically
+from .layout import write_atomically
 
 NAME = ".snapshots.json"
 

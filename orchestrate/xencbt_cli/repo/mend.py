@@ -18,7 +18,9 @@ import logging
 
 from ..errors import CliError
 from . import digest, repokey
-from .repository import Chain, Manifest, write_atomically
+from .layout import write_atomically
+from .manifest import Manifest
+from .repository import Chain
 
 log = logging.getLogger(__name__)
 

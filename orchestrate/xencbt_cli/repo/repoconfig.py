@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from ..errors import RepositoryError, UsageError
 from . import repokey
-from .repository import SETTINGS, Repository, write_atomically
+from .layout import SETTINGS, write_atomically
+from .repository import Repository
 
 log = logging.getLogger(__name__)
 

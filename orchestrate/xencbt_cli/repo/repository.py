@@ -15,144 +15,30 @@ point: the other points stay usable, ``damaged()`` names it, and its image is ke
 from __future__ import annotations
 
 import contextlib
-import datetime
 import errno
 import fcntl
-import json
 import logging
 import os
-import re
-import stat
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from ..errors import CliError, LockBusy, RepositoryError
-from ..proc import testhook
-from . import image, repokey
+from . import image, journal, repokey
+from .layout import (
+    LEFTOVER,
+    LOCK,
+    POINT,
+    PRIVATE_DIR,
+    PRIVATE_FILE,
+    SETTINGS,
+    UUID,
+    exposed,
+    make_dirs,
+    write_atomically,
+)
+from .manifest import Manifest, nearest
 
 log = logging.getLogger(__name__)
-
-FORMAT = 2  # 2: chunked digest + sidecar; 1: whole-disk sha256 only (still read)
-UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
-POINT = re.compile(r"^\d{8}T\d{6}\.\d{6}Z$")
-LEFTOVER = (".partial", ".tmp")  # files only a writer in progress has
-# Disk images hold everything a VM has: only the repository's owner may read them.
-PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
-LOCK = ".lock"
-SETTINGS = "repository.conf"  # repoconfig.py: the repository's own marker
-
-
-def make_dirs(path: Path) -> None:
-    """``mkdir -p`` where every directory created is 0700, whatever the umask."""
-    if path.is_dir():
-        return
-    make_dirs(path.parent)
-    with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=PRIVATE_DIR)
-        os.chmod(path, PRIVATE_DIR)
-
-
-def exposed(path: Path) -> int | None:
-    """The mode of ``path`` when other users may use it, else None."""
-    mode = stat.S_IMODE(path.lstat().st_mode)
-    return mode if mode & 0o077 else None
-
-
-def nearest(point: str, others: list[str]) -> list[str]:
-    """``others`` ordered by how close in time they are to ``point`` (ids sort by time),
-    the older first of two as close."""
-    ids = sorted({*others, point})
-    at = ids.index(point)
-    return sorted(others, key=lambda p: (abs(ids.index(p) - at), p > point))
-
-
-def new_point_id(now: datetime.datetime | None = None) -> str:
-    """A sortable UTC timestamp, e.g. 20250102T030405.678901Z."""
-    now = (now or testhook.now()).astimezone(datetime.timezone.utc)
-    return now.strftime("%Y%m%dT%H%M%S.%fZ")
-
-
-@dataclass
-class Manifest:
-    point: str
-    vm_uuid: str
-    vm_name: str
-    vdi_uuid: str
-    vdi_name: str
-    userdevice: str
-    snapshot_uuid: str
-    type: str  # full | incremental
-    virtual_size: int
-    digest: str | None = None  # digest.py: over the chunk digests in <point>.sums
-    digest_kind: str | None = None
-    chunk_size: int | None = None
-    hashed_bytes: int = 0  # what the backup read from its image to compute the digest
-    sha256: str | None = None  # format 1: of the whole flattened disk
-    reason: str | None = None  # why a full was taken
-    base_point: str | None = None
-    changed_bytes: int = 0
-    bytes_on_disk: int = 0
-    compression: str = "none"  # of the image's clusters (repoconfig.py)
-    ratio: float | None = None  # changed_bytes / bytes_on_disk, when both are known
-    started: str = ""
-    finished: str = ""
-    seconds: float = 0.0
-    copy_seconds: float = 0.0
-    history: list[str] = field(default_factory=list)  # e.g. what prune merged into it
-    format: int = FORMAT
-
-    def compression_ratio(self) -> float | None:
-        """How many times smaller the point is on disk than the data it holds changed."""
-        changed, on_disk = self.changed_bytes, self.bytes_on_disk
-        return round(changed / on_disk, 2) if changed and on_disk else None
-
-    @property
-    def image(self) -> str:
-        return self.point + ".qcow2"
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> Manifest:
-        data = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        m = cls(**{k: v for k, v in data.items() if k in known})
-        m.check()
-        return m
-
-    def check(self) -> None:
-        """ValueError unless the manifest says how to check its content: a chunked digest
-        (format 2) or a whole-disk sha256 (format 1)."""
-        if self.digest is not None:
-            chunk = self.chunk_size
-            if not isinstance(self.digest, str) or not isinstance(chunk, int) or chunk <= 0:
-                raise ValueError("its digest has no valid chunk_size")
-        elif not isinstance(self.sha256, str):
-            raise ValueError("it records neither a digest nor a sha256 of the disk")
-
-
-def write_atomically(path: Path, content: str | bytes) -> None:
-    """tmp file, fsync, rename, fsync the directory."""
-    tmp = path.with_name(path.name + ".tmp")
-    data = content.encode("utf-8") if isinstance(content, str) else content
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, PRIVATE_FILE)
-        os.fchmod(fd, PRIVATE_FILE)  # a tmp file left by an older run may be 0644
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        testhook.pause("write-tmp")
-        testhook.pause("write-tmp" + path.suffix)  # e.g. write-tmp.sums, write-tmp.json
-        os.replace(tmp, path)
-        testhook.pause("write-done")
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()  # e.g. ENOSPC half-way: leave nothing behind
-        raise
-    image.fsync_dir(path.parent)
 
 
 class Chain:
@@ -381,9 +267,7 @@ class Chain:
 
     def clean(self) -> list[str]:
         """Remove what an interrupted run left.  Call with the lock held."""
-        from ..jobs import prune  # a prune interrupted half-way is rolled forward first
-
-        prune.recover(self)
+        journal.recover(self)  # a prune interrupted half-way is rolled forward first
         removed = self.leftovers()
         for name in removed:
             (self.path / name).unlink()

@@ -35,8 +35,9 @@ from pathlib import Path
 from xencbt_core.errors import XapiError
 
 from ..errors import RepositoryError
-from . import image, repokey
-from .repository import POINT, Repository, make_dirs, write_atomically
+from . import repokey
+from .layout import POINT, make_dirs, write_atomically
+from .repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -337,14 +338,3 @@ def all_vm_points(repo: Repository) -> list[VmPoints]:
     if not repo.root.is_dir():
         return []
     return [VmPoints(repo, d.parent.name) for d in sorted(repo.root.glob("*/" + DIR))]
-
-
-def forget(vm_dir: Path, point: str) -> None:
-    """A disk's point goes (prune): the VM point it belongs to stops existing first,
-    manifest before configuration; the kept points keep theirs."""
-    path = vm_dir / DIR
-    for name in (point + ".json", point + ".config.json"):
-        with contextlib.suppress(FileNotFoundError):
-            (path / name).unlink()
-    if path.is_dir():
-        image.fsync_dir(path)

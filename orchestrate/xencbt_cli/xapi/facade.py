@@ -10,7 +10,7 @@ from xencbt_core.inuse import IN_USE, TIMEOUT, InUseRetry
 from xencbt_core.xapi import Session
 
 from ..errors import CliError
-from ..repo.repository import UUID
+from ..repo.layout import UUID
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from xencbt_core.errors import XapiError
 from xencbt_core.upstream import CONNECT_TIMEOUT, host_address
 
 from ..errors import CliError, UsageError
-from ..repo.repository import UUID
+from ..repo.layout import UUID
 from .facade import NULL_REF
 
 log = logging.getLogger(__name__)
