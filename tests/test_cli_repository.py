@@ -15,8 +15,8 @@ from xencbt_cli.errors import LockBusy, UsageError
 from xencbt_cli.jobs import prune, verify
 from xencbt_cli.jobs.snapshot_copy import ConnectionBudget
 from xencbt_cli.repo import digest, image
-from xencbt_cli.repo.manifest import Manifest
 from xencbt_cli.repo.journal import JOURNAL
+from xencbt_cli.repo.manifest import Manifest
 from xencbt_cli.repo.repository import Repository
 
 VM = "11111111-1111-4111-8111-111111111111"
