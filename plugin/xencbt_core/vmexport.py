@@ -31,10 +31,9 @@ from .export import Export
 from .params import Params
 from .pool import Pool
 from .source import XapiSource
+from .xapi import NULL_REF
 
 log = logging.getLogger(__name__)
-
-NULL_REF = "OpaqueRef:NULL"
 
 
 class NoSuchExport(XencbtError):

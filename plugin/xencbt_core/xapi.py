@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ORIGINATOR = "xencbt"
 API_VERSION = "1.1"
+NULL_REF = "OpaqueRef:NULL"  # a reference field that refers to nothing
 
 
 @dataclass(frozen=True)
@@ -344,7 +345,7 @@ class Session:
         return self.call("VM.get_name_label", vm)
 
     def vm_snapshot_of(self, vm: str) -> str:
-        """VM.get_snapshot_of: the ref of the VM a snapshot was taken of, or "OpaqueRef:NULL"."""
+        """VM.get_snapshot_of: the ref of the VM a snapshot was taken of, or NULL_REF."""
         return self.call("VM.get_snapshot_of", vm)
 
     def vm_vbds(self, vm: str) -> list[str]:
@@ -356,7 +357,7 @@ class Session:
         return self.call("VBD.get_record", vbd)
 
     def vbd_vdi(self, vbd: str) -> str:
-        """VBD.get_VDI: the ref of the VDI in the VBD, or "OpaqueRef:NULL" when it is empty."""
+        """VBD.get_VDI: the ref of the VDI in the VBD, or NULL_REF when it is empty."""
         return self.call("VBD.get_VDI", vbd)
 
     def vbd_type(self, vbd: str) -> str:
@@ -376,7 +377,7 @@ class Session:
         return self.call("VDI.get_uuid", vdi)
 
     def vdi_snapshot_of(self, vdi: str) -> str:
-        """VDI.get_snapshot_of: the ref of the VDI a snapshot was taken of, or "OpaqueRef:NULL"."""
+        """VDI.get_snapshot_of: the ref of the VDI a snapshot was taken of, or NULL_REF."""
         return self.call("VDI.get_snapshot_of", vdi)
 
     def vdi_nbd_info(self, vdi: str) -> list[dict[str, Any]]:
