@@ -11,6 +11,7 @@ Only glue lives here: each callback hands over to xencbt_core.backend.
 """
 
 import errno
+import functools
 import logging
 import os
 import sys
@@ -62,16 +63,23 @@ class _Explained(Exception):
     """An error already worded for the administrator: nbdkit shows its text only."""
 
 
+# nbdkit's python plugin reports what a callback raised with the module attribute
+# traceback.format_exception(type, value, tb), looked up at each failure, and logs the
+# joined lines with nbdkit_error (nbdkit 1.32 plugins/python/errors.c,
+# print_python_traceback); the nbdkit module has no call to log an error instead.  A
+# traceback under a one-line explanation only hides it, so that attribute is the one
+# hook: this wrapper gives an _Explained error's message alone, and hands every call to
+# the original, unchanged, which also formats (and raises) exactly as before for any
+# other value and any signature (3.9's (etype, value, tb, ...), 3.10's (exc, /, value,
+# tb, ...)).  Real bugs keep their traceback.
 _format_exception = traceback.format_exception
 
 
-def _format_explained(exc, *args, **kwargs):
-    # nbdkit prints traceback.format_exception(type, value, tb) of whatever a callback
-    # raised; a traceback under a one-line explanation only hides it.  Real bugs keep theirs.
-    value = args[0] if args else kwargs.get("value", exc)
-    if isinstance(value, _Explained):
-        return [str(value)]
-    return _format_exception(exc, *args, **kwargs)
+@functools.wraps(_format_exception)
+def _format_explained(*args, **kwargs):
+    lines = _format_exception(*args, **kwargs)
+    value = args[1] if len(args) > 1 else kwargs.get("value", args[0] if args else None)
+    return [str(value)] if isinstance(value, _Explained) else lines
 
 
 traceback.format_exception = _format_explained

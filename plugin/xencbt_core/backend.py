@@ -132,7 +132,7 @@ class Backend:
     def _keep_alive(self) -> None:
         while not self._stop.wait(KEEPALIVE_INTERVAL):
             try:
-                self.session.call("pool.get_all")
+                self.session.pool_refs()
             except XencbtError as e:
                 log.warning("keeping the XAPI session alive failed: %s", e)
 

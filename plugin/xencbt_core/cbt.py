@@ -81,10 +81,6 @@ class Bitmap:
             raise ConfigError("the changed-block bitmap is not valid base64: %s" % e) from None
         return cls(data, size)
 
-    @classmethod
-    def all_changed(cls, size: int) -> Bitmap:
-        return cls(b"\xff" * bitmap_length(size), size)
-
     def is_changed(self, block: int) -> bool:
         return bool(self.data[block // 8] & (0x80 >> (block % 8)))
 

@@ -37,9 +37,6 @@ REP_NAMES = {
 CMD_READ = 0
 CMD_DISC = 2
 
-TRANSMIT_HAS_FLAGS = 1 << 0
-TRANSMIT_READ_ONLY = 1 << 1
-
 GREETING = struct.Struct(">QQH")  # NBDMAGIC, IHAVEOPT, handshake flags
 OPTION = struct.Struct(">QII")  # IHAVEOPT, option, length
 OPTION_REPLY = struct.Struct(">QIII")  # magic, option, reply type, length

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 from .cbt import Bitmap
 from .errors import ChainBroken, ConfigError, UpstreamError, XapiError
-from .inuse import InUseRetry
 from .upstream import Target, by_preference, host_address
 from .xapi import Session
 
@@ -79,8 +78,8 @@ class XapiSource:
 
     def _lookup(self, uuid: str, role: str = "vdi") -> VdiInfo:
         try:
-            ref = self.session.call("VDI.get_by_uuid", uuid)
-            record = self.session.call("VDI.get_record", ref)
+            ref = self.session.vdi_by_uuid(uuid)
+            record = self.session.vdi_record(ref)
         except XapiError as e:
             if e.code in ("UUID_INVALID", "HANDLE_INVALID"):
                 raise ConfigError("%s=%s: no such VDI in this pool" % (role, uuid)) from None
@@ -103,10 +102,8 @@ class XapiSource:
     def changed_since(self, since_uuid: str) -> Bitmap:
         base = self._lookup(since_uuid, role="since")
         try:
-            # Refused while a closed connection's VBD is still plugged (inuse.py).
-            encoded = InUseRetry(self.session.call)(
-                "VDI.list_changed_blocks", base.ref, self.vdi.ref
-            )
+            # Retried while a closed connection's VBD is still plugged (inuse.py).
+            encoded = self.session.vdi_changed_blocks(base.ref, self.vdi.ref)
         except XapiError as e:
             if e.code.startswith("SR_BACKEND_FAILURE_4") or e.code in (
                 "VDI_NO_CBT_METADATA",
@@ -133,7 +130,7 @@ class XapiSource:
 
     def _fetch(self) -> None:
         try:
-            records = self.session.call("VDI.get_nbd_info", self.vdi.ref)
+            records = self.session.vdi_nbd_info(self.vdi.ref)
         except XapiError as e:
             if e.code == "VDI_INCOMPATIBLE_TYPE":
                 raise ConfigError(
@@ -154,12 +151,12 @@ class XapiSource:
         """Addresses of PIFs on networks whose purpose is insecure_nbd.  get_nbd_info
         returns a certificate even there (xapi_vdi.ml), so only the network's purpose,
         read over this verified API session, says the host serves NBD without TLS."""
-        networks = self.session.call("network.get_all_records")
+        networks = self.session.network_records()
         insecure = {ref for ref, n in networks.items() if "insecure_nbd" in n.get("purpose", [])}
         if not insecure:
             return set()
         plain = set()
-        for pif in self.session.call("PIF.get_all_records").values():
+        for pif in self.session.pif_records().values():
             if pif.get("network") in insecure:
                 addresses = [pif.get("IP") or "", *(pif.get("IPv6") or [])]
                 plain |= {host_address(a) for a in addresses if a}

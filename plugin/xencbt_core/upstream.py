@@ -95,10 +95,9 @@ def by_preference(targets: list[Target]) -> list[Target]:
 class Connection:
     """One handshaken connection to an export.  Not thread-safe: the pool lends it out."""
 
-    def __init__(self, sock: socket.socket, size: int, flags: int, target: Target):
+    def __init__(self, sock: socket.socket, size: int, target: Target):
         self.sock = sock
         self.size = size
-        self.flags = flags
         self.target = target
         self._handle = 0
 
@@ -144,7 +143,7 @@ class Connection:
         if size > P.MAX_EXPORT_SIZE:
             raise ProtocolError("%s announced an absurd export size (%d bytes)" % (target, size))
         log.debug("connected to %s: size=%d flags=0x%x", target, size, tflags)
-        return cls(sock, size, tflags, target)
+        return cls(sock, size, target)
 
     def pread_into(self, buf: memoryview, offset: int) -> None:
         """Read len(buf) bytes at ``offset`` (aligned, <= MAX_REQUEST) straight into buf."""

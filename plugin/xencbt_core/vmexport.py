@@ -31,10 +31,9 @@ from .export import Export
 from .params import Params
 from .pool import Pool
 from .source import XapiSource
+from .xapi import NULL_REF
 
 log = logging.getLogger(__name__)
-
-NULL_REF = "OpaqueRef:NULL"
 
 
 class NoSuchExport(XencbtError):
@@ -116,14 +115,14 @@ class VmBackend(Backend):
 
     def _lookup_vm(self, uuid: str, role: str) -> str:
         try:
-            ref = self.session.call("VM.get_by_uuid", uuid)
+            ref = self.session.vm_by_uuid(uuid)
         except XapiError as e:
             if e.code in ("UUID_INVALID", "HANDLE_INVALID"):
                 raise ConfigError("%s=%s: no such VM in this pool" % (role, uuid)) from None
             raise
         if role == "vm":
             self.vm_name = self._vm_name(ref)
-            if not self.session.call("VM.get_is_a_snapshot", ref):
+            if not self.session.vm_is_a_snapshot(ref):
                 log.warning(
                     "vm=%s is not a snapshot: disks in use change while they are read, so "
                     "the copy may be inconsistent",
@@ -133,22 +132,22 @@ class VmBackend(Backend):
 
     def _vm_name(self, ref: str) -> str:
         """The VM's name, and the snapshot's: what the disks' descriptions start with."""
-        name = self.session.call("VM.get_name_label", ref)
-        of = self.session.call("VM.get_snapshot_of", ref)
+        name = self.session.vm_name_label(ref)
+        of = self.session.vm_snapshot_of(ref)
         if of == NULL_REF:
             return name
         try:
-            return "%s (snapshot %s)" % (self.session.call("VM.get_name_label", of), name)
+            return "%s (snapshot %s)" % (self.session.vm_name_label(of), name)
         except XapiError:  # the VM is gone, its snapshot stays
             return name
 
     def _disks(self, vm_ref: str) -> dict[str, Disk]:
         found = {}
-        for vbd in self.session.call("VM.get_VBDs", vm_ref):
-            rec = self.session.call("VBD.get_record", vbd)
+        for vbd in self.session.vm_vbds(vm_ref):
+            rec = self.session.vbd_record(vbd)
             if rec["type"] != "Disk" or rec.get("empty") or rec["VDI"] == NULL_REF:
                 continue
-            vdi = self.session.call("VDI.get_record", rec["VDI"])
+            vdi = self.session.vdi_record(rec["VDI"])
             if vdi.get("type") == "cbt_metadata":
                 raise ConfigError(
                     "vm=%s: disk %s (VDI %s, %s) is a cbt_metadata VDI: its data was "
@@ -177,26 +176,21 @@ class VmBackend(Backend):
     def _base_vdis(self, uuid: str) -> list[tuple[str, str]]:
         """(uuid, snapshot_of) of the VDI ``uuid``, or of each disk of the VM ``uuid``."""
         try:
-            ref = self.session.call("VDI.get_by_uuid", uuid)
+            ref = self.session.vdi_by_uuid(uuid)
         except XapiError as e:
             if e.code not in ("UUID_INVALID", "HANDLE_INVALID"):
                 raise
         else:
-            return [(uuid, self.session.call("VDI.get_snapshot_of", ref))]
+            return [(uuid, self.session.vdi_snapshot_of(ref))]
         try:
             vm_ref = self._lookup_vm(uuid, "since")
         except ConfigError:
             raise ConfigError("since=%s: no such VDI or VM snapshot in this pool" % uuid) from None
         found = []
-        for vbd in self.session.call("VM.get_VBDs", vm_ref):
-            vdi = self.session.call("VBD.get_VDI", vbd)
-            if vdi != NULL_REF and self.session.call("VBD.get_type", vbd) == "Disk":
-                found.append(
-                    (
-                        self.session.call("VDI.get_uuid", vdi),
-                        self.session.call("VDI.get_snapshot_of", vdi),
-                    )
-                )
+        for vbd in self.session.vm_vbds(vm_ref):
+            vdi = self.session.vbd_vdi(vbd)
+            if vdi != NULL_REF and self.session.vbd_type(vbd) == "Disk":
+                found.append((self.session.vdi_uuid(vdi), self.session.vdi_snapshot_of(vdi)))
         return found
 
     def _diff(self, bases: dict[str, str]) -> None:

@@ -6,6 +6,9 @@ session= too); SESSION_INVALID means log in again, which yields a *new* session 
 (get_nbd_info) know to fetch new ones.
 The API's HTTPS certificate is verified: a CA file, a pinned SHA-256 thumbprint, or the
 system CAs; never skipped unless ``insecure`` is asked for explicitly.
+
+The plugin's XAPI messages are typed methods of ``Session`` (``vdi_record``,
+``vm_vbds``, …): the ``"Class.message"`` strings it sends live in this module only.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import threading
 import urllib.parse
 import xmlrpc.client
 from dataclasses import dataclass, field
+from typing import Any
 
 from .errors import (
     AuthenticationFailed,
@@ -28,6 +32,7 @@ from .errors import (
     XapiError,
     XencbtError,
 )
+from .inuse import InUseRetry
 from .secret import Secret, register
 from .trust import fingerprint
 
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 
 ORIGINATOR = "xencbt"
 API_VERSION = "1.1"
+NULL_REF = "OpaqueRef:NULL"  # a reference field that refers to nothing
 
 
 @dataclass(frozen=True)
@@ -312,6 +318,79 @@ class Session:
 
     def __exit__(self, *exc) -> None:
         self.logout()
+
+    # -- the messages the plugin sends, typed (refs are "OpaqueRef:…" strings) ------------
+    def pool_refs(self) -> list[str]:
+        """pool.get_all: the pool's ref (one); cheap, so it also keeps the session alive."""
+        return self.call("pool.get_all")
+
+    def network_records(self) -> dict[str, dict[str, Any]]:
+        """network.get_all_records: {network ref: record}."""
+        return self.call("network.get_all_records")
+
+    def pif_records(self) -> dict[str, dict[str, Any]]:
+        """PIF.get_all_records: {PIF ref: record}."""
+        return self.call("PIF.get_all_records")
+
+    def vm_by_uuid(self, uuid: str) -> str:
+        """VM.get_by_uuid: the VM's (or VM snapshot's) ref."""
+        return self.call("VM.get_by_uuid", uuid)
+
+    def vm_is_a_snapshot(self, vm: str) -> bool:
+        """VM.get_is_a_snapshot."""
+        return self.call("VM.get_is_a_snapshot", vm)
+
+    def vm_name_label(self, vm: str) -> str:
+        """VM.get_name_label."""
+        return self.call("VM.get_name_label", vm)
+
+    def vm_snapshot_of(self, vm: str) -> str:
+        """VM.get_snapshot_of: the ref of the VM a snapshot was taken of, or NULL_REF."""
+        return self.call("VM.get_snapshot_of", vm)
+
+    def vm_vbds(self, vm: str) -> list[str]:
+        """VM.get_VBDs: the refs of the VM's VBDs (disks, CD drives, empty ones)."""
+        return self.call("VM.get_VBDs", vm)
+
+    def vbd_record(self, vbd: str) -> dict[str, Any]:
+        """VBD.get_record."""
+        return self.call("VBD.get_record", vbd)
+
+    def vbd_vdi(self, vbd: str) -> str:
+        """VBD.get_VDI: the ref of the VDI in the VBD, or NULL_REF when it is empty."""
+        return self.call("VBD.get_VDI", vbd)
+
+    def vbd_type(self, vbd: str) -> str:
+        """VBD.get_type: "Disk", "CD" or "Floppy"."""
+        return self.call("VBD.get_type", vbd)
+
+    def vdi_by_uuid(self, uuid: str) -> str:
+        """VDI.get_by_uuid: the VDI's ref."""
+        return self.call("VDI.get_by_uuid", uuid)
+
+    def vdi_record(self, vdi: str) -> dict[str, Any]:
+        """VDI.get_record."""
+        return self.call("VDI.get_record", vdi)
+
+    def vdi_uuid(self, vdi: str) -> str:
+        """VDI.get_uuid."""
+        return self.call("VDI.get_uuid", vdi)
+
+    def vdi_snapshot_of(self, vdi: str) -> str:
+        """VDI.get_snapshot_of: the ref of the VDI a snapshot was taken of, or NULL_REF."""
+        return self.call("VDI.get_snapshot_of", vdi)
+
+    def vdi_nbd_info(self, vdi: str) -> list[dict[str, Any]]:
+        """VDI.get_nbd_info: one record (address, port, exportname, cert, subject) per
+        host address that serves the VDI over NBD; empty when none can."""
+        return self.call("VDI.get_nbd_info", vdi)
+
+    def vdi_changed_blocks(self, since: str, vdi: str) -> str:
+        """VDI.list_changed_blocks: the blocks changed from snapshot ``since`` to ``vdi``,
+        a base64 bitmap (cbt.Bitmap.from_base64).  Refused with VDI_IN_USE while a closed
+        NBD connection's VBD is still plugged: retried for a while (inuse.py)."""
+        in_use = InUseRetry(self.call)
+        return in_use("VDI.list_changed_blocks", since, vdi)
 
 
 def _parse(result):
