@@ -60,7 +60,7 @@ def run(args: argparse.Namespace, conf: Settings) -> int:
         src, dst, args.to_key_file, conf.key_file, args.to_encryption
     )
     repoconfig.unlock(dst, dst_key)
-    chains = [c for cs in report.vms(src, args.vms).values() for c in cs]
+    chains = [c for cs in src.chains_by_vm(args.vms).values() for c in cs]
     if encryption is not None:  # a new DST
         repoconfig.ensure(dst, say, dst_key, encryption)
     copied, held = copy_repository(src, dst, chains, args.wait, say, args.full)

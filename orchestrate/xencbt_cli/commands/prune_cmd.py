@@ -62,7 +62,7 @@ def run(args: argparse.Namespace, conf: Settings) -> int:
     repo = repository(args, conf, key_required=not args.dry_run)  # a plan reads manifests
     tell = say if args.json else out  # the report is the output; --json's is on stdout
     removed, freed, vms = {}, 0, []
-    for vm_uuid, chains in report.vms(repo, args.vms).items():
+    for vm_uuid, chains in repo.chains_by_vm(args.vms).items():
         done = retain(chains, policy, args.wait, args.dry_run)
         vms.append(report.retained(vm_uuid, chains, done))
         if not args.json:

@@ -6,10 +6,9 @@ import json
 import sys
 from dataclasses import asdict
 
-from ..errors import RepositoryError
 from ..jobs.backup import VmResult
 from ..jobs.retention import Policy
-from ..repo.repository import Chain, Repository
+from ..repo.repository import Chain, Repository, vm_names
 from ..repo.vmpoints import FROM_LIVE_VM, all_vm_points
 from ..text import human, several
 
@@ -55,35 +54,11 @@ def copied(points: dict[str, list[str]], vm_points: dict[str, list[str]], to) ->
     )
 
 
-def vms(repo: Repository, wanted: list[str]) -> dict[str, list[Chain]]:
-    """vm uuid -> its chains, for the VMs ``wanted`` names (uuid, prefix or name as its
-    points record it; none: every VM)."""
-    found: dict[str, list[Chain]] = {}
-    for chain in repo.chains():
-        found.setdefault(chain.vm_uuid, []).append(chain)
-    if not wanted:
-        return found
-    chosen = {}
-    for want in wanted:
-        matches = [u for u, chains in found.items() if u.startswith(want) or want in names(chains)]
-        if len(matches) != 1:
-            raise RepositoryError(
-                "%s VM matching %s in %s (xencbt list shows them)"
-                % ("no" if not matches else "more than one", want, repo.root)
-            )
-        chosen[matches[0]] = found[matches[0]]
-    return chosen
-
-
-def names(chains: list[Chain]) -> set[str]:
-    return {m.vm_name for chain in chains for m in chain.points()}
-
-
 def retained(vm_uuid: str, chains: list[Chain], done: dict) -> dict:
     """One VM's part of a prune's report: every point, with the rules that keep it."""
     return {
         "vm_uuid": vm_uuid,
-        "vm_name": ", ".join(sorted(names(chains))),
+        "vm_name": ", ".join(sorted(vm_names(chains))),
         "points": [{"point": p, "kept_by": rules} for p, rules in sorted(done["points"].items())],
         "removed": done["removed"],
         "freed_bytes": done["freed_bytes"],

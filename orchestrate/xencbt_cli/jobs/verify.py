@@ -246,9 +246,7 @@ def check_vm_points(repo: Repository, vm_uuids: set[str] | None, report: Report)
 
 def targets(repo: Repository, wanted: list[str]) -> tuple[list[Chain], set[str] | None]:
     """The chains to verify and the VMs whose VM points to check (None: all): each of
-    ``wanted`` a VDI (uuid or prefix) or a VM (uuid, prefix or name, report.vms)."""
-    from ..commands.report import vms
-
+    ``wanted`` a VDI (uuid or prefix) or a VM (uuid, prefix or name, Repository.chains_by_vm)."""
     if not wanted:
         return repo.chains(), None
     chains: dict[Path, Chain] = {}
@@ -258,7 +256,7 @@ def targets(repo: Repository, wanted: list[str]) -> tuple[list[Chain], set[str] 
             found = {want: [repo.find(want)]}
         except RepositoryError:
             try:
-                found = vms(repo, [want])
+                found = repo.chains_by_vm([want])
             except RepositoryError:
                 raise RepositoryError(
                     "no VM or VDI matching %s in %s (or more than one; xencbt list shows "

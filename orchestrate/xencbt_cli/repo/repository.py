@@ -363,6 +363,25 @@ class Repository:
                 found += [Chain(d) for d in sorted(vm_dir.iterdir()) if UUID.match(d.name)]
         return found
 
+    def chains_by_vm(self, wanted: list[str]) -> dict[str, list[Chain]]:
+        """vm uuid -> its chains, for the VMs ``wanted`` names (uuid, prefix or name as its
+        points record it; none: every VM)."""
+        found: dict[str, list[Chain]] = {}
+        for chain in self.chains():
+            found.setdefault(chain.vm_uuid, []).append(chain)
+        if not wanted:
+            return found
+        chosen = {}
+        for want in wanted:
+            matches = [u for u, cs in found.items() if u.startswith(want) or want in vm_names(cs)]
+            if len(matches) != 1:
+                raise RepositoryError(
+                    "%s VM matching %s in %s (xencbt list shows them)"
+                    % ("no" if not matches else "more than one", want, self.root)
+                )
+            chosen[matches[0]] = found[matches[0]]
+        return chosen
+
     def vm_chains(self, vm_uuid: str) -> list[Chain]:
         """The chains of one VM (none when the repository has no such VM)."""
         vm_dir = self.root / vm_uuid
@@ -415,3 +434,8 @@ class Repository:
         for path in found:
             os.chmod(path, PRIVATE_DIR if path.is_dir() else PRIVATE_FILE)
         return found
+
+
+def vm_names(chains: list[Chain]) -> set[str]:
+    """The names a VM had in its points (a VM is named by any of them)."""
+    return {m.vm_name for chain in chains for m in chain.points()}
