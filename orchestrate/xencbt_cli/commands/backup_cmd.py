@@ -51,7 +51,6 @@ def add_parser(subparsers, parents: list) -> None:
 
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
-
     if not 1 <= args.connections <= 16:
         raise UsageError("--connections must be 1..16 (a host serves at most 16)")
     if args.jobs < 1:

@@ -47,7 +47,6 @@ def add_parser(subparsers, parents: list) -> None:
 
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
-
     src = repository(args, conf)
     dst = Repository(args.to)
     if dst.root.resolve() == src.root.resolve():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import time
 
 from .. import errors
 from ..errors import UsageError
@@ -39,16 +40,25 @@ def add_parser(subparsers, parents: list) -> None:
 
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
-
     if args.action == "get" and not (args.to or args.tar):
         raise UsageError("files get: give --to DIR or --tar FILE|-")
-    result = files.run(args, repository(args, conf), say)
+    request = files.FilesRequest(
+        args.action,
+        args.target,
+        args.paths,
+        args.at,
+        args.to,
+        args.tar,
+        args.force,
+        args.guest_key_file,
+    )
+    result = files.run(request, repository(args, conf), say)
     if args.json and args.tar != "-":  # stdout holds the archive then
         report.emit_json(result)
     elif args.action == "ls":
-        files.print_result(result, args.long)
+        print_result(result, args.long)
     else:
-        say("extracted %s" % files.summary(result))
+        say("extracted %s" % summary(result))
     return errors.OK
 
 
@@ -64,3 +74,43 @@ class IntermixedParser(argparse.ArgumentParser):
             return self.parse_known_intermixed_args(args, namespace)
         finally:
             self._mixing = False
+
+
+def print_overview(info: dict) -> None:
+    print("%s at point %s" % (info["target"], info["point"]))
+    for d in info["disks"]:
+        print("  disk %s = VDI %s (userdevice %s)" % (d["drive"], d["vdi"], d["userdevice"]))
+    print("file systems (PATH = FS:/dir):")
+    for f in info["filesystems"]:
+        print("  %-24s %s" % (f["device"], f["type"]))
+    for dev in info["encrypted"]:
+        print("  %-24s encrypted (LUKS): --guest-key-file FILE opens it" % dev)
+    for found in info["os"]:
+        print("operating system: %s (PATH = /dir under its root):" % found["product"])
+        for mp, dev in found["mountpoints"].items():
+            print("  %-24s %s" % (mp, dev))
+
+
+def print_listing(rows: list[dict], long: bool) -> None:
+    for r in rows:
+        if not long:
+            print(r["name"] + ("/" if r["type"] == "directory" else ""))
+            continue
+        when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(r["mtime"]))
+        link = " -> %s" % r["target"] if "target" in r else ""
+        print("%-10s %s %12d  %s  %s%s" % (r["type"], r["mode"], r["size"], when, r["name"], link))
+
+
+def print_result(result: dict | list, long: bool) -> None:
+    if isinstance(result, dict):
+        print_overview(result)
+    else:
+        print_listing(result, long)
+
+
+def summary(result: dict) -> str:
+    where = "to %s" % result["to"] if "to" in result else "into tar %s" % result["tar"]
+    text = "%d files %s" % (result["files"], where)
+    if result.get("skipped"):
+        text += "; skipped (not files, links or directories): %s" % ", ".join(result["skipped"])
+    return text

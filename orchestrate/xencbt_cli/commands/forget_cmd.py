@@ -39,7 +39,6 @@ def add_parser(subparsers, parents: list) -> None:
 
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
-
     repo = repository(args, conf, key_required=False)  # nothing is read, only removed
     repo.require_marked()
     vm_uuid, chains = forget.chosen(repo, args.vm)

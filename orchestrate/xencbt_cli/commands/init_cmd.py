@@ -42,7 +42,6 @@ def add_parser(subparsers, parents: list) -> None:
 
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
-
     root = args.repo or conf.repo
     if not root:
         raise UsageError("no repository: give --repo DIR (or repo= in the config)")

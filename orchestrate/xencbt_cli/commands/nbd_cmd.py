@@ -29,7 +29,6 @@ def add_parser(subparsers, parents: list) -> None:
 
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
-
     with conf.session() as session:
         nets = Networks(session, say)
         if args.action == "status":

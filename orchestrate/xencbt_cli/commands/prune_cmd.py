@@ -46,7 +46,6 @@ def add_parser(subparsers, parents: list) -> None:
 
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
-
     if args.keep is not None and args.keep_last:
         raise UsageError("--keep is --keep-last: give one of them")
     policy = Policy(

@@ -40,7 +40,6 @@ def add_parser(subparsers, parents: list) -> None:
 
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
-
     repo = repository(args, conf)
     opts = Options(args.vm, args.at, args.to_sr, args.name, args.network, args.new_macs, args.start)
     with conf.session() as session:

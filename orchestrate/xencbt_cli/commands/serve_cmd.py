@@ -34,5 +34,4 @@ def add_parser(subparsers, parents: list) -> None:
 
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
-
     return serve(args, conf, None if args.snapshot else repository(args, conf), say)
