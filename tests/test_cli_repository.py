@@ -14,6 +14,7 @@ from xencbt_cli import settings
 from xencbt_cli.errors import LockBusy, UsageError
 from xencbt_cli.jobs import prune, verify
 from xencbt_cli.jobs.snapshot_copy import ConnectionBudget
+from xencbt_cli.proc import qemu_img
 from xencbt_cli.repo import digest, image
 from xencbt_cli.repo.journal import JOURNAL
 from xencbt_cli.repo.manifest import Manifest
@@ -94,7 +95,7 @@ def test_prune_keeps_newest_byte_identical(tmp_path, old):
     assert points[0].base_point is None and "prune" in points[0].history[0]
     for point, whole in made[2:]:
         assert flat_sha(chain.image_path(point), tmp_path) == whole
-    assert image.backing(chain.image_path(made[2][0])) is None
+    assert qemu_img.backing(chain.image_path(made[2][0])) is None
     # The kept points' flattened view is unchanged, so are their sums; the removed ones'
     # sums went with them.
     assert {p: chain.sums_path(p).read_bytes() for p in sums} == sums

@@ -9,6 +9,7 @@ import json
 
 from test_cli_repository import flat_sha, make_chain, verified
 from xencbt_cli.jobs import prune, verify
+from xencbt_cli.proc import qemu_img
 from xencbt_cli.repo import image
 from xencbt_cli.repo.journal import JOURNAL
 from xencbt_cli.repo.repository import Repository
@@ -24,7 +25,7 @@ def test_kept_points_apart_are_rebased_byte_identical(tmp_path):
     points = chain.points()
     assert [m.point for m in points] == [made[1][0], made[4][0]]
     assert points[0].base_point is None and points[1].base_point == made[1][0]
-    assert image.backing(chain.image_path(made[4][0])) == made[1][0] + ".qcow2"
+    assert qemu_img.backing(chain.image_path(made[4][0])) == made[1][0] + ".qcow2"
     for point, whole in (made[1], made[4]):
         assert flat_sha(chain.image_path(point), tmp_path) == whole
     assert {p: chain.sums_path(p).read_bytes() for p in keep} == sums
@@ -77,6 +78,6 @@ def test_rebase_step_interrupted_before_swap_is_undone(tmp_path):
     with chain.lock():
         assert chain.clean() == [made[3][0] + ".qcow2.partial"]
     assert [m.point for m in chain.points()] == [p for p, _ in made]
-    assert image.backing(chain.image_path(made[3][0])) == made[2][0] + ".qcow2"
+    assert qemu_img.backing(chain.image_path(made[3][0])) == made[2][0] + ".qcow2"
     for point, whole in made:
         assert flat_sha(chain.image_path(point), tmp_path) == whole

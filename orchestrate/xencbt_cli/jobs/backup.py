@@ -45,9 +45,9 @@ from ..errors import (
     describe_os_error,
     out_of_space,
 )
-from ..proc import progress, testhook
+from ..proc import progress, qemu_img, testhook
 from ..proc.children import GROUP
-from ..repo import digest, image, vmpoints
+from ..repo import digest, image, layout, vmpoints
 from ..repo.ledger import Ledger
 from ..repo.manifest import Manifest, new_point_id
 from ..repo.repository import Chain, Repository
@@ -535,7 +535,7 @@ class Backup:
             digest_kind=digest.KIND,
             chunk_size=self.chunk,
             changed_bytes=plan.changed_bytes if plan.base else snap.virtual_size,
-            bytes_on_disk=image.disk_usage(final),
+            bytes_on_disk=layout.disk_usage(final),
             compression=self.copier.compression,
             started=started,
             finished=now_iso(),
@@ -585,7 +585,7 @@ def chain_damage(chain: Chain, m: Manifest) -> str | None:
     """What qemu-img finds wrong with the metadata of ``m``'s image chain (cheap: the
     data itself is only checked by verify)."""
     try:
-        for info in image.info_chain(chain.image_path(m.point)):
+        for info in qemu_img.info_chain(chain.image_path(m.point)):
             image.check(chain.path / Path(info["filename"]).name)
     except CliError as e:
         return " ".join(str(e).split())[-300:]

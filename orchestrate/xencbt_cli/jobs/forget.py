@@ -16,7 +16,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from ..errors import RepositoryError
-from ..repo import image
+from ..repo import layout
 from ..repo.layout import UUID
 from ..repo.repository import Chain, Repository
 from ..repo.vmpoints import VmPoints
@@ -88,7 +88,7 @@ def forget(repo: Repository, vm_uuid: str, chains: list[Chain], wait: bool) -> F
         for chain in chains:
             for m in reversed(chain.points()):
                 chain.remove(m.point)
-            image.fsync_dir(chain.path)
+            layout.fsync_dir(chain.path)
         shutil.rmtree(repo.root / vm_uuid)
-    image.fsync_dir(repo.root)
+    layout.fsync_dir(repo.root)
     return done

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import os
 
-from ..repo import image, journal, repoconfig
+from ..repo import image, journal, layout, repoconfig
 from ..repo.repository import Chain, Repository
 from . import retention
 
@@ -80,10 +80,10 @@ def merge(chain: Chain, step: dict) -> None:
         else:
             base = chain.image_path(step["base"])
             image.rebased(path, base, partial, compression=compression_of(chain))
-        image.fsync(partial)
+        layout.fsync(partial)
         journal.write(chain, step)
         os.replace(partial, path)
-        image.fsync_dir(chain.path)
+        layout.fsync_dir(chain.path)
     else:
         journal.write(chain, step)
     journal.finish(chain, step)

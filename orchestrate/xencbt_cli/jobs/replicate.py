@@ -32,7 +32,7 @@ import shlex
 
 from ..errors import PointDamaged, TargetDamaged
 from ..proc import testhook
-from ..repo import digest, image, repoconfig
+from ..repo import digest, image, layout, repoconfig
 from ..repo.manifest import Manifest
 from ..repo.repository import Chain, Repository
 from ..repo.vmpoints import VmManifest, VmPoints
@@ -142,7 +142,7 @@ def copy_point(src: Chain, dst: Chain, m: Manifest, compression: str, standalone
             m,
             base_point=onto.point if onto else None,
             compression=compression,
-            bytes_on_disk=image.disk_usage(final),
+            bytes_on_disk=layout.disk_usage(final),
             history=[*m.history, "copied from %s" % src.path.parent.parent],
         )
         copy.ratio = copy.compression_ratio()  # of the image here, not of SRC's

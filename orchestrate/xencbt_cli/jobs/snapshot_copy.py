@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CliError
-from ..proc import command
+from ..proc import command, qemu_img
 from ..repo import image
 from ..settings import Settings
 
@@ -182,7 +182,7 @@ def convert_options(
 ) -> list[str]:
     """qemu-img convert's options between ``convert`` and the source (no -f: the source
     may come as --image-opts).  ``make bench`` times exactly these against the direct path."""
-    options = ["-O", "qcow2", *image.compress_options(compression)]
+    options = ["-O", "qcow2", *qemu_img.compress_options(compression)]
     if progress:
         options.append("-p")
     if base is not None:

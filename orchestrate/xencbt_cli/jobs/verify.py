@@ -21,7 +21,7 @@ import os
 from pathlib import Path
 
 from ..errors import CliError, RepositoryError, VerifyFailed
-from ..proc import command, progress
+from ..proc import command, progress, qemu_img
 from ..repo import digest, image, invariants
 from ..repo import journal as prune_journal
 from ..repo.manifest import Manifest, nearest
@@ -70,7 +70,7 @@ def check_point(
 def chain_problem(chain: Chain, m: Manifest, by_point: dict[str, Manifest], path) -> str | None:
     try:
         image.check(path)
-        infos = image.info_chain(path)
+        infos = qemu_img.info_chain(path)
     except CliError as e:
         return str(e)  # CommandFailed names the tool itself
     got = [os.path.basename(i["filename"]) for i in infos]

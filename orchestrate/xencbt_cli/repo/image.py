@@ -1,4 +1,5 @@
-"""qcow2 images through qemu-img and nbdcopy: check, chain, flatten, checksum.
+"""The repository's qcow2 images through qemu-img and nbdcopy, opened with their keys:
+check, create, flatten, rebase, checksum, serve.
 
 The one place that says how qemu opens an image (``opening``) and creates one
 (``create``, ``target``): an image of an encrypted repository (repokey.py) is qcow2 LUKS,
@@ -17,34 +18,16 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import CliError, CommandFailed
 from ..proc import command
+from ..proc.qemu_img import compress_options, dedupe, info, info_chain, stopped, virtual_size
 from . import repokey
 
 log = logging.getLogger(__name__)
-
-
-def info_chain(path: Path) -> list[dict]:
-    """``qemu-img info --backing-chain``: the image first, then its backing files."""
-    out = command.run(
-        ["qemu-img", "info", "--backing-chain", "--output=json", "-U", "-f", "qcow2", path]
-    )
-    return json.loads(out)
-
-
-def info(path: Path) -> dict:
-    """``qemu-img info`` of the image alone (no key needed: it reads only headers)."""
-    return json.loads(command.run(["qemu-img", "info", "--output=json", "-U", "-f", "qcow2", path]))
-
-
-def backing(path: Path) -> str | None:
-    """The image's backing file name as recorded in its header (relative), or None."""
-    return info(path).get("backing-filename")
 
 
 # LUKS's PBKDF is kept short: the key file is >= 32 random bytes (repokey.py), and every
@@ -103,10 +86,6 @@ def opening(path: Path) -> tuple[list[str], str]:
 def check(path: Path) -> None:
     options, name = opening(path)
     command.run(["qemu-img", "check", "-q", "-U", *options, name])
-
-
-def virtual_size(path: Path) -> int:
-    return int(info(path)["virtual-size"])
 
 
 def create(out: Path, size: int, base: Path | None = None) -> None:
@@ -211,26 +190,6 @@ def exported(paths: list[Path]) -> Iterator[list[str]]:
         yield found
 
 
-def stopped(proc) -> None:
-    """A server of ``exported`` ended: SIGTERM, then SIGKILL if it lingers."""
-    proc.terminate()
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-
-
-def compress_options(compression: str) -> list[str]:
-    """qemu-img convert options writing every cluster compressed (qcow2 v3: qemu 5.1+
-    knows compression_type=zstd; a cluster that does not shrink is stored as is).  The
-    compression type is the image's own header field: whoever reads it (qemu-img,
-    qemu-nbd, nbdcopy through them) decompresses transparently."""
-    if compression == "none":
-        return []
-    return ["-c", "-o", "compression_type=%s" % compression]
-
-
 def flatten(path: Path, out: Path, fmt: str = "qcow2", compression: str = "none") -> None:
     """A standalone copy (sparse) of what ``path`` shows, in ``fmt``; encrypted when
     ``out`` is in an encrypted repository (with that repository's key)."""
@@ -253,24 +212,6 @@ def onto(path: Path, base: Path, out: Path, compression: str = "none") -> None:
         options, out = [*into[0], *options], into[1]
     argv = ["qemu-img", "convert", *source, "-O", "qcow2", *options]
     command.run([*dedupe(argv), "-B", base.name, "-F", "qcow2", name, out])
-
-
-def dedupe(argv: list[str]) -> list[str]:
-    """``argv`` with a repeated ``--object`` pair once (one repository's key as source
-    and target: qemu refuses two objects with one id)."""
-    out: list[str] = []
-    seen = set()
-    i = 0
-    while i < len(argv):
-        if argv[i] == "--object" and i + 1 < len(argv):
-            if argv[i + 1] not in seen:
-                seen.add(argv[i + 1])
-                out += argv[i : i + 2]
-            i += 2
-            continue
-        out.append(argv[i])
-        i += 1
-    return out
 
 
 def rebased(path: Path, base: Path, out: Path, compression: str = "none") -> None:
@@ -314,19 +255,3 @@ def rebase_encrypted(work: Path, base: Path) -> None:
     )
     alone = described(tree(work, unlocked, chain=False))
     command.run(["qemu-img", "rebase", *keys, "-u", "-F", "qcow2", "-b", base.name, alone])
-
-
-def fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fsync(path)
-
-
-def disk_usage(path: Path) -> int:
-    return path.stat().st_blocks * 512

@@ -31,7 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CliError, RepositoryError
-from . import image, repoconfig
+from ..proc import qemu_img
+from . import repoconfig
 from .layout import PRIVATE_DIR, PRIVATE_FILE
 from .manifest import Manifest
 from .repository import Chain, Repository
@@ -85,7 +86,7 @@ def point(chain: Chain, m: Manifest, config: repoconfig.RepoConfig | None) -> li
     if not path.is_file():
         return ["its manifest is there but its image %s is missing" % path.name]
     try:
-        info = image.info(path)
+        info = qemu_img.info(path)
     except CliError as e:
         return ["qemu-img cannot read the header of %s: %s" % (path.name, e)]
     return header(path.name, info, m, config)

@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import RepositoryError
-from . import image
+from ..proc import qemu_img
+from . import layout
 from .layout import VM_POINTS, write_atomically
 
 if TYPE_CHECKING:  # for annotations only: the repository imports this module
@@ -37,14 +38,14 @@ def finish(chain: Chain, journal: dict) -> None:
     if m.base_point != base:
         m.history.append("merged %s into this point (prune)" % ", ".join(journal["remove"]))
         m.base_point = base
-        m.bytes_on_disk = image.disk_usage(chain.image_path(m.point))
+        m.bytes_on_disk = layout.disk_usage(chain.image_path(m.point))
         chain.commit(m)
     for point in reversed(journal["remove"]):
         forget_vm_point(chain.path.parent, point)  # the VM point first
         chain.remove(point)
     with contextlib.suppress(FileNotFoundError):
         (chain.path / JOURNAL).unlink()
-    image.fsync_dir(chain.path)
+    layout.fsync_dir(chain.path)
 
 
 def load(chain: Chain) -> dict | None:
@@ -64,7 +65,7 @@ def load(chain: Chain) -> dict | None:
             "%s: the journal of an interrupted prune (%s) is unreadable (%s): the chain "
             "is as before the prune or after it; xencbt verify tells which" % (chain, path, e)
         ) from None
-    journal["swapped"] = target.is_file() and image.backing(target) == backing
+    journal["swapped"] = target.is_file() and qemu_img.backing(target) == backing
     return journal
 
 
@@ -89,4 +90,4 @@ def forget_vm_point(vm_dir: Path, point: str) -> None:
         with contextlib.suppress(FileNotFoundError):
             (path / name).unlink()
     if path.is_dir():
-        image.fsync_dir(path)
+        layout.fsync_dir(path)

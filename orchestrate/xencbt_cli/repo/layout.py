@@ -19,7 +19,6 @@ import stat
 from pathlib import Path
 
 from ..proc import testhook
-from . import image
 
 FORMAT = 2  # 2: chunked digest + sidecar; 1: whole-disk sha256 only (still read)
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
@@ -67,4 +66,20 @@ def write_atomically(path: Path, content: str | bytes) -> None:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()  # e.g. ENOSPC half-way: leave nothing behind
         raise
-    image.fsync_dir(path.parent)
+    fsync_dir(path.parent)
+
+
+def fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fsync(path)
+
+
+def disk_usage(path: Path) -> int:
+    return path.stat().st_blocks * 512

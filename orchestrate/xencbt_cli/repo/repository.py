@@ -23,7 +23,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import CliError, LockBusy, RepositoryError
-from . import image, journal, repokey
+from ..proc import qemu_img
+from . import journal, layout, repokey
 from .layout import (
     LEFTOVER,
     LOCK,
@@ -153,16 +154,16 @@ class Chain:
         """Rename ``<point>.qcow2.partial`` to ``<point>.qcow2`` durably (and private)."""
         partial, final = self.partial_path(point), self.image_path(point)
         os.chmod(partial, PRIVATE_FILE)
-        image.fsync(partial)
+        layout.fsync(partial)
         os.replace(partial, final)
-        image.fsync_dir(self.path)
+        layout.fsync_dir(self.path)
         return final
 
     def remove(self, point: str) -> None:
         """Forget a point: manifest first (it stops existing), then its image and sums."""
         with contextlib.suppress(FileNotFoundError):
             self.manifest_path(point).unlink()
-        image.fsync_dir(self.path)
+        layout.fsync_dir(self.path)
         for path in (self.image_path(point), self.sums_path(point)):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -230,7 +231,7 @@ class Chain:
         names = set()
         for p in self.path.glob("*.qcow2"):
             try:
-                backing = image.backing(p)
+                backing = qemu_img.backing(p)
             except CliError as e:
                 log.warning("%s: cannot read %s: %s", self, p.name, e)
                 return None
@@ -272,7 +273,7 @@ class Chain:
         for name in removed:
             (self.path / name).unlink()
         if removed:
-            image.fsync_dir(self.path)
+            layout.fsync_dir(self.path)
             log.info("%s: removed leftovers of an interrupted run: %s", self, ", ".join(removed))
         return removed
 
