@@ -117,7 +117,7 @@ def listing(repo: Repository) -> dict:
     disks only (backed up before VM points existed, or a run stopped before its VM
     manifest).  Text and JSON share this structure."""
     in_vm_point = {}
-    for vm_m in vm_points(repo):
+    for vm_m in vm_point_rows(repo):
         for d in vm_m["disks"]:
             in_vm_point[(d["vdi_uuid"], d["point"])] = vm_m["point"]
     vms: dict[str, dict] = {}
@@ -138,12 +138,7 @@ def listing(repo: Repository) -> dict:
     return {"repository": str(repo.root), "vms": ordered}
 
 
-def disk_rows(listed: dict) -> list[dict]:
-    """Every disk point of a ``listing``, one row each."""
-    return [d for vm in listed["vms"] for p in vm["points"] for d in p["disks"]]
-
-
-def vm_points(repo: Repository) -> list[dict]:
+def vm_point_rows(repo: Repository) -> list[dict]:
     """The VM points: VM, point id and its disks' points (never the configuration)."""
     found = []
     for points in all_vm_points(repo):

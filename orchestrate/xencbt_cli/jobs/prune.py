@@ -89,10 +89,11 @@ def merge(chain: Chain, step: dict) -> None:
     journal.finish(chain, step)
 
 
-def vm_points(chains: list[Chain]) -> dict[str, list[Chain]]:
-    """A VM's points: point id -> the chains (disks) that have it.  Until VMs have
-    manifests of their own, a VM point is the disk points of one backup run: the same
-    point id in the VM's directory.  The one place that says what a VM point is."""
+def disks_by_point(chains: list[Chain]) -> dict[str, list[Chain]]:
+    """One VM's chains grouped by point id: point id -> the chains (disks) that have a
+    point of that id.  One backup run gives every disk the same point id, so retention
+    keeps or drops a run's disks together (a VM point, repo/vmpoints.py, names the same
+    id)."""
     found: dict[str, list[Chain]] = {}
     for chain in chains:
         for m in chain.points():
@@ -105,7 +106,7 @@ NEWEST = "newest of a disk"  # the base of that disk's next incremental: never p
 
 def decide(chains: list[Chain], policy: retention.Policy) -> dict[str, list[str]]:
     """VM point -> the rules that keep it ([]: it goes), for all of its disks at once."""
-    points = vm_points(chains)
+    points = disks_by_point(chains)
     kept = retention.apply(policy, {p: retention.point_time(p) for p in points})
     for chain in chains:
         newest = chain.latest()
