@@ -57,7 +57,7 @@ class Xapi:
         self.credentials = Credentials(options.password)
         self.api_faults = ApiFaults()
         self.storage = Storage(db, options.state_dir, options.in_use_wait)
-        self.tasks = Tasks(db, self)
+        self.tasks = Tasks(db, self.sessions, self.has_method, self.call)
         self.vms = Vms(db, self.storage, lambda: self.master)
         self.propagation = network.Propagation(network.host_modes(db), options.propagation)
         self.master = db.get("pool", db.refs("pool")[0])["master"]
