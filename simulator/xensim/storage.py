@@ -426,7 +426,7 @@ class Storage:
         return out
 
     def destroy_vm(self, vm_ref: str) -> None:
-        """The VM's VBDs and the VM record (the caller, vms.py, checked the operation)."""
+        """The VM's VBDs and the VM record (the caller, vm_lifecycle.py, checked the operation)."""
         self.db.get("VM", vm_ref)
         for vbd in self.db.find("VBD", VM=vm_ref):
             self.db.remove("VBD", vbd)

@@ -22,7 +22,7 @@ from .latency import ApiLatency
 from .sessions import Session, Sessions
 from .storage import Storage
 from .tasks import Tasks
-from .vms import Vms
+from .vm_lifecycle import Vms
 
 log = logging.getLogger(__name__)
 
