@@ -33,7 +33,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class Guest:
+class DemoGuest:
     """The guest's view of disk 0: a local image, copied to the VDI block by block."""
 
     def __init__(self, work: Path, state_dir: str, vdi: str, log: Path) -> None:
@@ -135,7 +135,7 @@ class Demo:
     def story(self) -> None:
         disk0 = self.first_disk()
         self.size_total = self.vm_size
-        self.guest = Guest(self.work, self.info["state_dir"], disk0["uuid"], self.log)
+        self.guest = DemoGuest(self.work, self.info["state_dir"], disk0["uuid"], self.log)
         step("writing a fresh ext4 file system onto demo-vm's disk 0 (as its guest)")
         self.guest.mkfs(disk0["size"])
         self.backup("full backup of demo-vm (both disks)")

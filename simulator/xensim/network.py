@@ -11,7 +11,7 @@ import time
 
 from . import records
 from .database import Database
-from .errors import XapiError
+from .errors import ServerError
 from .storage import as_int
 
 NBD_PURPOSES = ("nbd", "insecure_nbd")
@@ -33,9 +33,9 @@ def create(db: Database, fields: dict) -> str:
     else:
         blacklisted = any(bridge.startswith(p) for p in ("xen", "xapi", "vif", "tap", "eth"))
         if len(bridge) > 15 or blacklisted:
-            raise XapiError("INVALID_VALUE", "bridge", bridge)
+            raise ServerError("INVALID_VALUE", "bridge", bridge)
         if bridge in bridges:
-            raise XapiError("BRIDGE_NAME_EXISTS", bridge)
+            raise ServerError("BRIDGE_NAME_EXISTS", bridge)
     mtu = as_int(fields.get("MTU", 1500), "MTU")
     rec = records.new(
         "network",
@@ -55,12 +55,12 @@ def create(db: Database, fields: dict) -> str:
 def add_purpose(db: Database, ref: str, value: str) -> None:
     """No mixing of nbd and insecure_nbd anywhere in the pool (xapi_network.ml)."""
     if value not in ("nbd", "insecure_nbd"):
-        raise XapiError("INVALID_VALUE", "purpose", value)
+        raise ServerError("INVALID_VALUE", "purpose", value)
     rec = db.get("network", ref)
     other = "insecure_nbd" if value == "nbd" else "nbd"
     for net in db.refs("network"):
         if other in db.get("network", net)["purpose"]:
-            raise XapiError("NETWORK_INCOMPATIBLE_PURPOSES", value, other)
+            raise ServerError("NETWORK_INCOMPATIBLE_PURPOSES", value, other)
     if value not in rec["purpose"]:
         rec["purpose"].append(value)
 

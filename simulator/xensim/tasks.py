@@ -14,7 +14,7 @@ from typing import Any
 
 from . import records
 from .database import Database
-from .errors import XapiError
+from .errors import ServerError
 from .sessions import Sessions
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ class Tasks:
     def start(self, method: str, params: list, host: str) -> str:
         """Fail at once for what xapi checks before creating the task."""
         if not self.has_method(method) or method.startswith("session."):
-            raise XapiError("MESSAGE_METHOD_UNKNOWN", f"Async.{method}")
+            raise ServerError("MESSAGE_METHOD_UNKNOWN", f"Async.{method}")
         session = self.sessions.check(params[0] if params else None)
         with self.db.lock:
             rec = records.task(f"Async.{method}")
@@ -69,7 +69,7 @@ class Tasks:
         try:
             value = self.call(method, params, host)
             outcome = {"status": "success", "result": result_text(value)}
-        except XapiError as e:
+        except ServerError as e:
             outcome = {"status": "failure", "error_info": e.description}
         except Exception as e:  # a bug in the simulator: report it like xapi would
             log.exception("task %s failed", method)
@@ -126,6 +126,6 @@ class Tasks:
     def cancel(self, ref: str) -> str:
         task = self.db.get("task", ref)
         if task["status"] != "pending":
-            raise XapiError("OPERATION_NOT_ALLOWED", "task is not pending")
+            raise ServerError("OPERATION_NOT_ALLOWED", "task is not pending")
         task.update(status="cancelled", finished=records.now_stamp())
         return ""

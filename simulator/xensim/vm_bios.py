@@ -4,7 +4,7 @@ VM.set_bios_strings and VM.copy_bios_strings."""
 from __future__ import annotations
 
 from .database import Database
-from .errors import XapiError
+from .errors import ServerError
 
 # xapi-consts/constants.ml: ``generic_bios_strings`` (with ``standard_type11_strings``),
 # what VM.start gives a VM that has none; ``settable_vm_bios_string_keys``.
@@ -48,17 +48,17 @@ def set_bios_strings(db: Database, ref: str, value: dict) -> None:
     INVALID_VALUE [key, why]); the VM gets the generic strings with these in place."""
     vm = db.get("VM", ref)
     if vm["bios_strings"]:
-        raise XapiError("VM_BIOS_STRINGS_ALREADY_SET")
+        raise ServerError("VM_BIOS_STRINGS_ALREADY_SET")
     for key, text in value.items():
         if key not in SETTABLE_BIOS_KEYS:
-            raise XapiError("INVALID_VALUE", key, "Unknown key")
+            raise ServerError("INVALID_VALUE", key, "Unknown key")
         if not text:
-            raise XapiError("INVALID_VALUE", key, "Value provided is empty")
+            raise ServerError("INVALID_VALUE", key, "Value provided is empty")
         if len(text) > BIOS_STRING_LIMIT:
             why = "%s has length more than %d characters" % (text, BIOS_STRING_LIMIT)
-            raise XapiError("INVALID_VALUE", key, why)
+            raise ServerError("INVALID_VALUE", key, why)
         if any(not 32 <= ord(ch) < 127 for ch in text):
-            raise XapiError("INVALID_VALUE", key, text + " has non-printable ASCII characters")
+            raise ServerError("INVALID_VALUE", key, text + " has non-printable ASCII characters")
     vm["bios_strings"] = {k: value.get(k, v) for k, v in GENERIC_BIOS_STRINGS.items()}
 
 
@@ -68,5 +68,5 @@ def copy_bios_strings(db: Database, ref: str, host: str) -> None:
     vm = db.get("VM", ref)
     host_strings = dict(db.get("host", host).get("bios_strings", {}))
     if vm["bios_strings"]:
-        raise XapiError("VM_BIOS_STRINGS_ALREADY_SET")
+        raise ServerError("VM_BIOS_STRINGS_ALREADY_SET")
     vm.update(bios_strings=host_strings, affinity=host)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from . import network, records, vm_bios, vm_devices, vm_placement, vm_snapshot
 from .database import NULL_REF, Database, new_ref
-from .errors import XapiError
+from .errors import ServerError
 from .storage import Storage, as_int, device_numbers
 from .vm_operations import check_operation, devices, restricted
 
@@ -104,7 +104,7 @@ class Vms:
         state = str(fields.get("power_state", "Halted"))
         image = fields.get("last_boot_CPU_flags") and fields.get("last_booted_record")
         if state == "Suspended" and not (image and fields.get("suspend_VDI") != NULL_REF):
-            raise XapiError("VM_BAD_POWER_STATE", ref, "halted", "suspended")
+            raise ServerError("VM_BAD_POWER_STATE", ref, "halted", "suspended")
             # xensim has no suspend images: such a VM is created halted all the same
         rec = records.vm(str(fields.get("name_label", "")), power_state="Halted")
         for key, value in fields.items():
@@ -156,12 +156,12 @@ class Vms:
             for host in order:
                 try:
                     vm_placement.assert_can_boot_here(self.db, ref, host, memory=memory_check)
-                except XapiError:
+                except ServerError:
                     continue
                 vm_placement.memory_check(self.db, ref, host)  # xenopsd's own, after the placement
                 self._boot(ref, host, paused)
                 return
-        raise XapiError("NO_HOSTS_AVAILABLE")
+        raise ServerError("NO_HOSTS_AVAILABLE")
 
     def start_on(self, ref: str, host: str, paused: bool = False, force: bool = False) -> None:
         """message_forwarding.ml VM ``start_on``: ``assert_matches_control_domain_affinity``,
@@ -171,7 +171,7 @@ class Vms:
         self._assert_vm_start_licensed()
         vm = self.db.get("VM", ref)
         if vm["is_control_domain"] and vm.get("affinity", NULL_REF) not in (NULL_REF, host):
-            raise XapiError(
+            raise ServerError(
                 "OPERATION_NOT_ALLOWED",
                 "Cannot boot a control domain on a host different from its affinity",
             )
@@ -184,7 +184,7 @@ class Vms:
         """Pool_features.assert_enabled VM_start ("restrict_vm_start", enabled when the
         flag is unknown): LICENSE_RESTRICTION [VM_start]."""
         if restricted(self.db, "restrict_vm_start", enabled_when_unknown=True):
-            raise XapiError("LICENSE_RESTRICTION", "VM_start")
+            raise ServerError("LICENSE_RESTRICTION", "VM_start")
 
     def _boot(self, ref: str, host: str, paused: bool) -> None:
         vm = self.db.get("VM", ref)

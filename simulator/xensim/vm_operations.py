@@ -8,7 +8,7 @@ The VM calls (vm_lifecycle.py, vm_snapshot.py, vm_devices.py) check here first.
 from __future__ import annotations
 
 from .database import Database
-from .errors import XapiError
+from .errors import ServerError
 
 # xapi_vm_lifecycle.ml ``allowed_power_states`` for the operations xensim has
 ALL_STATES = ("Halted", "Paused", "Suspended", "Running")
@@ -64,27 +64,27 @@ def check_operation(db: Database, ref: str, op: str) -> None:
     vm = db.get("VM", ref)
     reason = vm["blocked_operations"].get(op)
     if reason is not None:
-        raise XapiError("OPERATION_BLOCKED", ref, reason)
+        raise ServerError("OPERATION_BLOCKED", ref, reason)
     allowed = ALLOWED_STATES.get(op, ALL_STATES)
     if vm["power_state"] not in allowed:
         expected = ", ".join(s.lower() for s in allowed)
-        raise XapiError("VM_BAD_POWER_STATE", ref, expected, vm["power_state"].lower())
+        raise ServerError("VM_BAD_POWER_STATE", ref, expected, vm["power_state"].lower())
     if vm["is_a_template"] and not vm["is_a_snapshot"]:
         default = vm.get("is_default_template") or vm["other_config"].get(
             "default_template", ""
         ).lower() in ("1", "true")
         if op not in TEMPLATE_OPS and not (op == "destroy" and not default):
-            raise XapiError("VM_IS_TEMPLATE", ref, op)
+            raise ServerError("VM_IS_TEMPLATE", ref, op)
     if vm["is_a_snapshot"] and op not in SNAPSHOT_OPS:
-        raise XapiError("VM_IS_SNAPSHOT", ref, op)
+        raise ServerError("VM_IS_SNAPSHOT", ref, op)
     if vm["is_control_domain"]:
         # every control domain of xensim is a host's dom0 (Helpers.is_domain_zero)
         if op in ("changing_VCPUs", "destroy"):
-            raise XapiError("OPERATION_NOT_ALLOWED", "This operation is not allowed on dom0")
+            raise ServerError("OPERATION_NOT_ALLOWED", "This operation is not allowed on dom0")
         if op not in CONTROL_DOMAIN_OPS:
-            raise XapiError(
+            raise ServerError(
                 "OPERATION_NOT_ALLOWED", "This operation is not allowed on a control domain"
             )
     vusb_ops = ("suspend", "snapshot", "checkpoint", "migrate_send", "pool_migrate")
     if op in vusb_ops and devices(db, "VUSB", ref):
-        raise XapiError("VM_HAS_VUSBS", ref)
+        raise ServerError("VM_HAS_VUSBS", ref)

@@ -7,7 +7,7 @@ with these.
 from __future__ import annotations
 
 from .database import Database
-from .errors import XapiError
+from .errors import ServerError
 
 # Host resources xensim models for assert_can_boot_here (inventory.py sets them per host
 # as internal fields; these are the fallbacks for a state dir made before they existed).
@@ -32,7 +32,7 @@ def assert_can_boot_here(db: Database, ref: str, host: str, memory: bool = True)
     host_rec = db.get("host", host)
     _validate_basic_parameters(vm)
     if not vm["is_control_domain"] and not host_rec.get("enabled", True):
-        raise XapiError("HOST_DISABLED", host)
+        raise ServerError("HOST_DISABLED", host)
     _assert_can_see_srs(db, ref, host)
     _assert_can_see_networks(db, ref, host)
     if memory:
@@ -42,7 +42,7 @@ def assert_can_boot_here(db: Database, ref: str, host: str, memory: bool = True)
         "1",
         "true",
     ):
-        raise XapiError("HOST_NOT_ENOUGH_PCPUS", str(vm["VCPUs_max"]), str(pcpus))
+        raise ServerError("HOST_NOT_ENOUGH_PCPUS", str(vm["VCPUs_max"]), str(pcpus))
 
 
 def _validate_basic_parameters(vm: dict) -> None:
@@ -53,21 +53,21 @@ def _validate_basic_parameters(vm: dict) -> None:
     if int(vm["memory_static_max"]) < int(vm["memory_static_min"]) or int(
         vm["memory_dynamic_max"]
     ) < int(vm["memory_dynamic_min"]):
-        raise XapiError("MEMORY_CONSTRAINT_VIOLATION")
+        raise ServerError("MEMORY_CONSTRAINT_VIOLATION")
     multiplier = float(vm.get("HVM_shadow_multiplier", 1.0))
     if multiplier < 1.0:
-        raise XapiError("INVALID_VALUE", "HVM_shadow_multiplier", repr(multiplier))
+        raise ServerError("INVALID_VALUE", "HVM_shadow_multiplier", repr(multiplier))
     crash = vm.get("actions_after_crash", "restart")
     field = "VM.actions_after_crash"
     if crash == "rename_restart":
-        raise XapiError(
+        raise ServerError(
             "VALUE_NOT_SUPPORTED",
             field,
             "rename_restart",
             "option would leak a domain; VMs and not domains are managed by this API",
         )
     if crash in ("coredump_and_destroy", "coredump_and_restart") and vm.get("domain_type") != "pv":
-        raise XapiError(
+        raise ServerError(
             "VALUE_NOT_SUPPORTED",
             field,
             crash,
@@ -78,11 +78,11 @@ def _validate_basic_parameters(vm: dict) -> None:
 def _validate_vcpus(vcpus_max: int, at_startup: int) -> None:
     """xapi_vm_helpers.ml ``validate_vcpus``."""
     if vcpus_max < 1:
-        raise XapiError("INVALID_VALUE", "VCPUs_max", str(vcpus_max))
+        raise ServerError("INVALID_VALUE", "VCPUs_max", str(vcpus_max))
     if at_startup < 1:
-        raise XapiError("INVALID_VALUE", "VCPUs-at-startup", str(at_startup))
+        raise ServerError("INVALID_VALUE", "VCPUs-at-startup", str(at_startup))
     if at_startup > vcpus_max:
-        raise XapiError(
+        raise ServerError(
             "VALUE_NOT_SUPPORTED",
             "VCPUs-at-startup",
             str(at_startup),
@@ -102,14 +102,14 @@ def _assert_can_see_srs(db: Database, ref: str, host: str) -> None:
             continue
         sr = db.get("VDI", rec["VDI"])["SR"]
         if sr not in attached:
-            raise XapiError("VM_REQUIRES_SR", ref, sr)
+            raise ServerError("VM_REQUIRES_SR", ref, sr)
 
 
 def _assert_can_see_networks(db: Database, ref: str, host: str) -> None:
     for vif in db.find("VIF", VM=ref):
         net = db.get("VIF", vif)["network"]
         if not _network_available(db, net, host):
-            raise XapiError("VM_REQUIRES_NETWORK", ref, net)
+            raise ServerError("VM_REQUIRES_NETWORK", ref, net)
 
 
 def _network_available(db: Database, net: str, host: str) -> bool:
@@ -156,4 +156,4 @@ def memory_check(db: Database, ref: str, host: str) -> None:
     needed = int(vm["memory_dynamic_min"]) + int(vm.get("memory_overhead", 0))
     free = host_free_memory(db, host, ignore=ref)
     if free < needed:
-        raise XapiError("HOST_NOT_ENOUGH_FREE_MEMORY", str(needed), str(free))
+        raise ServerError("HOST_NOT_ENOUGH_FREE_MEMORY", str(needed), str(free))

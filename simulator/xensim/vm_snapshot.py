@@ -9,7 +9,7 @@ from typing import Any
 
 from . import records
 from .database import NULL_REF, Database
-from .errors import XapiError
+from .errors import ServerError
 from .storage import Storage
 from .vm_operations import check_operation
 
@@ -38,7 +38,7 @@ SNAPSHOT_RESET = {
 def vdi_refs(db: Database, refs: Any) -> list[str]:
     """VM.snapshot's ``ignore_vdis``: a list of existing VDIs."""
     if not isinstance(refs, (list, tuple)):
-        raise XapiError("FIELD_TYPE_ERROR", "ignore_vdis")
+        raise ServerError("FIELD_TYPE_ERROR", "ignore_vdis")
     for ref in refs:
         db.get("VDI", ref)
     return list(refs)
