@@ -1,7 +1,10 @@
 """The xensim control API (``/xensim/…`` on the master): faults, sessions, crashes, counters.
 
 Not part of XenServer: it is how tests and the ``xensim fault``/``counters`` commands
-inject failures and read what the NBD servers did.
+inject failures (NBD, API and import faults, API reply latency, a host crash that switches
+CBT off), change the pool as its administrator or hardware would (licence, host memory,
+passed-through devices, root password, master, SR size and CBT support, sessions
+invalidated), and read what the NBD servers did (counters, logins, secrets issued).
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The pool a new state dir starts with: hosts, SR, networks, demo VMs and their disks.
 
 Shape of a small real pool: host0 is the master; one ``ext`` SR (shared when there are
-several hosts, a PBD per host: a simplification, local SRs are per host in reality); a
-management network and a dedicated "NBD network", each with a PIF carrying an IP on
-every host (the NBD PIFs also carry IPv6 addresses, as a dual-stack pool's do); dom0
-control-domain VMs, which clients must filter out.
+several hosts, a PBD per host: a simplification, local SRs are per host in reality) or,
+with ``--srs local``, one SR per host plugged on it alone; a management network and a
+dedicated "NBD network", each with a PIF carrying an IP on every host (the NBD PIFs also
+carry IPv6 addresses, as a dual-stack pool's do); dom0 control-domain VMs, which clients
+must filter out.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""The host's NBD server (xapi-nbd): fixed newstyle, forced TLS 1.2, EXPORT_NAME, read-only.
+"""The host's NBD server (xapi-nbd): fixed newstyle, EXPORT_NAME, read-only; TLS 1.2 forced
+on an ``nbd`` network, none on an ``insecure_nbd`` one, no NBD at all without (network.py).
 
 Behaviour follows REFERENCE.md section 2 and the real server's code (xapi-project/nbd
 lib/server.ml, xen-api ocaml/nbd/src/main.ml), including its rough edges: every error
