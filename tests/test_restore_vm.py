@@ -18,7 +18,7 @@ import pytest
 import XenAPI
 from cli_support import BLOCK, Vm, backup, rand, xencbt
 from crash_support import kill, kills_per_point, start, stop, wait_until
-from xensim.vms import GENERIC_BIOS_STRINGS
+from xensim.vm_bios import GENERIC_BIOS_STRINGS
 
 NULL = "OpaqueRef:NULL"
 SR = "Local storage"

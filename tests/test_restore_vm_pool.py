@@ -25,7 +25,7 @@ from test_restore_vm import (
     restore_vm,
     snapshot_of_vm,
 )
-from xensim.vms import SETTABLE_BIOS_KEYS
+from xensim.vm_bios import SETTABLE_BIOS_KEYS
 
 SETTABLE_BIOS = SETTABLE_BIOS_KEYS  # xapi-consts constants.ml, as xensim follows it
 LIVE = "live VM right after the snapshot"

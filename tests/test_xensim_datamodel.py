@@ -199,14 +199,14 @@ def test_every_message_xensim_serves_is_published_with_its_parameters(tmp_path):
     """Read from xensim's own method table, built in this process over a fresh pool."""
     from xensim import inventory
     from xensim.database import Database
-    from xensim.xapi import Options, Xapi
+    from xensim.xapi import Xapi, XapiOptions
 
     db = Database(tmp_path / "state.json")
     host = inventory.HostSpec("host0", "127.0.0.1", "PEM", "host0.xensim.test")
     inventory.build(db, tmp_path, [host], 1, [1 << 20], "nbd")
     # A random password: "unused" went to the secret watch (XENSIM_SECRETS_LOG) and was
     # then found in the appliance's /etc/iproute2/rt_dsfield (test_cli_files).
-    table = Xapi(db, Options(tmp_path, secrets.token_urlsafe(16)))._methods
+    table = Xapi(db, XapiOptions(tmp_path, secrets.token_urlsafe(16)))._methods
     assert len(table) > 300
     for method, (_, arity, session, optional) in table.items():
         cls, _, name = method.partition(".")

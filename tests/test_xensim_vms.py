@@ -1,4 +1,4 @@
-"""The simulator's VMs as xapi has them (simulator/xensim/vms.py): configuration fields,
+"""The simulator's VMs as xapi has them (simulator/xensim/vm_*.py): configuration fields,
 VIFs, vTPMs, power operations, blocked operations, VM.create/destroy, through the real
 PyPI XenAPI client."""
 

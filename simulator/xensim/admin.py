@@ -1,7 +1,10 @@
 """The xensim control API (``/xensim/…`` on the master): faults, sessions, crashes, counters.
 
 Not part of XenServer: it is how tests and the ``xensim fault``/``counters`` commands
-inject failures and read what the NBD servers did.
+inject failures (NBD, API and import faults, API reply latency, a host crash that switches
+CBT off), change the pool as its administrator or hardware would (licence, host memory,
+passed-through devices, root password, master, SR size and CBT support, sessions
+invalidated), and read what the NBD servers did (counters, logins, secrets issued).
 """
 
 from __future__ import annotations
@@ -9,7 +12,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from . import records
+from . import records, vm_placement
 from .faults import Counters, Faults
 from .xapi import Xapi
 
@@ -103,7 +106,7 @@ class Admin:
             return dict(restrictions)
 
     def _host_memory(self, args: dict) -> dict:
-        """A host's memory (Host_metrics.memory_total, vms.py ``host_free_memory``): make
+        """A host's memory (Host_metrics.memory_total, vm_placement.py ``host_free_memory``): make
         VM.start fail HOST_NOT_ENOUGH_FREE_MEMORY as on a full host."""
         db = self.xapi.db
         with db.lock:
@@ -112,7 +115,7 @@ class Admin:
                 raise ValueError(f"no host named {args['host']!r}")
             db.get("host", found[0])["_memory_total"] = int(args["memory_total"])
             db.save()
-            return {"host": args["host"], "free": self.xapi.vms.host_free_memory(found[0])}
+            return {"host": args["host"], "free": vm_placement.host_free_memory(db, found[0])}
 
     def _passthrough(self, args: dict) -> dict:
         """Give a VM a passed-through device, as a host with the hardware would: a VUSB

@@ -2,13 +2,14 @@
 
 Starts xensim, puts a real ext4 file system on the demo VM's first disk, runs a full
 backup, changes files through the guest-write path (only the blocks a guest would
-write), runs two incrementals showing how few bytes moved, restores the latest and the
-first point to files, proves them byte-identical to the disk at those moments, and
-prints a summary. The product is driven only through its command line (``xencbt``), as
-an administrator would, and each command is printed as it runs (``$ xencbt …``) for a
-newcomer to copy; the password is never on it: it is read from the file that
-``XENCBT_PASSWORD_FILE`` names (printed once, with ``XENCBT_XAPI``).  Everything started is
-stopped, even on failure.
+write), runs two incrementals showing how few bytes moved, verifies the repository,
+restores the latest and the first point of that disk to files, proves them
+byte-identical to the disk at those moments, prints a summary, and restores the whole
+VM beside the original (``restore-vm``). The product is driven only through its command
+line (``xencbt``), as an administrator would, and each command is printed as it runs
+(``$ xencbt …``) for a newcomer to copy; the password is never on it: it is read from the
+file that ``XENCBT_PASSWORD_FILE`` names (printed once, with ``XENCBT_XAPI``).  Everything
+started is stopped, even on failure.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-class Guest:
+class DemoGuest:
     """The guest's view of disk 0: a local image, copied to the VDI block by block."""
 
     def __init__(self, work: Path, state_dir: str, vdi: str, log: Path) -> None:
@@ -135,7 +136,7 @@ class Demo:
     def story(self) -> None:
         disk0 = self.first_disk()
         self.size_total = self.vm_size
-        self.guest = Guest(self.work, self.info["state_dir"], disk0["uuid"], self.log)
+        self.guest = DemoGuest(self.work, self.info["state_dir"], disk0["uuid"], self.log)
         step("writing a fresh ext4 file system onto demo-vm's disk 0 (as its guest)")
         self.guest.mkfs(disk0["size"])
         self.backup("full backup of demo-vm (both disks)")

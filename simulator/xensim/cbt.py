@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import bitmap, cbtlog, disks
 from .database import Database
-from .errors import XapiError, sr_backend_failure
+from .errors import ServerError, sr_backend_failure
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class Tracker:
         check_sm_feature_error): SR_OPERATION_NOT_SUPPORTED [sr] without it."""
         sr = self.db.get("VDI", ref)["SR"]
         if not self.db.get("SR", sr).get("_cbt", True):
-            raise XapiError("SR_OPERATION_NOT_SUPPORTED", sr)
+            raise ServerError("SR_OPERATION_NOT_SUPPORTED", sr)
 
     def enable(self, ref: str) -> None:
         """In xapi's order: the SR's feature, then xapi_vdi.ml check_operation_error
@@ -40,13 +40,13 @@ class Tracker:
         self.require_sr_support(ref)
         rec = self.db.get("VDI", ref)
         if rec["type"] == "cbt_metadata":
-            raise XapiError("VDI_INCOMPATIBLE_TYPE", ref, "cbt_metadata")
+            raise ServerError("VDI_INCOMPATIBLE_TYPE", ref, "cbt_metadata")
         if rec["is_a_snapshot"]:
-            raise XapiError("OPERATION_NOT_ALLOWED", "VDI is a snapshot")
+            raise ServerError("OPERATION_NOT_ALLOWED", "VDI is a snapshot")
         if rec.get("on_boot") == "reset":
-            raise XapiError("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
+            raise ServerError("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
         if self._restricted():
-            raise XapiError("LICENCE_RESTRICTION", "CBT")
+            raise ServerError("LICENCE_RESTRICTION", "CBT")
         if rec["sm_config"].get("type") == "raw":
             raise sr_backend_failure(66, "Raw VDI or snapshot not permitted")
         if rec["cbt_enabled"]:
@@ -64,7 +64,7 @@ class Tracker:
         self.require_sr_support(ref)
         rec = self.db.get("VDI", ref)
         if rec["is_a_snapshot"]:
-            raise XapiError("OPERATION_NOT_ALLOWED", "VDI is a snapshot")
+            raise ServerError("OPERATION_NOT_ALLOWED", "VDI is a snapshot")
         if rec["cbt_enabled"]:
             self.switch_off(ref)
 

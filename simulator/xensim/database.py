@@ -15,7 +15,7 @@ import threading
 import uuid as uuidlib
 from pathlib import Path
 
-from .errors import XapiError, handle_invalid, uuid_invalid
+from .errors import ServerError, handle_invalid, uuid_invalid
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +140,7 @@ class Database:
             other, link = REVERSE[(cls, name)]
             return self.find(other, **{link: ref})
         if name.startswith("_") or name not in rec:
-            raise XapiError("MESSAGE_METHOD_UNKNOWN", f"{cls}.get_{name}")
+            raise ServerError("MESSAGE_METHOD_UNKNOWN", f"{cls}.get_{name}")
         return copy.deepcopy(rec[name])
 
     def record(self, cls: str, ref: str) -> dict:

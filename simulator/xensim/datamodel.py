@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import XapiError
+from .errors import ServerError
 
 PATH = Path(__file__).with_name("datamodel.json")
 NULL_REF = "OpaqueRef:NULL"
@@ -162,8 +162,8 @@ def parse_default(t: str, text: str) -> Any:
 
 
 # -- unmarshalling (ocaml-rpc, XML-RPC) --------------------------------------------------
-def bad(t: str, value: Any) -> XapiError:
-    return XapiError("INTERNAL_ERROR", "Rpc.Runtime_error(%s, %r)" % (t, value))
+def bad(t: str, value: Any) -> ServerError:
+    return ServerError("INTERNAL_ERROR", "Rpc.Runtime_error(%s, %r)" % (t, value))
 
 
 def unmarshal(t: str, value: Any) -> Any:
@@ -223,7 +223,7 @@ def constructor_record(cls: str, value: dict) -> dict:
         if f.name in value:
             out[f.name] = unmarshal(f.type, value[f.name])
         elif f.default is MISSING:
-            raise XapiError(
+            raise ServerError(
                 "INTERNAL_ERROR", 'Server_helpers.Dispatcher_FieldNotFound("%s")' % f.name
             )
         else:

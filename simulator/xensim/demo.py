@@ -1,10 +1,12 @@
-"""``python -m xensim.demo`` (what ``make demo`` runs until the orchestrator exists).
+"""``python -m xensim.demo``: the simulator alone, without xencbt (``make demo`` runs
+backupdemo.py, the product's demo).
 
-Starts a simulator in a temp dir, logs in with plain XML-RPC, lists the VM, writes an
-ext4 file system (``mkfs.ext4 -d``) into its first disk as the guest would, enables CBT,
-snapshots the VM, reads the snapshot back over TLS NBD with libnbd (certificate verified;
-in this process, so the export name, which embeds a session ref, is on no command line)
-and compares checksums, then shows a CBT diff. Stops everything, even on failure.
+Starts a simulator in a temp dir, logs in with plain XML-RPC, lists the VMs, writes an
+ext4 file system (``mkfs.ext4 -d``) into the first one's disk 0 as the guest would,
+enables CBT, snapshots the VM, reads the snapshot back over TLS NBD with libnbd
+(certificate verified; in this process, so the export name, which embeds a session ref,
+is on no command line) and compares checksums, then makes a guest write and a second
+snapshot and shows the CBT diff between them. Stops everything, even on failure.
 """
 
 from __future__ import annotations

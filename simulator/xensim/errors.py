@@ -13,8 +13,9 @@ SM_ERRORS = {
 }
 
 
-class XapiError(Exception):
-    """A structured API failure: ``code`` plus string parameters."""
+class ServerError(Exception):
+    """A structured API failure, xapi's ``Api_errors.Server_error``: ``code`` plus string
+    parameters."""
 
     def __init__(self, code: str, *params: object) -> None:
         self.code = code
@@ -26,18 +27,18 @@ class XapiError(Exception):
         return [self.code, *self.params]
 
 
-def sr_backend_failure(number: int, opterr: str) -> XapiError:
+def sr_backend_failure(number: int, opterr: str) -> ServerError:
     message = f"{SM_ERRORS[number]} [opterr={opterr}]"
-    return XapiError(f"SR_BACKEND_FAILURE_{number}", "", message, "")
+    return ServerError(f"SR_BACKEND_FAILURE_{number}", "", message, "")
 
 
-def handle_invalid(cls: str, ref: str) -> XapiError:
-    return XapiError("HANDLE_INVALID", cls, ref)
+def handle_invalid(cls: str, ref: str) -> ServerError:
+    return ServerError("HANDLE_INVALID", cls, ref)
 
 
-def uuid_invalid(cls: str, uuid: str) -> XapiError:
-    return XapiError("UUID_INVALID", cls, uuid)
+def uuid_invalid(cls: str, uuid: str) -> ServerError:
+    return ServerError("UUID_INVALID", cls, uuid)
 
 
-def session_invalid(ref: str) -> XapiError:
-    return XapiError("SESSION_INVALID", ref)
+def session_invalid(ref: str) -> ServerError:
+    return ServerError("SESSION_INVALID", ref)

@@ -1,10 +1,11 @@
 """The pool a new state dir starts with: hosts, SR, networks, demo VMs and their disks.
 
 Shape of a small real pool: host0 is the master; one ``ext`` SR (shared when there are
-several hosts, a PBD per host: a simplification, local SRs are per host in reality); a
-management network and a dedicated "NBD network", each with a PIF carrying an IP on
-every host (the NBD PIFs also carry IPv6 addresses, as a dual-stack pool's do); dom0
-control-domain VMs, which clients must filter out.
+several hosts, a PBD per host: a simplification, local SRs are per host in reality) or,
+with ``--srs local``, one SR per host plugged on it alone; a management network and a
+dedicated "NBD network", each with a PIF carrying an IP on every host (the NBD PIFs also
+carry IPv6 addresses, as a dual-stack pool's do); dom0 control-domain VMs, which clients
+must filter out.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import uuid as uuidlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import disks, records, vms
+from . import disks, records, vm_bios, vm_devices
 from .database import Database
 
 
@@ -28,7 +29,7 @@ class HostSpec:
 
 
 SR_SIZE = 1 << 40
-HOST_MEMORY = 256 << 30  # each host's Host_metrics.memory_total (vms.py memory checks)
+HOST_MEMORY = 256 << 30  # each host's Host_metrics.memory_total (vm_placement.py memory checks)
 HOST_CPUS = 32
 ISO_SIZE = 631 << 20  # the ISO in the library's SR (sparse here)
 ISO_NAME = "debian-12.7.0-amd64-netinst.iso"
@@ -119,7 +120,7 @@ def _devices(db: Database, vm_ref: str, networks: list[str], vtpm: bool) -> None
     vm = db.get("VM", vm_ref)
     seed = vm["other_config"]["mac_seed"]
     for device, net in enumerate(networks):
-        vif = records.vif(vm_ref, net, str(device), vms.gen_mac(device, seed))
+        vif = records.vif(vm_ref, net, str(device), vm_devices.gen_mac(device, seed))
         vif["currently_attached"] = True
         db.add("VIF", vif)
     if vtpm:
@@ -194,7 +195,7 @@ def _demo_vm(
         platform={"acpi": "1", "apic": "true", "pae": "true", "viridian": "true", "nx": "true"},
         # what VM.start gave it at first boot (xapi_vm_helpers.ml
         # consider_generic_bios_strings)
-        bios_strings=dict(vms.GENERIC_BIOS_STRINGS),
+        bios_strings=dict(vm_bios.GENERIC_BIOS_STRINGS),
         tags=["demo"],
         other_config={
             "mac_seed": str(uuidlib.uuid4()),

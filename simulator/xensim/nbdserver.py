@@ -1,4 +1,5 @@
-"""The host's NBD server (xapi-nbd): fixed newstyle, forced TLS 1.2, EXPORT_NAME, read-only.
+"""The host's NBD server (xapi-nbd): fixed newstyle, EXPORT_NAME, read-only; TLS 1.2 forced
+on an ``nbd`` network, none on an ``insecure_nbd`` one, no NBD at all without (network.py).
 
 Behaviour follows REFERENCE.md section 2 and the real server's code (xapi-project/nbd
 lib/server.ml, xen-api ocaml/nbd/src/main.ml), including its rough edges: every error
@@ -51,7 +52,7 @@ _REQUEST = struct.Struct(">IHHQQI")
 _REPLY = struct.Struct(">IIQ")
 
 
-class Export(Protocol):
+class NbdExport(Protocol):
     size: int
 
     def pread(self, offset: int, length: int) -> bytes: ...
@@ -74,7 +75,7 @@ class NBDServer:
         mode: Callable[[], str | None],
         certfile: str,
         keyfile: str,
-        resolve: Callable[[str], Export | None],
+        resolve: Callable[[str], NbdExport | None],
         faults: Faults,
         counters: Counters,
         max_connections: int = 16,
@@ -90,7 +91,7 @@ class NBDServer:
         self._listener: socket.socket | None = None
         self._accepter: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._sessions: dict[Session, threading.Thread] = {}
+        self._sessions: dict[NbdSession, threading.Thread] = {}
         self._stopping = threading.Event()
 
     def start(self) -> None:
@@ -145,7 +146,7 @@ class NBDServer:
         with self._lock:
             full = len(self._sessions) >= self._max
             if not full and not self._faults.refusing():
-                session = Session(sock, peer, self)
+                session = NbdSession(sock, peer, self)
                 thread = threading.Thread(
                     target=self._run, args=(session,), name=f"nbd-{peer[1]}", daemon=True
                 )
@@ -160,7 +161,7 @@ class NBDServer:
         self._counters.refuse()
         sock.close()
 
-    def _run(self, session: Session) -> None:
+    def _run(self, session: NbdSession) -> None:
         try:
             mode = self._mode()
             if mode is None:
@@ -194,7 +195,7 @@ class NBDServer:
     def counters(self) -> Counters:
         return self._counters
 
-    def resolve(self, name: str) -> Export | None:
+    def resolve(self, name: str) -> NbdExport | None:
         try:
             return self._resolve(name)
         except Exception:
@@ -223,7 +224,7 @@ def tls_context(certfile: str, keyfile: str) -> ssl.SSLContext:
     return ctx
 
 
-class Session:
+class NbdSession:
     """One client connection: handshake, option haggling, then the transmission phase."""
 
     def __init__(self, sock: socket.socket, peer: tuple, server: NBDServer) -> None:
@@ -234,7 +235,7 @@ class Session:
         self.peer = peer
         self._server = server
         self._tls = False
-        self._export: Export | None = None
+        self._export: NbdExport | None = None
         self._reads = 0
         self._sent = 0  # read payload bytes sent on this connection, for drop_after_bytes
 
@@ -264,7 +265,7 @@ class Session:
 
     # -- handshake ---------------------------------------------------------------------------
 
-    def _handshake(self, tls: bool) -> Export | None:
+    def _handshake(self, tls: bool) -> NbdExport | None:
         self._send(NBDMAGIC + struct.pack(">QH", IHAVEOPT, FLAG_FIXED_NEWSTYLE))
         (client_flags,) = struct.unpack(">I", self._recv(4))
         if not client_flags & FLAG_FIXED_NEWSTYLE:
@@ -328,7 +329,7 @@ class Session:
 
     # -- transmission ------------------------------------------------------------------------
 
-    def _transmit(self, export: Export) -> None:
+    def _transmit(self, export: NbdExport) -> None:
         """Serve requests one at a time until DISC, EOF or an error that ends the session."""
         while True:
             magic, _flags, command, handle, offset, length = _REQUEST.unpack(
@@ -353,7 +354,7 @@ class Session:
     def _error(self, handle: int, code: int) -> None:
         self._send(_REPLY.pack(SIMPLE_REPLY_MAGIC, code, handle))
 
-    def _read(self, export: Export, handle: int, offset: int, length: int) -> None:
+    def _read(self, export: NbdExport, handle: int, offset: int, length: int) -> None:
         if self._server.wait_to_read():
             raise Disconnect("server stopping")
         faults = self._server.faults.snapshot()

@@ -1,4 +1,4 @@
-"""Network purposes and what each host's NBD server does about them.
+"""Networks: network.create, the purposes, and what each host's NBD server does about them.
 
 A purpose change is visible in the API at once but reaches the NBD servers only after
 the propagation delay (XenServer documents "at least 10 s"), so clients must retry.
@@ -9,22 +9,58 @@ from __future__ import annotations
 import threading
 import time
 
+from . import records
 from .database import Database
-from .errors import XapiError
+from .errors import ServerError
+from .storage import as_int
 
 NBD_PURPOSES = ("nbd", "insecure_nbd")
 _MODE = {"nbd": "tls", "insecure_nbd": "notls"}
 
 
+def create(db: Database, fields: dict) -> str:
+    """xapi_network.ml ``create``: MTU <= 0 is 1500; an empty bridge gets the next
+    free "xapi<N>" (``choose_bridge_name``); a given one longer than 15 characters
+    or starting with xen, xapi, vif, tap or eth is INVALID_VALUE [bridge, name], one
+    in use BRIDGE_NAME_EXISTS [name].  A network without PIFs is internal."""
+    bridges = [db.get("network", n)["bridge"] for n in db.refs("network")]
+    bridge = str(fields.get("bridge", ""))
+    if bridge == "":
+        n = 0
+        while f"xapi{n}" in bridges:
+            n += 1
+        bridge = f"xapi{n}"
+    else:
+        blacklisted = any(bridge.startswith(p) for p in ("xen", "xapi", "vif", "tap", "eth"))
+        if len(bridge) > 15 or blacklisted:
+            raise ServerError("INVALID_VALUE", "bridge", bridge)
+        if bridge in bridges:
+            raise ServerError("BRIDGE_NAME_EXISTS", bridge)
+    mtu = as_int(fields.get("MTU", 1500), "MTU")
+    rec = records.new(
+        "network",
+        name_label=str(fields.get("name_label", "")),
+        name_description=str(fields.get("name_description", "")),
+        MTU=1500 if mtu <= 0 else mtu,
+        other_config=dict(fields.get("other_config") or {}),
+        bridge=bridge,
+        managed=bool(fields.get("managed", True)),
+        tags=list(fields.get("tags") or []),
+        purpose=[],
+        default_locking_mode="unlocked",
+    )
+    return db.add("network", rec)
+
+
 def add_purpose(db: Database, ref: str, value: str) -> None:
     """No mixing of nbd and insecure_nbd anywhere in the pool (xapi_network.ml)."""
     if value not in ("nbd", "insecure_nbd"):
-        raise XapiError("INVALID_VALUE", "purpose", value)
+        raise ServerError("INVALID_VALUE", "purpose", value)
     rec = db.get("network", ref)
     other = "insecure_nbd" if value == "nbd" else "nbd"
     for net in db.refs("network"):
         if other in db.get("network", net)["purpose"]:
-            raise XapiError("NETWORK_INCOMPATIBLE_PURPOSES", value, other)
+            raise ServerError("NETWORK_INCOMPATIBLE_PURPOSES", value, other)
     if value not in rec["purpose"]:
         rec["purpose"].append(value)
 

@@ -13,7 +13,7 @@ import logging
 import xmlrpc.client
 from typing import Any, Callable
 
-from .errors import XapiError
+from .errors import ServerError
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class MalformedRequest(Exception):
 def _outcome(invoke: Invoke, method: str, params: list) -> tuple[bool, Any]:
     try:
         return True, invoke(method, params)
-    except XapiError as e:
+    except ServerError as e:
         return False, e.description
     except Exception as e:
         log.exception("%s failed", method)

@@ -27,7 +27,7 @@ from .exports import Resolver
 from .faults import Counters, Faults
 from .nbdserver import NBDServer
 from .web import WebServer
-from .xapi import Options, Xapi
+from .xapi import Xapi, XapiOptions
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class Simulator:
         self.db = open_database(opts)
         self.xapi = Xapi(
             self.db,
-            Options(
+            XapiOptions(
                 self.state_dir,
                 self.password,
                 session_timeout=opts.session_timeout,

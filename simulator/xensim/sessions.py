@@ -23,7 +23,7 @@ from .errors import session_invalid
 
 
 @dataclass
-class Session:
+class ApiSession:
     ref: str
     host: str
     user: str
@@ -39,12 +39,12 @@ MAX_ANONYMOUS = 400
 class Sessions:
     def __init__(self, idle_timeout: float) -> None:
         self.idle_timeout = idle_timeout
-        self._live: dict[str, Session] = {}
+        self._live: dict[str, ApiSession] = {}
         self._lock = threading.Lock()
         self.logins: Counter[str] = Counter()  # by originator, for the control API
 
-    def login(self, host: str, user: str, originator: str) -> Session:
-        session = Session(new_ref(), host, user, originator)
+    def login(self, host: str, user: str, originator: str) -> ApiSession:
+        session = ApiSession(new_ref(), host, user, originator)
         with self._lock:
             self._live[session.ref] = session
             self.logins[originator] += 1
@@ -65,7 +65,7 @@ class Sessions:
                 self._live.pop(session.ref, None)
         return len(doomed)
 
-    def check(self, ref: object) -> Session:
+    def check(self, ref: object) -> ApiSession:
         """The live session for ``ref`` (its idle clock restarts), else SESSION_INVALID."""
         with self._lock:
             session = self._live.get(ref) if isinstance(ref, str) else None

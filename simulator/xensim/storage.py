@@ -18,7 +18,7 @@ from pathlib import Path
 from . import cbtlog, disks, records
 from .cbt import Tracker
 from .database import NULL_REF, Database
-from .errors import XapiError, sr_backend_failure
+from .errors import ServerError, sr_backend_failure
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def as_int(value: object, name: str) -> int:
     try:
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise XapiError("FIELD_TYPE_ERROR", name) from None
+        raise ServerError("FIELD_TYPE_ERROR", name) from None
 
 
 class Storage:
@@ -90,7 +90,7 @@ class Storage:
 
     def refuse_metadata(self, ref: str) -> None:
         if self.vdi(ref)["type"] == "cbt_metadata":
-            raise XapiError("VDI_INCOMPATIBLE_TYPE", ref, "cbt_metadata")
+            raise ServerError("VDI_INCOMPATIBLE_TYPE", ref, "cbt_metadata")
 
     def _vbds(self, vdi_ref: str) -> list[str]:
         return self.db.find("VBD", VDI=vdi_ref)
@@ -110,7 +110,7 @@ class Storage:
                 vm for vm in vms if not (self.db.exists("VM", vm) and self._is_snapshot_vm(vm))
             ]
         if attached:
-            raise XapiError("VDI_IN_USE", vdi_ref, operation)
+            raise ServerError("VDI_IN_USE", vdi_ref, operation)
 
     def _is_snapshot_vm(self, vm_ref: str) -> bool:
         return bool(self.db.get("VM", vm_ref)["is_a_snapshot"])
@@ -135,7 +135,7 @@ class Storage:
         give fewer."""
         self.db.get("SR", fields["SR"])
         if fields.get("type") == "cbt_metadata":
-            raise XapiError("VDI_INCOMPATIBLE_TYPE", "", "cbt_metadata")
+            raise ServerError("VDI_INCOMPATIBLE_TYPE", "", "cbt_metadata")
         size = as_int(fields["virtual_size"], "virtual_size")
         if size < 0:
             raise sr_backend_failure(79, "negative size")
@@ -180,17 +180,17 @@ class Storage:
         self.refuse_metadata(ref)
         rec = self.vdi(ref)
         if rec.get("on_boot") == "reset":
-            raise XapiError("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
+            raise ServerError("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
         if rec["sm_config"].get("type") == "raw":
             raise sr_backend_failure(38, "Raw VDI, snapshot or clone not permitted")
 
     def set_on_boot(self, ref: str, value: str) -> None:
         """xapi_vdi.ml set_on_boot; refused while CBT is on (allowed_when_cbt_enabled)."""
         if value not in ("persist", "reset"):
-            raise XapiError("INVALID_VALUE", "on_boot", value)
+            raise ServerError("INVALID_VALUE", "on_boot", value)
         self.refuse_metadata(ref)
         if self.vdi(ref)["cbt_enabled"]:
-            raise XapiError("VDI_CBT_ENABLED", ref)
+            raise ServerError("VDI_CBT_ENABLED", ref)
         self.vdi(ref)["on_boot"] = value
 
     def snapshot_vdi(self, ref: str, locked: bool = False) -> str:
@@ -231,9 +231,9 @@ class Storage:
         self.cbt.require_sr_support(ref)
         rec = self.vdi(ref)
         if not rec["is_a_snapshot"]:
-            raise XapiError("OPERATION_NOT_ALLOWED", "VDI is not a snapshot")
+            raise ServerError("OPERATION_NOT_ALLOWED", "VDI is not a snapshot")
         if not rec["cbt_enabled"]:
-            raise XapiError("VDI_NO_CBT_METADATA", ref)
+            raise ServerError("VDI_NO_CBT_METADATA", ref)
         if rec["type"] == "cbt_metadata":
             return
         # xapi_vdi.ml _data_destroy marks the VDI cbt_metadata while it waits, "to minimize
@@ -243,7 +243,7 @@ class Storage:
         rec["type"] = "cbt_metadata"
         try:
             self._wait_unplugged(ref)
-        except XapiError:
+        except ServerError:
             if self.db.exists("VDI", ref):
                 rec["type"] = kind
             raise
@@ -258,10 +258,10 @@ class Storage:
         while self._vbds(ref):
             left = deadline - time.monotonic()
             if left <= 0:
-                raise XapiError("VDI_IN_USE", ref, "data_destroy")
+                raise ServerError("VDI_IN_USE", ref, "data_destroy")
             self.db.changed.wait(left)
             if not self.db.exists("VDI", ref):
-                raise XapiError("HANDLE_INVALID", "VDI", ref)
+                raise ServerError("HANDLE_INVALID", "VDI", ref)
 
     # -- SR space and HTTP imports -----------------------------------------------------
     def hosts_seeing(self, sr_ref: str) -> list[str]:
@@ -332,25 +332,25 @@ class Storage:
         if not empty:
             vdi_type = self.vdi(vdi_ref)["type"]  # HANDLE_INVALID for a bad VDI ref
             if vdi_type not in VBD_VDI_TYPES:
-                raise XapiError("VDI_INCOMPATIBLE_TYPE", vdi_ref, vdi_type)
+                raise ServerError("VDI_INCOMPATIBLE_TYPE", vdi_ref, vdi_type)
         if kind == "CD" and mode != "RO":
-            raise XapiError("VBD_CDS_MUST_BE_READONLY")
+            raise ServerError("VBD_CDS_MUST_BE_READONLY")
         if kind != "CD" and empty:
-            raise XapiError("VBD_NOT_REMOVABLE_MEDIA", "in constructor")
+            raise ServerError("VBD_NOT_REMOVABLE_MEDIA", "in constructor")
         if mode == "RW" and self.vdi(vdi_ref)["read_only"]:
-            raise XapiError("VDI_READONLY", vdi_ref)
+            raise ServerError("VDI_READONLY", vdi_ref)
         userdevice = str(fields.get("userdevice", ""))
         if not valid_device(userdevice, kind):
-            raise XapiError("INVALID_DEVICE", userdevice)
+            raise ServerError("INVALID_DEVICE", userdevice)
         used = self._used_devices(vm_ref)
         if userdevice == "autodetect":
             # xapi_vm_helpers.ml allowed_VBD_devices: HVM 0..254 (PV too), minus the used
             free = [n for n in range(255) if n not in used]
             if kind == "Floppy" or not free:
-                raise XapiError("INVALID_DEVICE", userdevice)
+                raise ServerError("INVALID_DEVICE", userdevice)
             userdevice = str(free[0])
         if device_numbers(userdevice) & used:
-            raise XapiError("DEVICE_ALREADY_EXISTS", userdevice)
+            raise ServerError("DEVICE_ALREADY_EXISTS", userdevice)
         suspended = vm["power_state"] == "Suspended"
         rec = records.new(
             "VBD",
@@ -426,7 +426,7 @@ class Storage:
         return out
 
     def destroy_vm(self, vm_ref: str) -> None:
-        """The VM's VBDs and the VM record (the caller, vms.py, checked the operation)."""
+        """The VM's VBDs and the VM record (the caller, vm_lifecycle.py, checked the operation)."""
         self.db.get("VM", vm_ref)
         for vbd in self.db.find("VBD", VM=vm_ref):
             self.db.remove("VBD", vbd)

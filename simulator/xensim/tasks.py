@@ -9,14 +9,13 @@ from __future__ import annotations
 import logging
 import threading
 import xmlrpc.client
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 from . import records
 from .database import Database
-from .errors import XapiError
-
-if TYPE_CHECKING:
-    from .xapi import Xapi
+from .errors import ServerError
+from .sessions import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +32,27 @@ def result_text(value: Any) -> str:
 
 
 class Tasks:
-    def __init__(self, db: Database, xapi: Xapi) -> None:
+    """The API's tasks.  What they run is the caller's: ``has_method(method)`` says whether
+    the API has the call, ``call(method, params, host)`` runs it (``Xapi`` passes its own;
+    this module knows nothing of it)."""
+
+    def __init__(
+        self,
+        db: Database,
+        sessions: Sessions,
+        has_method: Callable[[str], bool],
+        call: Callable[[str, list, str], Any],
+    ) -> None:
         self.db = db
-        self.xapi = xapi
+        self.sessions = sessions
+        self.has_method = has_method
+        self.call = call
 
     def start(self, method: str, params: list, host: str) -> str:
         """Fail at once for what xapi checks before creating the task."""
-        if not self.xapi.has_method(method) or method.startswith("session."):
-            raise XapiError("MESSAGE_METHOD_UNKNOWN", f"Async.{method}")
-        session = self.xapi.sessions.check(params[0] if params else None)
+        if not self.has_method(method) or method.startswith("session."):
+            raise ServerError("MESSAGE_METHOD_UNKNOWN", f"Async.{method}")
+        session = self.sessions.check(params[0] if params else None)
         with self.db.lock:
             rec = records.task(f"Async.{method}")
             rec["resident_on"] = host
@@ -56,9 +67,9 @@ class Tasks:
 
     def _run(self, ref: str, method: str, params: list, host: str) -> None:
         try:
-            value = self.xapi.call(method, params, host)
+            value = self.call(method, params, host)
             outcome = {"status": "success", "result": result_text(value)}
-        except XapiError as e:
+        except ServerError as e:
             outcome = {"status": "failure", "error_info": e.description}
         except Exception as e:  # a bug in the simulator: report it like xapi would
             log.exception("task %s failed", method)
@@ -115,6 +126,6 @@ class Tasks:
     def cancel(self, ref: str) -> str:
         task = self.db.get("task", ref)
         if task["status"] != "pending":
-            raise XapiError("OPERATION_NOT_ALLOWED", "task is not pending")
+            raise ServerError("OPERATION_NOT_ALLOWED", "task is not pending")
         task.update(status="cancelled", finished=records.now_stamp())
         return ""

@@ -18,7 +18,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any
 
 from . import disks, rpc
-from .errors import XapiError
+from .errors import ServerError
 
 if TYPE_CHECKING:
     from .admin import Admin
@@ -151,7 +151,7 @@ class Handler(BaseHTTPRequestHandler):
             raise HttpError(401, "Unauthorized")
         try:
             self.server.xapi.sessions.check(session)
-        except XapiError:
+        except ServerError:
             raise HttpError(401, "Unauthorized") from None
 
     def _cookies(self) -> dict[str, str]:
@@ -313,6 +313,6 @@ class Handler(BaseHTTPRequestHandler):
             result = admin.handle(verb, path[len("/xensim/") :], args)
         except KeyError:
             raise HttpError(404, f"no control {verb} {path}") from None
-        except (ValueError, TypeError, XapiError) as e:
+        except (ValueError, TypeError, ServerError) as e:
             raise HttpError(400, str(e)) from None
         self._send(200, json.dumps(result).encode(), "application/json")

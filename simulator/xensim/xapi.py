@@ -1,6 +1,6 @@
 """The XenAPI: method table, parameter checks, sessions, and the per-class calls.
 
-``Xapi.call(method, params, host)`` returns the value or raises ``XapiError``; the wire
+``Xapi.call(method, params, host)`` returns the value or raises ``ServerError``; the wire
 encodings (XML-RPC, JSON-RPC) live in ``rpc.py``.
 """
 
@@ -16,19 +16,19 @@ from typing import Any
 
 from . import datamodel, network, records
 from .database import CLASSES, NULL_REF, Database, canonical_class
-from .errors import XapiError
+from .errors import ServerError
 from .hostile import ApiFaults, Credentials
 from .latency import ApiLatency
-from .sessions import Session, Sessions
+from .sessions import ApiSession, Sessions
 from .storage import Storage
 from .tasks import Tasks
-from .vms import Vms
+from .vm_lifecycle import Vms
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
-class Options:
+class XapiOptions:
     state_dir: Path
     password: str
     nbd_port: int = 10809
@@ -50,14 +50,14 @@ Handler = Callable[..., Any]
 
 
 class Xapi:
-    def __init__(self, db: Database, options: Options) -> None:
+    def __init__(self, db: Database, options: XapiOptions) -> None:
         self.db = db
         self.options = options
         self.sessions = Sessions(options.session_timeout)
         self.credentials = Credentials(options.password)
         self.api_faults = ApiFaults()
         self.storage = Storage(db, options.state_dir, options.in_use_wait)
-        self.tasks = Tasks(db, self)
+        self.tasks = Tasks(db, self.sessions, self.has_method, self.call)
         self.vms = Vms(db, self.storage, lambda: self.master)
         self.propagation = network.Propagation(network.host_modes(db), options.propagation)
         self.master = db.get("pool", db.refs("pool")[0])["master"]
@@ -80,17 +80,17 @@ class Xapi:
             return self.tasks.start(method[len("Async.") :], params, host)
         key = self._key(method)
         if key is None:
-            raise XapiError("MESSAGE_METHOD_UNKNOWN", method)
+            raise ServerError("MESSAGE_METHOD_UNKNOWN", method)
         handler, arity, needs_session, optional = self._methods[key]
         cls, name = key.split(".", 1)
         if method.startswith("session.login"):
             if not 2 <= len(params) <= 4:
-                raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, 4, len(params))
+                raise ServerError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, 4, len(params))
             return handler(host, *datamodel.check_params(cls, name, params))
         # gen_server.ml: the count expected and received exclude the session
         given = len(params) - (1 if needs_session else 0)
         if not arity <= given <= arity + optional:
-            raise XapiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, arity, given)
+            raise ServerError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, arity, given)
         session = self.check_session(params[0], host)
         args = datamodel.check_params(cls, name, params[1:])
         with self.db.lock:
@@ -109,13 +109,13 @@ class Xapi:
             return None
         return key
 
-    def check_session(self, ref: object, host: str) -> Session:
+    def check_session(self, ref: object, host: str) -> ApiSession:
         """xen-api ocaml/xapi/session_check.ml ``check``: a session that is not an
         intra-pool login (none of ours is) used on a pool member's API gets
         HOST_IS_SLAVE with the master's address, on every call that takes a session."""
         session = self.sessions.check(ref)
         if host != self.master:
-            raise XapiError("HOST_IS_SLAVE", self.db.get("host", self.master)["address"])
+            raise ServerError("HOST_IS_SLAVE", self.db.get("host", self.master)["address"])
         return session
 
     def has_method(self, method: str) -> bool:
@@ -159,7 +159,7 @@ class Xapi:
         def add_to(c, ref, key, value):
             current = self.db.get(cls, ref)[name]
             if key in current:
-                raise XapiError("MAP_DUPLICATE_KEY", cls, name, ref, key)
+                raise ServerError("MAP_DUPLICATE_KEY", cls, name, ref, key)
             current[key] = value
 
         def remove_from(c, ref, key):
@@ -245,10 +245,10 @@ class Xapi:
         force).  Too many sessions of one originator: the least recently active go
         (``max_sessions_per_originator``, see sessions.py)."""
         if host != self.master:
-            raise XapiError("HOST_IS_SLAVE", self.db.get("host", self.master)["address"])
+            raise ServerError("HOST_IS_SLAVE", self.db.get("host", self.master)["address"])
         if user != "root" or not self.credentials.accepts(password):
             time.sleep(self.options.auth_fail_delay)
-            raise XapiError("SESSION_AUTHENTICATION_FAILED", user, "Authentication failure")
+            raise ServerError("SESSION_AUTHENTICATION_FAILED", user, "Authentication failure")
         originator = str(rest[1]) if len(rest) > 1 else ""
         ref = self.sessions.login(host, str(user), originator).ref
         self.credentials.issued(ref)
@@ -288,7 +288,7 @@ class Xapi:
         on it."""
         rec = self.db.get("PIF", ref)
         if not attached and rec["management"]:
-            raise XapiError("PIF_IS_MANAGEMENT_INTERFACE", ref)
+            raise ServerError("PIF_IS_MANAGEMENT_INTERFACE", ref)
         rec["currently_attached"] = attached
         self.propagation.changed(network.host_modes(self.db))
         return ""
@@ -308,7 +308,7 @@ class Xapi:
             and self.db.get("VDI", vbd["VDI"])["SR"] == pbd["SR"]
         ]
         if active:
-            raise XapiError("VDI_IN_USE", *active)
+            raise ServerError("VDI_IN_USE", *active)
         pbd["currently_attached"] = False
         return ""
 
