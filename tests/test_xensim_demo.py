@@ -1,4 +1,5 @@
-"""``python -m xensim.demo`` (``make demo``) runs end to end and cleans up after itself."""
+"""``python -m xensim.demo`` (the simulator alone; ``make demo`` runs xensim/backupdemo.py)
+runs end to end and cleans up after itself."""
 
 from __future__ import annotations
 
