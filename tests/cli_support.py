@@ -1,11 +1,13 @@
 """Helpers (no tests) for the xencbt command's end-to-end tests: run the real command against the
-simulator, write through the guest's disk, keep a model of every disk."""
+simulator, write through the guest's disk, keep a model of every disk (and of every point a
+run of backups took), and check a repository's points against it."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -177,3 +179,42 @@ def disk_rows(listed: dict) -> list[dict]:
     """Every disk point of ``xencbt list --json`` (VMs > points > disks), one row each."""
     assert set(listed) >= {"repository", "vms"}, listed
     return [d for vm in listed["vms"] for p in vm["points"] for d in p["disks"]]
+
+
+def backups(sim, repo, vm: Vm, n: int, history: dict, data=rand) -> None:
+    """``n`` backups, each after a block of ``data(BLOCK)`` written on each disk."""
+    for _ in range(n):
+        vm.write(0, {random.randrange(16) * BLOCK: data(BLOCK)})
+        vm.write(1, {random.randrange(8) * BLOCK: data(BLOCK)})
+        (got,) = backup(sim, repo, "demo-vm")["vms"]
+        assert got["ok"], got
+        history[got["point"]] = [bytes(m) for m in vm.models]
+
+
+def manifests(repo, vm: Vm) -> list[dict[str, dict]]:
+    found = []
+    for vdi in vm.uuids:
+        chain = repo / vm.uuid / vdi
+        found.append({p.stem: json.loads(p.read_text()) for p in sorted(chain.glob("2*.json"))})
+    return found
+
+
+def same_as_model(sim, repo, vm: Vm, history: dict, tmp_path) -> None:
+    for disk, points in enumerate(manifests(repo, vm)):
+        for point in points:
+            assert restored(sim, repo, tmp_path, vm.uuids[disk], point) == history[point][disk]
+
+
+def same_vm_points(src, dst, vm: Vm, points: list[str]) -> None:
+    """DST has exactly ``points`` as VM points, each configuration byte-identical to SRC's
+    and private, each manifest naming DST's disk points (what restore-vm needs)."""
+    there = dst / vm.uuid / "points"
+    assert sorted(p.name for p in there.iterdir()) == sorted(
+        name for point in points for name in (point + ".json", point + ".config.json")
+    )
+    for point in points:
+        config = there / (point + ".config.json")
+        assert config.read_bytes() == (src / vm.uuid / "points" / config.name).read_bytes()
+        assert config.stat().st_mode & 0o077 == 0
+        for d in json.loads((there / (point + ".json")).read_text())["disks"]:
+            assert (dst / vm.uuid / d["vdi_uuid"] / (d["point"] + ".json")).exists()

@@ -5,23 +5,11 @@ from __future__ import annotations
 import base64
 
 import pytest
-from hypothesis import given, settings
+from cbt_strategies import disks
+from hypothesis import given
 from hypothesis import strategies as st
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap, bitmap_length, encode
 from xencbt_core.errors import ConfigError
-
-
-@st.composite
-def disks(draw):
-    size = draw(st.integers(min_value=1, max_value=300)) * 512 * draw(st.sampled_from([1, 128]))
-    nblocks = -(-size // BLOCK_SIZE)
-    changed = draw(st.sets(st.integers(min_value=0, max_value=nblocks - 1)))
-    return size, changed
-
-
-# CI machines are slow and shared: correctness here, speed in `make bench`.
-settings.register_profile("xencbt", deadline=None, max_examples=200)
-settings.load_profile("xencbt")
 
 
 def naive(size: int, changed: set[int]) -> list[bool]:

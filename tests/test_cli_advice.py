@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from cli_support import BLOCK, XENCBT, Vm, cli_env, rand, sha, xencbt
-from test_repo_faults import own_data_offset
+from qemu_images import own_data_offset
 from xencbt_core.trust import fingerprint
 
 

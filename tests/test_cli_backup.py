@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 from cli_support import BLOCK, CHUNK, Vm, backup, disk_rows, rand, restored_sha, served, sha, xencbt
+from qemu_images import corrupt_data_cluster
 
 
 @pytest.fixture
@@ -157,18 +158,6 @@ def test_fallbacks_to_full_say_why(sim, tmp_path):
     assert manifest["type"] == "full" and "--full" in manifest["reason"]
     for disk, uuid in enumerate(vm.uuids):
         assert restored_sha(sim, repo, tmp_path, uuid) == sha(vm.models[disk])
-
-
-def corrupt_data_cluster(path) -> None:
-    entries = json.loads(
-        subprocess.run(
-            ["qemu-img", "map", "--output=json", path], capture_output=True, check=True, text=True
-        ).stdout
-    )
-    offset = next(e["offset"] for e in entries if e["data"] and e["depth"] == 0)
-    with open(path, "r+b") as f:
-        f.seek(offset + 100)
-        f.write(b"corrupted!")
 
 
 def test_verify_names_the_corrupted_point(sim, tmp_path):

@@ -13,8 +13,7 @@ import pytest
 import xapirec
 from cli_support import BLOCK, XENCBT, Vm, cli_env, rand, restored_sha, sha
 from secretwatch import WATCH
-from test_cli_serve import children
-from vmdisk import serving
+from vmdisk import children, read, serving
 
 PLUGIN_ORIGINATOR = "xencbt-plugin"
 
@@ -125,7 +124,3 @@ def test_serve_snapshot_vm_serves_every_disk_through_one_nbdkit(sim, tmp_path):
     # The snapshot VM and its disks are gone again.
     assert set(vm.x.VM.get_all()) == vms_before
     assert set(vm.x.VDI.get_all()) == vdis_before
-
-
-def read(uri: str) -> bytes:
-    return subprocess.run(["nbdcopy", "--", uri, "-"], capture_output=True, check=True).stdout

@@ -12,11 +12,17 @@ import signal
 import time
 
 import pytest
-from cli_support import BLOCK, Vm, backup, rand, restored, xencbt
+from cli_support import (
+    Vm,
+    backups,
+    manifests,
+    same_as_model,
+    same_vm_points,
+    xencbt,
+)
 from crash_support import start, wait_gone
+from qemu_images import compressed_clusters, corrupt_data_cluster
 from tally import tally
-from test_cli_backup import corrupt_data_cluster
-from test_cli_repoconfig import compressed_clusters
 
 pytestmark = pytest.mark.reliability
 
@@ -24,45 +30,6 @@ pytestmark = pytest.mark.reliability
 @pytest.fixture
 def sim(xensim_factory):
     return xensim_factory(disk_sizes="1M,512K", in_use_wait=0.5)
-
-
-def backups(sim, repo, vm: Vm, n: int, history: dict, data=rand) -> None:
-    """``n`` backups, each after a block of ``data(BLOCK)`` written on each disk."""
-    for _ in range(n):
-        vm.write(0, {random.randrange(16) * BLOCK: data(BLOCK)})
-        vm.write(1, {random.randrange(8) * BLOCK: data(BLOCK)})
-        (got,) = backup(sim, repo, "demo-vm")["vms"]
-        assert got["ok"], got
-        history[got["point"]] = [bytes(m) for m in vm.models]
-
-
-def manifests(repo, vm: Vm) -> list[dict[str, dict]]:
-    found = []
-    for vdi in vm.uuids:
-        chain = repo / vm.uuid / vdi
-        found.append({p.stem: json.loads(p.read_text()) for p in sorted(chain.glob("2*.json"))})
-    return found
-
-
-def same_as_model(sim, repo, vm: Vm, history: dict, tmp_path) -> None:
-    for disk, points in enumerate(manifests(repo, vm)):
-        for point in points:
-            assert restored(sim, repo, tmp_path, vm.uuids[disk], point) == history[point][disk]
-
-
-def same_vm_points(src, dst, vm: Vm, points: list[str]) -> None:
-    """DST has exactly ``points`` as VM points, each configuration byte-identical to SRC's
-    and private, each manifest naming DST's disk points (what restore-vm needs)."""
-    there = dst / vm.uuid / "points"
-    assert sorted(p.name for p in there.iterdir()) == sorted(
-        name for point in points for name in (point + ".json", point + ".config.json")
-    )
-    for point in points:
-        config = there / (point + ".config.json")
-        assert config.read_bytes() == (src / vm.uuid / "points" / config.name).read_bytes()
-        assert config.stat().st_mode & 0o077 == 0
-        for d in json.loads((there / (point + ".json")).read_text())["disks"]:
-            assert (dst / vm.uuid / d["vdi_uuid"] / (d["point"] + ".json")).exists()
 
 
 def test_copy_what_dst_lacks_with_its_own_compression(sim, tmp_path):

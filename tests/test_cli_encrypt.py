@@ -4,7 +4,6 @@ the repository's bytes are searched for the guest's own marker."""
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import random
@@ -14,71 +13,20 @@ import time
 from pathlib import Path
 
 import pytest
-from cli_support import BLOCK, Vm, backup, rand, restored, xencbt
+from cli_support import BLOCK, Vm, backup, backups, manifests, restored, same_as_model, xencbt
 from crash_support import start, wait_gone
-from secretwatch import WATCH
+from encrypt_support import assert_marker_nowhere, init_encrypted, make_key, marked, tree_bytes
+from qemu_images import image_info
 from tally import tally
-from test_cli_copy import backups, manifests, same_as_model
-from test_restore_vm import check_disks, destroy_vm_and_disks, prepared, restore_vm, snapshot_of_vm
+from vm_restore import check_disks, destroy_vm_and_disks, prepared, restore_vm, snapshot_of_vm
 from vmdisk import serving
 
-MARKER = b"XENCBT-MARKER-the-guest-wrote-this-7f3a9c"
 SEALED = b"XENCBT-SEALED-1\n"
-
-
-def make_key(path: Path) -> Path:
-    """A key file as README says to make one (openssl rand -base64 48), registered with
-    the secret watch: argv, environment, logs and outputs are checked for it."""
-    text = base64.b64encode(os.urandom(48)).decode() + "\n"
-    path.write_text(text)
-    path.chmod(0o600)
-    WATCH.register(text.strip())
-    return path
-
-
-def marked(n: int) -> bytes:
-    """``n`` bytes of guest data holding the marker, the rest random."""
-    return (MARKER + rand(n))[:n]
-
-
-def tree_bytes(root: Path) -> dict[str, tuple[int, bytes]]:
-    """Every file under ``root``: relative path -> (mode, bytes)."""
-    return {
-        str(p.relative_to(root)): (p.stat().st_mode, p.read_bytes())
-        for p in sorted(root.rglob("*"))
-        if p.is_file()
-    }
-
-
-def assert_marker_nowhere(root: Path) -> int:
-    files = tree_bytes(root)
-    for name, (_, data) in files.items():
-        assert MARKER not in data, "the guest's marker is in clear in %s" % name
-        assert MARKER.hex().encode() not in data, name
-    return len(files)
-
-
-def image_info(path: Path) -> dict:
-    out = subprocess.run(
-        ["qemu-img", "info", "-U", "--output=json", "-f", "qcow2", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return json.loads(out)
 
 
 @pytest.fixture
 def sim(xensim_factory):
     return xensim_factory(disk_sizes="2M+512", in_use_wait=0.5)
-
-
-def init_encrypted(sim, repo: Path, key: Path) -> None:
-    r = xencbt(sim, "--key-file", str(key), "init", "--repo", str(repo), "--encrypt")
-    assert "compression none, encryption luks" in r.stderr
-    conf = (repo / "repository.conf").read_text()
-    assert "encryption = luks" in conf and "key_check = " in conf
-    assert key.read_text().strip() not in conf
 
 
 def test_encrypted_chain_backs_up_restores_verifies_prunes(sim, tmp_path, monkeypatch):

@@ -10,6 +10,7 @@ import subprocess
 
 import pytest
 from cli_support import BLOCK, Vm, backup, rand, restored, served, xencbt
+from qemu_images import compressed_clusters
 
 # Guest data that compresses (text) next to data that does not (random).
 TEXT = (b"xencbt compresses the clusters of its images with zstd. " * 5000)[: 4 * BLOCK]
@@ -18,17 +19,6 @@ TEXT = (b"xencbt compresses the clusters of its images with zstd. " * 5000)[: 4 
 @pytest.fixture
 def sim(xensim_factory):
     return xensim_factory(disk_sizes="2M", in_use_wait=0.5)
-
-
-def compressed_clusters(path) -> float:
-    """The share of the image's clusters qemu-img check counts as compressed (percent)."""
-    out = subprocess.run(
-        ["qemu-img", "check", "-U", "-f", "qcow2", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    return float(re.search(r"([\d.]+)% compressed clusters", out).group(1))
 
 
 def image_compression(path) -> str | None:

@@ -8,7 +8,8 @@ import subprocess
 import nbd
 import pytest
 from cli_support import BLOCK, CHUNK, Vm, backup, content, rand, sha, xencbt
-from test_cli_encrypt import image_info, init_encrypted, make_key
+from encrypt_support import init_encrypted, make_key
+from qemu_images import image_info
 
 
 def read_vdi(sim, uuid: str, size: int) -> bytes:

@@ -1,6 +1,6 @@
 """xencbt prune --keep-* over backups taken on simulated weeks (XENCBT_NOW names each
 point), through the real CLI against the simulator: which VM points each policy keeps,
-against the hand-worked table of test_retention.py, and every kept point of every disk
+against the hand-worked table of retention_cases.py, and every kept point of every disk
 restoring byte-identical to the test's model of the guest after the prune."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import cli_support
 import pytest
 from cli_support import BLOCK, Vm, backup, rand, restored, xencbt
-from test_retention import POINTS
+from retention_cases import POINTS, TABLE
 
 
 @pytest.fixture
@@ -59,8 +59,6 @@ def test_policies_over_simulated_weeks(sim, weeks, tmp_path):
     before = on_disk(repo, vm)
     names = {point_id(n): n for n in POINTS}
     # Dry runs: each policy's choice, per VM point, as the table says; nothing changes.
-    from test_retention import TABLE
-
     for policy, expected in TABLE:
         args = []
         for rule, n in policy.__dict__.items():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 from cli_support import BLOCK, CHUNK, Vm, rand, xencbt
-from test_repo_faults import own_data_offset
+from qemu_images import own_data_offset
 
 
 @pytest.fixture

@@ -15,32 +15,13 @@ from urllib.parse import parse_qs, urlparse
 import pki
 import pytest
 from cli_support import BLOCK, Vm, backup, content, disk_rows, rand, sha, xencbt
-from vmdisk import ready_line, serving
+from vmdisk import children, ready_line, serving
 
 
 def read_uri(uri: str, *args: str) -> bytes:
     done = subprocess.run(["nbdcopy", *args, "--", uri, "-"], capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()
     return done.stdout
-
-
-GUARD = "sh -c trap"  # xencbt's guard of its children's process group (children.py)
-
-
-def children(pid: int) -> list[tuple[int, str]]:
-    """(pid, argv as one line) of the processes whose parent is ``pid``, but the guard."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path("/proc", entry, "stat").read_text()
-            argv = Path("/proc", entry, "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and not argv.startswith(GUARD):
-            found.append((int(entry), argv))
-    return found
 
 
 def gone(pid: int, timeout: float = 30.0) -> bool:

@@ -14,11 +14,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from cli_support import BLOCK, Vm, backup, restored, xencbt
-from test_cli_backup import corrupt_data_cluster
-from test_cli_copy import backups, manifests, same_as_model
-from test_cli_encrypt import assert_marker_nowhere, make_key, marked
-from test_cli_repoconfig import compressed_clusters
+from cli_support import BLOCK, Vm, backup, backups, manifests, restored, same_as_model, xencbt
+from encrypt_support import assert_marker_nowhere, make_key, marked
+from qemu_images import compressed_clusters, corrupt_data_cluster
 
 pytestmark = pytest.mark.reliability
 

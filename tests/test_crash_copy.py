@@ -21,10 +21,9 @@ import os
 from pathlib import Path
 
 import pytest
-from cli_support import Vm, xencbt
+from cli_support import Vm, backups, manifests, same_as_model, same_vm_points, xencbt
 from crash_support import Kills, kill_if, start, wait_until
 from tally import tally
-from test_cli_copy import backups, manifests, same_as_model, same_vm_points
 
 pytestmark = pytest.mark.reliability
 

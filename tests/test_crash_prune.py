@@ -21,8 +21,9 @@ import time
 import pytest
 from cli_support import Vm, content, restored, xencbt
 from crash_support import Aftermath, Inotify, Kills, chain_dirs, kill_if, scribble, start
+from encrypt_support import init_encrypted, make_key
+from qemu_images import image_info
 from tally import tally
-from test_cli_encrypt import image_info, init_encrypted, make_key
 
 pytestmark = pytest.mark.reliability
 

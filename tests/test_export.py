@@ -6,9 +6,9 @@ import contextlib
 import threading
 
 import pytest
+from cbt_strategies import disks  # the same disks; its hypothesis profile too
 from hypothesis import given
 from hypothesis import strategies as st
-from test_cbt import disks  # noqa: F401  (the same disks; its hypothesis profile too)
 from xencbt_core import export
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap, encode
 from xencbt_core.errors import ConnectionDead

@@ -13,9 +13,9 @@ from pathlib import Path
 import invariants
 import pytest
 from cli_support import BLOCK, Vm, rand, xencbt
+from encrypt_support import make_key
+from qemu_images import corrupt_data_cluster
 from tally import tally
-from test_cli_backup import corrupt_data_cluster
-from test_cli_encrypt import make_key
 
 
 @pytest.fixture

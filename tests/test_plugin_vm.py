@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import xapirec
 from cli_support import Vm, rand, sha
+from qemu_images import flatten, top_blocks
 from servers import PLUGIN, plugin_server, run_plugin
-from test_plugin_xapi import flatten, top_blocks
 from xensim.disks import data_path
 
 BLOCK = 64 * 1024

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nbd
 import pytest
+from qemu_images import flatten, top_blocks
 from servers import plugin_server, qemu_nbd_rw, run_plugin
 
 BLOCK = 64 * 1024
@@ -90,24 +91,6 @@ def full_copy(disk: Disk, vdi: str, out: Path, *extra: str, verbose: bool = Fals
     r = run_plugin(disk.params(vdi, *extra), 'nbdcopy "$uri" %s' % out, verbose=verbose)
     assert r.returncode == 0, r.stderr
     return r
-
-
-def top_blocks(image: Path) -> set[int]:
-    entries = json.loads(
-        subprocess.run(
-            ["qemu-img", "map", "--output=json", image], check=True, capture_output=True
-        ).stdout
-    )
-    blocks: set[int] = set()
-    for e in entries:
-        if e["depth"] == 0 and (e["data"] or e["zero"]):
-            blocks.update(range(e["start"] // BLOCK, -(-(e["start"] + e["length"]) // BLOCK)))
-    return blocks
-
-
-def flatten(image: Path, out: Path) -> bytes:
-    subprocess.run(["qemu-img", "convert", "-O", "raw", image, out], check=True)
-    return out.read_bytes()
 
 
 def test_full_then_incrementals_are_byte_identical(disk, tmp_path, xensim):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from test_cli_repository import flat_sha, make_chain, verified
+from repo_chains import flat_sha, make_chain, verified
 from xencbt_cli.jobs import prune, verify
 from xencbt_cli.proc import qemu_img
 from xencbt_cli.repo import image

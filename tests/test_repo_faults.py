@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from cli_support import BLOCK, CHUNK, Vm, disk_rows, rand, restored_sha, xencbt
 from crash_support import Aftermath, Inotify, listing
+from qemu_images import own_data_offset
 from tally import tally
 
 pytestmark = pytest.mark.reliability
@@ -68,22 +69,6 @@ def verify(sim, repo: Path, code: int) -> subprocess.CompletedProcess:
     after = {p: p.stat().st_mtime_ns for p in repo.rglob("*") if p.is_file()}
     assert before == after, "verify changed the repository"
     return r
-
-
-# -- damaged images ----------------------------------------------------------------------
-def own_data_offset(path: Path, guest_offset: int) -> int:
-    """Where in the qcow2 file the image's own copy of a guest block lies."""
-    out = subprocess.run(
-        ["qemu-img", "map", "--output=json", "-f", "qcow2", str(path)],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    for m in json.loads(out):
-        start, end = m["start"], m["start"] + m["length"]
-        if m["depth"] == 0 and m["data"] and "offset" in m and start <= guest_offset < end:
-            return m["offset"] + guest_offset - start
-    raise AssertionError("block not allocated in %s" % path)
 
 
 def test_damaged_images_are_named_with_every_point_built_on_them(sim, tmp_path):

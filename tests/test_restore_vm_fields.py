@@ -14,8 +14,7 @@ from pathlib import Path
 import pytest
 import xapirec
 from cli_support import backup
-from test_restore_vm import NULL, destroy_vm_and_disks
-from test_restore_vm_pool import restore_named
+from vm_restore import NULL, destroy_vm_and_disks, restore_named
 
 DATAMODEL = Path(__file__).resolve().parent.parent / "simulator" / "xensim" / "datamodel.json"
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import xapirec
 from cli_support import BLOCK, Vm, backup, rand, xencbt
-from test_restore_vm import (
+from vm_restore import (
     NULL,
     SR,
     booted_bios,
@@ -22,6 +22,7 @@ from test_restore_vm import (
     destroy_vm_and_disks,
     pool_state,
     raw,
+    restore_named,
     restore_vm,
     snapshot_of_vm,
 )
@@ -166,13 +167,6 @@ def api_vm(x, name: str, memory: int, vif: dict | None = None) -> str:
     network = x.network.get_by_name_label("Pool-wide network associated with eth0")[0]
     x.VIF.create(xapirec.vif(ref, network, "0", **(vif or {})))
     return ref
-
-
-def restore_named(sim, repo: Path, vm: str, *args: str, check: int | None = 0):
-    r = xencbt(
-        sim, "--json", "restore-vm", "--repo", str(repo), vm, "--to-sr", SR, *args, check=check
-    )
-    return json.loads(r.stdout) if r.stdout else {}, r
 
 
 def test_start_that_fails_on_memory_keeps_the_vm_and_exits_7(xensim, tmp_path):

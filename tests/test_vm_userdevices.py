@@ -14,10 +14,8 @@ import pytest
 import xapirec
 from cli_support import BLOCK, Vm, backup, rand, restored, sha, xencbt
 from servers import plugin_server
-from test_cli_backup_vm import read
-from test_restore_vm import NULL, SR, destroy_vm_and_disks
-from test_restore_vm_pool import restore_named
-from vmdisk import serving
+from vm_restore import NULL, SR, destroy_vm_and_disks, restore_named
+from vmdisk import read, serving
 
 NAME = "gapped-vm"
 DEVICES = ("1", "3")

@@ -1,11 +1,13 @@
 """Helpers (no tests) for serving disks to mount: an ext4 file system written into a simulated
-VDI as its guest would, and ``xencbt serve`` run as a process until the block ends."""
+VDI as its guest would, ``xencbt serve`` run as a process until the block ends, the
+processes it started, and a served disk read whole."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import json
+import os
 import select
 import signal
 import subprocess
@@ -120,3 +122,26 @@ def stop(proc) -> tuple[int, str]:
         raise AssertionError("xencbt serve ignored SIGTERM for 60 s: %s" % err) from None
     WATCH.output("xencbt serve (stderr)", err)
     return proc.returncode, err
+
+
+GUARD = "sh -c trap"  # xencbt's guard of its children's process group (children.py)
+
+
+def children(pid: int) -> list[tuple[int, str]]:
+    """(pid, argv as one line) of the processes whose parent is ``pid``, but the guard."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+            argv = Path("/proc", entry, "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and not argv.startswith(GUARD):
+            found.append((int(entry), argv))
+    return found
+
+
+def read(uri: str) -> bytes:
+    return subprocess.run(["nbdcopy", "--", uri, "-"], capture_output=True, check=True).stdout
