@@ -13,26 +13,36 @@ import contextlib
 import json
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from ..errors import RepositoryError
 from ..proc import qemu_img
 from . import layout
 from .layout import VM_POINTS, write_atomically
+from .manifest import Manifest
 
-if TYPE_CHECKING:  # for annotations only: the repository imports this module
-    from .repository import Chain
+
+class JournaledChain(Protocol):
+    """What the journal needs of a chain (repository.Chain, which imports this module)."""
+
+    path: Path
+
+    def get(self, point: str | None) -> Manifest: ...
+    def image_path(self, point: str) -> Path: ...
+    def commit(self, manifest: Manifest, sums: bytes | None = None) -> None: ...
+    def remove(self, point: str) -> None: ...
+
 
 log = logging.getLogger(__name__)
 
 JOURNAL = ".prune.json"
 
 
-def write(chain: Chain, journal: dict) -> None:
+def write(chain: JournaledChain, journal: dict) -> None:
     write_atomically(chain.path / JOURNAL, json.dumps(journal))
 
 
-def finish(chain: Chain, journal: dict) -> None:
+def finish(chain: JournaledChain, journal: dict) -> None:
     m = chain.get(journal["point"])
     base = journal.get("base")
     if m.base_point != base:
@@ -48,7 +58,7 @@ def finish(chain: Chain, journal: dict) -> None:
     layout.fsync_dir(chain.path)
 
 
-def load(chain: Chain) -> dict | None:
+def load(chain: JournaledChain) -> dict | None:
     """The journal of an interrupted prune, with ``swapped``: whether the flattened image
     already replaced the kept point's (then the prune is rolled forward, else back)."""
     path = chain.path / JOURNAL
@@ -69,7 +79,7 @@ def load(chain: Chain) -> dict | None:
     return journal
 
 
-def recover(chain: Chain) -> None:
+def recover(chain: JournaledChain) -> None:
     """Roll an interrupted prune forward (swap done) or back (not done)."""
     journal = load(chain)
     if journal is None:
