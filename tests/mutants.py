@@ -192,7 +192,7 @@ MUTANTS = [
     ),
     Mutant(
         "invariant modes - files 0600 whatever the umask",
-        "orchestrate/xencbt_cli/repo/repository.py",
+        "orchestrate/xencbt_cli/repo/layout.py",
         "        os.fchmod(fd, PRIVATE_FILE)  # a tmp file left by an older run may be 0644\n",
         "        os.fchmod(fd, 0o644)\n",
         ("tests/test_invariants.py::test_verify_names_open_modes_and_repair_mends_them",),
