@@ -501,7 +501,7 @@ def repository(args, conf: settings.Settings, key_required: bool = True):
 def cmd_backup(args, conf: settings.Settings) -> int:
     from .jobs.backup import Backup
     from .jobs.snapshot_copy import Copier
-    from .xapi.facade import Pool
+    from .xapi.facade import PoolApi
     from .xapi.networks import warn_if_insecure
 
     if not 1 <= args.connections <= 16:
@@ -525,7 +525,7 @@ def cmd_backup(args, conf: settings.Settings) -> int:
         copier = Copier(conf, password, args.connections, False, args.retry_timeout)
         copier.compression = config.compression
         job = Backup(
-            Pool(session, args.in_use_timeout),
+            PoolApi(session, args.in_use_timeout),
             repo,
             copier,
             say,
@@ -606,10 +606,10 @@ def cmd_restore(args, conf: settings.Settings) -> int:
         if args.format or args.mode is not None:
             raise UsageError("--format and --mode are about --to-file")
         from .jobs.pool_restore import to_sr, to_vdi
-        from .xapi.facade import Pool
+        from .xapi.facade import PoolApi
 
         with conf.session() as session:
-            pool = Pool(session)
+            pool = PoolApi(session)
             if args.to_sr:
                 m, target = to_sr(pool, repo, args.vdi, args.at, args.to_sr)
             else:
@@ -647,13 +647,15 @@ def salvage(args, repo) -> int:
 
 
 def cmd_restore_vm(args, conf: settings.Settings) -> int:
-    from .jobs.restore_vm import Options, restore_vm
-    from .xapi.facade import Pool
+    from .jobs.restore_vm import RestoreVmOptions, restore_vm
+    from .xapi.facade import PoolApi
 
     repo = repository(args, conf)
-    opts = Options(args.vm, args.at, args.to_sr, args.name, args.network, args.new_macs, args.start)
+    opts = RestoreVmOptions(
+        args.vm, args.at, args.to_sr, args.name, args.network, args.new_macs, args.start
+    )
     with conf.session() as session:
-        done = restore_vm(Pool(session), repo, opts, say)
+        done = restore_vm(PoolApi(session), repo, opts, say)
     for note in done.notes:
         say("note: " + note)
     code, failed = errors.OK, {}
@@ -747,11 +749,11 @@ def vm_leftovers(repo, conf: settings.Settings) -> dict[str, list[str]]:
             say("VM %s: removed %s" % (points.vm_uuid, ", ".join(p.name for p in strays)))
     if conf.xapi:
         from .jobs.restore_vm import clean_leftovers
-        from .xapi.facade import Pool
+        from .xapi.facade import PoolApi
 
         try:
             with conf.session() as session:
-                gone = clean_leftovers(Pool(session))
+                gone = clean_leftovers(PoolApi(session))
         except (XencbtError, OSError) as e:
             # The repository is repaired all the same; the pool waits for the next run.
             say("xencbt: warning: leftovers of restore-vm runs not checked: %s" % scrub(str(e)))

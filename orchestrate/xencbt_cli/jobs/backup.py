@@ -52,7 +52,7 @@ from ..repo.ledger import Ledger
 from ..repo.repository import Chain, Manifest, Repository, new_point_id
 from ..repo.vmpoints import VmManifest, VmPoints
 from ..text import human
-from ..xapi.facade import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, Disk, NoCbt, Pool, Vm
+from ..xapi.facade import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, NoCbt, PoolApi, Vm, VmDisk
 from .snapshot_copy import ConnectionBudget, Copier, DiskCopy
 
 log = logging.getLogger(__name__)
@@ -75,8 +75,8 @@ class Plan:
 class Work:
     """One disk of a VM backup between its plan and its manifest."""
 
-    disk: Disk
-    snap: Disk
+    disk: VmDisk
+    snap: VmDisk
     chain: Chain
     plan: Plan
     what: str
@@ -115,7 +115,7 @@ def now_iso() -> str:
 class Backup:
     def __init__(
         self,
-        pool: Pool,
+        pool: PoolApi,
         repo: Repository,
         copier: Copier,
         say: Say,
@@ -201,7 +201,7 @@ class Backup:
     def pick(self, name: str, result: VmResult):
         """The VM ``name`` means.  Of several VMs sharing a name (one restored beside its
         original, say), the one with points in this repository, said; with none or more
-        than one of them there, the VM fails naming their uuids (Pool.vm)."""
+        than one of them there, the VM fails naming their uuids (PoolApi.vm)."""
         vms = self.pool.vms(name)
         if len(vms) < 2:
             return self.pool.vm(name)
@@ -311,7 +311,7 @@ class Backup:
         except CleanupLagged as e:
             self.warn(result, lagging(e, self.pool.in_use.timeout))
 
-    def enable_cbt(self, vm: Vm, disks: list[Disk]) -> dict[str, NoCbt]:
+    def enable_cbt(self, vm: Vm, disks: list[VmDisk]) -> dict[str, NoCbt]:
         """Enable CBT where it is off; the disks that cannot have it (licence, SR, raw
         VDI, reset on boot) are backed up in full, unless the host cannot even snapshot
         them (raw, reset on boot): then the VM cannot be backed up through a snapshot."""
@@ -365,14 +365,14 @@ class Backup:
                 elif uuid not in needed:
                     self.pool.destroy_vdi(ref, uuid)
                     gone.add(uuid)
-                elif self.pool.call("VDI.get_type", ref) != "cbt_metadata":
+                elif self.pool.vdi_type(ref) != "cbt_metadata":
                     self.pool.data_destroy(ref, uuid)
             except XapiError as e:
                 # The code only: the parameters are refs, which never reach the output.
                 log.warning("VM %s: snapshot VDI %s stays for now: %s", vm.name, uuid, e.code)
         ledger.discard(gone)
 
-    def plan(self, disk: Disk, snap: Disk, chain: Chain) -> Plan:
+    def plan(self, disk: VmDisk, snap: VmDisk, chain: Chain) -> Plan:
         prev = chain.latest()
         if disk.uuid in self.no_cbt:
             return Plan(reason=self.no_cbt[disk.uuid].reason)
@@ -436,7 +436,7 @@ class Backup:
             base=prev, changed_bytes=changes.changed_bytes(), bitmap=changes, base_sums=sums
         )
 
-    def prepare(self, vm: Vm, disk: Disk, snap: Disk, chain: Chain) -> Work:
+    def prepare(self, vm: Vm, disk: VmDisk, snap: VmDisk, chain: Chain) -> Work:
         plan = self.plan(disk, snap, chain)
         what = "VM %s disk %s (%s)" % (vm.name, disk.userdevice, disk.uuid)
         if plan.base:
@@ -455,7 +455,7 @@ class Backup:
         started, t0 = now_iso(), time.monotonic()
         hosts = sorted({h for w in work for h in self.pool.nbd_hosts(w.snap.vdi_ref)})
         since = [w.plan.base.snapshot_uuid for w in work if w.plan.base]
-        uuid = self.pool.call("VM.get_uuid", snap_vm)
+        uuid = self.pool.vm_uuid(snap_vm)
         with contextlib.ExitStack() as lines:
             copies = []
             for w in work:
@@ -548,7 +548,7 @@ class Backup:
             old = d.get("previous_snapshot")
             if old and old not in needed:
                 ref = self.pool.vdi_ref(old)
-                if ref is None or not self.pool.call("VDI.get_is_a_snapshot", ref):
+                if ref is None or not self.pool.vdi_is_snapshot(ref):
                     continue
                 try:
                     self.pool.destroy_vdi(ref, old)
@@ -559,10 +559,10 @@ class Backup:
                     self.warn(result, lagging(CleanupLagged([old], e), self.pool.in_use.timeout))
 
 
-def refuse_vusbs(pool: Pool, vm: Vm) -> None:
+def refuse_vusbs(pool: PoolApi, vm: Vm) -> None:
     """xapi refuses to snapshot a VM with a VUSB (VM_HAS_VUSBS, xapi_vm_lifecycle.ml
     check_operation_error), whatever its power state: say so before anything changes."""
-    vusbs = pool.call("VM.get_record", vm.ref).get("VUSBs", [])
+    vusbs = pool.vm_record(vm.ref).get("VUSBs", [])
     if vusbs:
         raise CliError(
             "VM %s cannot be backed up: it has %d USB device(s) passed through (VUSB) and "

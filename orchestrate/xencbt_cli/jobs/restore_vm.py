@@ -39,16 +39,10 @@ from ..errors import CliError, RepositoryError
 from ..proc import command, testhook
 from ..repo import image
 from ..repo.repository import UUID, Repository
-from ..repo.vmpoints import (
-    FROM_LIVE_VM,
-    FROM_NOWHERE,
-    NULL_REF,
-    VmManifest,
-    VmPoints,
-    all_vm_points,
-)
-from ..xapi.facade import Pool
-from .pool_restore import resolve_sr, to_sr
+from ..repo.vmpoints import FROM_LIVE_VM, FROM_NOWHERE, VmManifest, VmPoints, all_vm_points
+from ..xapi.facade import NULL_REF, PoolApi
+from ..xapi.vmbuild import VmBuildApi
+from .pool_restore import to_sr
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +126,7 @@ VHD_BLOCK = 2 << 20
 
 
 @dataclass
-class Options:
+class RestoreVmOptions:
     vm: str
     at: str | None
     sr: str
@@ -194,9 +188,9 @@ def alive(mark: str) -> bool:
 class Builder:
     """Creates the VM and its devices, remembering each object to undo."""
 
-    def __init__(self, pool: Pool, mark: str):
+    def __init__(self, pool: PoolApi, mark: str):
         self.pool = pool
-        self.call = pool.call
+        self.api = VmBuildApi(pool)
         self.mark = mark
         self.vm: str | None = None
         self.vdis: list[tuple[str, str]] = []
@@ -239,8 +233,8 @@ class Builder:
     def network(self, name: str) -> str | None:
         with contextlib.suppress(XapiError):
             if UUID.match(name):
-                return self.call("network.get_by_uuid", name)
-        refs = self.call("network.get_by_name_label", name)
+                return self.api.network_by_uuid(name)
+        refs = self.api.networks_named(name)
         if len(refs) > 1:
             raise CliError("%d networks are named %s: give its uuid" % (len(refs), name))
         if not refs:
@@ -249,8 +243,8 @@ class Builder:
 
     def same_network(self, net: dict) -> str | None:
         with contextlib.suppress(XapiError):
-            return self.call("network.get_by_uuid", net["uuid"])
-        refs = self.call("network.get_by_name_label", net["name_label"])
+            return self.api.network_by_uuid(net["uuid"])
+        refs = self.api.networks_named(net["name_label"])
         return refs[0] if len(refs) == 1 else None
 
     def create_vm(self, config: dict, name: str) -> str:
@@ -266,8 +260,8 @@ class Builder:
         record["other_config"] = {**saved.get("other_config", {}), MARK: self.mark}
         for value in saved.get("NVRAM", {}).values():
             register(str(value))
-        self.vm = self.call("VM.create", record)
-        self.call("VM.set_blocked_operations", self.vm, dict.fromkeys(BLOCKED, WHY))
+        self.vm = self.api.create_vm(record)
+        self.api.set_blocked_operations(self.vm, dict.fromkeys(BLOCKED, WHY))
         return self.vm
 
     def bios_strings(self, saved: dict, notes: list[str]) -> None:
@@ -281,7 +275,7 @@ class Builder:
             k for k, v in saved.items() if k not in SETTABLE_BIOS and v != GENERIC_BIOS.get(k)
         )
         if settable:
-            self.call("VM.set_bios_strings", self.vm, settable)
+            self.api.set_bios_strings(self.vm, settable)
         if lost:
             notes.append(
                 "BIOS strings %s are not restored: xapi sets only the settable keys "
@@ -297,7 +291,7 @@ class Builder:
         m, uuid = to_sr(
             self.pool, repo, d["vdi_uuid"], d["point"], sr, name, other_config, description
         )
-        ref = self.call("VDI.get_by_uuid", uuid)
+        ref = self.pool.vdi_by_uuid(uuid)
         self.vdis.append((ref, uuid))
         return ref
 
@@ -322,7 +316,7 @@ class Builder:
             "qos_algorithm_type": row.get("qos_algorithm_type", ""),
             "qos_algorithm_params": row.get("qos_algorithm_params", {}),
         }
-        self.call("VBD.create", record)
+        self.api.create_vbd(record)
 
     def iso(self, row: dict, notes: list[str]) -> str:
         """The ISO a CD drive held, when this pool has it (by uuid); else an empty drive."""
@@ -330,7 +324,7 @@ class Builder:
         if not iso:
             return NULL_REF
         with contextlib.suppress(XapiError):
-            return self.call("VDI.get_by_uuid", iso["uuid"])
+            return self.pool.vdi_by_uuid(iso["uuid"])
         notes.append(
             "CD drive %s held ISO %s (%s), which is not in this pool: it is empty"
             % (row["userdevice"], iso["name_label"], iso["uuid"])
@@ -351,14 +345,14 @@ class Builder:
             "ipv4_allowed": vif.get("ipv4_allowed", []),
             "ipv6_allowed": vif.get("ipv6_allowed", []),
         }
-        ref = self.call("VIF.create", record)
-        return self.call("VIF.get_MAC", ref)
+        ref = self.api.create_vif(record)
+        return self.api.vif_mac(ref)
 
     def vtpm(self, vtpm: dict, result: Restored) -> None:
         register(vtpm["contents"])
-        ref = self.call("VTPM.create", self.vm, bool(vtpm.get("is_unique")))
+        ref = self.api.create_vtpm(self.vm, bool(vtpm.get("is_unique")))
         if vtpm["contents"]:
-            self.call("VTPM.set_contents", ref, vtpm["contents"])
+            self.api.set_vtpm_contents(ref, vtpm["contents"])
         source = vtpm.get("contents_from") or ("snapshot" if vtpm["contents"] else FROM_NOWHERE)
         result.vtpm = source
         if source == FROM_LIVE_VM:
@@ -377,17 +371,17 @@ class Builder:
         """Unblock, then drop the marks: the VDIs' first, the VM's last (a VM without
         its mark is whole)."""
         for op in BLOCKED:
-            self.call("VM.remove_from_blocked_operations", self.vm, op)
+            self.api.unblock(self.vm, op)
         for ref, _ in self.vdis:
-            self.call("VDI.remove_from_other_config", ref, MARK)
+            self.api.remove_vdi_other_config(ref, MARK)
         testhook.pause("restore-vm-commit")
-        self.call("VM.remove_from_other_config", self.vm, MARK)
+        self.api.remove_vm_other_config(self.vm, MARK)
 
     def marked_vdis(self) -> list[tuple[str, str]]:
         """VDIs of this run not yet known to it: one whose restore was interrupted."""
         known = {ref for ref, _ in self.vdis}
         try:
-            records = self.call("VDI.get_all_records")
+            records = self.pool.vdi_records()
         except (XencbtError, OSError):
             return []
         return [
@@ -403,7 +397,7 @@ class Builder:
         done, left = [], []
         if self.vm is not None:
             try:
-                destroy_vm(self.pool, self.vm)
+                self.api.destroy_vm(self.vm)
                 done.append("the VM")
             except (XencbtError, OSError) as e:
                 left.append("the VM (%s)" % e)
@@ -426,37 +420,22 @@ def wire(value):
     return value
 
 
-def destroy_vm(pool: Pool, vm: str, keep_out: list[str] | None = None) -> list[str]:
-    """Shut down and destroy a VM; returns its disks' VDI refs (not destroyed here)."""
-    call = pool.call
-    vdis = []
-    for vbd in call("VM.get_VBDs", vm):
-        vdi = call("VBD.get_VDI", vbd)
-        if vdi != NULL_REF and call("VBD.get_type", vbd) == "Disk":
-            vdis.append(vdi)
-    if call("VM.get_power_state", vm) != "Halted":
-        call("VM.hard_shutdown", vm)
-    call("VM.remove_from_blocked_operations", vm, "destroy")
-    call("VM.destroy", vm)
-    return [v for v in vdis if v not in (keep_out or [])]
-
-
-def clean_leftovers(pool: Pool) -> list[str]:
+def clean_leftovers(pool: PoolApi) -> list[str]:
     """Destroy what killed restore-vm runs left (marked, run no longer alive): VMs with
     their disks, then marked VDIs.  Returns the uuids destroyed."""
-    call = pool.call
+    api = VmBuildApi(pool)
     gone = []
-    for ref, rec in call("VM.get_all_records").items():
+    for ref, rec in pool.vm_records().items():
         mark = rec.get("other_config", {}).get(MARK)
         if mark is None or alive(mark):
             continue
         uuid = rec["uuid"]
-        for vdi in destroy_vm(pool, ref):
-            vdi_uuid = call("VDI.get_uuid", vdi)
+        for vdi in api.destroy_vm(ref):
+            vdi_uuid = pool.vdi_uuid(vdi)
             pool.destroy_vdi(vdi, vdi_uuid)
             gone.append(vdi_uuid)
         gone.append(uuid)
-    for ref, rec in call("VDI.get_all_records").items():
+    for ref, rec in pool.vdi_records().items():
         mark = rec.get("other_config", {}).get(MARK)
         if mark is not None and not alive(mark):
             pool.destroy_vdi(ref, rec["uuid"])
@@ -464,9 +443,9 @@ def clean_leftovers(pool: Pool) -> list[str]:
     return gone
 
 
-def original_exists(pool: Pool, uuid: str) -> bool:
+def original_exists(pool: PoolApi, uuid: str) -> bool:
     try:
-        pool.call("VM.get_by_uuid", uuid)
+        pool.vm_by_uuid(uuid)
     except XapiError as e:
         if e.code == "UUID_INVALID":
             return False
@@ -474,7 +453,7 @@ def original_exists(pool: Pool, uuid: str) -> bool:
     return True
 
 
-def restore_vm(pool: Pool, repo: Repository, opts: Options, say) -> Restored:
+def restore_vm(pool: PoolApi, repo: Repository, opts: RestoreVmOptions, say) -> Restored:
     points = find(repo, opts.vm)
     m = points.get(opts.at)
     config = points.load_config(m)
@@ -485,8 +464,8 @@ def restore_vm(pool: Pool, repo: Repository, opts: Options, say) -> Restored:
         say("destroyed %s, left by an interrupted restore-vm" % uuid)
     builder = Builder(pool, marker())
     networks = builder.map_networks(config, opts.networks)
-    sr_ref = resolve_sr(pool, opts.sr)
-    sr = pool.call("SR.get_uuid", sr_ref)  # to_sr takes a name or uuid
+    sr_ref = pool.sr_ref(opts.sr)
+    sr = pool.sr_uuid(sr_ref)  # to_sr takes a name or uuid
     preflight(pool, repo, m, config, sr_ref)
     name = opts.name or unique_name(pool, config["vm"]["name_label"], m.point)
     result = Restored("", name, m.point, m.vm_uuid, True)
@@ -505,19 +484,19 @@ def restore_vm(pool: Pool, repo: Repository, opts: Options, say) -> Restored:
         raise
     if opts.start:
         try:
-            pool.call("VM.start", builder.vm, False, False)
+            builder.api.start_vm(builder.vm)
             result.started = True
         except XapiError as e:  # e.g. HOST_NOT_ENOUGH_FREE_MEMORY: the VM is whole, stays
             result.start_error = str(e)
     return result
 
 
-def unique_name(pool: Pool, name: str, point: str) -> str:
+def unique_name(pool: PoolApi, name: str, point: str) -> str:
     """The original's name when no VM of the pool has it (after a disaster: the same VM
     back, the nightly backup by name goes on), else "NAME (restored POINT)" (beside the
     original: two VMs of one name would make a backup by name ambiguous), numbered when
     that one is taken too."""
-    taken = {vm["name_label"] for vm in pool.call("VM.get_all_records").values()}
+    taken = {vm["name_label"] for vm in pool.vm_records().values()}
     if name not in taken:
         return name
     candidate, n = "%s (restored %s)" % (name, point), 1
@@ -539,7 +518,7 @@ def disk_name(disk: str, vm: str, new: str, userdevice: str) -> str | None:
     return "%s %s" % (new, disk)
 
 
-def macs_free(pool: Pool, source_vm: str, config: dict, notes: list[str]) -> bool:
+def macs_free(pool: PoolApi, source_vm: str, config: dict, notes: list[str]) -> bool:
     """Whether the point's MAC addresses may be kept: no VM of this pool holds one (the
     original, or a VM restored from it before; snapshots and templates never run)."""
     if original_exists(pool, source_vm):
@@ -550,8 +529,8 @@ def macs_free(pool: Pool, source_vm: str, config: dict, notes: list[str]) -> boo
         return False
     wanted = {v["MAC"].lower() for v in config["vifs"]}
     held: dict[str, str] = {}
-    vms = pool.call("VM.get_all_records")
-    for vif in pool.call("VIF.get_all_records").values():
+    vms = pool.vm_records()
+    for vif in pool.vif_records().values():
         vm = vms.get(vif["VM"])
         if vm is None or vm["is_a_snapshot"] or vm["is_a_template"]:
             continue
@@ -571,10 +550,9 @@ def not_restored(config: dict) -> list[str]:
     return ["not restored: %s" % what for what in config.get("not_captured", [])]
 
 
-def preflight(pool: Pool, repo: Repository, m: VmManifest, config: dict, sr: str) -> None:
+def preflight(pool: PoolApi, repo: Repository, m: VmManifest, config: dict, sr: str) -> None:
     """What would make a later call fail, checked before anything is created."""
-    call = pool.call
-    restrictions = call("pool.get_restrictions", call("pool.get_all")[0])
+    restrictions = VmBuildApi(pool).pool_restrictions()
     # features.ml: both are Negative features, enabled only by "false"; a missing key is
     # restricted (neither is in enabled_when_unknown).
     if config.get("vtpms") and restrictions.get("restrict_vtpm") != "false":
@@ -605,11 +583,11 @@ def preflight(pool: Pool, repo: Repository, m: VmManifest, config: dict, sr: str
     check_space(pool, repo, m, sr)
 
 
-def check_space(pool: Pool, repo: Repository, m: VmManifest, sr: str) -> None:
+def check_space(pool: PoolApi, repo: Repository, m: VmManifest, sr: str) -> None:
     """The SR must have room for the disks: their virtual sizes on a thick SR, their
     data (in 2 MiB VHD blocks) on a thin one.  physical_size - physical_utilisation is
     what xapi knows the SR has free; it lags a little behind the storage (SR.scan)."""
-    rec = pool.call("SR.get_record", sr)
+    rec = pool.sr_record(sr)
     thick = rec["type"] in THICK_TYPES and rec.get("sm_config", {}).get("allocation") != "thin"
     need = 0
     for d in m.disks:
@@ -666,7 +644,7 @@ def check_disks(repo: Repository, m: VmManifest, config: dict) -> dict[str, dict
 
 def build(builder, repo, config, chains, sr, networks, keep_macs, result) -> None:
     builder.create_vm(config, result.name)
-    result.vm_uuid = builder.call("VM.get_uuid", builder.vm)
+    result.vm_uuid = builder.pool.vm_uuid(builder.vm)
     builder.bios_strings(config["vm"].get("bios_strings", {}), result.notes)
     for row in sorted(config["vbds"], key=lambda r: r["userdevice"]):
         vdi = NULL_REF

@@ -39,7 +39,7 @@ from ..errors import OK, CliError, CommandFailed, UsageError
 from ..proc import command
 from ..repo import image as images
 from ..repo.repository import UUID, Repository
-from ..xapi.facade import Pool, Vm
+from ..xapi.facade import PoolApi, Vm
 from ..xapi.networks import warn_if_insecure
 from .snapshot_copy import Copier, plugin
 
@@ -339,17 +339,17 @@ class Server:
                 argv += ["--shared=0", *self.tls.qemu_args(private), name]
                 self._serve(argv, private, what)
 
-    def snapshot(self, pool: Pool, copier: Copier, vdi: str) -> None:
+    def snapshot(self, pool: PoolApi, copier: Copier, vdi: str) -> None:
         """Serve ``vdi`` through the plugin: a snapshot of it, or it if it is a snapshot."""
         ref, rec = _pool_vdi(pool, vdi)
         taken = not rec["is_a_snapshot"]
         if taken:
-            ref = pool.call("VDI.snapshot", ref, {})
-        uuid = pool.call("VDI.get_uuid", ref)
+            ref = pool.snapshot_vdi(ref)
+        uuid = pool.vdi_uuid(ref)
         try:
             if taken:  # a name that says whose it is, should a crash leave it behind
                 label = "%s %s" % (SNAPSHOT_NAME, rec["name_label"])
-                pool.call("VDI.set_name_label", ref, label)
+                pool.set_vdi_name(ref, label)
             what = {"vdi": rec["uuid"], "snapshot": uuid, "snapshot_taken": taken}
             with tempfile.TemporaryDirectory(prefix="xencbt-serve-") as private:
                 argv = ["nbdkit", "-f", "--exit-with-parent", "--readonly"]
@@ -359,7 +359,7 @@ class Server:
             if taken:
                 pool.destroy_vdi(ref, uuid)
 
-    def vm_snapshot(self, pool: Pool, copier: Copier, name: str) -> None:
+    def vm_snapshot(self, pool: PoolApi, copier: Copier, name: str) -> None:
         """Serve every disk of the VM ``name`` through the plugin (vm=): a snapshot of the
         VM taken for the purpose, or the VM snapshot given."""
         ref, rec = _pool_vm(pool, name)
@@ -372,7 +372,7 @@ class Server:
             exports = [d.userdevice for d in pool.disks(ref)]
             what = {
                 "vm": rec["uuid"],
-                "snapshot": pool.call("VM.get_uuid", ref),
+                "snapshot": pool.vm_uuid(ref),
                 "snapshot_taken": taken,
                 "exports": exports,
             }
@@ -390,30 +390,30 @@ class Server:
             run_server(argv, sock, lambda: self.announce({**what, **endpoint.describe()}))
 
 
-def _pool_vdi(pool: Pool, vdi: str) -> tuple[str, dict]:
+def _pool_vdi(pool: PoolApi, vdi: str) -> tuple[str, dict]:
     if not UUID.match(vdi):
         raise UsageError("--snapshot takes a VDI uuid (xe vdi-list), not %r" % vdi)
     ref = pool.vdi_ref(vdi)
     if ref is None:
         raise CliError("no VDI %s in the pool (xe vdi-list shows them)" % vdi)
-    rec = pool.call("VDI.get_record", ref)
+    rec = pool.vdi_record(ref)
     if rec.get("type") == "cbt_metadata":
         raise CliError("VDI %s holds no data any more (a cbt_metadata snapshot)" % vdi)
     return ref, rec
 
 
-def _pool_vm(pool: Pool, name: str) -> tuple[str, dict]:
+def _pool_vm(pool: PoolApi, name: str) -> tuple[str, dict]:
     """A VM by name or uuid, or a VM snapshot by uuid."""
     if UUID.match(name):
         try:
-            ref = pool.call("VM.get_by_uuid", name)
+            ref = pool.vm_by_uuid(name)
         except XapiError as e:
             if e.code != "UUID_INVALID":
                 raise
             raise CliError("no VDI %s (nor a VM with that uuid) in the pool" % name) from None
-        return ref, pool.call("VM.get_record", ref)
+        return ref, pool.vm_record(ref)
     vm = pool.vm(name)
-    return vm.ref, pool.call("VM.get_record", vm.ref)
+    return vm.ref, pool.vm_record(vm.ref)
 
 
 def plugin_args(copier: Copier, snapshot: str, kind: str = "vdi") -> list[str]:
@@ -432,7 +432,7 @@ def serve(args, conf, repo: Repository | None, say: Callable[[str], None]) -> in
             raise UsageError("--at names a backup point; --snapshot serves the live VDI")
         with conf.session() as session, conf.plugin_password() as password:
             warn_if_insecure(session, say)
-            pool, copier = Pool(session), Copier(conf, password, CONNECTIONS, False)
+            pool, copier = PoolApi(session), Copier(conf, password, CONNECTIONS, False)
             if _names_a_vdi(pool, args.vdi):
                 server.snapshot(pool, copier, args.vdi)
             else:
@@ -440,11 +440,11 @@ def serve(args, conf, repo: Repository | None, say: Callable[[str], None]) -> in
     return OK
 
 
-def _names_a_vdi(pool: Pool, name: str) -> bool:
+def _names_a_vdi(pool: PoolApi, name: str) -> bool:
     """--snapshot takes a VDI uuid, or a VM by name or uuid."""
     if UUID.match(name):
         return pool.vdi_ref(name) is not None
-    if not pool.call("VM.get_by_name_label", name):
+    if not pool.vms_named(name):
         raise UsageError(
             "--snapshot takes a VDI uuid (xe vdi-list) or a VM name or uuid (xe vm-list), "
             "not %r" % name
