@@ -144,7 +144,7 @@ MUTANTS = [
     ),
     Mutant(
         "VM point takes order and delays from the snapshot (reset there)",
-        "orchestrate/xencbt_cli/repo/vmpoints.py",
+        "orchestrate/xencbt_cli/xapi/vmconfig.py",
         'FROM_LIVE = ("order", "start_delay", "shutdown_delay")\n',
         "FROM_LIVE = ()\n",
         (

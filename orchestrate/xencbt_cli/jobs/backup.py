@@ -52,6 +52,7 @@ from ..repo.ledger import Ledger
 from ..repo.repository import Chain, Manifest, Repository, new_point_id
 from ..repo.vmpoints import VmManifest, VmPoints
 from ..text import human
+from ..xapi import vmconfig
 from ..xapi.facade import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, NoCbt, PoolApi, Vm, VmDisk
 from .snapshot_copy import ConnectionBudget, Copier, DiskCopy
 
@@ -234,8 +235,8 @@ class Backup:
             committed: set[str] = set()
             try:
                 # Now, while the VM is still as it was at the snapshot: a unique vTPM's
-                # contents are read from the live VM (vmpoints.py).
-                config = vmpoints.capture(self.pool.call, snap_vm, vm.name, vm.ref)
+                # contents are read from the live VM (vmconfig.py).
+                config = vmconfig.capture(self.pool, snap_vm, vm.name, vm.ref)
                 self.tell_capture(vm, config, result)
                 snaps = {d.snapshot_of: d for d in self.pool.disks(snap_vm)}
                 self.ledger(vm).add({d.uuid for d in snaps.values()})

@@ -1,8 +1,9 @@
 """What the orchestrator asks of the pool through XAPI: VMs, disks, CBT, snapshots, SRs.
 
-Every XAPI call of the CLI's jobs is a method here or in the other modules of this
-package (vmbuild.py: restore-vm's VMs and devices; hosthttp.py: the hosts' HTTP handlers
-and their tasks; networks.py: NBD networks)."""
+Every XAPI call of the CLI is a method here or in the other modules of this package
+(vmconfig.py: a VM's configuration for its VM point; vmbuild.py: restore-vm's VMs and
+devices; hosthttp.py: the hosts' HTTP handlers and their tasks; networks.py: NBD
+networks).  Nothing above this package names a XAPI message."""
 
 from __future__ import annotations
 
