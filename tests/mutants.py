@@ -134,7 +134,7 @@ MUTANTS = [
     ),
     Mutant(
         "restore-vm drops the VM's other_config",
-        "orchestrate/xencbt_cli/jobs/restore_vm.py",
+        "orchestrate/xencbt_cli/jobs/vm_builder.py",
         '        record["other_config"] = {**saved.get("other_config", {}), MARK: self.mark}\n',
         '        record["other_config"] = {MARK: self.mark}\n',
         (

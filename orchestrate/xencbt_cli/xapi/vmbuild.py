@@ -1,6 +1,6 @@
-"""What restore-vm asks of the pool (jobs/restore_vm.py): its licence restrictions, its
-networks, a new VM with its VBDs, VIFs and vTPM, and destroying a VM it built.  What it
-reads of the pool's VMs, VIFs, VDIs and SRs: facade.py."""
+"""What restore-vm asks of the pool (jobs/restore_vm.py, jobs/vm_builder.py): its licence
+restrictions, its networks, a new VM with its VBDs, VIFs and vTPM, and destroying a VM
+it built.  What it reads of the pool's VMs, VIFs, VDIs and SRs: facade.py."""
 
 from __future__ import annotations
 
