@@ -134,7 +134,7 @@ MUTANTS = [
     ),
     Mutant(
         "restore-vm drops the VM's other_config",
-        "orchestrate/xencbt_cli/jobs/restore_vm.py",
+        "orchestrate/xencbt_cli/jobs/vm_builder.py",
         '        record["other_config"] = {**saved.get("other_config", {}), MARK: self.mark}\n',
         '        record["other_config"] = {MARK: self.mark}\n',
         (
@@ -144,7 +144,7 @@ MUTANTS = [
     ),
     Mutant(
         "VM point takes order and delays from the snapshot (reset there)",
-        "orchestrate/xencbt_cli/repo/vmpoints.py",
+        "orchestrate/xencbt_cli/xapi/vmconfig.py",
         'FROM_LIVE = ("order", "start_delay", "shutdown_delay")\n',
         "FROM_LIVE = ()\n",
         (

@@ -273,7 +273,7 @@ def test_redirect_is_followed_only_to_a_host_of_the_pool_over_https(pool):
     """hosthttp._member over a real session: a Location that names no host of the pool,
     or a plain-HTTP one, is refused; a member's is pinned to the master's record of it."""
     from xencbt_cli.errors import CliError
-    from xencbt_cli.xapi.facade import Pool
+    from xencbt_cli.xapi.facade import PoolApi as Pool
     from xencbt_cli.xapi.hosthttp import _member
     from xencbt_core.secret import Secret
     from xencbt_core.xapi import ApiTrust, Session

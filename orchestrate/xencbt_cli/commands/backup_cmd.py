@@ -10,7 +10,7 @@ from ..jobs.backup import Backup
 from ..jobs.snapshot_copy import Copier
 from ..repo import repoconfig
 from ..settings import Settings
-from ..xapi.facade import Pool
+from ..xapi.facade import PoolApi
 from ..xapi.networks import warn_if_insecure
 from . import report
 from .common import repository, say
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, conf: Settings) -> int:
         copier = Copier(conf, password, args.connections, False, args.retry_timeout)
         copier.compression = config.compression
         job = Backup(
-            Pool(session, args.in_use_timeout),
+            PoolApi(session, args.in_use_timeout),
             repo,
             copier,
             say,

@@ -15,7 +15,7 @@ from ..jobs.restore_vm import clean_leftovers
 from ..repo import mend
 from ..repo.vmpoints import all_vm_points
 from ..settings import Settings
-from ..xapi.facade import Pool
+from ..xapi.facade import PoolApi
 from . import report
 from .common import repository, say
 
@@ -93,7 +93,7 @@ def vm_leftovers(repo, conf: Settings) -> dict[str, list[str]]:
     if conf.xapi:
         try:
             with conf.session() as session:
-                gone = clean_leftovers(Pool(session))
+                gone = clean_leftovers(PoolApi(session))
         except (XencbtError, OSError) as e:
             # The repository is repaired all the same; the pool waits for the next run.
             say("xencbt: warning: leftovers of restore-vm runs not checked: %s" % scrub(str(e)))

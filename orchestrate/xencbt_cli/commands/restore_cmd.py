@@ -11,7 +11,7 @@ from ..errors import UsageError
 from ..jobs import restore
 from ..jobs.pool_restore import to_sr, to_vdi
 from ..settings import Settings
-from ..xapi.facade import Pool
+from ..xapi.facade import PoolApi
 from . import report
 from .common import repository, say
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace, conf: Settings) -> int:
             raise UsageError("--format and --mode are about --to-file")
 
         with conf.session() as session:
-            pool = Pool(session)
+            pool = PoolApi(session)
             if args.to_sr:
                 m, target = to_sr(pool, repo, args.vdi, args.at, args.to_sr)
             else:

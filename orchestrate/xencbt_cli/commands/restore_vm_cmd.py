@@ -8,9 +8,9 @@ from dataclasses import asdict
 from xencbt_core.secret import scrub
 
 from .. import errors
-from ..jobs.restore_vm import Options, restore_vm
+from ..jobs.restore_vm import RestoreVmOptions, restore_vm
 from ..settings import Settings
-from ..xapi.facade import Pool
+from ..xapi.facade import PoolApi
 from . import report
 from .common import repository, say
 
@@ -41,9 +41,11 @@ def add_parser(subparsers, parents: list) -> None:
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
     repo = repository(args, conf)
-    opts = Options(args.vm, args.at, args.to_sr, args.name, args.network, args.new_macs, args.start)
+    opts = RestoreVmOptions(
+        args.vm, args.at, args.to_sr, args.name, args.network, args.new_macs, args.start
+    )
     with conf.session() as session:
-        done = restore_vm(Pool(session), repo, opts, say)
+        done = restore_vm(PoolApi(session), repo, opts, say)
     for note in done.notes:
         say("note: " + note)
     code, failed = errors.OK, {}

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
+from collections.abc import Callable
 
-from ..jobs.serve import serve
+from ..jobs.serve import ServeRequest, serve
 from ..settings import Settings
 from .common import repository, say
 
@@ -34,4 +37,41 @@ def add_parser(subparsers, parents: list) -> None:
 
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
-    return serve(args, conf, None if args.snapshot else repository(args, conf), say)
+    request = ServeRequest(
+        args.vdi,
+        args.at,
+        args.snapshot,
+        args.listen,
+        args.tls_psk,
+        args.tls_certificates,
+        args.json,
+    )
+    return serve(request, conf, None if args.snapshot else repository(args, conf), say)
+
+
+def announcer(as_json: bool, say: Callable[[str], None]) -> Callable[[dict], None]:
+    def announce(info: dict) -> None:
+        if as_json:
+            print(json.dumps(info), flush=True)
+        else:
+            if "point" in info:
+                what = "VDI %s point %s (%s)" % (info["vdi"], info["point"], info["type"])
+            elif "vm" in info:
+                what = "VM %s as snapshot %s, disks %s (export names; default %s)" % (
+                    info["vm"],
+                    info["snapshot"],
+                    ", ".join(info["exports"]),
+                    info["exports"][0] if info["exports"] else "none",
+                )
+            else:
+                what = "VDI %s as snapshot %s" % (info["vdi"], info["snapshot"])
+            print("serving %s read-only" % what)
+            print("  uri:        %s" % info["uri"])
+            if info["nbd_client"]:
+                print("  nbd-client: %s" % info["nbd_client"])
+            else:
+                print("  (nbd-client cannot do this TLS: use qemu-nbd, nbdfuse or guestmount)")
+            sys.stdout.flush()
+        say("xencbt: serving until Ctrl-C or SIGTERM")
+
+    return announce

@@ -7,6 +7,9 @@
     manifest → VM.destroy the snapshot, VDI.data_destroy its disks (their CBT log is the
     next base) → destroy the older base no chain needs any more.
 
+Each disk's plan, the copy, its digests and manifest: backup_disks.py; the VM's
+configuration for its VM point: xapi/vmconfig.py.
+
 On failure the snapshot VM and the VDIs no manifest refers to are destroyed, partial
 files removed; the repository keeps every point it had.  SIGINT, SIGTERM and SIGHUP do the
 same (the copies are stopped first, children.py) and each VM says in one line what was
@@ -24,72 +27,31 @@ A disk that cannot have CBT (licence, SR) is backed up in full every time, sayin
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import datetime
 import logging
-import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from xencbt_core.cbt import Bitmap
-from xencbt_core.errors import ConfigError, XapiError, XencbtError
+from xencbt_core.errors import XapiError, XencbtError
 from xencbt_core.secret import scrub
 
 from .. import errors
-from ..errors import (
-    CliError,
-    Interrupted,
-    RepositoryFull,
-    describe_os_error,
-    out_of_space,
-)
-from ..proc import progress, qemu_img, testhook
+from ..errors import CliError, Interrupted, describe_os_error
+from ..proc import testhook
 from ..proc.children import GROUP
-from ..repo import digest, image, layout, vmpoints
+from ..repo import vmpoints
 from ..repo.ledger import Ledger
 from ..repo.manifest import Manifest, new_point_id
 from ..repo.repository import Chain, Repository
 from ..repo.vmpoints import VmManifest, VmPoints
-from ..text import human
-from ..xapi.facade import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, Disk, NoCbt, Pool, Vm
-from .snapshot_copy import ConnectionBudget, Copier, DiskCopy
+from ..xapi import vmconfig
+from ..xapi.facade import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, NoCbt, PoolApi, Vm, VmDisk
+from .backup_disks import DiskBackup
+from .snapshot_copy import Copier
 
 log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
-
-
-@dataclass
-class Plan:
-    """How one disk is backed up: incremental from ``base`` or full because of ``reason``."""
-
-    base: Manifest | None = None
-    reason: str | None = None
-    changed_bytes: int = 0
-    bitmap: Bitmap | None = None  # what the copy reads: the chunks to rehash
-    base_sums: bytes | None = None  # the base's recorded chunk digests, carried over
-
-
-@dataclass
-class Work:
-    """One disk of a VM backup between its plan and its manifest."""
-
-    disk: Disk
-    snap: Disk
-    chain: Chain
-    plan: Plan
-    what: str
-    started: str = ""
-    copy_seconds: float = 0.0
-
-    def copy(self, point: str) -> DiskCopy:
-        # The export's name: its userdevice; the VDI uuid when that is not a plain number.
-        export = self.snap.userdevice if self.snap.userdevice.isdigit() else self.snap.uuid
-        base = self.chain.image_path(self.plan.base.point) if self.plan.base else None
-        partial = self.chain.partial_path(point)
-        return DiskCopy(export, partial, base, size=self.snap.virtual_size)
 
 
 @dataclass
@@ -109,14 +71,10 @@ class VmResult:
     not_captured: list[str] = field(default_factory=list)  # devices no VM point carries
 
 
-def now_iso() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
 class Backup:
     def __init__(
         self,
-        pool: Pool,
+        pool: PoolApi,
         repo: Repository,
         copier: Copier,
         say: Say,
@@ -126,14 +84,12 @@ class Backup:
     ):
         self.pool = pool
         self.repo = repo
-        self.copier = copier
         self.say = say
-        self.full = full
         self.wait = wait
         self.jobs = max(1, jobs)
-        self.budget = ConnectionBudget()
         self.no_cbt: dict[str, NoCbt] = {}  # disk uuid -> why it has no CBT (this run)
-        self.chunk = digest.chunk_size()
+        # Each disk's plan, the copy, each disk's digests and manifest (backup_disks.py).
+        self.disk_backup = DiskBackup(pool, repo, copier, say, full, self.no_cbt)
 
     def run(self, vms: list[str]) -> list[VmResult]:
         self.repo.create()
@@ -202,7 +158,7 @@ class Backup:
     def pick(self, name: str, result: VmResult):
         """The VM ``name`` means.  Of several VMs sharing a name (one restored beside its
         original, say), the one with points in this repository, said; with none or more
-        than one of them there, the VM fails naming their uuids (Pool.vm)."""
+        than one of them there, the VM fails naming their uuids (PoolApi.vm)."""
         vms = self.pool.vms(name)
         if len(vms) < 2:
             return self.pool.vm(name)
@@ -235,24 +191,28 @@ class Backup:
             committed: set[str] = set()
             try:
                 # Now, while the VM is still as it was at the snapshot: a unique vTPM's
-                # contents are read from the live VM (vmpoints.py).
-                config = vmpoints.capture(self.pool.call, snap_vm, vm.name, vm.ref)
+                # contents are read from the live VM (vmconfig.py).
+                config = vmconfig.capture(self.pool, snap_vm, vm.name, vm.ref)
                 self.tell_capture(vm, config, result)
                 snaps = {d.snapshot_of: d for d in self.pool.disks(snap_vm)}
                 self.ledger(vm).add({d.uuid for d in snaps.values()})
-                work = [self.prepare(vm, d, snaps[d.vdi_ref], chains[d.uuid]) for d in disks]
+                work = [
+                    self.disk_backup.prepare(vm, d, snaps[d.vdi_ref], chains[d.uuid]) for d in disks
+                ]
                 with contextlib.ExitStack() as files:
                     for w in work:
                         files.enter_context(
-                            self.unpublished(w.chain, result.point, w.what, result.undone)
+                            self.disk_backup.unpublished(
+                                w.chain, result.point, w.what, result.undone
+                            )
                         )
                         w.chain.reserve(result.point)
                     GROUP.check()
-                    self.copy(vm, snap_vm, work, result.point)
+                    self.disk_backup.copy(vm, snap_vm, work, result.point)
                     for w in work:
                         GROUP.check()
                         prev = w.chain.latest()
-                        m = self.finish(vm, w, result.point)
+                        m = self.disk_backup.finish(vm, w, result.point)
                         if w.disk.uuid not in self.no_cbt:  # no CBT log to keep: it goes
                             committed.add(m.snapshot_uuid)
                         result.disks.append(summary(m, prev))
@@ -312,7 +272,7 @@ class Backup:
         except CleanupLagged as e:
             self.warn(result, lagging(e, self.pool.in_use.timeout))
 
-    def enable_cbt(self, vm: Vm, disks: list[Disk]) -> dict[str, NoCbt]:
+    def enable_cbt(self, vm: Vm, disks: list[VmDisk]) -> dict[str, NoCbt]:
         """Enable CBT where it is off; the disks that cannot have it (licence, SR, raw
         VDI, reset on boot) are backed up in full, unless the host cannot even snapshot
         them (raw, reset on boot): then the VM cannot be backed up through a snapshot."""
@@ -366,180 +326,12 @@ class Backup:
                 elif uuid not in needed:
                     self.pool.destroy_vdi(ref, uuid)
                     gone.add(uuid)
-                elif self.pool.call("VDI.get_type", ref) != "cbt_metadata":
+                elif self.pool.vdi_type(ref) != "cbt_metadata":
                     self.pool.data_destroy(ref, uuid)
             except XapiError as e:
                 # The code only: the parameters are refs, which never reach the output.
                 log.warning("VM %s: snapshot VDI %s stays for now: %s", vm.name, uuid, e.code)
         ledger.discard(gone)
-
-    def plan(self, disk: Disk, snap: Disk, chain: Chain) -> Plan:
-        prev = chain.latest()
-        if disk.uuid in self.no_cbt:
-            return Plan(reason=self.no_cbt[disk.uuid].reason)
-        if self.full:
-            return Plan(reason="a full backup was asked for (--full)")
-        if prev is None:
-            return Plan(reason="first backup of this disk")
-        if not disk.cbt_enabled:
-            return Plan(
-                reason="CBT was off on the VDI (host crash, storage migration or "
-                "disabled by hand): it is enabled again, the next backup is incremental"
-            )
-        if not chain.image_path(prev.point).is_file():
-            return Plan(reason="the image of the previous point %s is missing" % prev.point)
-        if snap.virtual_size < prev.virtual_size:
-            return Plan(
-                reason="the disk shrank from %d to %d bytes"
-                % (prev.virtual_size, snap.virtual_size)
-            )
-        base_ref = self.pool.vdi_ref(prev.snapshot_uuid)
-        if base_ref is None:
-            return Plan(
-                reason="the base snapshot %s of point %s is no longer on the host"
-                % (prev.snapshot_uuid, prev.point)
-            )
-        bitmap = self.pool.changed_blocks(base_ref, snap.vdi_ref)
-        if bitmap is None:
-            return Plan(
-                reason="the CBT chain is broken since point %s (list_changed_blocks "
-                "failed: CBT was reset or the log is inconsistent)" % prev.point
-            )
-        # Only the metadata is checked here, never the data (O(disk)): the unchanged
-        # chunks' digests are carried over from the base's sums, recorded when its data
-        # was good, so damage since then shows in verify of every point built on it.
-        damage = chain_damage(chain, prev)
-        if damage:
-            return Plan(
-                reason="the image of the previous point %s, or one it is backed by, is "
-                "damaged (%s): run xencbt verify" % (prev.point, damage)
-            )
-        try:
-            changes = Bitmap.from_base64(bitmap, snap.virtual_size)
-        except ConfigError as e:
-            # Damaged CBT metadata on the host: an incremental could miss changes.
-            return Plan(reason="the host returned an unusable CBT bitmap (%s)" % e)
-        if prev.digest and prev.chunk_size != self.chunk:
-            return Plan(
-                reason="the checksums of the previous point %s use %d-byte chunks, this run "
-                "%d (XENCBT_CHUNK_SIZE)" % (prev.point, prev.chunk_size, self.chunk)
-            )
-        try:
-            sums = digest.trusted_sums(
-                prev, chain.image_path(prev.point), chain.sums_path(prev.point), self.chunk
-            )
-        except digest.SumsDamaged as e:
-            return Plan(
-                reason="the previous point %s cannot be built on, it is damaged (%s): run "
-                "xencbt verify" % (prev.point, e)
-            )
-        return Plan(
-            base=prev, changed_bytes=changes.changed_bytes(), bitmap=changes, base_sums=sums
-        )
-
-    def prepare(self, vm: Vm, disk: Disk, snap: Disk, chain: Chain) -> Work:
-        plan = self.plan(disk, snap, chain)
-        what = "VM %s disk %s (%s)" % (vm.name, disk.userdevice, disk.uuid)
-        if plan.base:
-            self.say(
-                "%s: incremental since %s, %s changed"
-                % (what, plan.base.point, human(plan.changed_bytes))
-            )
-        else:
-            self.say("%s: FULL backup: %s" % (what, plan.reason))
-        return Work(disk, snap, chain, plan, what)
-
-    def copy(self, vm: Vm, snap_vm: str, work: list[Work], point: str) -> None:
-        """All disks of the VM snapshot through one nbdkit (one XAPI login); the
-        incremental ones since their base snapshot, the others whole (no base for them
-        in since=).  Each disk has its progress line."""
-        started, t0 = now_iso(), time.monotonic()
-        hosts = sorted({h for w in work for h in self.pool.nbd_hosts(w.snap.vdi_ref)})
-        since = [w.plan.base.snapshot_uuid for w in work if w.plan.base]
-        uuid = self.pool.call("VM.get_uuid", snap_vm)
-        with contextlib.ExitStack() as lines:
-            copies = []
-            for w in work:
-                label = "%s disk %s: copy" % (vm.name, w.disk.userdevice)
-                report = lines.enter_context(progress.percent(label, w.snap.virtual_size))
-                copies.append(dataclasses.replace(w.copy(point), report=report))
-            self.copier.copy_vm(self.budget, hosts, uuid, copies, since)
-        for w in work:
-            # The disks share one nbdkit run: each records the VM's copy time.
-            w.started, w.copy_seconds = started, time.monotonic() - t0
-
-    def finish(self, vm: Vm, w: Work, point: str) -> Manifest:
-        t0 = time.monotonic()
-        partial = w.chain.partial_path(point)
-        label = "%s disk %s" % (vm.name, w.disk.userdevice)
-        sums, hashed = self.content_sums(partial, w.plan, w.snap.virtual_size, label)
-        final = w.chain.publish_image(point)
-        manifest = self.manifest(vm, w.disk, w.snap, w.plan, point, sums, final, w.started)
-        manifest.hashed_bytes = hashed
-        manifest.seconds = round(w.copy_seconds + time.monotonic() - t0, 3)
-        manifest.copy_seconds = round(w.copy_seconds, 3)
-        manifest.ratio = manifest.compression_ratio()
-        w.chain.commit(manifest, sums)
-        return manifest
-
-    def content_sums(self, partial: Path, plan: Plan, size: int, label: str) -> tuple[bytes, int]:
-        """The new point's chunk digests and how many bytes of its image that read: all of
-        it for a full (one pass), only the chunks the copy changed for an incremental."""
-        if plan.base is None:
-            with progress.task(label + ": digest", size) as advance:
-                sums, got = digest.image_sums(partial, self.chunk, advance)
-            if got != size:
-                raise CliError("the copied image shows %d bytes, the snapshot %d" % (got, size))
-            return sums, got
-        assert plan.bitmap is not None and plan.base_sums is not None
-        chunks = digest.dirty(plan.bitmap, plan.base.virtual_size, size, self.chunk)
-        reading = sum(digest.span(i, size, self.chunk)[1] for i in chunks)
-        with progress.task(label + ": digest", reading) as advance:
-            return digest.rehash(partial, plan.base_sums, chunks, size, self.chunk, advance)
-
-    @contextlib.contextmanager
-    def unpublished(self, chain: Chain, point: str, what: str, undone: list[str]):
-        """Until the manifest is written, a failure removes the point's files (the point
-        never existed); a full repository gets one line saying so."""
-        try:
-            yield
-        except BaseException as e:
-            if not chain.manifest_path(point).exists():
-                paths = (chain.partial_path(point), chain.image_path(point), chain.sums_path(point))
-                for path in paths:
-                    with contextlib.suppress(FileNotFoundError):
-                        path.unlink()
-                        undone.append("%s removed (VDI %s)" % (path.name, chain.vdi_uuid))
-            if out_of_space(e):
-                raise RepositoryFull(
-                    "the repository %s is full (no space left on device) while writing %s "
-                    "point %s: nothing of it was kept, the earlier points are intact; free "
-                    "space (xencbt prune) and run the backup again" % (self.repo.root, what, point)
-                ) from None
-            raise
-
-    def manifest(self, vm, disk, snap, plan, point, sums, final, started) -> Manifest:
-        return Manifest(
-            point=point,
-            vm_uuid=vm.uuid,
-            vm_name=vm.name,
-            vdi_uuid=disk.uuid,
-            vdi_name=disk.name,
-            userdevice=disk.userdevice,
-            snapshot_uuid=snap.uuid,
-            type="incremental" if plan.base else "full",
-            reason=plan.reason,
-            base_point=plan.base.point if plan.base else None,
-            virtual_size=snap.virtual_size,
-            digest=digest.combine(sums, snap.virtual_size),
-            digest_kind=digest.KIND,
-            chunk_size=self.chunk,
-            changed_bytes=plan.changed_bytes if plan.base else snap.virtual_size,
-            bytes_on_disk=layout.disk_usage(final),
-            compression=self.copier.compression,
-            started=started,
-            finished=now_iso(),
-        )
 
     def forget_old_bases(self, disks: list[dict], result: VmResult) -> None:
         """Destroy CBT metadata VDIs no chain of the repository diffs against any more
@@ -549,7 +341,7 @@ class Backup:
             old = d.get("previous_snapshot")
             if old and old not in needed:
                 ref = self.pool.vdi_ref(old)
-                if ref is None or not self.pool.call("VDI.get_is_a_snapshot", ref):
+                if ref is None or not self.pool.vdi_is_snapshot(ref):
                     continue
                 try:
                     self.pool.destroy_vdi(ref, old)
@@ -560,10 +352,10 @@ class Backup:
                     self.warn(result, lagging(CleanupLagged([old], e), self.pool.in_use.timeout))
 
 
-def refuse_vusbs(pool: Pool, vm: Vm) -> None:
+def refuse_vusbs(pool: PoolApi, vm: Vm) -> None:
     """xapi refuses to snapshot a VM with a VUSB (VM_HAS_VUSBS, xapi_vm_lifecycle.ml
     check_operation_error), whatever its power state: say so before anything changes."""
-    vusbs = pool.call("VM.get_record", vm.ref).get("VUSBs", [])
+    vusbs = pool.vm_record(vm.ref).get("VUSBs", [])
     if vusbs:
         raise CliError(
             "VM %s cannot be backed up: it has %d USB device(s) passed through (VUSB) and "
@@ -579,17 +371,6 @@ def lagging(e: CleanupLagged, timeout: float) -> str:
         "unplugging NBD connections); the backup is complete, the next backup of this VM "
         "cleans them up" % (", ".join(e.uuids), timeout)
     )
-
-
-def chain_damage(chain: Chain, m: Manifest) -> str | None:
-    """What qemu-img finds wrong with the metadata of ``m``'s image chain (cheap: the
-    data itself is only checked by verify)."""
-    try:
-        for info in qemu_img.info_chain(chain.image_path(m.point)):
-            image.check(chain.path / Path(info["filename"]).name)
-    except CliError as e:
-        return " ".join(str(e).split())[-300:]
-    return None
 
 
 def summary(m: Manifest, prev: Manifest | None) -> dict:

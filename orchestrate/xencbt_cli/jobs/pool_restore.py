@@ -12,15 +12,14 @@ from __future__ import annotations
 import logging
 import struct
 
-from xencbt_core.errors import XapiError, XencbtError
+from xencbt_core.errors import XencbtError
 
 from ..errors import CliError, Interrupted
 from ..proc import command, progress, testhook
 from ..repo.digest import Reading
 from ..repo.image import random_access, reader
-from ..repo.layout import UUID
 from ..repo.repository import Repository
-from ..xapi.facade import Pool
+from ..xapi.facade import PoolApi
 from ..xapi.hosthttp import Download, ImportFailed, Upload
 from .restore import check, in_use
 
@@ -33,20 +32,8 @@ CHUNK = 1 << 20
 FRAME = struct.Struct("<QI")
 
 
-def resolve_sr(pool: Pool, sr: str) -> str:
-    try:
-        if UUID.match(sr):
-            return pool.call("SR.get_by_uuid", sr)
-        refs = pool.call("SR.get_by_name_label", sr)
-    except XapiError as e:
-        raise CliError("no SR %s: %s" % (sr, e)) from None
-    if len(refs) != 1:
-        raise CliError("%d SRs named %s: give its uuid (xe sr-list)" % (len(refs), sr))
-    return refs[0]
-
-
 def to_sr(
-    pool: Pool,
+    pool: PoolApi,
     repo: Repository,
     vdi: str,
     at: str | None,
@@ -67,7 +54,7 @@ def to_sr(
         # A restore killed half-way leaves a VDI that says so; the operator deletes it.
         "name_label": name + INCOMPLETE,
         "name_description": description,
-        "SR": resolve_sr(pool, sr),
+        "SR": pool.sr_ref(sr),
         "virtual_size": str(m.virtual_size),
         "type": "user",
         "sharable": False,
@@ -77,10 +64,10 @@ def to_sr(
         "sm_config": {},
         "tags": [],
     }
-    ref = pool.call("VDI.create", record)
+    ref = pool.create_vdi(record)
     uuid = "(new)"  # until known: interrupted before, the cleanup still has the ref
     try:
-        uuid = pool.call("VDI.get_uuid", ref)
+        uuid = pool.vdi_uuid(ref)
         reading = Reading(m, chain.sums_path(m.point))
         label = "%s disk %s: restore %s" % (m.vm_name, m.userdevice, m.point)
         with Upload(pool, ref, m.virtual_size, chunked=False) as upload:
@@ -94,7 +81,7 @@ def to_sr(
                 command.stream(reader(chain.image_path(m.point)), send)
             upload.finish()
         check(reading, "the new VDI is destroyed", chain)
-        pool.call("VDI.set_name_label", ref, name)
+        pool.set_vdi_name(ref, name)
     except ImportFailed as e:
         gone = _destroy(pool, ref, uuid)
         raise ImportFailed(
@@ -110,7 +97,7 @@ def to_sr(
     return m, uuid
 
 
-def _destroy(pool: Pool, ref: str, uuid: str) -> str:
+def _destroy(pool: PoolApi, ref: str, uuid: str) -> str:
     """Destroy the VDI a failed restore created; say what became of it."""
     try:
         pool.destroy_vdi(ref, uuid)
@@ -123,7 +110,7 @@ def _destroy(pool: Pool, ref: str, uuid: str) -> str:
     return "the new VDI %s was destroyed" % uuid
 
 
-def differing(pool: Pool, ref: str, h, size: int, reading: Reading) -> list[tuple[int, int]]:
+def differing(pool: PoolApi, ref: str, h, size: int, reading: Reading) -> list[tuple[int, int]]:
     """64 KiB-aligned extents where the VDI's current content differs from ``h``; all of
     ``h`` goes through ``reading`` (it is read whole anyway)."""
     export = Download(pool, ref)
@@ -156,7 +143,7 @@ def _send_frames(upload: Upload, h, extents: list[tuple[int, int]], advance) -> 
 
 
 def to_vdi(
-    pool: Pool, repo: Repository, vdi: str, at: str | None, target: str, force: bool = False
+    pool: PoolApi, repo: Repository, vdi: str, at: str | None, target: str, force: bool = False
 ):
     """Overwrite VDI ``target`` with the point, writing only the blocks that differ."""
     chain = repo.find(vdi)
@@ -166,7 +153,7 @@ def to_vdi(
         raise CliError("no VDI %s in the pool" % target)
     if not force:
         in_use(pool, ref, target, m)
-    size = int(pool.call("VDI.get_virtual_size", ref))
+    size = pool.vdi_virtual_size(ref)
     if size < m.virtual_size:
         raise CliError(
             "VDI %s is %d bytes, smaller than the point (%d bytes): resize it first"

@@ -30,6 +30,7 @@ from ..repo import digest, image
 from ..repo.digest import Reading, SumsDamaged
 from ..repo.manifest import Manifest, nearest
 from ..repo.repository import Chain, Repository
+from ..xapi.facade import PoolApi
 
 log = logging.getLogger(__name__)
 
@@ -65,14 +66,14 @@ def check(reading: Reading, where: str, chain: Chain | None = None) -> None:
         )
 
 
-def in_use(pool, ref: str, target: str, m: Manifest) -> None:
+def in_use(pool: PoolApi, ref: str, target: str, m: Manifest) -> None:
     """CliError naming what overwriting VDI ``target`` with point ``m`` would destroy:
     a disk attached to a running VM (or to a host's control domain: something reads or
     writes it now), or a disk of a VM other than the one the point was taken from."""
     problems = []
-    for vbd in pool.call("VDI.get_VBDs", ref):
-        rec = pool.call("VBD.get_record", vbd)
-        vm = pool.call("VM.get_record", rec["VM"])
+    for vbd in pool.vdi_vbds(ref):
+        rec = pool.vbd_record(vbd)
+        vm = pool.vm_record(rec["VM"])
         if vm["is_control_domain"]:
             if rec["currently_attached"]:
                 problems.append("it is attached to the control domain of a host right now")

@@ -20,11 +20,13 @@ until the VM is complete: a failure or SIGINT/SIGTERM destroys it all at once; a
 SIGKILL the next restore-vm or ``xencbt repair`` with pool options finds the marks of dead
 runs and destroys those VMs (with their disks) and VDIs.  The VM's mark goes last, so a
 VM without it is whole.  The repository is only read.
+
+This module checks and decides; vm_builder.py creates the VM and its devices and undoes
+them; what either asks of the pool is in xapi/ (facade.py, vmbuild.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -32,98 +34,20 @@ import socket
 import uuid as uuidlib
 from dataclasses import dataclass, field
 
-from xencbt_core.errors import XapiError, XencbtError
+from xencbt_core.errors import XapiError
 from xencbt_core.secret import register
 
 from ..errors import CliError, RepositoryError
 from ..proc import command, testhook
 from ..repo import image
-from ..repo.layout import UUID
 from ..repo.repository import Repository
-from ..repo.vmpoints import (
-    FROM_LIVE_VM,
-    FROM_NOWHERE,
-    NULL_REF,
-    VmManifest,
-    VmPoints,
-    all_vm_points,
-)
-from ..xapi.facade import Pool
-from .pool_restore import resolve_sr, to_sr
+from ..repo.vmpoints import VmManifest, VmPoints, all_vm_points
+from ..xapi.facade import NULL_REF, PoolApi
+from ..xapi.vmbuild import VmBuildApi
+from .vm_builder import MARK, Builder, Restored
 
 log = logging.getLogger(__name__)
 
-MARK = "xencbt-restore"
-BLOCKED = ("start", "start_on", "resume", "resume_on")
-WHY = "xencbt restore-vm is building this VM"
-# VM.create's constructor fields without a default (doc/data/xenapi.json; gen_server.ml
-# answers Dispatcher_FieldNotFound for a missing one), with what a VM point lacking one
-# gets.  is_a_template and affinity are never taken from the point: its source is a
-# snapshot, a template (xapi_vm_clone.ml), and its affinity a host of another time.
-VM_REQUIRED = {
-    "user_version": "1",
-    "is_a_template": False,
-    "affinity": NULL_REF,
-    "memory_static_max": "0",
-    "memory_dynamic_max": "0",
-    "memory_dynamic_min": "0",
-    "memory_static_min": "0",
-    "VCPUs_params": {},
-    "VCPUs_max": "1",
-    "VCPUs_at_startup": "1",
-    "actions_after_shutdown": "destroy",
-    "actions_after_reboot": "restart",
-    "actions_after_crash": "restart",
-    "PV_bootloader": "",
-    "PV_kernel": "",
-    "PV_ramdisk": "",
-    "PV_args": "",
-    "PV_bootloader_args": "",
-    "PV_legacy_args": "",
-    "HVM_boot_policy": "",
-    "HVM_boot_params": {},
-    "platform": {},
-    "PCI_bus": "",
-    "other_config": {},
-    "recommendations": "",
-}
-# Fields of the point VM.create must not get: xapi ignores them (bios_strings: set after;
-# xapi_vm.ml create) or they describe the snapshot, not the VM.
-NOT_CREATED = ("bios_strings", "blocked_operations", "is_a_template", "affinity")
-# xapi-consts constants.ml: settable_vm_bios_string_keys, generic_bios_strings.
-SETTABLE_BIOS = (
-    "bios-vendor",
-    "bios-version",
-    "system-manufacturer",
-    "system-product-name",
-    "system-version",
-    "system-serial-number",
-    "baseboard-manufacturer",
-    "baseboard-product-name",
-    "baseboard-version",
-    "baseboard-serial-number",
-    "baseboard-asset-tag",
-    "baseboard-location-in-chassis",
-    "enclosure-asset-tag",
-)
-GENERIC_BIOS = {
-    "bios-vendor": "Xen",
-    "bios-version": "",
-    "system-manufacturer": "Xen",
-    "system-product-name": "HVM domU",
-    "system-version": "",
-    "system-serial-number": "",
-    "baseboard-manufacturer": "",
-    "baseboard-product-name": "",
-    "baseboard-version": "",
-    "baseboard-serial-number": "",
-    "baseboard-asset-tag": "",
-    "baseboard-location-in-chassis": "",
-    "enclosure-asset-tag": "",
-    "hp-rombios": "",
-    "oem-1": "Xen",
-    "oem-2": "MS_VM_CERT/SHA1/bdbeb6e0a816d43fa6d3fe8aaef04c2bad9d3e3d",
-}
 # SR types whose VDI.create allocates the whole virtual size (LVM volumes; "thick"
 # unless the SR was created with sm_config allocation=thin).  File SRs (ext, nfs, smb,
 # gfs2, …) are thin: a disk takes what is written, and import_raw_vdi skips zeros into a
@@ -133,7 +57,7 @@ VHD_BLOCK = 2 << 20
 
 
 @dataclass
-class Options:
+class RestoreVmOptions:
     vm: str
     at: str | None
     sr: str
@@ -141,20 +65,6 @@ class Options:
     networks: list[str] = field(default_factory=list)
     new_macs: bool = False
     start: bool = False
-
-
-@dataclass
-class Restored:
-    vm_uuid: str
-    name: str
-    point: str
-    source_vm: str
-    macs_changed: bool
-    notes: list[str] = field(default_factory=list)
-    disks: list[dict] = field(default_factory=list)
-    started: bool = False
-    start_error: str = ""  # --start failed: the VM is whole and stays
-    vtpm: str = ""  # where the restored vTPM's contents came from (vmpoint.py)
 
 
 def find(repo: Repository, vm: str) -> VmPoints:
@@ -192,272 +102,22 @@ def alive(mark: str) -> bool:
     return int(pid) != os.getpid()  # our own pid: a dead run's, reused
 
 
-class Builder:
-    """Creates the VM and its devices, remembering each object to undo."""
-
-    def __init__(self, pool: Pool, mark: str):
-        self.pool = pool
-        self.call = pool.call
-        self.mark = mark
-        self.vm: str | None = None
-        self.vdis: list[tuple[str, str]] = []
-
-    def map_networks(self, config: dict, pairs: list[str]) -> dict[str, str]:
-        """original network uuid -> target network ref, or CliError naming the first
-        network that maps nowhere (nothing is created before this)."""
-        wanted = {}
-        for pair in pairs:
-            src, sep, dst = pair.partition("=")
-            if not sep or not src or not dst:
-                raise CliError("--network takes FROM=TO (network name or uuid), not %r" % pair)
-            wanted[src] = dst
-        nets = {vif["network"]["uuid"]: vif["network"]["name_label"] for vif in config["vifs"]}
-        unknown = [n for n in wanted if n not in nets and n not in nets.values()]
-        if unknown:
-            raise CliError(
-                "--network %s=…: the VM point has no VIF on a network %s (its networks: %s); "
-                "nothing was created"
-                % (
-                    unknown[0],
-                    unknown[0],
-                    ", ".join("%s (%s)" % (n, u) for u, n in sorted(nets.items())) or "none",
-                )
-            )
-        mapping = {}
-        for vif in config["vifs"]:
-            net = vif["network"]
-            target = wanted.get(net["uuid"], wanted.get(net["name_label"]))
-            ref = self.network(target) if target else self.same_network(net)
-            if ref is None:
-                raise CliError(
-                    "network %s (%s) of VIF %s is not in this pool: map it with --network "
-                    "'%s=NETWORK' (xe network-list); nothing was created"
-                    % (net["name_label"], net["uuid"], vif["device"], net["name_label"])
-                )
-            mapping[net["uuid"]] = ref
-        return mapping
-
-    def network(self, name: str) -> str | None:
-        with contextlib.suppress(XapiError):
-            if UUID.match(name):
-                return self.call("network.get_by_uuid", name)
-        refs = self.call("network.get_by_name_label", name)
-        if len(refs) > 1:
-            raise CliError("%d networks are named %s: give its uuid" % (len(refs), name))
-        if not refs:
-            raise CliError("no network %s in this pool (xe network-list)" % name)
-        return refs[0]
-
-    def same_network(self, net: dict) -> str | None:
-        with contextlib.suppress(XapiError):
-            return self.call("network.get_by_uuid", net["uuid"])
-        refs = self.call("network.get_by_name_label", net["name_label"])
-        return refs[0] if len(refs) == 1 else None
-
-    def create_vm(self, config: dict, name: str) -> str:
-        """VM.create with every constructor field, then start blocked at once (xapi's
-        create ignores blocked_operations), then the BIOS strings (ignored too)."""
-        saved = config["vm"]
-        record = {k: wire(v) for k, v in saved.items() if k not in NOT_CREATED}
-        for key, default in VM_REQUIRED.items():
-            record.setdefault(key, default)
-        record["is_a_template"] = False
-        record["affinity"] = NULL_REF
-        record["name_label"] = name
-        record["other_config"] = {**saved.get("other_config", {}), MARK: self.mark}
-        for value in saved.get("NVRAM", {}).values():
-            register(str(value))
-        self.vm = self.call("VM.create", record)
-        self.call("VM.set_blocked_operations", self.vm, dict.fromkeys(BLOCKED, WHY))
-        return self.vm
-
-    def bios_strings(self, saved: dict, notes: list[str]) -> None:
-        """xapi_vm.ml set_bios_strings takes the settable keys only (non-empty, printable,
-        at most 512 characters) over the generic strings; a VM with none gets the generic
-        ones at its first start.  Keys it cannot set are named in the notes."""
-        if not saved or saved == GENERIC_BIOS:
-            return
-        settable = {k: v for k, v in saved.items() if k in SETTABLE_BIOS and v}
-        lost = sorted(
-            k for k, v in saved.items() if k not in SETTABLE_BIOS and v != GENERIC_BIOS.get(k)
-        )
-        if settable:
-            self.call("VM.set_bios_strings", self.vm, settable)
-        if lost:
-            notes.append(
-                "BIOS strings %s are not restored: xapi sets only the settable keys "
-                "(xapi_vm.ml set_bios_strings); the others are generic"
-                % ", ".join("%s=%r" % (k, saved[k]) for k in lost)
-            )
-
-    def disk(self, repo: Repository, d: dict, sr: str, name: str | None, saved: dict) -> str:
-        """The disk restored to ``sr`` with the saved VDI's description and other_config
-        (a point older than their capture: to_sr's own description)."""
-        other_config = {**saved.get("other_config", {}), MARK: self.mark}
-        description = saved.get("name_description")
-        m, uuid = to_sr(
-            self.pool, repo, d["vdi_uuid"], d["point"], sr, name, other_config, description
-        )
-        ref = self.call("VDI.get_by_uuid", uuid)
-        self.vdis.append((ref, uuid))
-        return ref
-
-    def vbd(self, row: dict, vdi: str) -> None:
-        """Every VBD.create field; a disk the restore created is owned by the VM
-        (other_config:owner, as xapi's snapshots and clones own theirs: xe vm-uninstall
-        destroys owned disks only); a CD drive is read-only."""
-        kind = row.get("type", "Disk")
-        other_config = dict(row.get("other_config", {}))
-        if kind == "Disk":
-            other_config.setdefault("owner", "true")
-        record = {
-            "VM": self.vm,
-            "VDI": vdi,
-            "userdevice": row["userdevice"],
-            "bootable": bool(row.get("bootable")),
-            "mode": "RO" if kind == "CD" else row.get("mode", "RW"),
-            "type": kind,
-            "empty": vdi == NULL_REF,
-            "unpluggable": bool(row.get("unpluggable", True)),
-            "other_config": other_config,
-            "qos_algorithm_type": row.get("qos_algorithm_type", ""),
-            "qos_algorithm_params": row.get("qos_algorithm_params", {}),
-        }
-        self.call("VBD.create", record)
-
-    def iso(self, row: dict, notes: list[str]) -> str:
-        """The ISO a CD drive held, when this pool has it (by uuid); else an empty drive."""
-        iso = row.get("iso")
-        if not iso:
-            return NULL_REF
-        with contextlib.suppress(XapiError):
-            return self.call("VDI.get_by_uuid", iso["uuid"])
-        notes.append(
-            "CD drive %s held ISO %s (%s), which is not in this pool: it is empty"
-            % (row["userdevice"], iso["name_label"], iso["uuid"])
-        )
-        return NULL_REF
-
-    def vif(self, vif: dict, network: str, keep_mac: bool) -> str:
-        record = {
-            "device": vif["device"],
-            "network": network,
-            "VM": self.vm,
-            "MAC": vif["MAC"] if keep_mac else "",
-            "MTU": str(vif.get("MTU", 1500)),
-            "other_config": vif.get("other_config", {}),
-            "qos_algorithm_type": vif.get("qos_algorithm_type", ""),
-            "qos_algorithm_params": vif.get("qos_algorithm_params", {}),
-            "locking_mode": vif.get("locking_mode", "network_default"),
-            "ipv4_allowed": vif.get("ipv4_allowed", []),
-            "ipv6_allowed": vif.get("ipv6_allowed", []),
-        }
-        ref = self.call("VIF.create", record)
-        return self.call("VIF.get_MAC", ref)
-
-    def vtpm(self, vtpm: dict, result: Restored) -> None:
-        register(vtpm["contents"])
-        ref = self.call("VTPM.create", self.vm, bool(vtpm.get("is_unique")))
-        if vtpm["contents"]:
-            self.call("VTPM.set_contents", ref, vtpm["contents"])
-        source = vtpm.get("contents_from") or ("snapshot" if vtpm["contents"] else FROM_NOWHERE)
-        result.vtpm = source
-        if source == FROM_LIVE_VM:
-            result.notes.append(
-                "the vTPM is unique: xapi does not copy its contents into a snapshot "
-                "(xapi_vtpm.ml copy), so they were read from the VM right after the "
-                "snapshot: its TPM state a moment after the disks'"
-            )
-        elif not vtpm["contents"]:
-            result.notes.append(
-                "the vTPM is blank: the VM point holds no contents for it (%s)"
-                % vtpm.get("why", "none were saved")
-            )
-
-    def finish(self) -> None:
-        """Unblock, then drop the marks: the VDIs' first, the VM's last (a VM without
-        its mark is whole)."""
-        for op in BLOCKED:
-            self.call("VM.remove_from_blocked_operations", self.vm, op)
-        for ref, _ in self.vdis:
-            self.call("VDI.remove_from_other_config", ref, MARK)
-        testhook.pause("restore-vm-commit")
-        self.call("VM.remove_from_other_config", self.vm, MARK)
-
-    def marked_vdis(self) -> list[tuple[str, str]]:
-        """VDIs of this run not yet known to it: one whose restore was interrupted."""
-        known = {ref for ref, _ in self.vdis}
-        try:
-            records = self.call("VDI.get_all_records")
-        except (XencbtError, OSError):
-            return []
-        return [
-            (ref, rec["uuid"])
-            for ref, rec in records.items()
-            if rec.get("other_config", {}).get(MARK) == self.mark and ref not in known
-        ]
-
-    def undo(self) -> str:
-        """Destroy what this run created; what cannot be destroyed keeps its mark, for
-        the next restore-vm or repair.  Says what became of it."""
-        self.pool.session.reset_connection()  # the interrupted call may have broken it
-        done, left = [], []
-        if self.vm is not None:
-            try:
-                destroy_vm(self.pool, self.vm)
-                done.append("the VM")
-            except (XencbtError, OSError) as e:
-                left.append("the VM (%s)" % e)
-        for ref, uuid in self.vdis + self.marked_vdis():
-            try:
-                self.pool.destroy_vdi(ref, uuid)
-                done.append("VDI %s" % uuid)
-            except (XencbtError, OSError) as e:
-                left.append("VDI %s (%s)" % (uuid, e))
-        text = ", ".join(done) or "nothing"
-        if left:
-            text += "; left for the next restore-vm or repair: " + ", ".join(left)
-        return text
-
-
-def wire(value):
-    """XML-RPC carries 64-bit ints as strings (xapi's convention)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return str(value)
-    return value
-
-
-def destroy_vm(pool: Pool, vm: str, keep_out: list[str] | None = None) -> list[str]:
-    """Shut down and destroy a VM; returns its disks' VDI refs (not destroyed here)."""
-    call = pool.call
-    vdis = []
-    for vbd in call("VM.get_VBDs", vm):
-        vdi = call("VBD.get_VDI", vbd)
-        if vdi != NULL_REF and call("VBD.get_type", vbd) == "Disk":
-            vdis.append(vdi)
-    if call("VM.get_power_state", vm) != "Halted":
-        call("VM.hard_shutdown", vm)
-    call("VM.remove_from_blocked_operations", vm, "destroy")
-    call("VM.destroy", vm)
-    return [v for v in vdis if v not in (keep_out or [])]
-
-
-def clean_leftovers(pool: Pool) -> list[str]:
+def clean_leftovers(pool: PoolApi) -> list[str]:
     """Destroy what killed restore-vm runs left (marked, run no longer alive): VMs with
     their disks, then marked VDIs.  Returns the uuids destroyed."""
-    call = pool.call
+    api = VmBuildApi(pool)
     gone = []
-    for ref, rec in call("VM.get_all_records").items():
+    for ref, rec in pool.vm_records().items():
         mark = rec.get("other_config", {}).get(MARK)
         if mark is None or alive(mark):
             continue
         uuid = rec["uuid"]
-        for vdi in destroy_vm(pool, ref):
-            vdi_uuid = call("VDI.get_uuid", vdi)
+        for vdi in api.destroy_vm(ref):
+            vdi_uuid = pool.vdi_uuid(vdi)
             pool.destroy_vdi(vdi, vdi_uuid)
             gone.append(vdi_uuid)
         gone.append(uuid)
-    for ref, rec in call("VDI.get_all_records").items():
+    for ref, rec in pool.vdi_records().items():
         mark = rec.get("other_config", {}).get(MARK)
         if mark is not None and not alive(mark):
             pool.destroy_vdi(ref, rec["uuid"])
@@ -465,9 +125,9 @@ def clean_leftovers(pool: Pool) -> list[str]:
     return gone
 
 
-def original_exists(pool: Pool, uuid: str) -> bool:
+def original_exists(pool: PoolApi, uuid: str) -> bool:
     try:
-        pool.call("VM.get_by_uuid", uuid)
+        pool.vm_by_uuid(uuid)
     except XapiError as e:
         if e.code == "UUID_INVALID":
             return False
@@ -475,7 +135,7 @@ def original_exists(pool: Pool, uuid: str) -> bool:
     return True
 
 
-def restore_vm(pool: Pool, repo: Repository, opts: Options, say) -> Restored:
+def restore_vm(pool: PoolApi, repo: Repository, opts: RestoreVmOptions, say) -> Restored:
     points = find(repo, opts.vm)
     m = points.get(opts.at)
     config = points.load_config(m)
@@ -486,8 +146,8 @@ def restore_vm(pool: Pool, repo: Repository, opts: Options, say) -> Restored:
         say("destroyed %s, left by an interrupted restore-vm" % uuid)
     builder = Builder(pool, marker())
     networks = builder.map_networks(config, opts.networks)
-    sr_ref = resolve_sr(pool, opts.sr)
-    sr = pool.call("SR.get_uuid", sr_ref)  # to_sr takes a name or uuid
+    sr_ref = pool.sr_ref(opts.sr)
+    sr = pool.sr_uuid(sr_ref)  # to_sr takes a name or uuid
     preflight(pool, repo, m, config, sr_ref)
     name = opts.name or unique_name(pool, config["vm"]["name_label"], m.point)
     result = Restored("", name, m.point, m.vm_uuid, True)
@@ -506,19 +166,19 @@ def restore_vm(pool: Pool, repo: Repository, opts: Options, say) -> Restored:
         raise
     if opts.start:
         try:
-            pool.call("VM.start", builder.vm, False, False)
+            builder.api.start_vm(builder.vm)
             result.started = True
         except XapiError as e:  # e.g. HOST_NOT_ENOUGH_FREE_MEMORY: the VM is whole, stays
             result.start_error = str(e)
     return result
 
 
-def unique_name(pool: Pool, name: str, point: str) -> str:
+def unique_name(pool: PoolApi, name: str, point: str) -> str:
     """The original's name when no VM of the pool has it (after a disaster: the same VM
     back, the nightly backup by name goes on), else "NAME (restored POINT)" (beside the
     original: two VMs of one name would make a backup by name ambiguous), numbered when
     that one is taken too."""
-    taken = {vm["name_label"] for vm in pool.call("VM.get_all_records").values()}
+    taken = {vm["name_label"] for vm in pool.vm_records().values()}
     if name not in taken:
         return name
     candidate, n = "%s (restored %s)" % (name, point), 1
@@ -540,7 +200,7 @@ def disk_name(disk: str, vm: str, new: str, userdevice: str) -> str | None:
     return "%s %s" % (new, disk)
 
 
-def macs_free(pool: Pool, source_vm: str, config: dict, notes: list[str]) -> bool:
+def macs_free(pool: PoolApi, source_vm: str, config: dict, notes: list[str]) -> bool:
     """Whether the point's MAC addresses may be kept: no VM of this pool holds one (the
     original, or a VM restored from it before; snapshots and templates never run)."""
     if original_exists(pool, source_vm):
@@ -551,8 +211,8 @@ def macs_free(pool: Pool, source_vm: str, config: dict, notes: list[str]) -> boo
         return False
     wanted = {v["MAC"].lower() for v in config["vifs"]}
     held: dict[str, str] = {}
-    vms = pool.call("VM.get_all_records")
-    for vif in pool.call("VIF.get_all_records").values():
+    vms = pool.vm_records()
+    for vif in pool.vif_records().values():
         vm = vms.get(vif["VM"])
         if vm is None or vm["is_a_snapshot"] or vm["is_a_template"]:
             continue
@@ -572,10 +232,9 @@ def not_restored(config: dict) -> list[str]:
     return ["not restored: %s" % what for what in config.get("not_captured", [])]
 
 
-def preflight(pool: Pool, repo: Repository, m: VmManifest, config: dict, sr: str) -> None:
+def preflight(pool: PoolApi, repo: Repository, m: VmManifest, config: dict, sr: str) -> None:
     """What would make a later call fail, checked before anything is created."""
-    call = pool.call
-    restrictions = call("pool.get_restrictions", call("pool.get_all")[0])
+    restrictions = VmBuildApi(pool).pool_restrictions()
     # features.ml: both are Negative features, enabled only by "false"; a missing key is
     # restricted (neither is in enabled_when_unknown).
     if config.get("vtpms") and restrictions.get("restrict_vtpm") != "false":
@@ -606,11 +265,11 @@ def preflight(pool: Pool, repo: Repository, m: VmManifest, config: dict, sr: str
     check_space(pool, repo, m, sr)
 
 
-def check_space(pool: Pool, repo: Repository, m: VmManifest, sr: str) -> None:
+def check_space(pool: PoolApi, repo: Repository, m: VmManifest, sr: str) -> None:
     """The SR must have room for the disks: their virtual sizes on a thick SR, their
     data (in 2 MiB VHD blocks) on a thin one.  physical_size - physical_utilisation is
     what xapi knows the SR has free; it lags a little behind the storage (SR.scan)."""
-    rec = pool.call("SR.get_record", sr)
+    rec = pool.sr_record(sr)
     thick = rec["type"] in THICK_TYPES and rec.get("sm_config", {}).get("allocation") != "thin"
     need = 0
     for d in m.disks:
@@ -667,7 +326,7 @@ def check_disks(repo: Repository, m: VmManifest, config: dict) -> dict[str, dict
 
 def build(builder, repo, config, chains, sr, networks, keep_macs, result) -> None:
     builder.create_vm(config, result.name)
-    result.vm_uuid = builder.call("VM.get_uuid", builder.vm)
+    result.vm_uuid = builder.pool.vm_uuid(builder.vm)
     builder.bios_strings(config["vm"].get("bios_strings", {}), result.notes)
     for row in sorted(config["vbds"], key=lambda r: r["userdevice"]):
         vdi = NULL_REF

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
-import json
 import logging
 import os
 import shlex
@@ -26,7 +25,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -37,10 +35,12 @@ from xencbt_core.errors import XapiError
 
 from ..errors import OK, CliError, CommandFailed, UsageError
 from ..proc import command
+from ..proc.signals import STOP_SIGNALS
 from ..repo import image as images
 from ..repo.layout import UUID
 from ..repo.repository import Repository
-from ..xapi.facade import Pool, Vm
+from ..settings import Settings
+from ..xapi.facade import PoolApi, Vm
 from ..xapi.networks import warn_if_insecure
 from .snapshot_copy import Copier, plugin
 
@@ -52,7 +52,6 @@ READY_TIMEOUT = 120  # the plugin logs in to XAPI before it serves
 SNAPSHOT_NAME = "xencbt-serve"
 CONNECTIONS = 2  # upstream connections of a snapshot served for mounting (of 16 per host)
 CERT_FILES = ("ca-cert.pem", "server-cert.pem", "server-key.pem")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 class Stopped(KeyboardInterrupt):
@@ -340,17 +339,17 @@ class Server:
                 argv += ["--shared=0", *self.tls.qemu_args(private), name]
                 self._serve(argv, private, what)
 
-    def snapshot(self, pool: Pool, copier: Copier, vdi: str) -> None:
+    def snapshot(self, pool: PoolApi, copier: Copier, vdi: str) -> None:
         """Serve ``vdi`` through the plugin: a snapshot of it, or it if it is a snapshot."""
         ref, rec = _pool_vdi(pool, vdi)
         taken = not rec["is_a_snapshot"]
         if taken:
-            ref = pool.call("VDI.snapshot", ref, {})
-        uuid = pool.call("VDI.get_uuid", ref)
+            ref = pool.snapshot_vdi(ref)
+        uuid = pool.vdi_uuid(ref)
         try:
             if taken:  # a name that says whose it is, should a crash leave it behind
                 label = "%s %s" % (SNAPSHOT_NAME, rec["name_label"])
-                pool.call("VDI.set_name_label", ref, label)
+                pool.set_vdi_name(ref, label)
             what = {"vdi": rec["uuid"], "snapshot": uuid, "snapshot_taken": taken}
             with tempfile.TemporaryDirectory(prefix="xencbt-serve-") as private:
                 argv = ["nbdkit", "-f", "--exit-with-parent", "--readonly"]
@@ -360,7 +359,7 @@ class Server:
             if taken:
                 pool.destroy_vdi(ref, uuid)
 
-    def vm_snapshot(self, pool: Pool, copier: Copier, name: str) -> None:
+    def vm_snapshot(self, pool: PoolApi, copier: Copier, name: str) -> None:
         """Serve every disk of the VM ``name`` through the plugin (vm=): a snapshot of the
         VM taken for the purpose, or the VM snapshot given."""
         ref, rec = _pool_vm(pool, name)
@@ -373,7 +372,7 @@ class Server:
             exports = [d.userdevice for d in pool.disks(ref)]
             what = {
                 "vm": rec["uuid"],
-                "snapshot": pool.call("VM.get_uuid", ref),
+                "snapshot": pool.vm_uuid(ref),
                 "snapshot_taken": taken,
                 "exports": exports,
             }
@@ -391,40 +390,58 @@ class Server:
             run_server(argv, sock, lambda: self.announce({**what, **endpoint.describe()}))
 
 
-def _pool_vdi(pool: Pool, vdi: str) -> tuple[str, dict]:
+def _pool_vdi(pool: PoolApi, vdi: str) -> tuple[str, dict]:
     if not UUID.match(vdi):
         raise UsageError("--snapshot takes a VDI uuid (xe vdi-list), not %r" % vdi)
     ref = pool.vdi_ref(vdi)
     if ref is None:
         raise CliError("no VDI %s in the pool (xe vdi-list shows them)" % vdi)
-    rec = pool.call("VDI.get_record", ref)
+    rec = pool.vdi_record(ref)
     if rec.get("type") == "cbt_metadata":
         raise CliError("VDI %s holds no data any more (a cbt_metadata snapshot)" % vdi)
     return ref, rec
 
 
-def _pool_vm(pool: Pool, name: str) -> tuple[str, dict]:
+def _pool_vm(pool: PoolApi, name: str) -> tuple[str, dict]:
     """A VM by name or uuid, or a VM snapshot by uuid."""
     if UUID.match(name):
         try:
-            ref = pool.call("VM.get_by_uuid", name)
+            ref = pool.vm_by_uuid(name)
         except XapiError as e:
             if e.code != "UUID_INVALID":
                 raise
             raise CliError("no VDI %s (nor a VM with that uuid) in the pool" % name) from None
-        return ref, pool.call("VM.get_record", ref)
+        return ref, pool.vm_record(ref)
     vm = pool.vm(name)
-    return vm.ref, pool.call("VM.get_record", vm.ref)
+    return vm.ref, pool.vm_record(vm.ref)
 
 
 def plugin_args(copier: Copier, snapshot: str, kind: str = "vdi") -> list[str]:
     return [*plugin(), *copier.params(snapshot, None, CONNECTIONS, kind)]
 
 
-def serve(args, conf, repo: Repository | None, say: Callable[[str], None]) -> int:
+@dataclass
+class ServeRequest:
+    """What ``xencbt serve`` was asked (commands/serve_cmd.py builds it)."""
+
+    vdi: str  # a VDI uuid or prefix of the repository; with snapshot, a pool VDI or a VM
+    at: str | None = None
+    snapshot: bool = False
+    listen: str | None = None
+    tls_psk: str | None = None
+    tls_certificates: str | None = None
+
+
+def serve(
+    args: ServeRequest,
+    conf: Settings,
+    repo: Repository | None,
+    announce: Callable[[dict], None],
+    say: Callable[[str], None],
+) -> int:
     """``xencbt serve``: runs until SIGINT/SIGTERM, then cleans up and returns 0."""
     tls = Tls(args.tls_psk or "", args.tls_certificates or "")
-    server = Server(Listen.parse(args.listen), tls, announcer(args.json, say))
+    server = Server(Listen.parse(args.listen), tls, announce)
     with stop_signals():
         if not args.snapshot:
             server.point(repo, args.vdi, args.at)
@@ -433,7 +450,7 @@ def serve(args, conf, repo: Repository | None, say: Callable[[str], None]) -> in
             raise UsageError("--at names a backup point; --snapshot serves the live VDI")
         with conf.session() as session, conf.plugin_password() as password:
             warn_if_insecure(session, say)
-            pool, copier = Pool(session), Copier(conf, password, CONNECTIONS, False)
+            pool, copier = PoolApi(session), Copier(conf, password, CONNECTIONS, False)
             if _names_a_vdi(pool, args.vdi):
                 server.snapshot(pool, copier, args.vdi)
             else:
@@ -441,41 +458,13 @@ def serve(args, conf, repo: Repository | None, say: Callable[[str], None]) -> in
     return OK
 
 
-def _names_a_vdi(pool: Pool, name: str) -> bool:
+def _names_a_vdi(pool: PoolApi, name: str) -> bool:
     """--snapshot takes a VDI uuid, or a VM by name or uuid."""
     if UUID.match(name):
         return pool.vdi_ref(name) is not None
-    if not pool.call("VM.get_by_name_label", name):
+    if not pool.vms_named(name):
         raise UsageError(
             "--snapshot takes a VDI uuid (xe vdi-list) or a VM name or uuid (xe vm-list), "
             "not %r" % name
         )
     return False
-
-
-def announcer(as_json: bool, say: Callable[[str], None]) -> Callable[[dict], None]:
-    def announce(info: dict) -> None:
-        if as_json:
-            print(json.dumps(info), flush=True)
-        else:
-            if "point" in info:
-                what = "VDI %s point %s (%s)" % (info["vdi"], info["point"], info["type"])
-            elif "vm" in info:
-                what = "VM %s as snapshot %s, disks %s (export names; default %s)" % (
-                    info["vm"],
-                    info["snapshot"],
-                    ", ".join(info["exports"]),
-                    info["exports"][0] if info["exports"] else "none",
-                )
-            else:
-                what = "VDI %s as snapshot %s" % (info["vdi"], info["snapshot"])
-            print("serving %s read-only" % what)
-            print("  uri:        %s" % info["uri"])
-            if info["nbd_client"]:
-                print("  nbd-client: %s" % info["nbd_client"])
-            else:
-                print("  (nbd-client cannot do this TLS: use qemu-nbd, nbdfuse or guestmount)")
-            sys.stdout.flush()
-        say("xencbt: serving until Ctrl-C or SIGTERM")
-
-    return announce

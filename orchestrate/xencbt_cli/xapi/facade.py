@@ -1,4 +1,9 @@
-"""What the orchestrator asks of the pool through XAPI: VMs, disks, CBT, snapshots."""
+"""What the orchestrator asks of the pool through XAPI: VMs, disks, CBT, snapshots, SRs.
+
+Every XAPI call of the CLI is a method here or in the other modules of this package
+(vmconfig.py: a VM's configuration for its VM point; vmbuild.py: restore-vm's VMs and
+devices; hosthttp.py: the hosts' HTTP handlers and their tasks; networks.py: NBD
+networks).  Nothing above this package names a XAPI message."""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from dataclasses import dataclass
 
 from xencbt_core.errors import XapiError
 from xencbt_core.inuse import IN_USE, TIMEOUT, InUseRetry
-from xencbt_core.xapi import Session
+from xencbt_core.xapi import NULL_REF, Session
 
 from ..errors import CliError
 from ..repo.layout import UUID
@@ -15,7 +20,6 @@ from ..repo.layout import UUID
 log = logging.getLogger(__name__)
 
 SNAPSHOT_PREFIX = "xencbt-"
-NULL_REF = "OpaqueRef:NULL"
 BROKEN_CHAIN = ("SR_BACKEND_FAILURE_460", "SR_BACKEND_FAILURE_459")
 # VDI.enable_cbt failures that mean "no CBT on this disk", not "something broke"
 # (xapi_vdi.ml enable_cbt and check_operation_error, sm VDI.configure_blocktracking).
@@ -38,7 +42,7 @@ class Vm:
 
 
 @dataclass
-class Disk:
+class VmDisk:
     """A VM's disk (or, after a snapshot, the snapshot's) by its VBD's userdevice."""
 
     vdi_ref: str
@@ -74,7 +78,9 @@ class CleanupLagged(XapiError):
         self.uuids = uuids
 
 
-class Pool:
+class PoolApi:
+    """The pool through one XAPI session: typed methods, one per thing asked."""
+
     def __init__(self, session: Session, in_use_timeout: float = TIMEOUT):
         self.session = session
         self.call = session.call
@@ -98,23 +104,23 @@ class Pool:
             raise CliError("an empty VM name was given (give a VM name or uuid: xe vm-list)")
         if UUID.match(name_or_uuid):
             try:
-                refs = [self.call("VM.get_by_uuid", name_or_uuid)]
+                refs = [self.vm_by_uuid(name_or_uuid)]
             except XapiError as e:
                 if e.code != "UUID_INVALID":
                     raise
                 refs = []
         else:
-            refs = self.call("VM.get_by_name_label", name_or_uuid)
+            refs = self.vms_named(name_or_uuid)
         vms = []
         for ref in refs:
-            rec = self.call("VM.get_record", ref)
+            rec = self.vm_record(ref)
             if not (rec["is_a_snapshot"] or rec["is_a_template"] or rec["is_control_domain"]):
                 vms.append(Vm(ref, rec["uuid"], rec["name_label"]))
         if not vms and UUID.match(name_or_uuid):
             raise CliError("no VM with uuid %s in the pool (xe vm-list)" % name_or_uuid)
         return vms
 
-    def disks(self, vm_ref: str) -> list[Disk]:
+    def disks(self, vm_ref: str) -> list[VmDisk]:
         found = []
         for vbd in self.call("VM.get_VBDs", vm_ref):
             rec = self.call("VBD.get_record", vbd)
@@ -122,7 +128,7 @@ class Pool:
                 continue
             vdi = self.call("VDI.get_record", rec["VDI"])
             found.append(
-                Disk(
+                VmDisk(
                     rec["VDI"],
                     vdi["uuid"],
                     vdi["name_label"],
@@ -134,7 +140,7 @@ class Pool:
             )
         return sorted(found, key=lambda d: d.userdevice)
 
-    def enable_cbt(self, disk: Disk) -> NoCbt | None:
+    def enable_cbt(self, disk: VmDisk) -> NoCbt | None:
         """Enable CBT; a NoCbt when the pool, SR or VDI cannot have it."""
         log.info("enabling CBT on VDI %s (%s)", disk.uuid, disk.name)
         try:
@@ -216,3 +222,90 @@ class Pool:
                 log.info("list_changed_blocks: %s", e)
                 return None
             raise
+
+    # -- VMs --------------------------------------------------------------------------
+
+    def vm_by_uuid(self, uuid: str) -> str:
+        """The VM (or VM snapshot) ref; XapiError UUID_INVALID when there is none."""
+        return self.call("VM.get_by_uuid", uuid)
+
+    def vms_named(self, name: str) -> list[str]:
+        """Refs of every VM, snapshot or template whose name_label is ``name``."""
+        return self.call("VM.get_by_name_label", name)
+
+    def vm_record(self, ref: str) -> dict:
+        return self.call("VM.get_record", ref)
+
+    def vm_uuid(self, ref: str) -> str:
+        return self.call("VM.get_uuid", ref)
+
+    def vm_records(self) -> dict[str, dict]:
+        """Every VM record of the pool (snapshots, templates, control domains too), by ref."""
+        return self.call("VM.get_all_records")
+
+    def vif_records(self) -> dict[str, dict]:
+        """Every VIF record of the pool, by ref."""
+        return self.call("VIF.get_all_records")
+
+    # -- VDIs and VBDs ----------------------------------------------------------------
+
+    def vdi_by_uuid(self, uuid: str) -> str:
+        """The VDI's ref; XapiError UUID_INVALID when there is none (vdi_ref: None)."""
+        return self.call("VDI.get_by_uuid", uuid)
+
+    def vdi_records(self) -> dict[str, dict]:
+        """Every VDI record of the pool, by ref."""
+        return self.call("VDI.get_all_records")
+
+    def vdi_record(self, ref: str) -> dict:
+        return self.call("VDI.get_record", ref)
+
+    def vdi_uuid(self, ref: str) -> str:
+        return self.call("VDI.get_uuid", ref)
+
+    def vdi_type(self, ref: str) -> str:
+        """user, cbt_metadata, …"""
+        return self.call("VDI.get_type", ref)
+
+    def vdi_is_snapshot(self, ref: str) -> bool:
+        return self.call("VDI.get_is_a_snapshot", ref)
+
+    def vdi_virtual_size(self, ref: str) -> int:
+        return int(self.call("VDI.get_virtual_size", ref))
+
+    def vdi_vbds(self, ref: str) -> list[str]:
+        return self.call("VDI.get_VBDs", ref)
+
+    def vbd_record(self, ref: str) -> dict:
+        return self.call("VBD.get_record", ref)
+
+    def create_vdi(self, record: dict) -> str:
+        """VDI.create with the constructor's record; the new VDI's ref."""
+        return self.call("VDI.create", record)
+
+    def snapshot_vdi(self, ref: str) -> str:
+        """A snapshot of one VDI (no driver params); its ref."""
+        return self.call("VDI.snapshot", ref, {})
+
+    def set_vdi_name(self, ref: str, name: str) -> None:
+        self.call("VDI.set_name_label", ref, name)
+
+    # -- SRs --------------------------------------------------------------------------
+
+    def sr_ref(self, sr: str) -> str:
+        """The SR by uuid or by its unique name; CliError when there is none or several."""
+        try:
+            if UUID.match(sr):
+                return self.call("SR.get_by_uuid", sr)
+            refs = self.call("SR.get_by_name_label", sr)
+        except XapiError as e:
+            raise CliError("no SR %s: %s" % (sr, e)) from None
+        if len(refs) != 1:
+            raise CliError("%d SRs named %s: give its uuid (xe sr-list)" % (len(refs), sr))
+        return refs[0]
+
+    def sr_uuid(self, ref: str) -> str:
+        return self.call("SR.get_uuid", ref)
+
+    def sr_record(self, ref: str) -> dict:
+        return self.call("SR.get_record", ref)

@@ -26,7 +26,7 @@ from xencbt_core.secret import scrub
 from xencbt_core.xapi import ApiTrust, https_connection
 
 from ..errors import CliError
-from .facade import Pool
+from .facade import PoolApi
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class ImportFailed(CliError):
         self.started = started  # False: refused before the host wrote anything
 
 
-def _member(pool: Pool, location: str) -> tuple[str, ApiTrust, str]:
+def _member(pool: PoolApi, location: str) -> tuple[str, ApiTrust, str]:
     """(netloc, pinned trust, host name) for a redirect target, which must be a host of
     this pool; its certificate is the one the master reports for it."""
     url = urllib.parse.urlsplit(location)
@@ -63,7 +63,7 @@ def _member(pool: Pool, location: str) -> tuple[str, ApiTrust, str]:
 
 
 def request(
-    pool: Pool, verb: str, path: str, query: dict[str, str], length: int | None = None
+    pool: PoolApi, verb: str, path: str, query: dict[str, str], length: int | None = None
 ) -> tuple[http.client.HTTPSConnection, http.client.HTTPResponse]:
     """Send the head of ``verb path?query`` (with ``session_id``), following redirects;
     return the connection and the answer's head (its body, if any, still unread)."""
@@ -105,7 +105,7 @@ def request(
 class Download:
     """GET /export_raw_vdi of a whole VDI; ``read(n)`` gives exactly n bytes or fails."""
 
-    def __init__(self, pool: Pool, vdi_ref: str):
+    def __init__(self, pool: PoolApi, vdi_ref: str):
         query = {"vdi": vdi_ref, "format": "raw"}
         self.conn, self.reply = request(pool, "GET", "/export_raw_vdi", query)
         if self.reply.status != 200:
@@ -133,7 +133,7 @@ class Upload:
     only when the host's task says every byte was written.  Use as a context manager
     (the task is destroyed at the end)."""
 
-    def __init__(self, pool: Pool, vdi_ref: str, length: int, chunked: bool):
+    def __init__(self, pool: PoolApi, vdi_ref: str, length: int, chunked: bool):
         self.pool = pool
         self.length = length
         self.sent = 0
