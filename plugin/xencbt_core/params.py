@@ -16,7 +16,8 @@ from .trust import MODES
 from .upstream import MAX_REQUEST
 
 MAX_READAHEAD = MAX_REQUEST  # one request to the host per window
-UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+# A uuid as xapi writes one (lower case); the plugin also takes one typed in upper case.
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 
 HELP = {
     "xapi": "URL of the pool API (https://HOST); a pool member redirects to its master",
@@ -137,10 +138,10 @@ class Params:
             )
         for key in ("vdi", "vm"):
             value = getattr(self, key)
-            if value and not UUID.match(value):
+            if value and not UUID.match(value.lower()):
                 raise ConfigError("%s=%s is not a UUID (like 0d1a...-...-...)" % (key, value))
         for value in self.bases():
-            if not UUID.match(value):
+            if not UUID.match(value.lower()):
                 raise ConfigError("since=%s is not a UUID (like 0d1a...-...-...)" % value)
         if self.vdi and len(self.bases()) > 1:
             raise ConfigError("since= takes one snapshot with vdi=; a list only with vm=")

@@ -15,9 +15,10 @@ import contextlib
 import shutil
 from dataclasses import dataclass, field
 
+from xencbt_core.params import UUID
+
 from ..errors import RepositoryError
 from ..repo import layout
-from ..repo.layout import UUID
 from ..repo.repository import Chain, Repository
 from ..repo.vmpoints import VmPoints
 

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 
 from xencbt_core import nbdproto
 from xencbt_core.errors import XapiError
+from xencbt_core.params import UUID
 
 from ..errors import OK, CliError, CommandFailed, UsageError
 from ..proc import command
 from ..proc.signals import STOP_SIGNALS
 from ..repo import image as images
-from ..repo.layout import UUID
 from ..repo.repository import Repository
 from ..settings import Settings
 from ..xapi.facade import PoolApi, Vm

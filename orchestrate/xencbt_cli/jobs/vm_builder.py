@@ -9,11 +9,11 @@ import contextlib
 from dataclasses import dataclass, field
 
 from xencbt_core.errors import XapiError, XencbtError
+from xencbt_core.params import UUID
 from xencbt_core.secret import register
 
 from ..errors import CliError
 from ..proc import testhook
-from ..repo.layout import UUID
 from ..repo.repository import Repository
 from ..repo.vmpoints import FROM_LIVE_VM, FROM_NOWHERE
 from ..xapi.facade import NULL_REF, PoolApi

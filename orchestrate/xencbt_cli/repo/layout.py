@@ -21,7 +21,6 @@ from pathlib import Path
 from ..proc import testhook
 
 FORMAT = 2  # 2: chunked digest + sidecar; 1: whole-disk sha256 only (still read)
-UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 POINT = re.compile(r"^\d{8}T\d{6}\.\d{6}Z$")
 LEFTOVER = (".partial", ".tmp")  # files only a writer in progress has
 # Disk images hold everything a VM has: only the repository's owner may read them.

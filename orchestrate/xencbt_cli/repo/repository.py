@@ -22,6 +22,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from xencbt_core.params import UUID
+
 from ..errors import CliError, LockBusy, RepositoryError
 from ..proc import qemu_img
 from . import journal, layout, repokey
@@ -32,7 +34,6 @@ from .layout import (
     PRIVATE_DIR,
     PRIVATE_FILE,
     SETTINGS,
-    UUID,
     exposed,
     make_dirs,
     write_atomically,

@@ -12,10 +12,10 @@ from dataclasses import dataclass
 
 from xencbt_core.errors import XapiError
 from xencbt_core.inuse import IN_USE, TIMEOUT, InUseRetry
+from xencbt_core.params import UUID
 from xencbt_core.xapi import NULL_REF, Session
 
 from ..errors import CliError
-from ..repo.layout import UUID
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ import socket
 import time
 
 from xencbt_core.errors import XapiError
+from xencbt_core.params import UUID
 from xencbt_core.upstream import CONNECT_TIMEOUT, host_address
 
 from ..errors import CliError, UsageError
-from ..repo.layout import UUID
 from .facade import NULL_REF
 
 log = logging.getLogger(__name__)
