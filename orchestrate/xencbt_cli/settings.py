@@ -52,7 +52,7 @@ KEYS = (
     "xapi_cafile",
     "thumbprint",
     "repo",
-    "key_file",  # an encrypted repository's key (repokey.py)
+    "key_file",  # an encrypted repository's key (repo/repokey.py)
 )
 
 

@@ -68,7 +68,7 @@ def run(args: argparse.Namespace, conf: Settings) -> int:
         )
     with conf.session() as session, conf.plugin_password() as password:
         warn_if_insecure(session, say)
-        # Progress is xencbt's own lines (progress.py), not qemu-img's -p counter.
+        # Progress is xencbt's own lines (proc/progress.py), not qemu-img's -p counter.
         copier = Copier(conf, password, args.connections, False, args.retry_timeout)
         copier.compression = config.compression
         job = Backup(

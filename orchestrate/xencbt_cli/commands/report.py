@@ -196,7 +196,7 @@ def print_backup(results: list[VmResult]) -> None:
                 )
             )
         if res.vtpm == FROM_LIVE_VM:
-            # xapi copies no unique vTPM into a snapshot (xapi_vtpm.ml copy): vmpoint.py
+            # xapi copies no unique vTPM into a snapshot (xapi_vtpm.ml copy): xapi/vmconfig.py
             print(
                 "%-20s vTPM     unique: contents read from the VM right after the snapshot" % res.vm
             )

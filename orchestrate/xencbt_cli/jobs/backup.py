@@ -3,7 +3,7 @@
     enable CBT where needed → VM.snapshot "xencbt-<point>" → per disk: decide (and say
     why a full is needed) → copy every disk through one nbdkit with the plugin (vm=: one
     XAPI login, one connection budget; one qemu-img per export) → per disk: chunk digests
-    (all for a full, only the changed chunks for an incremental: digest.py) → sums →
+    (all for a full, only the changed chunks for an incremental: repo/digest.py) → sums →
     manifest → VM.destroy the snapshot, VDI.data_destroy its disks (their CBT log is the
     next base) → destroy the older base no chain needs any more.
 
@@ -12,11 +12,11 @@ configuration for its VM point: xapi/vmconfig.py.
 
 On failure the snapshot VM and the VDIs no manifest refers to are destroyed, partial
 files removed; the repository keeps every point it had.  SIGINT, SIGTERM and SIGHUP do the
-same (the copies are stopped first, children.py) and each VM says in one line what was
+same (the copies are stopped first, proc/children.py) and each VM says in one line what was
 undone.  A run killed outright (SIGKILL,
 power loss) leaves at most temp files, which the next run of the chain removes, and
 snapshots on the pool, which the next backup of the VM destroys: the snapshot VM by its
-name prefix, its VDIs through the ledger (ledger.py).
+name prefix, its VDIs through the ledger (repo/ledger.py).
 
 The host refuses to destroy a VDI while dom0 still unplugs the VBDs of the copy's NBD
 connections (``VDI_IN_USE``): those calls are retried (inuse.py), and clean-up that lags
@@ -67,7 +67,7 @@ class VmResult:
     in_use_retries: int = 0  # calls tried again after VDI_IN_USE (dom0's NBD VBDs)
     undone: list[str] = field(default_factory=list)  # what a failure took back
     locked: bool = False  # the VM's chains were locked: its run had begun
-    vtpm: str = ""  # where the VM point's vTPM contents came from (vmpoints.py), if any
+    vtpm: str = ""  # where the VM point's vTPM contents came from (xapi/vmconfig.py), if any
     not_captured: list[str] = field(default_factory=list)  # devices no VM point carries
 
 
@@ -229,7 +229,7 @@ class Backup:
     def tell_capture(self, vm: Vm, config: dict, result: VmResult) -> None:
         """Say where a vTPM's contents came from and which devices the point lacks."""
         for vtpm in config["vtpms"]:
-            # Read from the live VM: said in the summary (report.py), not on stderr, which
+            # Read from the live VM: said in the summary (commands/report.py), not on stderr, which
             # cron mails every night; a blank TPM is a warning.
             result.vtpm = vtpm["contents_from"]
             if vtpm["contents_from"] == vmpoints.FROM_NOWHERE:
@@ -245,7 +245,7 @@ class Backup:
 
     def commit_vm_point(self, vm: Vm, config: dict, result: VmResult) -> None:
         """The VM's configuration, captured right after the snapshot of its disks, then
-        the VM manifest, last: only then does the VM point exist (vmpoints.py)."""
+        the VM manifest, last: only then does the VM point exist (repo/vmpoints.py)."""
         points = VmPoints(self.repo, vm.uuid)
         digest_ = points.write_config(result.point, config)
         disks = [

@@ -1,6 +1,6 @@
 """The disks of a VM backup (backup.py): whether each one's point is full or incremental
 and why (its plan), the copy of them all through one nbdkit, then each one's chunk
-digests (all for a full, only the changed chunks for an incremental: digest.py), sums and
+digests (all for a full, only the changed chunks for an incremental: repo/digest.py), sums and
 manifest.  Until its manifest is written a failure removes the point's files."""
 
 from __future__ import annotations

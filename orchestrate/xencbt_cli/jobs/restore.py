@@ -1,6 +1,6 @@
 """Restore a point: to a file (raw or qcow2), a new VDI on an SR, or an existing VDI.
 
-Every restore is checked against the digest recorded at backup time (digest.py, computed
+Every restore is checked against the digest recorded at backup time (repo/digest.py, computed
 over what is restored, which is read whole anyway) before it counts: a damaged image (or
 one it is backed by) gives an error naming the point, never silently wrong data.  A file
 is written as ``PATH.partial`` and renamed, so PATH is either absent or complete.
@@ -10,7 +10,7 @@ belongs to another VM (``in_use``).
 ``salvage`` is the way out for a point that does not read back as recorded: it writes
 what can be read (zeros where the image cannot be read at all) and names every range
 whose content differs from the point's recorded chunk digests (``<point>.sums``,
-digest.py): the granularity of those digests, 64 MiB by default.
+repo/digest.py): the granularity of those digests, 64 MiB by default.
 """
 
 from __future__ import annotations

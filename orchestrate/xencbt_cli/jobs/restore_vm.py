@@ -1,4 +1,4 @@
-"""restore-vm: rebuild a whole VM from a VM point (vmpoint.py).
+"""restore-vm: rebuild a whole VM from a VM point (repo/vmpoints.py).
 
     map every VIF's network (--network FROM=TO, else the same uuid, else the same name)
     → check what would make a later call fail (vTPM licence, VIF locking licence, the
@@ -159,7 +159,7 @@ def restore_vm(pool: PoolApi, repo: Repository, opts: RestoreVmOptions, say) -> 
     keep_macs = not opts.new_macs and macs_free(pool, m.vm_uuid, config, result.notes)
     result.macs_changed = not keep_macs
     result.notes.extend(not_restored(config))
-    try:  # SIGINT/SIGTERM/SIGHUP raise Interrupted here (signals.py)
+    try:  # SIGINT/SIGTERM/SIGHUP raise Interrupted here (proc/signals.py)
         build(builder, repo, config, chains, sr, networks, keep_macs, result)
     except BaseException:
         say("restore-vm failed: destroying what it created (%s)" % builder.undo())

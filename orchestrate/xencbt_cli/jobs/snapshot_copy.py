@@ -102,7 +102,7 @@ class Copier:
         self.connections = connections
         self.progress = progress
         self.retry_timeout = retry_timeout
-        self.compression = "none"  # the repository's (repoconfig.py)
+        self.compression = "none"  # the repository's (repo/repoconfig.py)
 
     def params(
         self,
@@ -164,7 +164,7 @@ class Copier:
                 *plugin(),
                 *self.params(snapshot_vm, sorted(since), n, kind="vm"),
                 "--run",
-                # Nothing is left running if xencbt dies: the group's guard (children.py).
+                # Nothing is left running if xencbt dies: the group's guard (proc/children.py).
                 " && ".join(runs),
             ]
             command.run(argv, passthrough=self.progress)

@@ -1,8 +1,8 @@
 """Verify a repository: what it promises for every point, from headers only
-(invariants.py: its settings honoured, modes, image and manifest, backing names), then
+(repo/invariants.py: its settings honoured, modes, image and manifest, backing names), then
 qemu-img check, the backing chain against the manifests, and every chunk digest of every
 point's whole virtual disk (one pass) against the ones recorded at backup time
-(digest.py; format-1 points: their whole-disk sha256), and each VM point against its
+(repo/digest.py; format-1 points: their whole-disk sha256), and each VM point against its
 disks' points.
 
 Read-only: it takes each chain's lock shared (so it never sees a backup's or a prune's
@@ -57,7 +57,7 @@ def check_point(
     config: RepoConfig | None = None,
 ) -> str | None:
     """None when the point is sound, else what is wrong with it: the repository's
-    promises first (invariants.py: a clear image in an encrypted repository reads back
+    promises first (repo/invariants.py: a clear image in an encrypted repository reads back
     as recorded all the same), then its chain and its content."""
     path = chain.image_path(m.point)
     promises = invariants.point(chain, m, config)
@@ -216,7 +216,7 @@ def advise(chain: Chain, point: str, good: list[str], report: Report) -> None:
 
 def check_vm_points(repo: Repository, vm_uuids: set[str] | None, report: Report) -> None:
     """Each VM point's configuration is there, matches its sha256 and parses, and each
-    of its disks' points exists (vmpoint.py) and passed above: a VM point is restorable
+    of its disks' points exists (repo/vmpoints.py) and passed above: a VM point is restorable
     only when all of them are."""
     for points in all_vm_points(repo):
         if vm_uuids is not None and points.vm_uuid not in vm_uuids:
