@@ -38,15 +38,10 @@ def add_parser(subparsers, parents: list) -> None:
 
 def run(args: argparse.Namespace, conf: Settings) -> int:
     request = ServeRequest(
-        args.vdi,
-        args.at,
-        args.snapshot,
-        args.listen,
-        args.tls_psk,
-        args.tls_certificates,
-        args.json,
+        args.vdi, args.at, args.snapshot, args.listen, args.tls_psk, args.tls_certificates
     )
-    return serve(request, conf, None if args.snapshot else repository(args, conf), say)
+    repo = None if args.snapshot else repository(args, conf)
+    return serve(request, conf, repo, announcer(args.json, say), say)
 
 
 def announcer(as_json: bool, say: Callable[[str], None]) -> Callable[[dict], None]:
