@@ -38,6 +38,7 @@ CLASSES = (
     "PCI",
     "VGPU_type",
     "USB_group",
+    "VM_guest_metrics",
 )
 SOURCE = "doc/data/xenapi.json"
 # Messages xapi serves but xenapi.json leaves out (``~hide_from_docs:true``), for the

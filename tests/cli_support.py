@@ -115,6 +115,11 @@ def backup(sim, repo: Path, *args: str) -> dict:
     return summary
 
 
+def initial(sim, vdi_uuid: str, size: int) -> bytearray:
+    data = (Path(sim.state_dir) / "vdis" / (vdi_uuid + ".raw")).read_bytes()[:size]
+    return bytearray(data + bytes(size - len(data)))
+
+
 class Vm:
     """A simulated VM, its disks and a model of what the guest wrote on each."""
 
@@ -127,7 +132,12 @@ class Vm:
         vbds = [self.x.VBD.get_record(v) for v in self.x.VM.get_VBDs(self.ref)]
         self.vdis = [v["VDI"] for v in sorted(vbds, key=lambda v: v["userdevice"])]
         self.uuids = [self.x.VDI.get_uuid(v) for v in self.vdis]
-        self.models = [bytearray(int(self.x.VDI.get_virtual_size(v))) for v in self.vdis]
+        # What each disk holds now (demo-vm's boot disk starts with a boot sector): the
+        # simulator's own data file, the independent truth.
+        self.models = [
+            initial(sim, u, int(self.x.VDI.get_virtual_size(v)))
+            for u, v in zip(self.uuids, self.vdis)
+        ]
 
     def write(self, disk: int, changes: dict[int, bytes | None]) -> None:
         with self.sim.guest_disk(self.uuids[disk]) as uri:

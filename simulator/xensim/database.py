@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 NULL_REF = "OpaqueRef:NULL"
 CLASSES = ("pool", "host", "network", "PIF", "SR", "PBD", "VM", "VBD", "VDI", "task", "VIF", "VTPM")
-CLASSES += ("VUSB", "VGPU", "PCI")
+CLASSES += ("VUSB", "VGPU", "PCI", "VM_guest_metrics")
 
 # (class, field) -> (class holding the forward link, name of that link field)
 REVERSE = {

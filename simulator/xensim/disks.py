@@ -49,6 +49,15 @@ def create(state_dir: Path, uuid: str, size: int) -> None:
         f.truncate(size)
 
 
+def write_boot_sector(state_dir: Path, uuid: str) -> None:
+    """A boot sector in sector 0: the 0x55AA signature a BIOS checks before it boots a
+    disk (guest_boot.py).  No partition table: what a test writes on the disk later (a
+    whole-disk file system, a GPT image) is all the disk holds besides."""
+    with open(data_path(state_dir, uuid), "r+b") as f:
+        f.seek(510)
+        f.write(b"\x55\xaa")
+
+
 def remove(state_dir: Path, uuid: str) -> None:
     for suffix in (".raw", ".lock"):
         with contextlib.suppress(FileNotFoundError):

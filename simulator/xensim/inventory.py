@@ -207,6 +207,8 @@ def _demo_vm(
         vdi = records.vdi(f"{name} disk {device}", sr_ref, size)
         vdi_ref = db.add("VDI", vdi)
         disks.create(state_dir, vdi["uuid"], size)
+        if device == 0:  # the boot disk: a guest that boots (guest_boot.py)
+            disks.write_boot_sector(state_dir, vdi["uuid"])
         vbd = records.vbd(vm_ref, vdi_ref, str(device))
         vbd["currently_attached"] = True
         db.add("VBD", vbd)

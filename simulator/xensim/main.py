@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .dom0 import DEFAULT_CLEANUP
+from .guest_boot import DEFAULT_BOOT_SECONDS
 
 log = logging.getLogger("xensim")
 
@@ -103,6 +104,14 @@ def _parser() -> argparse.ArgumentParser:
         "hosts 1-2 s)" % DEFAULT_CLEANUP,
     )
     s.add_argument(
+        "--boot-seconds",
+        type=float,
+        default=DEFAULT_BOOT_SECONDS,
+        metavar="SECONDS",
+        help="how long a started guest whose boot disk has a boot sector takes to report its "
+        "guest metrics (default %s); one without never does" % DEFAULT_BOOT_SECONDS,
+    )
+    s.add_argument(
         "--auth-fail-delay",
         type=float,
         default=5.0,
@@ -165,6 +174,7 @@ def _serve(args: argparse.Namespace) -> int:
         auth_fail_delay=args.auth_fail_delay,
         srs=args.srs,
         oem_vm=args.oem_vm,
+        boot_seconds=args.boot_seconds,
     )
     return run(opts)
 

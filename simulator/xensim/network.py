@@ -52,6 +52,28 @@ def create(db: Database, fields: dict) -> str:
     return db.add("network", rec)
 
 
+def destroy(db: Database, ref: str) -> None:
+    """xapi_network.ml ``destroy``: refused while a VIF on it is currently attached (or
+    reserved): NETWORK_CONTAINS_VIF [vifs]; while it has PIFs: NETWORK_CONTAINS_PIF
+    [pifs]; for the host-internal management network: CANNOT_DESTROY_SYSTEM_NETWORK.
+    Its remaining VIFs are destroyed with it ("rather than wait for the GC thread")."""
+    db.get("network", ref)
+    vifs = db.find("VIF", network=ref)
+    attached = [v for v in vifs if db.get("VIF", v).get("currently_attached")]
+    attached += [v for v in vifs if db.get("VIF", v).get("reserved") and v not in attached]
+    if attached:
+        raise ServerError("NETWORK_CONTAINS_VIF", *attached)
+    pifs = db.find("PIF", network=ref)
+    if pifs:
+        raise ServerError("NETWORK_CONTAINS_PIF", *pifs)
+    other = db.get("network", ref).get("other_config", {})
+    if other.get("is_host_internal_management_network") == "true":  # bool_of_string
+        raise ServerError("CANNOT_DESTROY_SYSTEM_NETWORK", ref)
+    for vif in vifs:
+        db.remove("VIF", vif)
+    db.remove("network", ref)
+
+
 def add_purpose(db: Database, ref: str, value: str) -> None:
     """No mixing of nbd and insecure_nbd anywhere in the pool (xapi_network.ml)."""
     if value not in ("nbd", "insecure_nbd"):

@@ -25,6 +25,7 @@ from .database import Database, write_atomically
 from .dom0 import DEFAULT_CLEANUP, Dom0
 from .exports import Resolver
 from .faults import Counters, Faults
+from .guest_boot import DEFAULT_BOOT_SECONDS
 from .nbdserver import NBDServer
 from .web import WebServer
 from .xapi import Xapi, XapiOptions
@@ -49,6 +50,7 @@ class ServeOptions:
     auth_fail_delay: float = 5.0
     srs: str = "shared"  # or "local": an SR per host, VMs spread over the hosts
     oem_vm: int = 0  # 1: add "oem-vm" (inventory.py _oem_vm)
+    boot_seconds: float = DEFAULT_BOOT_SECONDS  # a started guest's agent reports (guest_boot.py)
 
 
 def host_addresses(listen: str, count: int) -> list[str]:
@@ -134,6 +136,7 @@ class Simulator:
                 in_use_wait=opts.in_use_wait,
                 auth_fail_delay=opts.auth_fail_delay,
                 propagation=opts.propagation,
+                boot_seconds=opts.boot_seconds,
             ),
         )
         self.faults = Faults()

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from . import network, records, vm_bios, vm_devices, vm_placement, vm_snapshot
 from .database import NULL_REF, Database, new_ref
 from .errors import ServerError
+from .guest_boot import GuestAgents, delete_guest_metrics
 from .storage import Storage, as_int, device_numbers
 from .vm_operations import check_operation, devices, restricted
 
@@ -49,10 +50,13 @@ CREATE_FIXED = {
 
 
 class Vms:
-    def __init__(self, db: Database, storage: Storage, master: Callable[[], str]) -> None:
+    def __init__(
+        self, db: Database, storage: Storage, master: Callable[[], str], agents: GuestAgents
+    ) -> None:
         self.db = db
         self.storage = storage
         self.master = master
+        self.agents = agents  # the simulated guests' boots (guest_boot.py)
 
     def register(self, add: Callable[..., None]) -> None:
         db = self.db
@@ -83,6 +87,7 @@ class Vms:
         add("VM.set_bios_strings", lambda c, r, v: vm_bios.set_bios_strings(db, r, v), 2)
         add("VM.copy_bios_strings", lambda c, r, h: vm_bios.copy_bios_strings(db, r, h), 2)
         add("network.create", lambda c, rec: network.create(db, rec), 1)
+        add("network.destroy", lambda c, r: network.destroy(db, r), 1)
         add("VIF.create", lambda c, rec: vm_devices.create_vif(db, rec), 1)
         add("VIF.destroy", lambda c, r: db.remove("VIF", r), 1)
         add("VTPM.create", lambda c, vm, unique: vm_devices.create_vtpm(db, vm, unique), 2)
@@ -122,9 +127,12 @@ class Vms:
         """xapi_vm.ml ``destroy``: the children are rebased onto the VM's parent, the
         vTPMs go (Xapi_vtpm.destroy), then xapi_vm_helpers.ml ``destroy`` removes the
         VBDs, VIFs, VGPUs and VUSBs; VDIs stay.  Checked first as the operation
-        ``destroy`` (xapi_vm_lifecycle.ml: Halted or Suspended; dom0 never)."""
+        ``destroy`` (xapi_vm_lifecycle.ml: Halted or Suspended; dom0 never).  Its guest
+        metrics go too (xapi_vm_helpers.ml ``destroy``: Db.VM_guest_metrics.destroy)."""
         vm = self.db.get("VM", ref)
         check_operation(self.db, ref, "destroy")
+        self.agents.stopped(ref)
+        delete_guest_metrics(self.db, ref)
         for child in self.db.find("VM", parent=ref):
             self.db.get("VM", child)["parent"] = vm.get("parent", NULL_REF)
         for vtpm in self.db.find("VTPM", VM=ref):
@@ -190,10 +198,12 @@ class Vms:
         vm = self.db.get("VM", ref)
         self._attach(ref, True)
         vm.update(power_state="Paused" if paused else "Running", resident_on=host)
+        self.agents.started(ref, running=not paused)  # guest_boot.py
 
     def shutdown(self, ref: str, op: str) -> None:
         """xapi_vm.ml ``clean_shutdown`` / ``hard_shutdown``: Running → Halted."""
         check_operation(self.db, ref, op)
+        self.agents.stopped(ref)
         self._attach(ref, False)
         self.db.get("VM", ref).update(power_state="Halted", resident_on=NULL_REF)
 

@@ -17,6 +17,7 @@ from typing import Any
 from . import datamodel, network, records
 from .database import CLASSES, NULL_REF, Database, canonical_class
 from .errors import ServerError
+from .guest_boot import DEFAULT_BOOT_SECONDS, GuestAgents
 from .hostile import ApiFaults, Credentials
 from .latency import ApiLatency
 from .sessions import ApiSession, Sessions
@@ -36,6 +37,7 @@ class XapiOptions:
     in_use_wait: float = 4.0
     propagation: float = 0.0
     auth_fail_delay: float = 5.0
+    boot_seconds: float = DEFAULT_BOOT_SECONDS
 
 
 @dataclass
@@ -58,7 +60,8 @@ class Xapi:
         self.api_faults = ApiFaults()
         self.storage = Storage(db, options.state_dir, options.in_use_wait)
         self.tasks = Tasks(db, self.sessions, self.has_method, self.call)
-        self.vms = Vms(db, self.storage, lambda: self.master)
+        agents = GuestAgents(db, options.state_dir, options.boot_seconds)
+        self.vms = Vms(db, self.storage, lambda: self.master, agents)
         self.propagation = network.Propagation(network.host_modes(db), options.propagation)
         self.master = db.get("pool", db.refs("pool")[0])["master"]
         self.latency = ApiLatency()
