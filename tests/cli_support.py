@@ -62,7 +62,7 @@ class WatchedPopen(subprocess.Popen):
 
 # Commands that write to a repository (--repo; copy's --to): the repository's invariants
 # are checked after each (tests/invariants.py).
-WRITERS = ("init", "backup", "prune", "copy", "repair", "forget")
+WRITERS = ("init", "backup", "prune", "copy", "repair", "forget", "drill")
 
 
 def written(args: tuple[str, ...]) -> list[Path]:

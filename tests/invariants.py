@@ -18,6 +18,8 @@ What a repository promises (README "The repository", DESIGN.md):
 * a manifest has its image and (format 2) its sums; its image is backed by exactly its
   base point's image, by a bare file name (relative, same directory);
 * a VM point has its configuration and each of its disks' points;
+* a VM's drill record (``drills.json``) parses: each drill names a point, whether it
+  booted and, when it did, its restore and boot seconds summing to its RTO;
 * with ``leftovers``: no temp files, partial images, images or sums or configurations
   without a manifest, prune journal (what only an interrupted run may leave).
 """
@@ -164,6 +166,21 @@ def vm_points(d: Path, encryption: str, leftovers: bool, found: list[str]) -> No
                 found.append("leftover %s" % p)
 
 
+def drill_record(path: Path, found: list[str]) -> None:
+    try:
+        drills = json.loads(path.read_text())["drills"]
+    except (ValueError, KeyError, TypeError) as e:
+        found.append("%s does not parse: %s" % (path, e))
+        return
+    for d in drills:
+        if not POINT.match(str(d.get("point"))) or not isinstance(d.get("booted"), bool):
+            found.append("%s holds a drill without its point or outcome: %s" % (path, d))
+        elif (
+            d["booted"] and abs(d["restore_seconds"] + d["boot_seconds"] - d["rto_seconds"]) > 0.02
+        ):
+            found.append("%s: a drill's restore and boot seconds do not sum to its RTO" % path)
+
+
 def breaches(repo: Path, leftovers: bool = True) -> list[str]:
     """Every breach of the repository's invariants (none for what is no repository)."""
     repo = Path(repo)
@@ -180,6 +197,10 @@ def breaches(repo: Path, leftovers: bool = True) -> list[str]:
                 chain(d, compression, encryption, leftovers, found)
             elif d.name == "points" and d.is_dir():
                 vm_points(d, encryption, leftovers, found)
+            elif d.name == "drills.json":
+                drill_record(d, found)
+            elif leftovers and d.name == "drills.json.tmp":
+                found.append("leftover %s" % d)
     return found
 
 

@@ -19,6 +19,7 @@ from . import errors, settings
 from .commands import (
     backup_cmd,
     copy_cmd,
+    drill_cmd,
     files_cmd,
     forget_cmd,
     init_cmd,
@@ -46,6 +47,7 @@ COMMANDS = (
     list_cmd,
     restore_cmd,
     restore_vm_cmd,
+    drill_cmd,
     verify_cmd,
     repair_cmd,
     prune_cmd,
@@ -71,6 +73,8 @@ exit codes:
      HOST_NOT_ENOUGH_FREE_MEMORY); its uuid is printed and it stays, halted
   8  restore --salvage: the file was written, but the ranges listed are damaged (what
      was read is there, zeros where nothing could be read): distrust them
+  9  drill: the point was restored but its guest did not boot within --timeout (or the
+     VM did not start); the drill is recorded and everything it created destroyed
 130 interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP: either way the
     copies are stopped, the snapshot destroyed, partial files removed, locks released
 With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.

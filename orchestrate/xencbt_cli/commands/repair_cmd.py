@@ -10,9 +10,9 @@ from xencbt_core.secret import scrub
 
 from .. import errors
 from ..errors import RepositoryError
-from ..jobs import verify
-from ..jobs.restore_vm import clean_leftovers
-from ..repo import mend
+from ..jobs import drill, verify
+from ..jobs.restore_vm import alive, clean_leftovers
+from ..repo import drills, mend
 from ..repo.vmpoints import all_vm_points
 from ..settings import Settings
 from ..xapi.facade import PoolApi
@@ -79,12 +79,12 @@ def run(args: argparse.Namespace, conf: Settings) -> int:
 
 
 def vm_leftovers(repo, conf: Settings) -> dict[str, list[str]]:
-    """VM points' stray configurations; with pool options, what killed restore-vm runs
-    left on the pool (restore_vm.py)."""
+    """VM points' stray configurations and drill records' temp files; with pool options,
+    what killed restore-vm runs and drills left on the pool (restore_vm.py, drill.py)."""
 
     removed = {}
     for points in all_vm_points(repo):
-        strays = points.strays()
+        strays = points.strays() + drills.leftovers(repo.root, points.vm_uuid)
         for path in strays:
             path.unlink()
         if strays:
@@ -93,12 +93,22 @@ def vm_leftovers(repo, conf: Settings) -> dict[str, list[str]]:
     if conf.xapi:
         try:
             with conf.session() as session:
-                gone = clean_leftovers(PoolApi(session))
+                pool = PoolApi(session)
+                gone = clean_leftovers(pool)
+                drilled, left = drill.sweep(pool, lambda mark: not alive(mark))
         except (XencbtError, OSError) as e:
             # The repository is repaired all the same; the pool waits for the next run.
-            say("xencbt: warning: leftovers of restore-vm runs not checked: %s" % scrub(str(e)))
-            gone = []
+            say(
+                "xencbt: warning: leftovers of restore-vm runs and drills not checked: %s"
+                % scrub(str(e))
+            )
+            gone, drilled, left = [], [], []
         if gone:
             removed["pool"] = gone
             say("destroyed what interrupted restore-vm runs left: %s" % ", ".join(gone))
+        if drilled:
+            removed["drills"] = drilled
+            say("destroyed what interrupted drills left: %s" % ", ".join(drilled))
+        for what in left:
+            say("xencbt: warning: a dead drill's %s could not be destroyed" % what)
     return removed

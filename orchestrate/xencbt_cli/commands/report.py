@@ -8,6 +8,7 @@ from dataclasses import asdict
 
 from ..jobs.backup import VmResult
 from ..jobs.retention import Policy
+from ..repo import drills
 from ..repo.repository import Chain, Repository, vm_names
 from ..repo.vmpoints import FROM_LIVE_VM, all_vm_points
 from ..text import human, several
@@ -130,6 +131,8 @@ def listing(repo: Repository) -> dict:
             point = vm["points"].setdefault(m.point, {"point": m.point, "disks": []})
             point["disks"].append(row)
     for vm in vms.values():
+        last = drills.last(repo.root, vm["vm_uuid"])  # the RTO trend: drills.json
+        vm["last_drill"] = asdict(last) if last else None
         vm["points"] = [vm["points"][p] for p in sorted(vm["points"])]
         for point in vm["points"]:
             point["disks"].sort(key=lambda r: int(r["userdevice"]))
@@ -155,6 +158,8 @@ def print_listing(listed: dict) -> None:
         return
     for vm in listed["vms"]:
         print("VM %s (%s)" % (vm["vm_name"], vm["vm_uuid"]))
+        if vm.get("last_drill"):
+            print("  last " + drill_line(vm["last_drill"]))
         for p in vm["points"]:
             what = "VM point" if p["vm_point"] else "disk points only, no VM configuration:"
             print("  %s %s  %s" % (what, p["point"], several(len(p["disks"]), "disk")))
@@ -174,6 +179,19 @@ def disk_line(r: dict) -> str:
         r["vdi_name"],
         "  " + r["reason"] if r["reason"] else "",
     )
+
+
+def drill_line(d: dict) -> str:
+    """A drill as ``drill`` and ``list`` show it."""
+    if d["booted"]:
+        return "drill %s of point %s: booted, RTO %.1f s (restore %.1f s + boot %.1f s)" % (
+            d["started"],
+            d["point"],
+            d["rto_seconds"],
+            d["restore_seconds"],
+            d["boot_seconds"],
+        )
+    return "drill %s of point %s: FAILED: %s" % (d["started"], d["point"], d["error"])
 
 
 def print_backup(results: list[VmResult]) -> None:

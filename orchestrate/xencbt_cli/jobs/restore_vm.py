@@ -65,6 +65,9 @@ class RestoreVmOptions:
     networks: list[str] = field(default_factory=list)
     new_macs: bool = False
     start: bool = False
+    # Added to the other_config of the VM and the disks it creates, and kept there once
+    # the VM is whole (a drill's mark: jobs/drill.py finds what a dead drill left by it).
+    other_config: dict[str, str] = field(default_factory=dict)
 
 
 def find(repo: Repository, vm: str) -> VmPoints:
@@ -144,7 +147,7 @@ def restore_vm(pool: PoolApi, repo: Repository, opts: RestoreVmOptions, say) -> 
     chains = check_disks(repo, m, config)
     for uuid in clean_leftovers(pool):
         say("destroyed %s, left by an interrupted restore-vm" % uuid)
-    builder = Builder(pool, marker())
+    builder = Builder(pool, marker(), opts.other_config)
     networks = builder.map_networks(config, opts.networks)
     sr_ref = pool.sr_ref(opts.sr)
     sr = pool.sr_uuid(sr_ref)  # to_sr takes a name or uuid

@@ -272,7 +272,7 @@ def verify(repo: Repository, wanted: list[str], say) -> int:
     chains, vm_uuids = targets(repo, wanted)
     report = Report(say)
     config, broken = invariants.settings(repo)
-    for breach in broken:
+    for breach in broken + invariants.drill_records(repo):
         report.failed_line(str(breach))
     if repo.marked():
         # Named, not failed: the data is sound, and a repository opened on purpose to a

@@ -110,10 +110,11 @@ class Restored:
 class Builder:
     """Creates the VM and its devices, remembering each object to undo."""
 
-    def __init__(self, pool: PoolApi, mark: str):
+    def __init__(self, pool: PoolApi, mark: str, tags: dict[str, str] | None = None):
         self.pool = pool
         self.api = VmBuildApi(pool)
         self.mark = mark
+        self.tags = dict(tags or {})  # other_config the VM and its disks keep (a drill's)
         self.vm: str | None = None
         self.vdis: list[tuple[str, str]] = []
 
@@ -179,7 +180,7 @@ class Builder:
         record["is_a_template"] = False
         record["affinity"] = NULL_REF
         record["name_label"] = name
-        record["other_config"] = {**saved.get("other_config", {}), MARK: self.mark}
+        record["other_config"] = {**saved.get("other_config", {}), **self.tags, MARK: self.mark}
         for value in saved.get("NVRAM", {}).values():
             register(str(value))
         self.vm = self.api.create_vm(record)
@@ -208,7 +209,7 @@ class Builder:
     def disk(self, repo: Repository, d: dict, sr: str, name: str | None, saved: dict) -> str:
         """The disk restored to ``sr`` with the saved VDI's description and other_config
         (a point older than their capture: to_sr's own description)."""
-        other_config = {**saved.get("other_config", {}), MARK: self.mark}
+        other_config = {**saved.get("other_config", {}), **self.tags, MARK: self.mark}
         description = saved.get("name_description")
         m, uuid = to_sr(
             self.pool, repo, d["vdi_uuid"], d["point"], sr, name, other_config, description

@@ -19,6 +19,7 @@ Unset (always, outside the test suite) it does nothing.  Steps:
 ``restore-partial``  restore.to_file: PATH.partial is checked, not yet renamed to PATH
 ``restore-vm-device``  restore_vm.build: before each VBD is created (the VM is half built)
 ``restore-vm-commit``  vm_builder.Builder.finish: the disks' marks are gone, the VM's not
+``drill-started``  drill.exercise: the restored VM is started, its boot not yet awaited
 ``backup-vm-done``  backup.Backup.one: a VM's point is committed, its thread not yet done
 ``copy-checked``  copy.copy_point: the copied ``.partial`` image reads back as recorded,
                 not yet renamed

@@ -18,7 +18,8 @@ mends it:
 * a point's manifest has its image (and its ``.sums``: verify reads them with the data,
   content_problem in verify.py);
 * an image's backing file is a bare name in its own directory (relative, inside the
-  repository), the previous point's image.
+  repository), the previous point's image;
+* a VM's drill record (``drills.json``, drills.py) parses.
 
 Images without a manifest, temp files and stray sums are leftovers of an interrupted
 run, which the next writer or ``xencbt repair`` removes: verify notes them (verify.py).
@@ -32,7 +33,7 @@ from pathlib import Path
 
 from ..errors import CliError, RepositoryError
 from ..proc import qemu_img
-from . import repoconfig
+from . import drills, repoconfig
 from .layout import PRIVATE_DIR, PRIVATE_FILE
 from .manifest import Manifest
 from .repository import Chain, Repository
@@ -55,6 +56,18 @@ def settings(repo: Repository) -> tuple[repoconfig.RepoConfig | None, list[Breac
         return repoconfig.load(repo), []
     except RepositoryError as e:
         return None, [Breach(repoconfig.path(repo), "the settings do not parse: %s" % e)]
+
+
+def drill_records(repo: Repository) -> list[Breach]:
+    """The VMs' drill records that do not parse (a drill starts a new one)."""
+    found = []
+    for vm_dir in sorted(repo.root.iterdir()) if repo.root.is_dir() else []:
+        if (vm_dir / drills.DRILLS).is_file():
+            try:
+                drills.load(repo.root, vm_dir.name)
+            except RepositoryError as e:
+                found.append(Breach(vm_dir / drills.DRILLS, str(e)))
+    return found
 
 
 def modes(repo: Repository, paths: dict[Path, int] | None = None) -> list[Breach]:

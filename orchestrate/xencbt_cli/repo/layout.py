@@ -8,6 +8,7 @@ REPO/<vm-uuid>/<vdi-uuid>/<point>.qcow2   a disk point's image, .sums its chunk 
                                           .json its manifest (manifest.py)
 REPO/<vm-uuid>/<vdi-uuid>/.lock           the chain's lock;  .prune.json: journal.py
 REPO/<vm-uuid>/points/<point>.json        a VM point (vmpoints.py); .snapshots.json: ledger.py
+REPO/<vm-uuid>/drills.json                the VM's restore drills and their RTO (drills.py)
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ PRIVATE_DIR, PRIVATE_FILE = 0o700, 0o600
 LOCK = ".lock"
 SETTINGS = "repository.conf"  # repoconfig.py: the repository's own marker
 VM_POINTS = "points"  # REPO/<vm-uuid>/points/: the VM points (vmpoints.py)
+DRILLS = "drills.json"  # REPO/<vm-uuid>/drills.json: restore drills (drills.py)
 
 
 def make_dirs(path: Path) -> None:
