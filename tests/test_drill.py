@@ -72,6 +72,11 @@ def test_drill_boots_reports_and_records_the_rto_and_leaves_nothing(xensim, tmp_
     records = json.loads((repo / vm.uuid / "drills.json").read_text())["drills"]
     assert [d["point"] for d in records] == [point]
     xencbt(xensim, "verify", "--repo", str(repo))
+    (repo / vm.uuid / "drills.json").write_text("{not json")  # damaged: named, not fatal
+    text = xencbt(xensim, "list", "--repo", str(repo)).stdout
+    assert "drills.json is unreadable" in text and "VM point %s" % point in text
+    r = xencbt(xensim, "verify", "--repo", str(repo), check=4)
+    assert "drills.json" in r.stdout
 
 
 def test_a_point_whose_boot_disk_was_zeroed_does_not_boot_and_leaves_nothing(xensim, tmp_path):

@@ -6,6 +6,7 @@ import json
 import sys
 from dataclasses import asdict
 
+from ..errors import RepositoryError
 from ..jobs.backup import VmResult
 from ..jobs.retention import Policy
 from ..repo import drills
@@ -131,8 +132,11 @@ def listing(repo: Repository) -> dict:
             point = vm["points"].setdefault(m.point, {"point": m.point, "disks": []})
             point["disks"].append(row)
     for vm in vms.values():
-        last = drills.last(repo.root, vm["vm_uuid"])  # the RTO trend: drills.json
-        vm["last_drill"] = asdict(last) if last else None
+        try:
+            last = drills.last(repo.root, vm["vm_uuid"])  # the RTO trend: drills.json
+            vm["last_drill"] = asdict(last) if last else None
+        except RepositoryError as e:  # the points are listed all the same
+            vm["last_drill"] = {"unreadable": str(e)}
         vm["points"] = [vm["points"][p] for p in sorted(vm["points"])]
         for point in vm["points"]:
             point["disks"].sort(key=lambda r: int(r["userdevice"]))
@@ -158,8 +162,11 @@ def print_listing(listed: dict) -> None:
         return
     for vm in listed["vms"]:
         print("VM %s (%s)" % (vm["vm_name"], vm["vm_uuid"]))
-        if vm.get("last_drill"):
-            print("  last " + drill_line(vm["last_drill"]))
+        last = vm.get("last_drill")
+        if last and "unreadable" in last:
+            print("  drills: %s" % last["unreadable"])
+        elif last:
+            print("  last " + drill_line(last))
         for p in vm["points"]:
             what = "VM point" if p["vm_point"] else "disk points only, no VM configuration:"
             print("  %s %s  %s" % (what, p["point"], several(len(p["disks"]), "disk")))
