@@ -223,7 +223,7 @@ def sweep(pool: PoolApi, wanted) -> tuple[list[str], list[str]]:
             done.append(what)
             return result
         except (XencbtError, OSError) as e:
-            left.append("%s (%s)" % (what, e))
+            left.append("%s (%s)" % (what, scrub(str(e))))
             return None
 
     for ref, rec in pool.vm_records().items():
