@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import signal
 
+import pytest
 from cli_support import BLOCK, Vm, backup, xencbt
 from crash_support import kill, start, wait_until
 from vm_restore import SR
@@ -99,7 +100,10 @@ def test_a_point_whose_boot_disk_was_zeroed_does_not_boot_and_leaves_nothing(xen
     assert [(d["point"], d["booted"]) for d in records] == [(bad, False), (good, True)]
 
 
-def test_a_drill_killed_after_the_start_is_cleaned_by_the_next_repair(xensim, tmp_path, hold):
+@pytest.mark.parametrize("cleaner", ["repair", "drill"])
+def test_a_drill_killed_after_the_start_is_cleaned_by_the_next_one(xensim, tmp_path, hold, cleaner):
+    """SIGKILL (the OOM killer, a timeout's kill -9): the next repair, or the next drill
+    before it starts its own, destroys what the dead one left."""
     repo = tmp_path / "repo"
     vm = Vm(xensim)
     backup(xensim, repo, "demo-vm")
@@ -125,8 +129,12 @@ def test_a_drill_killed_after_the_start_is_cleaned_by_the_next_repair(xensim, tm
     kill(proc)
     left = marked(x)
     assert len([m for m in left if m.startswith("VDI")]) == 2 and len(left) == 4, left
-    r = xencbt(xensim, "repair", "--repo", str(repo))
-    assert "interrupted drills" in r.stderr
+    if cleaner == "repair":
+        r = xencbt(xensim, "repair", "--repo", str(repo))
+        assert "destroyed what interrupted drills left" in r.stderr
+    else:
+        out, r = drill(xensim, repo)
+        assert out["booted"] is True and "left by an interrupted drill" in r.stderr
     assert marked(x) == [] and pool_objects(x) == before
 
 
