@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
                 "thumbprint": args.thumbprint,
                 "repo": getattr(args, "repo", None),
                 "key_file": args.key_file,
+                "cluster": getattr(args, "cluster", None),
             },
             args.config,
         )
