@@ -7,6 +7,9 @@ STAMP   := $(VENV)/.deps-stamp
 DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils \
             python3-cryptography python3-rich python3-venv python3-pip e2fsprogs openssl \
             strace
+# backup --cluster (jobs/cluster.py) and its tests; without recommends, which would pull
+# pandas, scipy and a system pytest the venv would then take for its own.
+CLUSTER_PKGS := python3-distributed
 # For the VM mount tests (tests/vmharness.py); installed without recommends (no GUI).
 VM_PKGS := qemu-system-x86 busybox-static nbd-client cpio
 # For `xencbt files` (libguestfs; its appliance boots a kernel from /boot) and its tests
@@ -35,6 +38,7 @@ deps: $(STAMP)
 # touch apt at all; the venv is rebuilt only when pyproject.toml changes.
 $(STAMP): pyproject.toml
 	$(call apt_ensure,$(DEB_PKGS))
+	$(call apt_ensure,$(CLUSTER_PKGS),--no-install-recommends)
 	$(call apt_ensure,$(VM_PKGS),--no-install-recommends)
 	$(call apt_ensure,$(GUESTFS_PKGS),--no-install-recommends)
 	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)

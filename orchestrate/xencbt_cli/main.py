@@ -30,6 +30,7 @@ from .commands import (
     restore_cmd,
     restore_vm_cmd,
     serve_cmd,
+    status_cmd,
     verify_cmd,
 )
 from .commands.common import Parser, add_global_options, default_repo_help, global_options, say
@@ -42,6 +43,7 @@ log = logging.getLogger("xencbt_cli")
 # In the order --help lists them.
 COMMANDS = (
     backup_cmd,
+    status_cmd,
     init_cmd,
     list_cmd,
     restore_cmd,

@@ -27,6 +27,7 @@ import logging
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import CancelledError
 from pathlib import Path
 
 from xencbt_core.secret import scrub
@@ -166,6 +167,9 @@ class ClusterBackup:
                     )
                     running[future] = (task, worker)
             done = finished(list(running))
+            if any(f.cancelled() for f in done):
+                # The scheduler's state is gone with it: no task of the run will answer.
+                self.lost([t.vm for t, _ in running.values()] + [t.vm for t in pending])
             for future in done:
                 task, _ = running.pop(future)
                 results[task.vm] = self.outcome(future, task)
@@ -208,7 +212,8 @@ class ClusterBackup:
 
     def lost(self, vms: list[str]) -> None:
         raise ClusterError(
-            "the cluster's scheduler at %s went away; the outcome of %s is not known here: "
+            "the cluster's scheduler at %s went away (or cancelled the run's tasks); the "
+            "outcome of %s is not known here: "
             "a point is committed only whole, and the next backup of each VM removes what an "
             "interrupted attempt left (xencbt list shows which points exist)"
             % (self.address, ", ".join(vms) or "no VM")
@@ -226,6 +231,8 @@ def finished(futures: list) -> list:
         return list(wait(futures, timeout=1, return_when="FIRST_COMPLETED").done)
     except TimeoutError:  # distributed's wait raises where concurrent.futures returns
         return []
+    except CancelledError:  # the scheduler went away: the client cancels every future
+        return [f for f in futures if f.cancelled()]
 
 
 def refusal(answer, token: str, root: Path) -> str:
@@ -234,10 +241,13 @@ def refusal(answer, token: str, root: Path) -> str:
         if isinstance(answer, ImportError):
             return "xencbt is not installed for the worker's Python (%s)" % answer
         return "the probe failed: %s" % describe(answer)
+    if answer["token"] != token and (answer["token"] or answer["repository"]):
+        return (
+            "sees another repository at %s (another storage is mounted there: mount the "
+            "repository's storage at the same path on every proxy)" % root
+        )
     if not answer["token"]:
         return "sees no repository at %s (%s)" % (root, answer["why"] or "no such file")
-    if answer["token"] != token:
-        return "sees another repository at %s (another storage is mounted there)" % root
     if not answer["writable"]:
         return "may not write to %s" % root
     if answer["unreadable"]:
@@ -254,3 +264,39 @@ def describe(error: BaseException | None) -> str:
     if name == "CancelledError":
         return "its task was cancelled (the scheduler restarted or lost it)"
     return "%s: %s" % (name, error)
+
+
+def status(client) -> dict:
+    """What the cluster does now: each worker with the VMs it backs up, and each pool
+    host's NBD connections in use (the semaphores' leases, held on the scheduler)."""
+    info = client.scheduler_info().get("workers", {})
+    running: dict[str, list[str]] = {w: [] for w in info}
+    for worker, keys in client.processing().items():
+        running.setdefault(worker, []).extend(vm_of(k) for k in keys if vm_of(k))
+    import cloudpickle
+
+    from . import on_scheduler
+
+    cloudpickle.register_pickle_by_value(on_scheduler)  # the scheduler may lack xencbt
+    hosts = client.run_on_scheduler(on_scheduler.nbd_leases)
+    return {
+        "workers": [
+            {
+                "address": w,
+                "name": str(info.get(w, {}).get("name", "")),
+                "host": info.get(w, {}).get("host", ""),
+                "threads": info.get(w, {}).get("nthreads", 0),
+                "vms": sorted(running[w]),
+            }
+            for w in sorted(running)
+        ],
+        "hosts": hosts,
+    }
+
+
+def vm_of(key) -> str:
+    """The VM a task key names (``xencbt-backup-<vm>-<run>``), or ''."""
+    key = key if isinstance(key, str) else str(key)
+    if not key.startswith(TASK_PREFIX):
+        return ""
+    return key[len(TASK_PREFIX) :].rsplit("-", 1)[0]

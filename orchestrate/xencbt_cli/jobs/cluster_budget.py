@@ -23,8 +23,8 @@ from .snapshot_copy import MAX_PER_HOST
 
 log = logging.getLogger(__name__)
 
-PREFIX = "xencbt-nbd-"
-GATE = "xencbt-nbd-gate"
+PREFIX = "xencbt-nbd-"  # on_scheduler.py reads them by these names
+GATE = PREFIX + "gate"
 
 
 def semaphore_name(host: str) -> str:

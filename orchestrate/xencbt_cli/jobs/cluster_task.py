@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..repo import repoconfig
+from ..repo.layout import SETTINGS
 from ..repo.repository import Repository
 from ..repo.vmpoints import VmManifest, VmPoints
 from ..settings import Settings
@@ -71,6 +72,7 @@ def probe(repo: str, token_name: str, paths: list[str]) -> dict:
         "pid": os.getpid(),
         "token": seen,
         "why": why,
+        "repository": (Path(repo) / SETTINGS).is_file(),
         "writable": os.access(repo, os.W_OK),
         "unreadable": [p for p in paths if p and not os.access(p, os.R_OK)],
     }
