@@ -47,7 +47,7 @@ from ..repo.vmpoints import VmManifest, VmPoints
 from ..xapi import vmconfig
 from ..xapi.facade import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, NoCbt, PoolApi, Vm, VmDisk
 from .backup_disks import DiskBackup
-from .snapshot_copy import Budget, Copier
+from .snapshot_copy import Copier, HostBudget
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class Backup:
         full: bool = False,
         wait: bool = False,
         jobs: int = 1,
-        budget: Budget | None = None,
+        budget: HostBudget | None = None,
     ):
         self.pool = pool
         self.repo = repo

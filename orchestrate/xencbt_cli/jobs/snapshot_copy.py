@@ -42,7 +42,7 @@ def plugin() -> list[str]:
     return ["xencbt"]
 
 
-class Budget(Protocol):
+class HostBudget(Protocol):
     """Upstream NBD connections per host: this process's (ConnectionBudget) or a whole
     cluster's (cluster_budget.ClusterBudget)."""
 
@@ -136,7 +136,7 @@ class Copier:
 
     def copy_vm(
         self,
-        budget: Budget,
+        budget: HostBudget,
         hosts: Sequence[str],
         snapshot_vm: str,
         disks: Sequence[DiskCopy],
