@@ -33,7 +33,7 @@ from pathlib import Path
 from xencbt_core.secret import scrub
 
 from .. import errors
-from ..errors import CliError
+from ..errors import CliError, Interrupted
 from ..repo.layout import write_atomically
 from ..repo.manifest import new_point_id
 from ..repo.repository import Repository
@@ -109,8 +109,39 @@ class ClusterBackup:
         root = str(self.repo.root.resolve())
         tasks = [VmTask(vm, settings, root, since, self.topic, self.options) for vm in vms]
         self.client.subscribe_topic(self.topic, lambda event: self.say(event[1]))
-        results = self.place(tasks)
+        results: dict[str, VmResult] = {}
+        running: dict = {}  # future -> (task, worker it was handed to)
+        try:
+            self.place(tasks, running, results)
+        except Interrupted as e:
+            self.after_stop(tasks, running, results, e)
+            e.reported = True
+            raise
         return [results[t.vm] for t in tasks]
+
+    def after_stop(self, tasks: list[VmTask], running: dict, results: dict, e: Interrupted) -> None:
+        """A signal stops the client, not the workers: distributed cannot interrupt a task
+        that runs.  The tasks are cancelled; one a worker has begun runs to its end there
+        (its point is committed whole, or undone as any failed backup is), so each VM's
+        line says what may still happen, never that nothing was kept."""
+        self.client.cancel(list(running))
+        for task in tasks:
+            if task.vm in results:
+                done = results[task.vm]
+                state = "point %s kept" % done.point if done.ok else "it had failed"
+                self.say(
+                    "VM %s: interrupted by %s after its backup ended: %s" % (task.vm, e.name, state)
+                )
+            elif any(t is task for t, _ in running.values()):
+                self.say(
+                    "VM %s: interrupted by %s: its task is cancelled; if a worker had begun "
+                    "it, it runs to its end there (xencbt status shows it; a point is "
+                    "committed only whole)" % (task.vm, e.name)
+                )
+            else:
+                self.say(
+                    "VM %s: interrupted by %s: not started, nothing to undo" % (task.vm, e.name)
+                )
 
     def workers(self) -> list[str]:
         return sorted(self.client.scheduler_info().get("workers", {}))
@@ -147,11 +178,9 @@ class ClusterBackup:
                 % (self.repo.root, "\n  ".join(problems))
             )
 
-    def place(self, tasks: list[VmTask]) -> dict[str, VmResult]:
+    def place(self, tasks: list[VmTask], running: dict, results: dict[str, VmResult]) -> None:
         """Hand the tasks out, at most ``jobs`` at once per worker, and collect them."""
         pending = list(tasks)
-        running: dict = {}  # future -> (task, worker it was handed to)
-        results: dict[str, VmResult] = {}
         lost_since: float | None = None
         while pending or running:
             for worker in self.workers():
@@ -179,7 +208,6 @@ class ClusterBackup:
                 lost_since = time.monotonic()
             elif time.monotonic() - lost_since > LOST_AFTER:
                 self.lost([t.vm for t, _ in running.values()] + [t.vm for t in pending])
-        return results
 
     def outcome(self, future, task: VmTask) -> VmResult:
         if future.status == "finished":
