@@ -92,11 +92,13 @@ class Process:
 
 
 class Cluster:
-    def __init__(self, workdir: Path, workers: int = 3, threads: int = 2, wrap=None):
+    def __init__(
+        self, workdir: Path, workers: int = 3, threads: int = 2, wrap=None, env: dict | None = None
+    ):
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         # Workers run as the CLI does in the tests (cli_support.cli_env): same chunk size.
-        self.env = {**os.environ, **DASK_ENV, "XENCBT_CHUNK_SIZE": str(CHUNK)}
+        self.env = {**os.environ, **DASK_ENV, "XENCBT_CHUNK_SIZE": str(CHUNK), **(env or {})}
         self.scheduler = Process(
             "scheduler",
             [*SCHEDULER, "--host", "127.0.0.1", "--port", "0", "--no-dashboard"],

@@ -177,6 +177,37 @@ def test_worker_killed_mid_copy_loses_nothing(scene, tmp_path):
             assert d["digest"] == scene.sources[d["vdi_uuid"]]
 
 
+def test_every_attempt_died_leaves_nothing_of_the_vm(scene, tmp_path):
+    """With no failure allowed (distributed.scheduler.allowed-failures 0), the one worker
+    death is the VM's last: its line says so and the client cleans what the attempt left."""
+    sim = scene.sim
+    repo = tmp_path / "repo"
+    own = Cluster(
+        tmp_path / "cluster",
+        workers=2,
+        env={"DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES": "0"},
+    )
+    try:
+        with gate(sim, after=0):
+            argv = ["--json", "backup", NAMES[4], "--repo", str(repo), "--cluster", own.address]
+            run = xencbt(sim, *argv, popen=True)
+            assert wait_until(lambda: reads_at_gate(sim), run, timeout=180)
+            own.busy_worker().kill()
+        out, err = run.communicate(timeout=300)
+    finally:
+        own.stop()
+    assert run.returncode == 1, err
+    vm = json.loads(out)["vms"][0]
+    assert not vm["ok"] and "every worker that ran its backup died" in vm["error"]
+    assert "VM %s: backup FAILED: every worker that ran its backup died" % NAMES[4] in err
+    assert scene.snapshots_left() == []
+    assert not [
+        p.name
+        for p in repo.rglob("*")
+        if p.is_file() and p.name != "repository.conf" and not p.name.startswith(".")
+    ]
+
+
 def test_two_workers_never_write_one_chain_at_once(scene, tmp_path):
     sim, cluster = scene.sim, scene.cluster
     repo = tmp_path / "repo"
