@@ -111,13 +111,18 @@ class Cluster:
         self.workers = [self.add_worker("w%d" % i, wrap) for i in range(workers)]
 
     def add_worker(self, name: str, wrap=None) -> Process:
+        """A worker as on a proxy of its own: its own runtime directory, so the plugin's
+        machine-wide connection slots (xencbt_core/budget.py) are its own too, and only
+        the cluster's semaphores hold a host's 16 across workers."""
         argv = [*WORKER, self.address, "--nthreads", str(self.threads), "--no-nanny"]
         argv += ["--no-dashboard", "--name", name]
+        runtime = self.workdir / ("runtime-" + name)
+        runtime.mkdir(mode=0o700, exist_ok=True)
         return Process(
             "worker " + name,
             (wrap or (lambda a: a))(traced(argv)),
             "Registered to:",
-            self.env,
+            {**self.env, "XENCBT_RUNTIME_DIR": str(runtime)},
             self.workdir,
         )
 
