@@ -306,3 +306,18 @@ def test_a_password_from_stdin_cannot_reach_the_workers(scene, tmp_path):
     WATCH.output("xencbt backup --cluster --password-file -", r.stdout, r.stderr)
     assert r.returncode == 2, r.stderr
     assert "the workers cannot read a password from this stdin" in r.stderr
+
+
+def test_what_a_task_carries_holds_no_secret(tmp_path):
+    """A task's settings are names and paths: the password is read on the worker."""
+    from xencbt_cli.settings import Settings
+
+    password = tmp_path / "password"
+    password.write_text("s3cret-for-the-pool\n")
+    password.chmod(0o600)
+    conf = Settings(xapi="https://pool", password_file=str(password), key_file="rel/key")
+    assert conf.password().reveal() == "s3cret-for-the-pool"  # read, as a run would
+    carried = conf.portable()
+    assert "s3cret" not in repr(carried)
+    assert carried["password_file"] == str(password)
+    assert carried["key_file"] == os.path.abspath("rel/key")  # the same path on a worker
