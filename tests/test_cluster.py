@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -100,6 +101,7 @@ def test_the_scheduler_reads_the_budgets_by_their_names():
     """on_scheduler.py is sent by value and so cannot import the budget's names."""
     assert on_scheduler.NBD_PREFIX == cluster_budget.PREFIX
     assert on_scheduler.NBD_GATE == cluster_budget.GATE
+    assert on_scheduler.RUNNING == cluster_budget.RUNNING
 
 
 def test_eight_vms_on_three_workers_hold_each_hosts_budget(scene, tmp_path):
@@ -206,6 +208,34 @@ def test_every_attempt_died_leaves_nothing_of_the_vm(scene, tmp_path):
         for p in repo.rglob("*")
         if p.is_file() and p.name != "repository.conf" and not p.name.startswith(".")
     ]
+
+
+def test_client_killed_the_worker_backs_the_vm_up_and_status_shows_it(scene, tmp_path):
+    """distributed cannot interrupt a running task: a client killed outright (SIGKILL)
+    leaves its VM to the worker, which commits it whole; status shows it meanwhile,
+    though the scheduler dropped the task with its client."""
+    sim = scene.sim
+    repo = tmp_path / "repo"
+    with gate(sim, after=0):
+        run = scene.backup(repo, NAMES[5], popen=True)
+        assert wait_until(lambda: reads_at_gate(sim), run, timeout=180)
+        run.kill()
+        WATCH.output("xencbt backup --cluster killed", *run.communicate())
+        r = xencbt(sim, "--json", "status", "--cluster", scene.cluster.address)
+        shown = {vm: w["name"] for w in json.loads(r.stdout)["workers"] for vm in w["vms"]}
+        assert NAMES[5] in shown, r.stdout
+    deadline = time.monotonic() + 180
+    while NAMES[5] in running_vms(scene):  # the worker's lease: held to the task's end
+        assert time.monotonic() < deadline, "the worker never finished the VM"
+        time.sleep(0.2)
+    assert len(list(repo.glob("*/points/*Z.json"))) == 1  # one VM point (and its .config.json)
+    xencbt(sim, "verify", "--repo", str(repo))
+    assert scene.snapshots_left() == []
+
+
+def running_vms(scene) -> set[str]:
+    r = xencbt(scene.sim, "--json", "status", "--cluster", scene.cluster.address)
+    return {vm for w in json.loads(r.stdout)["workers"] for vm in w["vms"]}
 
 
 def test_two_workers_never_write_one_chain_at_once(scene, tmp_path):

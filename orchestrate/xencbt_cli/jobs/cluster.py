@@ -297,15 +297,15 @@ def describe(error: BaseException | None) -> str:
 def status(client) -> dict:
     """What the cluster does now: each worker with the VMs it backs up, and each pool
     host's NBD connections in use (the semaphores' leases, held on the scheduler)."""
-    info = client.scheduler_info().get("workers", {})
-    running: dict[str, list[str]] = {w: [] for w in info}
-    for worker, keys in client.processing().items():
-        running.setdefault(worker, []).extend(vm_of(k) for k in keys if vm_of(k))
     import cloudpickle
 
     from . import on_scheduler
 
     cloudpickle.register_pickle_by_value(on_scheduler)  # the scheduler may lack xencbt
+    info = client.scheduler_info().get("workers", {})
+    running = {w: [] for w in info}
+    for worker, vms in client.run_on_scheduler(on_scheduler.running_vms).items():
+        running.setdefault(worker, []).extend(vms)
     hosts = client.run_on_scheduler(on_scheduler.nbd_leases)
     return {
         "workers": [
@@ -320,11 +320,3 @@ def status(client) -> dict:
         ],
         "hosts": hosts,
     }
-
-
-def vm_of(key) -> str:
-    """The VM a task key names (``xencbt-backup-<vm>-<run>``), or ''."""
-    key = key if isinstance(key, str) else str(key)
-    if not key.startswith(TASK_PREFIX):
-        return ""
-    return key[len(TASK_PREFIX) :].rsplit("-", 1)[0]

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "xencbt-nbd-"  # on_scheduler.py reads them by these names
 GATE = PREFIX + "gate"
+RUNNING = "xencbt-vm-"  # + "<worker address> <vm>": held while a worker backs up a VM
 
 
 def semaphore_name(host: str) -> str:
@@ -58,6 +59,17 @@ class ClusterBudget:
             for sem, count in taken:
                 for _ in range(count):
                     sem.release()
+
+
+@contextlib.contextmanager
+def running(worker: str, vm: str) -> Iterator[None]:
+    """Held while this worker backs up ``vm``: ``xencbt status`` reads it on the scheduler.
+    Not the scheduler's own task list: a task whose client went away (killed) is dropped
+    from it, while the worker's thread backs the VM up to its end."""
+    from distributed import Semaphore
+
+    with _lease(Semaphore(1, "%s%s %s" % (RUNNING, worker, vm))):
+        yield
 
 
 @contextlib.contextmanager

@@ -29,7 +29,7 @@ from ..repo.vmpoints import VmManifest, VmPoints
 from ..settings import Settings
 from ..xapi.facade import PoolApi
 from .backup import Backup, VmResult, summary
-from .cluster_budget import ClusterBudget
+from .cluster_budget import ClusterBudget, running
 from .snapshot_copy import Copier
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,11 @@ def backup_vm(task: VmTask) -> VmResult:
         )
         return earlier_result(repo, task.vm, done)
     opts = task.options
-    with conf.session() as session, conf.plugin_password() as password:
+    with (
+        running(worker.address, task.vm),
+        conf.session() as session,
+        conf.plugin_password() as password,
+    ):
         copier = Copier(conf, password, opts.connections, False, opts.retry_timeout)
         copier.compression = config.compression if config else "none"
         job = Backup(

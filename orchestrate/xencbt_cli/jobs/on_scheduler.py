@@ -6,6 +6,7 @@ from __future__ import annotations
 
 NBD_PREFIX = "xencbt-nbd-"  # cluster_budget.PREFIX (tests/test_cluster.py checks they agree)
 NBD_GATE = "xencbt-nbd-gate"
+RUNNING = "xencbt-vm-"  # cluster_budget.RUNNING
 
 
 def nbd_leases(dask_scheduler=None) -> list[dict]:
@@ -20,3 +21,14 @@ def nbd_leases(dask_scheduler=None) -> list[dict]:
         for name, limit in sorted(ext.max_leases.items())
         if name.startswith(NBD_PREFIX) and name != NBD_GATE
     ]
+
+
+def running_vms(dask_scheduler=None) -> dict[str, list[str]]:
+    """Worker address -> the VMs it backs up now (their leases are held)."""
+    ext = dask_scheduler.extensions["semaphores"]
+    found: dict[str, list[str]] = {}
+    for name in sorted(ext.max_leases):
+        if name.startswith(RUNNING) and ext.leases.get(name):
+            worker, _, vm = name[len(RUNNING) :].partition(" ")
+            found.setdefault(worker, []).append(vm)
+    return found
