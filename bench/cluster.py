@@ -9,7 +9,6 @@ CPU and network, which one machine cannot show."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
@@ -19,29 +18,13 @@ import time
 from pathlib import Path
 
 from .context import Context
+from .endtoend import simulator
 from .figure import Figure
 from .procs import BenchError
 
 VMS = 8
 NAMES = ["demo-vm"] + ["demo-vm-%d" % i for i in range(2, VMS + 1)]
 TARGET = 0.5  # seconds per VM
-
-
-@contextlib.contextmanager
-def simulator(state: Path, sizes: str):
-    argv = [sys.executable, "-m", "xensim.main", "serve", "--state-dir", str(state)]
-    argv += ["--hosts", "2", "--vms", str(VMS), "--srs", "local", "--disk-sizes", sizes]
-    argv += ["--in-use-wait", "0.5"]
-    with open(state.parent / "xensim.log", "ab") as log:
-        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
-    try:
-        line = proc.stdout.readline()
-        if not line:
-            raise BenchError("xensim serve failed; see %s" % log.name)
-        yield json.loads(line)
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
 
 
 def started(argv: list[str], ready: str, log: Path) -> tuple[subprocess.Popen, str]:
@@ -96,7 +79,7 @@ def overhead(ctx: Context) -> list[Figure]:
     sizes = "16M,2M" if ctx.quick else "64M,16M"
     state, repo = ctx.work / "cluster-sim", ctx.work / "cluster-repo"
     figs = []
-    with simulator(state, sizes) as info:
+    with simulator(state, sizes, "--hosts", "2", "--vms", str(VMS), "--srs", "local") as info:
         backup(ctx, info, repo, "--jobs", "3")  # the first, full backups: not measured
         for workers in (1, 2, 3):
             local, remote = [], []

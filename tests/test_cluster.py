@@ -23,14 +23,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
-from cli_support import BLOCK, XENCBT, cli_env, content, restored, xencbt
+from cli_support import XENCBT, cli_env, content, fill, restored, xencbt
 from cluster_support import Cluster
 from conftest import Simulator
 from crash_support import gate, reads_at_gate, wait_until
 from secretwatch import WATCH
 from tally import tally
 from xencbt_cli.jobs import cluster_budget, on_scheduler
-from xensim import disks
 
 pytestmark = pytest.mark.reliability
 
@@ -48,7 +47,7 @@ class Scene:
         )
         self.x = self.sim.session().xenapi
         self.cluster = Cluster(work / "cluster")
-        self.sources = {uuid: fill(self.sim, uuid) for uuid in self.vdis()}
+        self.sources = {uuid: fill(self.sim, uuid, self.size(uuid)) for uuid in self.vdis()}
 
     def vdis(self) -> list[str]:
         found = []
@@ -57,6 +56,9 @@ class Scene:
             for vbd in self.x.VM.get_VBDs(vm):
                 found.append(self.x.VDI.get_uuid(self.x.VBD.get_VDI(vbd)))
         return found
+
+    def size(self, uuid: str) -> int:
+        return int(self.x.VDI.get_virtual_size(self.x.VDI.get_by_uuid(uuid)))
 
     def backup(self, repo: Path, *args: str, check: int | None = 0, popen: bool = False):
         argv = ["--json", "backup", *args, "--repo", str(repo)]
@@ -73,20 +75,6 @@ class Scene:
             if v["is_a_snapshot"] and v["type"] != "cbt_metadata"
         ]
         return vms + vdis
-
-
-def fill(sim, uuid: str) -> str:
-    """Random data in every 4th block of the VDI; the whole disk's digest."""
-    path = disks.data_path(sim.state_dir, uuid)
-    size = int(
-        sim.session().xenapi.VDI.get_virtual_size(sim.session().xenapi.VDI.get_by_uuid(uuid))
-    )
-    with disks.locked(sim.state_dir, uuid), open(path, "r+b") as f:
-        for offset in range(0, size - BLOCK + 1, 4 * BLOCK):
-            f.seek(offset)
-            f.write(os.urandom(BLOCK))
-    data = path.read_bytes()
-    return content(data + bytes(size - len(data)))
 
 
 @pytest.fixture(scope="module")
