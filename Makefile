@@ -16,7 +16,7 @@ VM_PKGS := qemu-system-x86 busybox-static nbd-client cpio
 # (tests/test_cli_files.py; cryptsetup-bin makes the guest's LUKS header); without recommends.
 GUESTFS_PKGS := libguestfs-tools python3-guestfs libguestfs-xfs linux-image-amd64 cryptsetup-bin
 
-.PHONY: deps demo check lint test faults mutants bench clean deb deb-check rpm man
+.PHONY: deps demo check lint test faults mutants bench clean deb deb-check rpm rpm-check man
 
 # $(call apt_ensure,PACKAGES[,APT-OPTIONS]): install the ones not installed yet; dpkg-query
 # first, so a second run never touches apt.
@@ -111,6 +111,12 @@ deb-check: deb
 rpm:
 	$(call apt_ensure,$(RPM_BUILD_PKGS))
 	packaging/rpm/build-rpm.sh
+
+# The built rpms inspected without EL9 (requires, provides, files, scriptlets, rpmlint);
+# seconds once the tools are installed (CI runs it).
+rpm-check: rpm
+	$(call apt_ensure,rpmlint)
+	packaging/rpm/check-rpm.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis
