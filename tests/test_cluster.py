@@ -4,7 +4,7 @@ a two-host simulator.
 
 * each host's 16 NBD connections hold across all workers (the simulator counts and
   refuses the 17th, as xapi-nbd does), and every disk is what its VDI holds;
-* a worker SIGKILLed mid-copy: its VM's task runs again on another worker, which cleans
+* a worker SIGKILLed mid-copy of the 8 VMs: its VMs' tasks run again on another worker, which cleans
   the dead attempt's snapshot and partial file; every VM backed up, verify clean, no
   snapshot left on the pool;
 * two workers never write one chain at once (the repository's file lock);
@@ -143,9 +143,9 @@ def busy_status(scene) -> dict | None:
 def test_worker_killed_mid_copy_loses_nothing(scene, tmp_path):
     sim, cluster = scene.sim, scene.cluster
     repo = tmp_path / "repo"
-    vms = NAMES[:4]
+    vms = NAMES
     with gate(sim, after=40):
-        run = scene.backup(repo, *vms, "--jobs", "1", popen=True)
+        run = scene.backup(repo, *vms, "--jobs", "2", popen=True)
         assert wait_until(lambda: reads_at_gate(sim), run, timeout=180), run.communicate()
         victim = cluster.busy_worker()
         victim.kill()
