@@ -7,13 +7,16 @@ STAMP   := $(VENV)/.deps-stamp
 DEB_PKGS := nbdkit nbdkit-plugin-python python3-libnbd libnbd-bin qemu-utils \
             python3-cryptography python3-rich python3-venv python3-pip e2fsprogs openssl \
             strace
+# backup --cluster (jobs/cluster.py) and its tests; without recommends, which would pull
+# pandas, scipy and a system pytest the venv would then take for its own.
+CLUSTER_PKGS := python3-distributed
 # For the VM mount tests (tests/vmharness.py); installed without recommends (no GUI).
 VM_PKGS := qemu-system-x86 busybox-static nbd-client cpio
 # For `xencbt files` (libguestfs; its appliance boots a kernel from /boot) and its tests
 # (tests/test_cli_files.py; cryptsetup-bin makes the guest's LUKS header); without recommends.
 GUESTFS_PKGS := libguestfs-tools python3-guestfs libguestfs-xfs linux-image-amd64 cryptsetup-bin
 
-.PHONY: deps demo check lint test faults mutants bench clean deb deb-check rpm man
+.PHONY: deps demo check lint test faults mutants bench clean deb deb-check rpm rpm-check man
 
 # $(call apt_ensure,PACKAGES[,APT-OPTIONS]): install the ones not installed yet; dpkg-query
 # first, so a second run never touches apt.
@@ -35,6 +38,7 @@ deps: $(STAMP)
 # touch apt at all; the venv is rebuilt only when pyproject.toml changes.
 $(STAMP): pyproject.toml
 	$(call apt_ensure,$(DEB_PKGS))
+	$(call apt_ensure,$(CLUSTER_PKGS),--no-install-recommends)
 	$(call apt_ensure,$(VM_PKGS),--no-install-recommends)
 	$(call apt_ensure,$(GUESTFS_PKGS),--no-install-recommends)
 	@[ -x $(PY) ] || /usr/bin/python3 -m venv --system-site-packages $(VENV)
@@ -107,6 +111,12 @@ deb-check: deb
 rpm:
 	$(call apt_ensure,$(RPM_BUILD_PKGS))
 	packaging/rpm/build-rpm.sh
+
+# The built rpms inspected without EL9 (requires, provides, files, scriptlets, rpmlint);
+# seconds once the tools are installed (CI runs it).
+rpm-check: rpm
+	$(call apt_ensure,rpmlint)
+	packaging/rpm/check-rpm.sh
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .ruff_cache .hypothesis

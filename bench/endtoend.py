@@ -30,9 +30,9 @@ CHANGED = 0.01  # of the blocks, for the incremental
 
 
 @contextlib.contextmanager
-def simulator(state: Path, disk_size: int):
+def simulator(state: Path, disk_sizes: int | str, *options: str):
     argv = [sys.executable, "-m", "xensim.main", "serve", "--state-dir", str(state)]
-    argv += ["--disk-sizes", str(disk_size), "--in-use-wait", "0.5"]
+    argv += ["--disk-sizes", str(disk_sizes), "--in-use-wait", "0.5", *options]
     log = open(state.parent / "xensim.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
     try:

@@ -228,3 +228,17 @@ def same_vm_points(src, dst, vm: Vm, points: list[str]) -> None:
         assert config.stat().st_mode & 0o077 == 0
         for d in json.loads((there / (point + ".json")).read_text())["disks"]:
             assert (dst / vm.uuid / d["vdi_uuid"] / (d["point"] + ".json")).exists()
+
+
+def fill(sim, uuid: str, size: int) -> str:
+    """Random data in every 4th block of the source VDI (as the host stores it, under the
+    simulator's lock); returns the whole disk's digest as a manifest records it."""
+    from xensim import disks
+
+    path = disks.data_path(sim.state_dir, uuid)
+    with disks.locked(sim.state_dir, uuid), open(path, "r+b") as f:
+        for offset in range(0, size - BLOCK + 1, 4 * BLOCK):
+            f.seek(offset)
+            f.write(os.urandom(BLOCK))
+    data = path.read_bytes()
+    return content(data + bytes(size - len(data)))

@@ -214,6 +214,14 @@ MUTANTS = [
             "test_repair_rebuilds_a_missing_sums_only_from_an_intact_image[clear]",
         ),
     ),
+    Mutant(
+        # each worker would hold only its own 16 per host: three proxies open 48 on a host
+        "cluster run without the cluster-wide budget",
+        "orchestrate/xencbt_cli/jobs/cluster_task.py",
+        "            budget=ClusterBudget(),\n",
+        "            budget=None,\n",
+        ("tests/test_cluster.py::test_eight_vms_on_three_workers_hold_each_hosts_budget",),
+    ),
 ]
 
 

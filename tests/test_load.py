@@ -12,33 +12,19 @@ byte-identical to its source VDI.
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from cli_support import BLOCK, content, restored, xencbt
+from cli_support import content, fill, restored, xencbt
 from tally import tally
 from xencbt_cli.jobs.snapshot_copy import ConnectionBudget
-from xensim import disks
 
 pytestmark = pytest.mark.reliability
 
 VMS, HOSTS, LIMIT, CONNECTIONS = 8, 2, 16, 8
 HOLD = 8.0  # seconds the first reads wait (see the test)
-
-
-def fill(sim, uuid: str, size: int) -> str:
-    """Random data in every 4th block of the source VDI (as the host stores it, under the
-    simulator's lock); returns the whole disk's digest as a manifest records it."""
-    path = disks.data_path(sim.state_dir, uuid)
-    with disks.locked(sim.state_dir, uuid), open(path, "r+b") as f:
-        for offset in range(0, size - BLOCK + 1, 4 * BLOCK):
-            f.seek(offset)
-            f.write(os.urandom(BLOCK))
-    data = path.read_bytes()
-    return content(data + bytes(size - len(data)))
 
 
 def test_eight_vms_two_disks_jobs_8_two_hosts(xensim_factory, tmp_path):

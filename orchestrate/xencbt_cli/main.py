@@ -31,6 +31,7 @@ from .commands import (
     restore_cmd,
     restore_vm_cmd,
     serve_cmd,
+    status_cmd,
     verify_cmd,
 )
 from .commands.common import Parser, add_global_options, default_repo_help, global_options, say
@@ -43,6 +44,7 @@ log = logging.getLogger("xencbt_cli")
 # In the order --help lists them.
 COMMANDS = (
     backup_cmd,
+    status_cmd,
     init_cmd,
     list_cmd,
     restore_cmd,
@@ -130,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                 "thumbprint": args.thumbprint,
                 "repo": getattr(args, "repo", None),
                 "key_file": args.key_file,
+                "cluster": getattr(args, "cluster", None),
             },
             args.config,
         )

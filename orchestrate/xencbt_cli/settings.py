@@ -24,7 +24,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from xencbt_core.secret import Secret, read_file, read_password, register, write_private
@@ -43,6 +43,7 @@ ENV = {
     "password_file": "XENCBT_PASSWORD_FILE",
     "session_file": "XENCBT_SESSION_FILE",
     "key_file": "XENCBT_KEY_FILE",
+    "cluster": "XENCBT_CLUSTER",
 }
 KEYS = (
     "xapi",
@@ -53,6 +54,7 @@ KEYS = (
     "thumbprint",
     "repo",
     "key_file",  # an encrypted repository's key (repo/repokey.py)
+    "cluster",  # a Dask scheduler's address: backup --cluster (jobs/cluster.py)
 )
 
 
@@ -66,7 +68,24 @@ class Settings:
     thumbprint: str = ""
     repo: str = ""
     key_file: str = ""
+    cluster: str = ""
     _password: Secret | None = field(default=None, repr=False, compare=False)
+
+    def portable(self) -> dict:
+        """The settings as a worker of a cluster run gets them: names and absolute paths,
+        never the password itself (the worker reads the same file)."""
+        if self.password_file == "-":
+            raise UsageError(
+                "--cluster: the workers cannot read a password from this stdin: give "
+                "--password-file FILE, on a path every worker sees"
+            )
+        values = {
+            f.name: getattr(self, f.name) for f in fields(self) if f.init and f.name != "_password"
+        }
+        for name in ("password_file", "session_file", "xapi_cafile", "key_file"):
+            if values[name]:
+                values[name] = os.path.abspath(values[name])
+        return values
 
     def trust(self) -> ApiTrust:
         return ApiTrust(cafile=self.xapi_cafile, thumbprint=self.thumbprint, options=True)

@@ -126,11 +126,20 @@ class ApiTrust:
 def presented(host: str, port: int) -> str | None:
     """The SHA-256 fingerprint of the certificate ``host`` presents (unverified: only to
     name it in an error), or None when it cannot be had."""
+    # What ssl.get_server_certificate(timeout=) does from Python 3.10 on; EL9's nbdkit
+    # embeds 3.9, whose version has no timeout and could hang on a silent server.
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
     try:
-        pem = ssl.get_server_certificate((host, port), timeout=10)
+        with (
+            socket.create_connection((host, port), timeout=10) as sock,
+            ctx.wrap_socket(sock, server_hostname=host) as tls,
+        ):
+            der = tls.getpeercert(binary_form=True)
     except (OSError, ssl.SSLError, ValueError):
         return None
-    return fingerprint(ssl.PEM_cert_to_DER_cert(pem))
+    return fingerprint(der) if der else None
 
 
 class _PinnedHTTPSConnection(http.client.HTTPSConnection):

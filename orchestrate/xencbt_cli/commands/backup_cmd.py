@@ -6,7 +6,9 @@ import argparse
 
 from .. import errors
 from ..errors import UsageError
+from ..jobs import cluster
 from ..jobs.backup import Backup
+from ..jobs.cluster_task import BackupOptions
 from ..jobs.snapshot_copy import Copier
 from ..repo import repoconfig
 from ..settings import Settings
@@ -24,7 +26,20 @@ def add_parser(subparsers, parents: list) -> None:
     b.add_argument("vms", nargs="+", metavar="VM", help="VM name or uuid")
     b.add_argument("--repo", metavar="DIR")
     b.add_argument("--full", action="store_true", help="full backups even if CBT allows less")
-    b.add_argument("--jobs", type=int, default=1, metavar="N", help="VMs in parallel")
+    b.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="VMs in parallel (with --cluster: on each worker)",
+    )
+    b.add_argument(
+        "--cluster",
+        metavar="ADDRESS",
+        help="run each VM's backup as a task on the workers of the Dask distributed scheduler "
+        "at ADDRESS (tcp:// or tls://HOST:8786; also cluster= in the config file, "
+        "XENCBT_CLUSTER); every worker must see the repository at the same path",
+    )
     b.add_argument(
         "--connections",
         type=int,
@@ -66,6 +81,22 @@ def run(args: argparse.Namespace, conf: Settings) -> int:
             "xencbt: warning: repository %s is not encrypted (encryption none): the key file "
             "is not used and new points are written in clear" % repo.root
         )
+    results = on_cluster(args, conf, repo) if conf.cluster else in_process(args, conf, repo, config)
+    if args.json:
+        report.emit_json(report.backup_json(results))
+    else:
+        report.print_backup(results)
+    failed = [r for r in results if not r.ok]
+    if not failed:
+        return errors.OK
+    if len(failed) < len(results):
+        return errors.PARTIAL
+    codes = {r.exit_code for r in failed}
+    return codes.pop() if len(codes) == 1 else errors.ERROR
+
+
+def in_process(args: argparse.Namespace, conf: Settings, repo, config) -> list:
+    """Threads of this process (--jobs), as without a cluster."""
     with conf.session() as session, conf.plugin_password() as password:
         warn_if_insecure(session, say)
         # Progress is xencbt's own lines (proc/progress.py), not qemu-img's -p counter.
@@ -80,15 +111,20 @@ def run(args: argparse.Namespace, conf: Settings) -> int:
             wait=args.wait,
             jobs=args.jobs,
         )
-        results = job.run(args.vms)
-    if args.json:
-        report.emit_json(report.backup_json(results))
-    else:
-        report.print_backup(results)
-    failed = [r for r in results if not r.ok]
-    if not failed:
-        return errors.OK
-    if len(failed) < len(results):
-        return errors.PARTIAL
-    codes = {r.exit_code for r in failed}
-    return codes.pop() if len(codes) == 1 else errors.ERROR
+        return job.run(args.vms)
+
+
+def on_cluster(args: argparse.Namespace, conf: Settings, repo) -> list:
+    """Each VM a task on the workers of the Dask scheduler at conf.cluster."""
+    options = BackupOptions(
+        full=args.full,
+        wait=args.wait,
+        connections=args.connections,
+        retry_timeout=args.retry_timeout,
+        in_use_timeout=args.in_use_timeout,
+    )
+    conf.require_pool()
+    conf.portable()  # refuses a password read from stdin: the workers cannot read it
+    with cluster.connected(conf.cluster) as client:
+        job = cluster.ClusterBackup(client, conf.cluster, conf, repo, options, say, args.jobs)
+        return job.run(args.vms)

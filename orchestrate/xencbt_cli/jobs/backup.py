@@ -47,7 +47,7 @@ from ..repo.vmpoints import VmManifest, VmPoints
 from ..xapi import vmconfig
 from ..xapi.facade import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, NoCbt, PoolApi, Vm, VmDisk
 from .backup_disks import DiskBackup
-from .snapshot_copy import Copier
+from .snapshot_copy import Copier, HostBudget
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,7 @@ class Backup:
         full: bool = False,
         wait: bool = False,
         jobs: int = 1,
+        budget: HostBudget | None = None,
     ):
         self.pool = pool
         self.repo = repo
@@ -90,6 +91,8 @@ class Backup:
         self.no_cbt: dict[str, NoCbt] = {}  # disk uuid -> why it has no CBT (this run)
         # Each disk's plan, the copy, each disk's digests and manifest (backup_disks.py).
         self.disk_backup = DiskBackup(pool, repo, copier, say, full, self.no_cbt)
+        if budget is not None:  # a cluster run's (jobs/cluster_budget.py)
+            self.disk_backup.budget = budget
 
     def run(self, vms: list[str]) -> list[VmResult]:
         self.repo.create()
@@ -225,6 +228,16 @@ class Backup:
             self.release(snap_vm, committed, result)
             self.forget_old_bases(result.disks, result)
             self.sweep(vm)
+
+    def tidy(self, name: str) -> None:
+        """Only the clean-up a backup of ``name`` starts with (its chains' leftovers, its
+        snapshots on the pool): after a cluster task whose every attempt died."""
+        vm = self.pool.vm(name)
+        chains = {d.uuid: self.repo.chain(vm.uuid, d.uuid) for d in self.pool.disks(vm.ref)}
+        with contextlib.ExitStack() as locks:
+            for uuid in sorted(chains):
+                locks.enter_context(chains[uuid].lock(self.wait))
+            self.clean(vm, chains)
 
     def tell_capture(self, vm: Vm, config: dict, result: VmResult) -> None:
         """Say where a vTPM's contents came from and which devices the point lacks."""

@@ -23,7 +23,7 @@ from ..repo.manifest import Manifest
 from ..repo.repository import Chain, Repository
 from ..text import human
 from ..xapi.facade import NoCbt, PoolApi, Vm, VmDisk
-from .snapshot_copy import ConnectionBudget, Copier, DiskCopy
+from .snapshot_copy import ConnectionBudget, Copier, DiskCopy, HostBudget
 
 Say = Callable[[str], None]
 
@@ -81,7 +81,7 @@ class DiskBackup:
         self.copier = copier
         self.say = say
         self.full = full
-        self.budget = ConnectionBudget()
+        self.budget: HostBudget = ConnectionBudget()
         self.no_cbt = no_cbt  # disk uuid -> why it has no CBT (the run's: Backup.enable_cbt)
         self.chunk = digest.chunk_size()
 

@@ -196,7 +196,11 @@ def listing(view: GuestView, gp: GuestPath, st: dict | None = None) -> list[dict
     stats = []
     for i in range(0, len(names), BATCH):  # one message of the appliance's protocol each
         stats += g.lstatnslist(gp.path, names[i : i + BATCH])
-    return [entry(view, gp.path, n, s) for n, s in zip(names, stats, strict=True)]
+    if len(stats) != len(names):  # zip(strict=True) is Python 3.10+; EL9 runs 3.9
+        raise GuestError(
+            "%s: libguestfs listed %d names but %d stats" % (gp.path, len(names), len(stats))
+        )
+    return [entry(view, gp.path, n, s) for n, s in zip(names, stats)]
 
 
 def overview(view: GuestView) -> dict:

@@ -19,6 +19,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from ..errors import CliError
 from ..proc import command, qemu_img
@@ -39,6 +40,15 @@ def plugin() -> list[str]:
     if checkout.is_file():
         return ["python", str(checkout)]
     return ["xencbt"]
+
+
+class HostBudget(Protocol):
+    """Upstream NBD connections per host: this process's (ConnectionBudget) or a whole
+    cluster's (cluster_budget.ClusterBudget)."""
+
+    def take(
+        self, n: int, hosts: Sequence[str] = ("",)
+    ) -> contextlib.AbstractContextManager[int]: ...
 
 
 class ConnectionBudget:
@@ -126,7 +136,7 @@ class Copier:
 
     def copy_vm(
         self,
-        budget: ConnectionBudget,
+        budget: HostBudget,
         hosts: Sequence[str],
         snapshot_vm: str,
         disks: Sequence[DiskCopy],

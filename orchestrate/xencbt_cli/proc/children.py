@@ -23,11 +23,13 @@ systemd scope would do the same under systemd; the group works everywhere.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import select
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -59,7 +61,7 @@ class Children:
                     stdin=subprocess.PIPE,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
-                    process_group=0,
+                    **in_group(0),
                 )
                 log.debug("children's process group %d", self._guard.pid)
             return self._guard.pid
@@ -68,7 +70,7 @@ class Children:
         """Start ``argv`` in the group; Interrupted once a stop was asked for."""
         with self._lock:
             self.check()
-            return subprocess.Popen(argv, process_group=self.pgid(), **options)
+            return subprocess.Popen(argv, **in_group(self.pgid()), **options)
 
     def check(self) -> None:
         """Interrupted if a stop was asked for: nothing new starts after one."""
@@ -128,6 +130,18 @@ class Children:
         assert guard.stdin is not None
         guard.stdin.close()  # EOF: the guard kills the (empty) group and itself
         guard.wait()
+
+
+def in_group(pgid: int) -> dict:
+    """Popen's options that start a child in process group ``pgid`` (0: a new one it
+    leads): setpgid(0, pgid) in the child before exec, either way."""
+    if sys.version_info >= (3, 11):
+        return {"process_group": pgid}
+    # Python 3.9 (EL9's python3): no process_group= yet.  preexec_fn is the documented
+    # way; its warning about threads is about Python code taking locks in the child,
+    # and a builtin called through partial takes none (3.9 re-creates the GIL and the
+    # import lock in the child before calling it).
+    return {"preexec_fn": functools.partial(os.setpgid, 0, pgid)}
 
 
 def _terminate(pids: list[int], timeout: float = STOP_TIMEOUT) -> None:

@@ -208,10 +208,12 @@ class PoolApi:
             raise
 
     def nbd_hosts(self, vdi_ref: str) -> list[str]:
-        """The hosts whose NBD server may serve the VDI: those that have its SR plugged
-        (get_nbd_info offers exactly those; the plugin may connect to any of them)."""
+        """The uuids of the hosts whose NBD server may serve the VDI: those that have its
+        SR plugged (get_nbd_info offers exactly those; the plugin may connect to any of
+        them).  Uuids, not refs: a cluster's budgets are named after them (and shown)."""
         sr = self.call("VDI.get_SR", vdi_ref)
-        return sorted({self.call("PBD.get_host", pbd) for pbd in self.call("SR.get_PBDs", sr)})
+        hosts = {self.call("PBD.get_host", pbd) for pbd in self.call("SR.get_PBDs", sr)}
+        return sorted(self.call("host.get_uuid", h) for h in hosts)
 
     def changed_blocks(self, base_ref: str, snap_ref: str) -> str | None:
         """The base64 bitmap, or None when the CBT chain is broken between the two."""
