@@ -14,6 +14,7 @@ import threading
 
 from . import __version__
 from .cbt import Bitmap
+from .dial import Dialer
 from .errors import ConfigError, XencbtError
 from .export import Export
 from .params import Params
@@ -52,7 +53,14 @@ class Backend:
             if p.since:
                 bitmap = self.source.changed_since(p.since)
         self._warn_if_plain(self.source.targets())
-        self.pool = Pool(self.source, self.expectation, p.connections, p.timeout, p.retry_timeout)
+        self.pool = Pool(
+            self.source,
+            self.expectation,
+            p.connections,
+            p.timeout,
+            p.retry_timeout,
+            dialer=Dialer(p.upstream),
+        )
         size = self.pool.start()
         if isinstance(self.source, XapiSource):
             size = self._check_size(size, self.source.vdi.size)
