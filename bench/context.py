@@ -25,14 +25,10 @@ class Context:
     def log(self, name: str) -> Path:
         return self.work / (name + ".log")
 
-    def plugin_params(
-        self, nbd_info: Path, connections: int | None = None, upstream: str = ""
-    ) -> list[str]:
-        """``upstream``: the plugin's upstream= (python or libnbd); "": its default."""
+    def plugin_params(self, nbd_info: Path, connections: int | None = None) -> list[str]:
         return [
             "nbd-info=+%s" % nbd_info,
             "connections=%d" % (connections or self.connections),
-            *(["upstream=%s" % upstream] if upstream else []),
         ]
 
     def captive(self, params: list[str], run: str) -> list[str]:

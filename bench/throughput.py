@@ -15,28 +15,22 @@ from .context import Context
 from .figure import Figure, at_least
 from .procs import Upstream, children_cpu, cpu_seconds, plugin_server, timed
 
-ENGINES = ("python", "libnbd")  # the plugin's upstream= clients, measured side by side
-
 
 def full_read(ctx: Context) -> list[Figure]:
-    """1: nbdcopy to null: through the plugin (each upstream client) vs nbdcopy reading the
-    upstream itself; on 4 connections (the default, with the target), 1 and 16."""
-    figures = []
-    for connections in (ctx.connections, 1, 16):
-        figures += _full_read_at(ctx, connections)
-    return figures
+    """1: nbdcopy to null: through the plugin vs nbdcopy reading the upstream itself; on 4
+    connections (the default, with the target), 1 and 16; each side with that many."""
+    return [_full_read_at(ctx, connections) for connections in (ctx.connections, 1, 16)]
 
 
-def _full_read_at(ctx: Context, connections: int) -> list[Figure]:
+def _full_read_at(ctx: Context, connections: int) -> Figure:
     up = Upstream(ctx.work, ctx.certs, ["file", ctx.image])
-    seconds: dict[str, list[float]] = {name: [] for name in ("direct", *ENGINES)}
+    seconds: dict[str, list[float]] = {"direct": [], "plugin": []}
     cpu = {name: [0.0, 0.0, 0.0] for name in seconds}  # client, plugin, upstream
     names = list(seconds)
     with up.running():
         info = up.nbd_info()
         for rep in range(ctx.reps):
             for name in names[rep % len(names) :] + names[: rep % len(names)]:
-                # One plugin at a time: each would hold slots of the machine's 16 per host.
                 with _source(ctx, up, info, connections, name) as (source, pid):
                     pids = [pid, up.pid]
                     before = [children_cpu()] + [cpu_seconds(p) if p else 0.0 for p in pids]
@@ -46,29 +40,30 @@ def _full_read_at(ctx: Context, connections: int) -> list[Figure]:
                 cpu[name] = [c + a - b for c, a, b in zip(cpu[name], after, before)]
     gib = ctx.size / (1 << 30) * ctx.reps
     per_gib = {k: [round(c / gib, 2) for c in v] for k, v in cpu.items()}
-    return [_read_figure(ctx, connections, e, seconds, per_gib) for e in ENGINES]
+    return _read_figure(ctx, connections, seconds, per_gib)
 
 
 @contextlib.contextmanager
 def _source(ctx: Context, up: Upstream, info, connections: int, name: str):
-    """(URI, plugin pid or None) to read from: the upstream itself, or a plugin over it."""
+    """(URI, plugin pid or None) to read from: the upstream itself, or the plugin over it
+    (started for this run only, with ``connections``)."""
     if name == "direct":
         yield up.uri, None
         return
-    with plugin_server(ctx.work, ctx.plugin_params(info, connections, name)) as (uri, proc):
+    with plugin_server(ctx.work, ctx.plugin_params(info, connections)) as (uri, proc):
         yield uri, proc.pid
 
 
-def _read_figure(ctx, connections: int, engine: str, seconds: dict, per_gib: dict) -> Figure:
-    direct, plugin = seconds["direct"], seconds[engine]
+def _read_figure(ctx, connections: int, seconds: dict, per_gib: dict) -> Figure:
+    direct, plugin = seconds["direct"], seconds["plugin"]
     ratios = [d / p for d, p in zip(direct, plugin)]
     client = {k: v[0] + v[1] for k, v in per_gib.items()}  # the backup machine's share
-    cpu_ratio = client[engine] / client["direct"] if client["direct"] else float("inf")
+    cpu_ratio = client["plugin"] / client["direct"] if client["direct"] else float("inf")
     judged = connections == ctx.connections
     mb = ctx.size / 1e6
     return Figure(
         "1 full read" if judged else "1 full read, %d connection(s)" % connections,
-        "full read, %d conn, upstream=%s: plugin / direct" % (connections, engine),
+        "full read (nbdcopy → null:, %d conn), plugin / direct" % connections,
         ratios,
         "x",
         ">= 0.85" if judged else "",
@@ -80,16 +75,16 @@ def _read_figure(ctx, connections: int, engine: str, seconds: dict, per_gib: dic
             mb / _median(plugin),
             mb / _median(direct),
             ctx.size >> 20,
-            client[engine],
+            client["plugin"],
             cpu_ratio,
             client["direct"],
-            per_gib[engine][2],
+            per_gib["plugin"][2],
             per_gib["direct"][2],
         ),
         extra={
             "direct_s": direct,
             "plugin_s": plugin,
-            "cpu_s_per_gib": {"direct": per_gib["direct"], engine: per_gib[engine]},
+            "cpu_s_per_gib": per_gib,
             "client_cpu_ratio": cpu_ratio,
         },
     )

@@ -14,7 +14,6 @@ import threading
 
 from . import __version__
 from .cbt import Bitmap
-from .dial import Dialer
 from .errors import ConfigError, XencbtError
 from .export import Export
 from .params import Params
@@ -53,14 +52,7 @@ class Backend:
             if p.since:
                 bitmap = self.source.changed_since(p.since)
         self._warn_if_plain(self.source.targets())
-        self.pool = Pool(
-            self.source,
-            self.expectation,
-            p.connections,
-            p.timeout,
-            p.retry_timeout,
-            dialer=Dialer(p.upstream),
-        )
+        self.pool = Pool(self.source, self.expectation, p.connections, p.timeout, p.retry_timeout)
         size = self.pool.start()
         if isinstance(self.source, XapiSource):
             size = self._check_size(size, self.source.vdi.size)

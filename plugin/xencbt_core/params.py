@@ -9,7 +9,6 @@ import re
 from dataclasses import dataclass, field, fields
 
 from .cbt import BLOCK_SIZE
-from .dial import ENGINES
 from .errors import ConfigError
 from .pool import MAX_CONNECTIONS
 from .secret import Secret, read_file, read_password, register
@@ -48,8 +47,6 @@ HELP = {
     "readahead": "bytes (a power of 2, 64 KiB..%d MiB) read from the host at once around a "
     "smaller read inside a changed run, for clients that read 64 KiB at a time "
     "(qemu-img convert -c); default 0: off" % (MAX_READAHEAD >> 20),
-    "upstream": "python (default): read the host over Python's ssl; libnbd: over libnbd "
-    "(C, GnuTLS), held to the certificate verified as verify= says, where GnuTLS can be",
 }
 
 
@@ -75,7 +72,6 @@ class Params:
     timeout: float = 60.0
     retry_timeout: float = 60.0
     readahead: int = 0
-    upstream: str = "python"
 
     def set(self, key: str, value: str) -> None:
         """One key=value from the command line."""
@@ -109,7 +105,6 @@ class Params:
         self._check_choice("unchanged", ("hole", "zero"))
         self._check_choice("verify", MODES)
         self._check_choice("tls", ("require", "off"))
-        self._check_choice("upstream", ENGINES)
         if (self.verify == "ca") != bool(self.cafile):
             raise ConfigError("verify=ca and cafile= go together")
         if self.readahead and not (

@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Protocol
 
 from .budget import Budget
-from .dial import Dialer
 from .errors import (
     ConnectionDead,
     ExportRefused,
@@ -74,7 +73,6 @@ class Pool:
         retry_timeout: float = 60.0,
         slots: Slots | None = None,
         budget: Budget | None = None,
-        dialer: Dialer | None = None,
     ):
         if not 1 <= size <= MAX_CONNECTIONS:
             raise ValueError("connections must be 1..%d" % MAX_CONNECTIONS)
@@ -82,7 +80,6 @@ class Pool:
         self.expectation = expectation
         self.timeout = timeout
         self.retry_timeout = retry_timeout
-        self.dialer = dialer or Dialer()
         self.size: int | None = None  # the export's size, from the first handshake
         self.reconnects = 0
         self._limit = size
@@ -332,7 +329,7 @@ class Pool:
                 busy += 1
                 continue
             try:
-                conn = self.dialer.open(targets[i], self.expectation(targets[i]), self.timeout)
+                conn = Connection.open(targets[i], self.expectation(targets[i]), self.timeout)
             except BaseException as e:
                 slot.release()
                 if not isinstance(e, ConnectionDead):

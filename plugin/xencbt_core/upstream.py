@@ -2,8 +2,7 @@
 
 REFERENCE §2 and §5: fixed newstyle, STARTTLS, NBD_OPT_EXPORT_NAME, simple replies,
 512-byte aligned reads, one request at a time per connection, at most 16 connections
-per host, opened one after another.  This is the client that checks trust (trust.py);
-native.py reads over libnbd where GnuTLS can hold it to the certificate checked here.
+per host, opened one after another.  libnbd cannot pin certificates, so this is ours.
 """
 
 from __future__ import annotations
@@ -105,7 +104,14 @@ class Connection:
     @classmethod
     def open(cls, target: Target, expect: Expectation | None, timeout: float) -> Connection:
         """Connect, upgrade to TLS unless ``expect`` is None, verify, send the export name."""
-        sock = _dial(target, timeout)
+        try:
+            connect_timeout = min(timeout, CONNECT_TIMEOUT)
+            sock = socket.create_connection((target.address, target.port), connect_timeout)
+            sock.settimeout(timeout)
+        except OSError as e:
+            raise Unreachable(
+                "cannot connect to the NBD server %s: %s" % (target, _why(e))
+            ) from None
         try:
             return cls._handshake(sock, target, expect)
         except BaseException:
@@ -114,7 +120,13 @@ class Connection:
 
     @classmethod
     def _handshake(cls, sock, target: Target, expect: Expectation | None) -> Connection:
-        no_zeroes = _greet(sock, target)
+        magic, opt, flags = P.GREETING.unpack(_recv_greeting(sock, target))
+        if magic != P.NBDMAGIC or opt != P.IHAVEOPT:
+            raise ProtocolError("%s is not a newstyle NBD server (bad greeting magic)" % target)
+        if not flags & P.FLAG_FIXED_NEWSTYLE:
+            raise ProtocolError("%s does not speak fixed newstyle NBD" % target)
+        no_zeroes = flags & P.FLAG_NO_ZEROES
+        _send(sock, (P.FLAG_FIXED_NEWSTYLE | no_zeroes).to_bytes(4, "big"))
         if expect is not None:
             sock = _starttls(sock, target, expect)
         name = target.exportname.reveal().encode("utf-8")
@@ -176,42 +188,6 @@ class Connection:
                 self.sock.close()
             except OSError:
                 pass
-
-
-def probe(target: Target, expect: Expectation, timeout: float) -> bytes:
-    """The certificate the server presents, accepted by ``expect`` (else TrustError).
-    The export name is not sent (NBD_OPT_ABORT instead), so the host plugs no VBD."""
-    sock = _dial(target, timeout)
-    try:
-        _greet(sock, target)
-        sock = _starttls(sock, target, expect)
-        der = sock.getpeercert(binary_form=True)
-        _send(sock, P.OPTION.pack(P.IHAVEOPT, P.OPT_ABORT, 0))
-        return der
-    finally:
-        sock.close()
-
-
-def _dial(target: Target, timeout: float) -> socket.socket:
-    try:
-        connect_timeout = min(timeout, CONNECT_TIMEOUT)
-        sock = socket.create_connection((target.address, target.port), connect_timeout)
-        sock.settimeout(timeout)
-        return sock
-    except OSError as e:
-        raise Unreachable("cannot connect to the NBD server %s: %s" % (target, _why(e))) from None
-
-
-def _greet(sock, target: Target) -> int:
-    """Read the greeting, answer it; the server's NO_ZEROES flag (0 when it lacks it)."""
-    magic, opt, flags = P.GREETING.unpack(_recv_greeting(sock, target))
-    if magic != P.NBDMAGIC or opt != P.IHAVEOPT:
-        raise ProtocolError("%s is not a newstyle NBD server (bad greeting magic)" % target)
-    if not flags & P.FLAG_FIXED_NEWSTYLE:
-        raise ProtocolError("%s does not speak fixed newstyle NBD" % target)
-    no_zeroes = flags & P.FLAG_NO_ZEROES
-    _send(sock, (P.FLAG_FIXED_NEWSTYLE | no_zeroes).to_bytes(4, "big"))
-    return no_zeroes
 
 
 def _await_eof(sock: socket.socket, timeout: float) -> None:

@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from .backend import Backend, open_session
 from .budget import Budget
 from .cbt import Bitmap
-from .dial import Dialer
 from .errors import ConfigError, XapiError, XencbtError
 from .export import Export
 from .params import Params
@@ -283,7 +282,6 @@ class VmBackend(Backend):
             p.timeout,
             p.retry_timeout,
             budget=self.budget,
-            dialer=Dialer(p.upstream),
         )
         export = DiskExport(pool, disk.size, disk.bitmap, p.unchanged, p.readahead)
         export.description = self.description(disk)
