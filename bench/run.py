@@ -23,7 +23,17 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from . import cluster, compression, endtoend, extents, incremental, latency, machine, throughput
+from . import (
+    cluster,
+    compression,
+    endtoend,
+    extents,
+    incremental,
+    latency,
+    machine,
+    restore,
+    throughput,
+)
 from .context import Context
 from .data import certificates, dense_image
 from .figure import Figure, markdown
@@ -40,12 +50,13 @@ SUITE: dict[str, Callable[[Context], list[Figure]]] = {
     "6": endtoend.backups,
     "7": compression.backups,
     "8": cluster.overhead,
+    "9": restore.restores,
 }
 
 
 def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="make bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--only", default="", help="comma-separated figure numbers (1-8)")
+    p.add_argument("--only", default="", help="comma-separated figure numbers (1-9)")
     p.add_argument("--quick", action="store_true", default=bool(os.environ.get("BENCH_QUICK")))
     p.add_argument("--reps", type=int, default=0, help="repetitions per figure")
     p.add_argument("--markdown", action="store_true", help="print the README table and exit")

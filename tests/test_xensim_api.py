@@ -272,3 +272,21 @@ def test_state_persists_across_restart_and_sessions_do_not(xensim_factory, tmp_p
     y = again.session().xenapi
     assert y.VM.get_name_label(snap) == "kept" and y.VDI.get_cbt_enabled(vdi) is True
     assert y.VM.get_snapshots(vm) == [snap]
+
+
+def test_api_connections_are_tcp_nodelay_as_xapi_sets_them():
+    """xapi sets TCP_NODELAY on its API sockets (http_svr.ml ``bind``, stunnel's
+    ``a:TCP_NODELAY=1``); without it Nagle held every reply's body for the client's
+    delayed ACK, ~40 ms a call."""
+    import socket
+
+    from xensim.web import WebServer
+
+    server = WebServer(("127.0.0.1", 0), ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), None, "h", None)
+    try:
+        with socket.create_connection(server.server_address):
+            conn, _ = server.get_request()
+            with conn:
+                assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        server.server_close()

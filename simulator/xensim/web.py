@@ -59,6 +59,13 @@ class WebServer(ThreadingHTTPServer):
         # The TLS handshake happens on first read, in the handler's thread, so one slow
         # client cannot stall accept().
         sock, addr = super().get_request()
+        # As xapi: TCP_NODELAY on every API connection (xen-api ocaml/libs/http-lib/
+        # http_svr.ml ``bind`` sets it on the listening socket; xapi_stunnel_server.ml
+        # gives stunnel ``socket = a:TCP_NODELAY=1``).  Without it a reply's headers and
+        # body go out in two writes and Nagle holds the body for the client's delayed
+        # ACK: ~40 ms added to every call, which a real host does not cost.
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
 
     def handle_error(self, request: Any, client_address: Any) -> None:
