@@ -135,7 +135,8 @@ MUTANTS = [
     Mutant(
         "restore-vm drops the VM's other_config",
         "orchestrate/xencbt_cli/jobs/vm_builder.py",
-        '        record["other_config"] = {**saved.get("other_config", {}), **self.tags, MARK: self.mark}\n',
+        '        record["other_config"] = '
+        '{**saved.get("other_config", {}), **self.tags, MARK: self.mark}\n',
         '        record["other_config"] = {**self.tags, MARK: self.mark}\n',
         (
             "tests/test_restore_vm_fields.py::"
