@@ -6,6 +6,7 @@ import argparse
 
 from .. import errors
 from ..errors import UsageError
+from ..jobs import canary
 from ..jobs.backup import Backup
 from ..jobs.snapshot_copy import Copier
 from ..repo import repoconfig
@@ -32,6 +33,15 @@ def add_parser(subparsers, parents: list) -> None:
         metavar="N",
         help="NBD connections per disk copy (1..16; 16 per host in total)",
     )
+    b.add_argument(
+        "--canary-blocks",
+        type=int,
+        default=canary.DEFAULT_BLOCKS,
+        metavar="N",
+        help="per incremental disk, check N random blocks CBT reports unchanged against "
+        "the snapshot; a mismatch takes a full instead, exit 9 (default %d; 0: off)"
+        % canary.DEFAULT_BLOCKS,
+    )
     b.add_argument("--wait", action="store_true", help="wait for a locked chain")
     b.add_argument(
         "--in-use-timeout",
@@ -53,6 +63,8 @@ def add_parser(subparsers, parents: list) -> None:
 def run(args: argparse.Namespace, conf: Settings) -> int:
     if not 1 <= args.connections <= 16:
         raise UsageError("--connections must be 1..16 (a host serves at most 16)")
+    if args.canary_blocks < 0:
+        raise UsageError("--canary-blocks must be 0 (off) or more")
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     if not 0 < args.retry_timeout < float("inf"):
@@ -79,6 +91,7 @@ def run(args: argparse.Namespace, conf: Settings) -> int:
             full=args.full,
             wait=args.wait,
             jobs=args.jobs,
+            canary_blocks=args.canary_blocks,
         )
         results = job.run(args.vms)
     if args.json:
@@ -87,7 +100,7 @@ def run(args: argparse.Namespace, conf: Settings) -> int:
         report.print_backup(results)
     failed = [r for r in results if not r.ok]
     if not failed:
-        return errors.OK
+        return errors.CBT_MISSED if any(map(report.canary_caught, results)) else errors.OK
     if len(failed) < len(results):
         return errors.PARTIAL
     codes = {r.exit_code for r in failed}

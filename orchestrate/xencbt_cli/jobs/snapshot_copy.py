@@ -14,6 +14,7 @@ import contextlib
 import os
 import shlex
 import shutil
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -84,6 +85,7 @@ class DiskCopy:
     base: Path | None = None
     report: Path | None = None  # where its qemu-img -p goes (progress.percent)
     size: int = 0  # the snapshot's virtual size
+    canary: tuple[Path, Path] | None = None  # (ranges, digests): the CBT canary's sample
 
 
 class Copier:
@@ -156,6 +158,8 @@ class Copier:
                 run = "%s %s %s" % (shlex.join(convert), source, shlex.quote(name))
                 if disk.report is not None:
                     run += " >" + shlex.quote(str(disk.report))
+                if disk.canary is not None:
+                    run += " && " + sampled(disk.canary, source)
                 runs.append(run)
             argv = [
                 "nbdkit",
@@ -168,6 +172,14 @@ class Copier:
                 " && ".join(runs),
             ]
             command.run(argv, passthrough=self.progress)
+
+
+def sampled(canary: tuple[Path, Path], source: str) -> str:
+    """The CBT canary's read of the export (jobs/canary.py): the digests of the sampled
+    ranges, while this nbdkit still serves the snapshot (no second login)."""
+    ranges, out = canary
+    argv = [sys.executable, "-m", "xencbt_cli.proc.blocksums", str(ranges), str(out)]
+    return "%s %s" % (shlex.join(argv), source)
 
 
 def readahead_params(compression: str) -> list[str]:
