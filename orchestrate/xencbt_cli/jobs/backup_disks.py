@@ -59,6 +59,8 @@ class Work:
     what: str
     started: str = ""
     copy_seconds: float = 0.0
+    sums: tuple[bytes, int] | None = None  # its digests, when the canary computed them
+    sums_seconds: float = 0.0  # ...and how long that took
 
     def copy(self, point: str, private: Path | None = None) -> DiskCopy:
         # The export's name: its userdevice; the VDI uuid when that is not a plain number.
@@ -198,23 +200,32 @@ class DiskBackup:
         whole, from the same snapshot."""
         with tempfile.TemporaryDirectory(prefix="xencbt-canary-") as private:
             self.copy_disks(vm, snap_vm, work, point, Path(private))
-            caught = [w for w in work if self.canary_caught(w, point, Path(private))]
+            caught = [w for w in work if self.canary_caught(vm, w, point, Path(private))]
         for w in caught:
             w.chain.partial_path(point).unlink(missing_ok=True)
             w.plan = Plan(reason=canary.reason(w.plan.canary), canary=w.plan.canary)
         if caught:
             self.copy_disks(vm, snap_vm, caught, point)
 
-    def canary_caught(self, w: Work, point: str, private: Path) -> bool:
+    def canary_caught(self, vm: Vm, w: Work, point: str, private: Path) -> bool:
         """Whether the canary found the snapshot's sampled blocks different from what the
-        new image shows there (the previous point's content): CBT missed changes."""
+        new image shows there (the previous point's content): CBT missed changes.  When
+        they match, the new point's digests are computed now, through the same qemu-nbd
+        (one open of the chain: with an encrypted one, each layer's key derivation)."""
         if w.plan.sample is None or w.plan.base is None:
             return False
-        t0 = time.monotonic()
         read = json.loads(w.sample_files(private)[1].read_text())
-        differed = canary.differing(w.chain.partial_path(point), w.plan.sample, read["sums"])
-        seconds = read["seconds"] + time.monotonic() - t0
-        w.plan.canary = canary.record(w.plan.sample, differed, seconds, w.plan.base.point)
+        partial = w.chain.partial_path(point)
+        with image.random_access(partial) as h:
+            t0 = time.monotonic()
+            differed = canary.differing(h, w.plan.sample, read["sums"])
+            t1 = time.monotonic()
+            seconds = read["seconds"] + t1 - t0  # the two reads of the sample
+            w.plan.canary = canary.record(w.plan.sample, differed, seconds, w.plan.base.point)
+            if not differed:
+                label = "%s disk %s" % (vm.name, w.disk.userdevice)
+                w.sums = self.content_sums(partial, w.plan, w.snap.virtual_size, label, h)
+                w.sums_seconds = time.monotonic() - t1
         if differed:
             self.say(
                 "%s: CBT MISSED CHANGES: %s; the incremental is dropped, a FULL backup of "
@@ -249,19 +260,22 @@ class DiskBackup:
         t0 = time.monotonic()
         partial = w.chain.partial_path(point)
         label = "%s disk %s" % (vm.name, w.disk.userdevice)
-        sums, hashed = self.content_sums(partial, w.plan, w.snap.virtual_size, label)
+        sums, hashed = w.sums or self.content_sums(partial, w.plan, w.snap.virtual_size, label)
         final = w.chain.publish_image(point)
         manifest = self.manifest(vm, w.disk, w.snap, w.plan, point, sums, final, w.started)
         manifest.hashed_bytes = hashed
-        manifest.seconds = round(w.copy_seconds + time.monotonic() - t0, 3)
+        manifest.seconds = round(w.copy_seconds + w.sums_seconds + time.monotonic() - t0, 3)
         manifest.copy_seconds = round(w.copy_seconds, 3)
         manifest.ratio = manifest.compression_ratio()
         w.chain.commit(manifest, sums)
         return manifest
 
-    def content_sums(self, partial: Path, plan: Plan, size: int, label: str) -> tuple[bytes, int]:
+    def content_sums(
+        self, partial: Path, plan: Plan, size: int, label: str, h=None
+    ) -> tuple[bytes, int]:
         """The new point's chunk digests and how many bytes of its image that read: all of
-        it for a full (one pass), only the chunks the copy changed for an incremental."""
+        it for a full (one pass), only the chunks the copy changed for an incremental
+        (through ``h`` if given: the canary's handle on the image)."""
         if plan.base is None:
             with progress.task(label + ": digest", size) as advance:
                 sums, got = digest.image_sums(partial, self.chunk, advance)
@@ -272,7 +286,7 @@ class DiskBackup:
         chunks = digest.dirty(plan.bitmap, plan.base.virtual_size, size, self.chunk)
         reading = sum(digest.span(i, size, self.chunk)[1] for i in chunks)
         with progress.task(label + ": digest", reading) as advance:
-            return digest.rehash(partial, plan.base_sums, chunks, size, self.chunk, advance)
+            return digest.rehash(partial, plan.base_sums, chunks, size, self.chunk, advance, h)
 
     @contextlib.contextmanager
     def unpublished(self, chain: Chain, point: str, what: str, undone: list[str]):

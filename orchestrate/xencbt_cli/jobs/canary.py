@@ -29,7 +29,6 @@ from pathlib import Path
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap, blocks_for
 
 from ..proc import blocksums
-from ..repo import image
 
 DEFAULT_BLOCKS = 64
 OFF = {"result": "off"}  # --canary-blocks 0: the manifest says so
@@ -71,15 +70,12 @@ def choose(bitmap: Bitmap, old_size: int, new_size: int, n: int, seed: int | Non
     return Sample(seed, total, ranges)
 
 
-def differing(path: Path, sample: Sample, snapshot_sums: list[str]) -> int:
-    """How many sampled blocks of the image at ``path`` (its chain, with its key) differ
-    from the snapshot's digests of them."""
+def differing(h, sample: Sample, snapshot_sums: list[str]) -> int:
+    """How many sampled blocks of the new image differ from the snapshot's digests of
+    them; ``h``: the image (its chain, with its key) opened by image.random_access."""
     if len(snapshot_sums) != len(sample.ranges):
         raise ValueError("the snapshot's sample has %d digests" % len(snapshot_sums))
-    if not sample.ranges:
-        return 0
-    with image.random_access(path) as h:
-        got = blocksums.digests(h, sample.ranges)
+    got = blocksums.digests(h, sample.ranges)
     return sum(a != b for a, b in zip(got, snapshot_sums))
 
 

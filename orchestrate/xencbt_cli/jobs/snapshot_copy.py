@@ -159,7 +159,7 @@ class Copier:
                 if disk.report is not None:
                     run += " >" + shlex.quote(str(disk.report))
                 if disk.canary is not None:
-                    run += " && " + sampled(disk.canary, source)
+                    run = beside(sampled(disk.canary, source), run)
                 runs.append(run)
             argv = [
                 "nbdkit",
@@ -180,6 +180,12 @@ def sampled(canary: tuple[Path, Path], source: str) -> str:
     ranges, out = canary
     argv = [sys.executable, "-m", "xencbt_cli.proc.blocksums", str(ranges), str(out)]
     return "%s %s" % (shlex.join(argv), source)
+
+
+def beside(canary: str, run: str) -> str:
+    """``canary`` in the background while ``run`` copies the same export, both to
+    succeed: its few round trips hide behind the copy's instead of adding to them."""
+    return "{ %s & canary=$!; %s && wait $canary; }" % (canary, run)
 
 
 def readahead_params(compression: str) -> list[str]:
