@@ -3,7 +3,7 @@
 Run by the copy's nbdkit (``--run``, after the disk's qemu-img) while the snapshot is
 exported, so the sample costs no second XAPI login nor nbdkit:
 
-    python -m xencbt_cli.proc.blocksums RANGES OUT URI
+    python -S …/proc/blocksums.py RANGES OUT URI      (the standard library and libnbd only)
 
 RANGES: a JSON list of [offset, length]; OUT gets {"sums": [hex, …], "seconds": t}.
 Only digests leave this process, never the guest's data.
@@ -16,19 +16,19 @@ import json
 import sys
 import time
 
-DEPTH = 16  # reads in flight at once: the sample's cost is round trips, not bytes
 
-
-def digests(h, ranges) -> list[str]:
-    """The sha256 of each (offset, length) read through the libnbd handle ``h``, many
-    reads in flight (aio), in the order given."""
+def digests(h, ranges, depth: int = 1) -> list[str]:
+    """The sha256 of each (offset, length) read through the libnbd handle ``h``, in the
+    order given, ``depth`` reads in flight (aio).  The snapshot is read one request at
+    a time: more would make the plugin open more upstream connections, each a VBD the
+    host plugs, and wait for them (budget.py); a local qemu-nbd takes 16 at once."""
     import nbd
 
     found: list[str] = [""] * len(ranges)
     todo = list(enumerate(ranges))
     flying: dict[int, tuple[int, nbd.Buffer]] = {}
     while todo or flying:
-        while todo and len(flying) < DEPTH:
+        while todo and len(flying) < depth:
             i, (offset, length) = todo.pop()
             buf = nbd.Buffer(length)
             flying[h.aio_pread(buf, offset)] = (i, buf)
