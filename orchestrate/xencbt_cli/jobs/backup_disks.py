@@ -4,8 +4,9 @@ digests (all for a full, only the changed chunks for an incremental: repo/digest
 manifest.  Until its manifest is written a failure removes the point's files.
 
 Every incremental is checked by the CBT canary (canary.py): a sample of the blocks CBT
-calls unchanged, read from the snapshot during the copy, compared with the new image.
-A disk whose sample differs is copied again, whole, from the same snapshot."""
+calls unchanged, read from the snapshot by the copy's nbdkit run, compared with the new
+image.  A disk whose sample differs is copied again, whole, from the same snapshot,
+before any disk's point is committed."""
 
 from __future__ import annotations
 
