@@ -15,8 +15,11 @@ import re
 
 import nbd
 import pytest
+from cbt_strategies import disks as cbt_disks
 from cli_support import BLOCK, Vm, backup, rand, restored, served, sha, xencbt
 from encrypt_support import assert_marker_nowhere, init_encrypted, make_key, marked
+from hypothesis import given
+from hypothesis import strategies as st
 from xencbt_cli.jobs import canary
 from xencbt_core.cbt import Bitmap, encode
 
@@ -185,3 +188,21 @@ def test_the_sample_is_uniform_among_whole_old_unchanged_blocks():
             assert (offset // BLOCK) % 3 != 0
             counts[offset < big // 2] += 1
     assert abs(counts[0] - counts[1]) < 0.1 * sum(counts)
+
+
+@given(cbt_disks(), st.integers(min_value=0, max_value=40), st.integers(min_value=0), st.booleans())
+def test_the_sample_holds_only_old_unchanged_blocks(disk, n, seed, grows):
+    size, changed = disk
+    new = size + 3 * BLOCK + 100 if grows else size
+    bitmap = Bitmap.from_base64(encode(sorted(changed), new), new)
+    sample = canary.choose(bitmap, size, new, n, seed)
+    whole = size // BLOCK if grows else -(-size // BLOCK)
+    candidates = [b for b in range(whole) if b not in changed]
+    assert sample.unchanged == len(candidates)
+    blocks = [o // BLOCK for o, _ in sample.ranges]
+    assert len(blocks) == len(set(blocks)) == min(n, len(candidates))
+    assert set(blocks) <= set(candidates)
+    for offset, length in sample.ranges:
+        assert offset % BLOCK == 0 and length == min(BLOCK, new - offset) and length > 0
+        assert offset + length <= size  # each compared range had previous content
+    assert canary.choose(bitmap, size, new, n, seed) == sample  # the seed replays it
