@@ -20,6 +20,7 @@ from cli_support import BLOCK, Vm, backup, rand, restored, served, sha, xencbt
 from encrypt_support import assert_marker_nowhere, init_encrypted, make_key, marked
 from hypothesis import given
 from hypothesis import strategies as st
+from qemu_images import corrupt_data_cluster
 from xencbt_cli.jobs import canary
 from xencbt_core.cbt import Bitmap, encode
 
@@ -141,6 +142,26 @@ def test_honest_cbt_passes_silently_and_zero_blocks_turns_it_off(sim, tmp_path):
     v = xencbt(sim, "verify", "--repo", str(repo)).stdout
     assert "point %s  canary off (--canary-blocks 0)" % off["point"] in v
     assert xencbt(sim, "backup", "demo-vm", "--repo", str(repo), "--canary-blocks", "-1", check=2)
+
+
+def test_rot_in_the_previous_point_is_named_as_such_not_blamed_on_cbt(sim, tmp_path):
+    """A block that differs because the repository's copy rotted is no CBT bug: the
+    previous point's checksums say so; a full is taken all the same, exit 0."""
+    repo = tmp_path / "repo"
+    xencbt(sim, "init", "--repo", str(repo), "--compression", "none")
+    vm = Vm(sim)
+    vm.write(1, {3 * BLOCK: rand(BLOCK)})
+    (_, full) = disks(backup(sim, repo, "demo-vm"))
+    corrupt_data_cluster(repo / vm.uuid / vm.uuids[1] / (full["point"] + ".qcow2"))
+    vm.write(1, {0: rand(BLOCK)})
+    # Disk 1: 17 blocks, the first changed: its 16 others are all sampled.
+    summary = backup(sim, repo, "demo-vm")
+    assert summary["cbt_missed_changes"] is False and summary["vms"][0]["warnings"] == []
+    (_, d) = disks(summary)
+    assert d["type"] == "full" and d["canary"]["result"] == "damaged"
+    assert "no longer matches its own checksums there (bytes 0-262143 " in d["reason"]
+    assert "its image is damaged, not CBT; run xencbt verify" in d["reason"]
+    assert restored(sim, repo, tmp_path, vm.uuids[1]) == bytes(vm.models[1])
 
 
 def test_encrypted_repository_catches_every_missed_block(xensim_factory, tmp_path, monkeypatch):

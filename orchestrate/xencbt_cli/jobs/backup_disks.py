@@ -222,18 +222,44 @@ class DiskBackup:
             differed = canary.differing(h, w.plan.sample, read["sums"])
             t1 = time.monotonic()
             seconds = read["seconds"] + t1 - t0  # the two reads of the sample
-            w.plan.canary = canary.record(w.plan.sample, differed, seconds, w.plan.base.point)
             if not differed:
                 label = "%s disk %s" % (vm.name, w.disk.userdevice)
                 w.sums = self.content_sums(partial, w.plan, w.snap.virtual_size, label, h)
                 w.sums_seconds = time.monotonic() - t1
-        if differed:
+        found = self.base_damage(w, differed) if differed else None
+        # Rot in the base explains the blocks of its damaged chunks; any other is CBT's.
+        damaged = found[0] if found and not found[1] else None
+        rec = canary.record(w.plan.sample, len(differed), seconds, w.plan.base.point, damaged)
+        w.plan.canary = rec
+        if canary.failed(rec):
             self.say(
                 "%s: CBT MISSED CHANGES: %s; the incremental is dropped, a FULL backup of "
-                "the disk is taken now from the same snapshot"
-                % (w.what, canary.reason(w.plan.canary))
+                "the disk is taken now from the same snapshot" % (w.what, canary.reason(rec))
             )
+        elif damaged:
+            self.say("%s: FULL backup now: %s" % (w.what, canary.reason(rec)))
         return bool(differed)
+
+    def base_damage(self, w: Work, differed: list[tuple[int, int]]) -> tuple[str, int] | None:
+        """Where the previous point's image no longer matches its recorded checksums, in
+        the chunks holding the blocks the canary found different (bit rot in the
+        repository explains those, not CBT), and how many differing blocks lie in sound
+        chunks; None when no chunk is damaged.  Read only on a mismatch (a chunk each)."""
+        base, sums = w.plan.base, w.plan.base_sums
+        assert base is not None and sums is not None
+        chunks = sorted({offset // self.chunk for offset, _ in differed})
+        path = w.chain.image_path(base.point)
+        got, _ = digest.rehash(path, sums, chunks, base.virtual_size, self.chunk)
+        where = digest.first_difference(got, sums, base.virtual_size, self.chunk)
+        if where is None:
+            return None
+        bad = {
+            i
+            for i in chunks
+            if got[i * digest.SUM : (i + 1) * digest.SUM]
+            != sums[i * digest.SUM : (i + 1) * digest.SUM]
+        }
+        return digest.describe(where), sum(o // self.chunk not in bad for o, _ in differed)
 
     def copy_disks(
         self, vm: Vm, snap_vm: str, work: list[Work], point: str, private: Path | None = None

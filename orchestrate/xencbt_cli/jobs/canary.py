@@ -70,19 +70,23 @@ def choose(bitmap: Bitmap, old_size: int, new_size: int, n: int, seed: int | Non
     return Sample(seed, total, ranges)
 
 
-def differing(h, sample: Sample, snapshot_sums: list[str]) -> int:
-    """How many sampled blocks of the new image differ from the snapshot's digests of
+def differing(h, sample: Sample, snapshot_sums: list[str]) -> list[tuple[int, int]]:
+    """The sampled ranges of the new image that differ from the snapshot's digests of
     them; ``h``: the image (its chain, with its key) opened by image.random_access."""
     if len(snapshot_sums) != len(sample.ranges):
         raise ValueError("the snapshot's sample has %d digests" % len(snapshot_sums))
     got = blocksums.digests(h, sample.ranges, depth=16)
-    return sum(a != b for a, b in zip(got, snapshot_sums))
+    return [r for r, a, b in zip(sample.ranges, got, snapshot_sums) if a != b]
 
 
-def record(sample: Sample, differed: int, seconds: float, base_point: str) -> dict:
-    """What the point's manifest keeps of its canary."""
-    return {
-        "result": "failed" if differed else "passed",
+def record(
+    sample: Sample, differed: int, seconds: float, base_point: str, damaged: str | None = None
+) -> dict:
+    """What the point's manifest keeps of its canary.  ``damaged``: where the previous
+    point's image no longer matches its own checksums, when that explains the difference
+    (the repository's copy rotted: not CBT's doing)."""
+    found = {
+        "result": "damaged" if damaged else "failed" if differed else "passed",
         "seed": sample.seed,
         "blocks": len(sample.ranges),
         "bytes": sum(length for _, length in sample.ranges),  # read from the host
@@ -91,6 +95,9 @@ def record(sample: Sample, differed: int, seconds: float, base_point: str) -> di
         "base_point": base_point,
         "seconds": round(seconds, 4),
     }
+    if damaged:
+        found["damaged"] = damaged
+    return found
 
 
 def failed(rec: dict | None) -> bool:
@@ -99,6 +106,13 @@ def failed(rec: dict | None) -> bool:
 
 def reason(rec: dict) -> str:
     """The full backup's reason after a failed canary."""
+    if rec.get("result") == "damaged":
+        return (
+            "the CBT canary read %d of %d sampled unchanged blocks differing from the "
+            "snapshot, and the previous point %s no longer matches its own checksums there "
+            "(%s): its image is damaged, not CBT; run xencbt verify"
+            % (rec["differed"], rec["blocks"], rec["base_point"], rec["damaged"])
+        )
     return (
         "the CBT canary found %d of %d sampled unchanged blocks differ from the previous "
         "point (CBT missed changes)" % (rec["differed"], rec["blocks"])
@@ -111,6 +125,11 @@ def describe(rec: dict | None) -> str:
         return "no canary (a full backup, or a point older than the canary)"
     if rec.get("result") == "off":
         return "canary off (--canary-blocks 0)"
+    if rec.get("result") == "damaged":
+        return "canary: the previous point %s was found damaged (%s)" % (
+            rec["base_point"],
+            rec["damaged"],
+        )
     if failed(rec):
         return (
             "CBT CANARY FAILED: %d of %d sampled unchanged blocks differed from point %s (seed %d)"
