@@ -4,7 +4,8 @@ Each incremental is what the orchestrator runs: captive nbdkit with the bitmap, 
 ``qemu-img convert -B full.qcow2`` writing only the changed blocks.  The full's time is
 figure 2's, from the same run.  An incremental with nothing changed measures the fixed
 start-up (Python, TLS handshake, qemu-img), reported on its own; the scaling targets are
-about the part that grows with changed bytes.
+about the part that grows with changed bytes.  The CBT canary's cost is measured on the
+1 % random incremental (canary.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import statistics
 from xencbt_cli.jobs import snapshot_copy
 from xencbt_core.cbt import BLOCK_SIZE, blocks_for, encode
 
+from . import canary
 from .context import Context
 from .figure import Figure
 from .procs import Upstream, timed
@@ -64,8 +66,10 @@ def scaling(ctx: Context) -> list[Figure]:
                 times.setdefault((pattern, pct), []).append(
                     timed(ctx.captive(params, run), ctx.log("incremental"))
                 )
+        # What the CBT canary adds to the 1 % random incremental (canary.py).
+        checked = canary.cost(ctx, info, base, changed_blocks(nblocks, 1.0, "random"))
     out.unlink(missing_ok=True)
-    return _figures(times, full, size)
+    return [*_figures(times, full, size), checked]
 
 
 def _figures(times: dict, full: list[float], size: int) -> list[Figure]:

@@ -185,6 +185,12 @@ def served(sim) -> int:
     return sum(c["bytes_served"] for c in sim.control.counters().values())
 
 
+def sampled(disks: list[dict]) -> int:
+    """The bytes the CBT canary of these disk points read from the host (its sample of
+    unchanged blocks: jobs/canary.py)."""
+    return sum((d.get("canary") or {}).get("bytes", 0) for d in disks)
+
+
 def disk_rows(listed: dict) -> list[dict]:
     """Every disk point of ``xencbt list --json`` (VMs > points > disks), one row each."""
     assert set(listed) >= {"repository", "vms"}, listed

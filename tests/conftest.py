@@ -101,9 +101,10 @@ class Simulator:
         return session
 
     @contextlib.contextmanager
-    def guest_disk(self, vdi_uuid: str) -> Iterator[str]:
+    def guest_disk(self, vdi_uuid: str, *options: str) -> Iterator[str]:
+        """``options``: e.g. ``--untracked`` (writes CBT does not record: a fault)."""
         proc = subprocess.Popen(
-            [*XENSIM, "guest-disk", "--state-dir", str(self.state_dir), vdi_uuid],
+            [*XENSIM, "guest-disk", "--state-dir", str(self.state_dir), *options, vdi_uuid],
             stdout=subprocess.PIPE,
             stderr=self.log,
             text=True,

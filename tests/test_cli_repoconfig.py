@@ -9,7 +9,7 @@ import stat
 import subprocess
 
 import pytest
-from cli_support import BLOCK, Vm, backup, rand, restored, served, xencbt
+from cli_support import BLOCK, Vm, backup, rand, restored, sampled, served, xencbt
 from qemu_images import compressed_clusters
 
 # Guest data that compresses (text) next to data that does not (random).
@@ -135,7 +135,7 @@ def test_zstd_incremental_of_a_grown_disk_reads_the_cut_cluster_whole(xensim_fac
     sim.control.reset_counters()
     disk = the_disk(backup(sim, repo, "demo-vm"))
     assert disk["type"] == "incremental" and disk["compression"] == "zstd"
-    assert served(sim) == 2 * BLOCK
+    assert served(sim) == 2 * BLOCK + sampled([disk])  # and the CBT canary's sample
     assert restored(sim, repo, tmp_path, vm.uuids[0]) == vm.models[0]
 
 
@@ -159,12 +159,13 @@ def test_zstd_backups_read_the_host_in_2_mib_requests_and_no_more(xensim_factory
     assert host_reads(sim) == size // (2 << 20), sim.control.counters()
     # An incremental: a run of 40 changed blocks (blocks 30-69: its part in each of the
     # 2 MiB windows it touches, 3) and two lone blocks: the host serves exactly the
-    # changed bytes, in 5 requests (without readahead: 42).
+    # changed bytes, in 5 requests (without readahead: 42), and the CBT canary's sample of
+    # unchanged blocks, one request each (never read ahead: no client reads past them).
     run = 30 * BLOCK
     vm.write(0, {run: rand(40 * BLOCK), 200 * BLOCK: rand(BLOCK), 300 * BLOCK: TEXT[:BLOCK]})
     sim.control.reset_counters()
     disk = the_disk(backup(sim, repo, "demo-vm"))
     assert disk["type"] == "incremental" and disk["changed_bytes"] == 42 * BLOCK
-    assert served(sim) == 42 * BLOCK
-    assert host_reads(sim) == 5, sim.control.counters()
+    assert served(sim) == 42 * BLOCK + sampled([disk])
+    assert host_reads(sim) == 5 + disk["canary"]["blocks"], sim.control.counters()
     assert restored(sim, repo, tmp_path, vm.uuids[0]) == vm.models[0]

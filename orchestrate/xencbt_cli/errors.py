@@ -18,6 +18,7 @@ AUTH = 6
 START_FAILED = 7  # restore-vm --start: the VM is restored whole but did not start
 SALVAGED = 8  # restore --salvage: the file is written, but ranges of it are damaged
 NOT_BOOTED = 9  # drill: the point restored, but its guest did not boot (or start)
+CBT_MISSED = 10  # backup: complete, but the CBT canary caught missed changes (fulls taken)
 HUNG_UP = 129  # 128 + the signal, as a shell reports it: SIGHUP
 INTERRUPTED = 130  # SIGINT (Ctrl-C)
 TERMINATED = 143  # SIGTERM

@@ -77,6 +77,8 @@ exit codes:
      was read is there, zeros where nothing could be read): distrust them
   9  drill: the point was restored but its guest did not boot within --timeout (or the
      VM did not start); the drill is recorded and everything it created destroyed
+ 10  backup: every VM was backed up, but the CBT canary caught changes CBT missed on a
+     disk, which was backed up in full instead (a failed VM's code wins over it)
 130 interrupted by Ctrl-C (SIGINT); 143 by SIGTERM, 129 by SIGHUP: either way the
     copies are stopped, the snapshot destroyed, partial files removed, locks released
 With --json, a failure also prints {"error": ..., "exit_code": ...} on stdout.

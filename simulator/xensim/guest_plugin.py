@@ -4,6 +4,10 @@ Loaded by nbdkit's embedded system Python, not imported as part of the package:
 ``nbdkit python guest_plugin.py simdir=… state_dir=… vdi=… ready_fd=N``. Every write,
 write-zeroes and trim happens under the VDI's lock and marks exactly the 64 KiB blocks it
 touches in the VDI's CBT log, so a snapshot never splits a write from its mark.
+
+``untracked=1`` is a fault, not xapi's behaviour: the writes land but no block is marked,
+a change tracker that lies (what a CBT bug looks like: xen-orchestra #3065, #8713), for
+the tests and drills of xencbt's CBT canary.
 """
 
 import builtins
@@ -120,7 +124,7 @@ class _changing:
         from xensim import cbtlog
 
         try:
-            if exc[0] is None:
+            if exc[0] is None and _config.get("untracked") != "1":
                 cbtlog.mark(_config["state_dir"], _config["vdi"], self.offset, self.length)
         finally:
             self._lock.__exit__(*exc)

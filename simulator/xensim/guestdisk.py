@@ -3,7 +3,8 @@
 Runs ``nbdkit`` with ``guest_plugin.py``; prints ``nbd+unix:///?socket=PATH`` as the first
 stdout line once nbdkit listens (it tells us through a pipe: no polling), then serves
 until SIGTERM/SIGINT. Works next to a running ``xensim serve`` on the same state dir:
-both take the VDI's file lock around every change.
+both take the VDI's file lock around every change.  ``--untracked`` is a fault for tests
+and drills: the guest's writes are not recorded in the VDI's CBT log (guest_plugin.py).
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ def default_socket(state_dir: Path, uuid: str) -> Path:
     return Path(tempfile.mkdtemp(prefix=TEMP_PREFIX)) / f"{uuid[:8]}.sock"
 
 
-def serve_guest_disk(state_dir: Path, uuid: str, socket_path: Path | None) -> int:
+def serve_guest_disk(
+    state_dir: Path, uuid: str, socket_path: Path | None, untracked: bool = False
+) -> int:
     check_vdi(state_dir, uuid)
     socket_path = (socket_path or default_socket(state_dir, uuid)).resolve()
     socket_path.parent.mkdir(parents=True, exist_ok=True)
@@ -71,6 +74,7 @@ def serve_guest_disk(state_dir: Path, uuid: str, socket_path: Path | None) -> in
         f"state_dir={state_dir}",
         f"vdi={uuid}",
         f"ready_fd={write_end}",
+        *(["untracked=1"] if untracked else []),
     ]
     log.info("running %s", shlex.join(argv))
     stop = threading.Event()

@@ -137,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     g = sub.add_parser("guest-disk", help="serve a live VDI read-write as its guest sees it")
     g.add_argument("--state-dir", type=Path, required=True)
     g.add_argument("--socket", type=Path, help="unix socket path (default: under DIR/guest)")
+    g.add_argument(
+        "--untracked",
+        action="store_true",
+        help="a fault for tests and drills: the writes are not recorded by CBT (a tracker "
+        "that lies, what a CBT bug looks like; xencbt backup's canary should catch it)",
+    )
     g.add_argument("vdi", metavar="VDI-UUID")
 
     f = sub.add_parser("fault", help="inject faults into a running simulator")
@@ -182,7 +188,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _guest_disk(args: argparse.Namespace) -> int:
     from .guestdisk import serve_guest_disk
 
-    return serve_guest_disk(args.state_dir.resolve(), args.vdi, args.socket)
+    return serve_guest_disk(args.state_dir.resolve(), args.vdi, args.socket, args.untracked)
 
 
 def _fault(args: argparse.Namespace) -> int:

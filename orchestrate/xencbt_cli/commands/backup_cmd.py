@@ -6,7 +6,7 @@ import argparse
 
 from .. import errors
 from ..errors import UsageError
-from ..jobs import cluster
+from ..jobs import canary, cluster
 from ..jobs.backup import Backup
 from ..jobs.cluster_task import BackupOptions
 from ..jobs.snapshot_copy import Copier
@@ -47,6 +47,15 @@ def add_parser(subparsers, parents: list) -> None:
         metavar="N",
         help="NBD connections per disk copy (1..16; 16 per host in total)",
     )
+    b.add_argument(
+        "--canary-blocks",
+        type=int,
+        default=canary.DEFAULT_BLOCKS,
+        metavar="N",
+        help="per incremental disk, check N random blocks CBT reports unchanged against "
+        "the snapshot; a mismatch takes a full instead, exit 10 (default %d; 0: off)"
+        % canary.DEFAULT_BLOCKS,
+    )
     b.add_argument("--wait", action="store_true", help="wait for a locked chain")
     b.add_argument(
         "--in-use-timeout",
@@ -68,6 +77,8 @@ def add_parser(subparsers, parents: list) -> None:
 def run(args: argparse.Namespace, conf: Settings) -> int:
     if not 1 <= args.connections <= 16:
         raise UsageError("--connections must be 1..16 (a host serves at most 16)")
+    if args.canary_blocks < 0:
+        raise UsageError("--canary-blocks must be 0 (off) or more")
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     if not 0 < args.retry_timeout < float("inf"):
@@ -88,7 +99,7 @@ def run(args: argparse.Namespace, conf: Settings) -> int:
         report.print_backup(results)
     failed = [r for r in results if not r.ok]
     if not failed:
-        return errors.OK
+        return errors.CBT_MISSED if any(map(report.canary_caught, results)) else errors.OK
     if len(failed) < len(results):
         return errors.PARTIAL
     codes = {r.exit_code for r in failed}
@@ -110,6 +121,7 @@ def in_process(args: argparse.Namespace, conf: Settings, repo, config) -> list:
             full=args.full,
             wait=args.wait,
             jobs=args.jobs,
+            canary_blocks=args.canary_blocks,
         )
         return job.run(args.vms)
 
@@ -122,6 +134,7 @@ def on_cluster(args: argparse.Namespace, conf: Settings, repo) -> list:
         connections=args.connections,
         retry_timeout=args.retry_timeout,
         in_use_timeout=args.in_use_timeout,
+        canary_blocks=args.canary_blocks,
     )
     conf.require_pool()
     conf.portable()  # refuses a password read from stdin: the workers cannot read it

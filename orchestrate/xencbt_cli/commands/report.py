@@ -7,6 +7,7 @@ import sys
 from dataclasses import asdict
 
 from ..errors import RepositoryError
+from ..jobs import canary
 from ..jobs.backup import VmResult
 from ..jobs.retention import Policy
 from ..repo import drills
@@ -220,6 +221,10 @@ def print_backup(results: list[VmResult]) -> None:
                     d["seconds"],
                 )
             )
+            if canary.failed(d.get("canary")):
+                print(
+                    "%-20s disk %-3s %s" % (res.vm, d["userdevice"], canary.describe(d["canary"]))
+                )
         if res.vtpm == FROM_LIVE_VM:
             # xapi copies no unique vTPM into a snapshot (xapi_vtpm.ml copy): xapi/vmconfig.py
             print(
@@ -227,5 +232,16 @@ def print_backup(results: list[VmResult]) -> None:
             )
 
 
+def canary_caught(res: VmResult) -> bool:
+    """Whether the CBT canary caught missed changes on a disk of the VM (a full was taken
+    instead of its incremental)."""
+    return any(canary.failed(d.get("canary")) for d in res.disks)
+
+
 def backup_json(results: list[VmResult]) -> dict:
-    return {"ok": all(r.ok for r in results), "vms": [asdict(r) for r in results]}
+    vms = [dict(asdict(r), cbt_missed_changes=canary_caught(r)) for r in results]
+    return {
+        "ok": all(r.ok for r in results),
+        "cbt_missed_changes": any(map(canary_caught, results)),
+        "vms": vms,
+    }

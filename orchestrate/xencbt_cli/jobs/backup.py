@@ -46,6 +46,7 @@ from ..repo.repository import Chain, Repository
 from ..repo.vmpoints import VmManifest, VmPoints
 from ..xapi import vmconfig
 from ..xapi.facade import NO_SNAPSHOT, SNAPSHOT_PREFIX, CleanupLagged, NoCbt, PoolApi, Vm, VmDisk
+from . import canary
 from .backup_disks import DiskBackup
 from .snapshot_copy import Copier, HostBudget
 
@@ -82,6 +83,7 @@ class Backup:
         wait: bool = False,
         jobs: int = 1,
         budget: HostBudget | None = None,
+        canary_blocks: int = canary.DEFAULT_BLOCKS,
     ):
         self.pool = pool
         self.repo = repo
@@ -90,7 +92,7 @@ class Backup:
         self.jobs = max(1, jobs)
         self.no_cbt: dict[str, NoCbt] = {}  # disk uuid -> why it has no CBT (this run)
         # Each disk's plan, the copy, each disk's digests and manifest (backup_disks.py).
-        self.disk_backup = DiskBackup(pool, repo, copier, say, full, self.no_cbt)
+        self.disk_backup = DiskBackup(pool, repo, copier, say, full, self.no_cbt, canary_blocks)
         if budget is not None:  # a cluster run's (jobs/cluster_budget.py)
             self.disk_backup.budget = budget
 
@@ -219,6 +221,8 @@ class Backup:
                         if w.disk.uuid not in self.no_cbt:  # no CBT log to keep: it goes
                             committed.add(m.snapshot_uuid)
                         result.disks.append(summary(m, prev))
+                        if canary.failed(m.canary):  # a full instead: said loudly
+                            self.warn(result, "disk %s: %s" % (m.userdevice, m.reason))
                 GROUP.check()
                 self.commit_vm_point(vm, config, result)
             except BaseException:

@@ -1,13 +1,20 @@
 """The disks of a VM backup (backup.py): whether each one's point is full or incremental
 and why (its plan), the copy of them all through one nbdkit, then each one's chunk
 digests (all for a full, only the changed chunks for an incremental: repo/digest.py), sums and
-manifest.  Until its manifest is written a failure removes the point's files."""
+manifest.  Until its manifest is written a failure removes the point's files.
+
+Every incremental is checked by the CBT canary (canary.py): a sample of the blocks CBT
+calls unchanged, read from the snapshot by the copy's nbdkit run, compared with the new
+image.  A disk whose sample differs is copied again, whole, from the same snapshot,
+before any disk's point is committed."""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
 import datetime
+import json
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +30,7 @@ from ..repo.manifest import Manifest
 from ..repo.repository import Chain, Repository
 from ..text import human
 from ..xapi.facade import NoCbt, PoolApi, Vm, VmDisk
+from . import canary
 from .snapshot_copy import ConnectionBudget, Copier, DiskCopy, HostBudget
 
 Say = Callable[[str], None]
@@ -37,6 +45,8 @@ class Plan:
     changed_bytes: int = 0
     bitmap: Bitmap | None = None  # what the copy reads: the chunks to rehash
     base_sums: bytes | None = None  # the base's recorded chunk digests, carried over
+    sample: canary.Sample | None = None  # the CBT canary's blocks (an incremental's)
+    canary: dict | None = None  # its outcome, for the manifest (canary.record)
 
 
 @dataclass
@@ -50,13 +60,25 @@ class Work:
     what: str
     started: str = ""
     copy_seconds: float = 0.0
+    sums: tuple[bytes, int] | None = None  # its digests, when the canary computed them
+    sums_seconds: float = 0.0  # ...and how long that took
 
-    def copy(self, point: str) -> DiskCopy:
+    def copy(self, point: str, private: Path | None = None) -> DiskCopy:
         # The export's name: its userdevice; the VDI uuid when that is not a plain number.
         export = self.snap.userdevice if self.snap.userdevice.isdigit() else self.snap.uuid
         base = self.chain.image_path(self.plan.base.point) if self.plan.base else None
         partial = self.chain.partial_path(point)
-        return DiskCopy(export, partial, base, size=self.snap.virtual_size)
+        sample = None
+        if self.plan.sample is not None and private is not None:
+            sample = self.sample_files(private)
+            self.plan.sample.write(sample[0])
+        return DiskCopy(export, partial, base, size=self.snap.virtual_size, canary=sample)
+
+    def sample_files(self, private: Path) -> tuple[Path, Path]:
+        """Where the canary's ranges and the snapshot's digests of them go (a private
+        directory outside the repository: nothing of it is kept)."""
+        name = self.disk.uuid
+        return private / (name + ".ranges"), private / (name + ".sums")
 
 
 def now_iso() -> str:
@@ -75,6 +97,7 @@ class DiskBackup:
         say: Say,
         full: bool,
         no_cbt: dict[str, NoCbt],
+        canary_blocks: int = canary.DEFAULT_BLOCKS,
     ):
         self.pool = pool
         self.repo = repo
@@ -84,6 +107,7 @@ class DiskBackup:
         self.budget: HostBudget = ConnectionBudget()
         self.no_cbt = no_cbt  # disk uuid -> why it has no CBT (the run's: Backup.enable_cbt)
         self.chunk = digest.chunk_size()
+        self.canary_blocks = canary_blocks  # per incremental disk; 0: no canary
 
     def plan(self, disk: VmDisk, snap: VmDisk, chain: Chain) -> Plan:
         prev = chain.latest()
@@ -157,14 +181,91 @@ class DiskBackup:
                 "%s: incremental since %s, %s changed"
                 % (what, plan.base.point, human(plan.changed_bytes))
             )
+            self.sample(plan, snap)
         else:
             self.say("%s: FULL backup: %s" % (what, plan.reason))
         return Work(disk, snap, chain, plan, what)
 
+    def sample(self, plan: Plan, snap: VmDisk) -> None:
+        """The canary's blocks for an incremental (drawn now, read during the copy)."""
+        assert plan.base is not None and plan.bitmap is not None
+        if not self.canary_blocks:
+            plan.canary = dict(canary.OFF)
+            return
+        old, new = plan.base.virtual_size, snap.virtual_size
+        plan.sample = canary.choose(plan.bitmap, old, new, self.canary_blocks)
+
     def copy(self, vm: Vm, snap_vm: str, work: list[Work], point: str) -> None:
-        """All disks of the VM snapshot through one nbdkit (one XAPI login); the
-        incremental ones since their base snapshot, the others whole (no base for them
-        in since=).  Each disk has its progress line."""
+        """All disks of the VM snapshot through one nbdkit (one XAPI login), each
+        incremental one checked by its canary; the disks CBT failed are copied again,
+        whole, from the same snapshot."""
+        with tempfile.TemporaryDirectory(prefix="xencbt-canary-") as private:
+            self.copy_disks(vm, snap_vm, work, point, Path(private))
+            caught = [w for w in work if self.canary_caught(vm, w, point, Path(private))]
+        for w in caught:
+            w.chain.partial_path(point).unlink(missing_ok=True)
+            w.plan = Plan(reason=canary.reason(w.plan.canary), canary=w.plan.canary)
+        if caught:
+            self.copy_disks(vm, snap_vm, caught, point)
+
+    def canary_caught(self, vm: Vm, w: Work, point: str, private: Path) -> bool:
+        """Whether the canary found the snapshot's sampled blocks different from what the
+        new image shows there (the previous point's content): CBT missed changes.  When
+        they match, the new point's digests are computed now, through the same qemu-nbd
+        (one open of the chain: with an encrypted one, each layer's key derivation)."""
+        if w.plan.sample is None or w.plan.base is None:
+            return False
+        read = json.loads(w.sample_files(private)[1].read_text())
+        partial = w.chain.partial_path(point)
+        with image.random_access(partial) as h:
+            t0 = time.monotonic()
+            differed = canary.differing(h, w.plan.sample, read["sums"])
+            t1 = time.monotonic()
+            seconds = read["seconds"] + t1 - t0  # the two reads of the sample
+            if not differed:
+                label = "%s disk %s" % (vm.name, w.disk.userdevice)
+                w.sums = self.content_sums(partial, w.plan, w.snap.virtual_size, label, h)
+                w.sums_seconds = time.monotonic() - t1
+        found = self.base_damage(w, differed) if differed else None
+        # Rot in the base explains the blocks of its damaged chunks; any other is CBT's.
+        damaged = found[0] if found and not found[1] else None
+        rec = canary.record(w.plan.sample, len(differed), seconds, w.plan.base.point, damaged)
+        w.plan.canary = rec
+        if canary.failed(rec):
+            self.say(
+                "%s: CBT MISSED CHANGES: %s; the incremental is dropped, a FULL backup of "
+                "the disk is taken now from the same snapshot" % (w.what, canary.reason(rec))
+            )
+        elif damaged:
+            self.say("%s: FULL backup now: %s" % (w.what, canary.reason(rec)))
+        return bool(differed)
+
+    def base_damage(self, w: Work, differed: list[tuple[int, int]]) -> tuple[str, int] | None:
+        """Where the previous point's image no longer matches its recorded checksums, in
+        the chunks holding the blocks the canary found different (bit rot in the
+        repository explains those, not CBT), and how many differing blocks lie in sound
+        chunks; None when no chunk is damaged.  Read only on a mismatch (a chunk each)."""
+        base, sums = w.plan.base, w.plan.base_sums
+        assert base is not None and sums is not None
+        chunks = sorted({offset // self.chunk for offset, _ in differed})
+        path = w.chain.image_path(base.point)
+        got, _ = digest.rehash(path, sums, chunks, base.virtual_size, self.chunk)
+        where = digest.first_difference(got, sums, base.virtual_size, self.chunk)
+        if where is None:
+            return None
+        bad = {
+            i
+            for i in chunks
+            if got[i * digest.SUM : (i + 1) * digest.SUM]
+            != sums[i * digest.SUM : (i + 1) * digest.SUM]
+        }
+        return digest.describe(where), sum(o // self.chunk not in bad for o, _ in differed)
+
+    def copy_disks(
+        self, vm: Vm, snap_vm: str, work: list[Work], point: str, private: Path | None = None
+    ) -> None:
+        """The disks through one nbdkit; the incremental ones since their base snapshot,
+        the others whole (no base for them in since=).  Each disk has its progress line."""
         started, t0 = now_iso(), time.monotonic()
         hosts = sorted({h for w in work for h in self.pool.nbd_hosts(w.snap.vdi_ref)})
         since = [w.plan.base.snapshot_uuid for w in work if w.plan.base]
@@ -174,29 +275,34 @@ class DiskBackup:
             for w in work:
                 label = "%s disk %s: copy" % (vm.name, w.disk.userdevice)
                 report = lines.enter_context(progress.percent(label, w.snap.virtual_size))
-                copies.append(dataclasses.replace(w.copy(point), report=report))
+                copies.append(dataclasses.replace(w.copy(point, private), report=report))
             self.copier.copy_vm(self.budget, hosts, uuid, copies, since)
         for w in work:
-            # The disks share one nbdkit run: each records the VM's copy time.
-            w.started, w.copy_seconds = started, time.monotonic() - t0
+            # The disks share one nbdkit run: each records the VM's copy time (a disk
+            # copied again after its canary, both copies).
+            w.started = w.started or started
+            w.copy_seconds += time.monotonic() - t0
 
     def finish(self, vm: Vm, w: Work, point: str) -> Manifest:
         t0 = time.monotonic()
         partial = w.chain.partial_path(point)
         label = "%s disk %s" % (vm.name, w.disk.userdevice)
-        sums, hashed = self.content_sums(partial, w.plan, w.snap.virtual_size, label)
+        sums, hashed = w.sums or self.content_sums(partial, w.plan, w.snap.virtual_size, label)
         final = w.chain.publish_image(point)
         manifest = self.manifest(vm, w.disk, w.snap, w.plan, point, sums, final, w.started)
         manifest.hashed_bytes = hashed
-        manifest.seconds = round(w.copy_seconds + time.monotonic() - t0, 3)
+        manifest.seconds = round(w.copy_seconds + w.sums_seconds + time.monotonic() - t0, 3)
         manifest.copy_seconds = round(w.copy_seconds, 3)
         manifest.ratio = manifest.compression_ratio()
         w.chain.commit(manifest, sums)
         return manifest
 
-    def content_sums(self, partial: Path, plan: Plan, size: int, label: str) -> tuple[bytes, int]:
+    def content_sums(
+        self, partial: Path, plan: Plan, size: int, label: str, h=None
+    ) -> tuple[bytes, int]:
         """The new point's chunk digests and how many bytes of its image that read: all of
-        it for a full (one pass), only the chunks the copy changed for an incremental."""
+        it for a full (one pass), only the chunks the copy changed for an incremental
+        (through ``h`` if given: the canary's handle on the image)."""
         if plan.base is None:
             with progress.task(label + ": digest", size) as advance:
                 sums, got = digest.image_sums(partial, self.chunk, advance)
@@ -207,7 +313,7 @@ class DiskBackup:
         chunks = digest.dirty(plan.bitmap, plan.base.virtual_size, size, self.chunk)
         reading = sum(digest.span(i, size, self.chunk)[1] for i in chunks)
         with progress.task(label + ": digest", reading) as advance:
-            return digest.rehash(partial, plan.base_sums, chunks, size, self.chunk, advance)
+            return digest.rehash(partial, plan.base_sums, chunks, size, self.chunk, advance, h)
 
     @contextlib.contextmanager
     def unpublished(self, chain: Chain, point: str, what: str, undone: list[str]):
@@ -249,6 +355,7 @@ class DiskBackup:
             changed_bytes=plan.changed_bytes if plan.base else snap.virtual_size,
             bytes_on_disk=layout.disk_usage(final),
             compression=self.copier.compression,
+            canary=plan.canary,
             started=started,
             finished=now_iso(),
         )

@@ -28,6 +28,7 @@ from ..repo.repository import Repository
 from ..repo.vmpoints import VmManifest, VmPoints
 from ..settings import Settings
 from ..xapi.facade import PoolApi
+from . import canary
 from .backup import Backup, VmResult, summary
 from .cluster_budget import ClusterBudget, running
 from .snapshot_copy import Copier
@@ -42,6 +43,7 @@ class BackupOptions:
     connections: int = 4
     retry_timeout: float = 60.0
     in_use_timeout: float = 30.0
+    canary_blocks: int = canary.DEFAULT_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ def backup_vm(task: VmTask) -> VmResult:
             full=opts.full,
             wait=opts.wait,
             budget=ClusterBudget(),
+            canary_blocks=opts.canary_blocks,
         )
         return job.one(task.vm)
 

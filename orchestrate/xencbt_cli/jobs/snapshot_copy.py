@@ -14,6 +14,7 @@ import contextlib
 import os
 import shlex
 import shutil
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -94,6 +95,7 @@ class DiskCopy:
     base: Path | None = None
     report: Path | None = None  # where its qemu-img -p goes (progress.percent)
     size: int = 0  # the snapshot's virtual size
+    canary: tuple[Path, Path] | None = None  # (ranges, digests): the CBT canary's sample
 
 
 class Copier:
@@ -166,6 +168,10 @@ class Copier:
                 run = "%s %s %s" % (shlex.join(convert), source, shlex.quote(name))
                 if disk.report is not None:
                     run += " >" + shlex.quote(str(disk.report))
+                if disk.canary is not None:
+                    # After the copy: its connections are then idle in the plugin's pool,
+                    # so the sample's reads open none (each would plug a VBD on the host).
+                    run += " && " + sampled(disk.canary, source)
                 runs.append(run)
             argv = [
                 "nbdkit",
@@ -178,6 +184,20 @@ class Copier:
                 " && ".join(runs),
             ]
             command.run(argv, passthrough=self.progress)
+
+
+def sampled(canary: tuple[Path, Path], source: str) -> str:
+    """The CBT canary's read of the export (jobs/canary.py): the digests of the sampled
+    ranges, while this nbdkit still serves the snapshot (no second login).  The reader
+    needs only the standard library and libnbd: ``python -S`` spares it the site's
+    start-up, half of its time; libnbd's directory is all it is given."""
+    import nbd
+
+    ranges, out = canary
+    reader = Path(__file__).resolve().parents[1] / "proc" / "blocksums.py"
+    argv = [sys.executable, "-S", str(reader), str(ranges), str(out)]
+    where = "PYTHONPATH=%s " % shlex.quote(os.path.dirname(os.path.abspath(nbd.__file__)))
+    return "%s%s %s" % (where, shlex.join(argv), source)
 
 
 def readahead_params(compression: str) -> list[str]:

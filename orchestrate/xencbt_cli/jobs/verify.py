@@ -28,6 +28,7 @@ from ..repo.manifest import Manifest, nearest
 from ..repo.repoconfig import RepoConfig
 from ..repo.repository import Chain, Repository
 from ..repo.vmpoints import all_vm_points
+from . import canary
 
 log = logging.getLogger(__name__)
 
@@ -127,8 +128,8 @@ class Report:
         self.failed_points = 0
         self.failed: set[tuple[str, str]] = set()  # (VDI uuid, point) that failed
 
-    def ok(self, chain: Chain, point: str) -> None:
-        self.say("ok     VDI %s point %s" % (chain.vdi_uuid, point))
+    def ok(self, chain: Chain, point: str, note: str = "") -> None:
+        self.say("ok     VDI %s point %s%s" % (chain.vdi_uuid, point, "  " + note if note else ""))
 
     def fail(self, chain: Chain, point: str, problem: str) -> None:
         self.failed.add((chain.vdi_uuid, point))
@@ -195,13 +196,19 @@ def check_chain(chain: Chain, config: RepoConfig | None, report: Report) -> None
             report.fail(chain, m.point, problem)
             bad.append(m.point)
         else:
-            report.ok(chain, m.point)
+            report.ok(chain, m.point, canary_note(m))
             good.append(m.point)
     if (bad or damaged) and not good:
         report.note(chain, "no point of this VDI is intact: take a full backup (--full)")
         return
     for point in [*bad, *damaged]:
         advise(chain, point, good, report)
+
+
+def canary_note(m: Manifest) -> str:
+    """What the point's CBT canary found (jobs/canary.py): for an incremental, and for a
+    full its failed canary caused; nothing for other fulls."""
+    return canary.describe(m.canary) if m.type == "incremental" or m.canary else ""
 
 
 def advise(chain: Chain, point: str, good: list[str], report: Report) -> None:

@@ -17,6 +17,7 @@ disk; they are still verified and restored against it (``Reading``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from collections.abc import Iterable
@@ -148,18 +149,19 @@ def image_sums(path: Path, chunk: int, advance=None) -> tuple[bytes, int]:
 
 
 def rehash(
-    path: Path, old: bytes, chunks: Iterable[int], size: int, chunk: int, advance=None
+    path: Path, old: bytes, chunks: Iterable[int], size: int, chunk: int, advance=None, h=None
 ) -> tuple[bytes, int]:
     """``old`` (digests of the previous point, extended or cut to the new size) with the
     given chunks rehashed from the image, and how many bytes that read: only those
-    ranges are read, through qemu-nbd and libnbd."""
+    ranges are read, through qemu-nbd and libnbd (``h``: a handle already open on
+    ``path``, image.random_access, as the CBT canary's)."""
     sums = bytearray(old[: count(size, chunk) * SUM])
     sums += bytes(count(size, chunk) * SUM - len(sums))
     chunks = list(chunks)
     read = 0
     if not chunks:
         return bytes(sums), read
-    with image.random_access(path) as h:
+    with contextlib.nullcontext(h) if h is not None else image.random_access(path) as h:
         for i in chunks:
             offset, length = span(i, size, chunk)
             digest = hashlib.sha256()

@@ -52,6 +52,9 @@ class Manifest:
     seconds: float = 0.0
     copy_seconds: float = 0.0
     history: list[str] = field(default_factory=list)  # e.g. what prune merged into it
+    # The CBT canary of an incremental, or of the full a failed one caused
+    # (jobs/canary.py); None: a full, or a point older than the canary.
+    canary: dict | None = None
     format: int = FORMAT
 
     def compression_ratio(self) -> float | None:
