@@ -35,9 +35,16 @@ def test_demo_backs_up_restores_and_cleans_up():
     assert len(commands) == 7, commands
     assert any(re.search(r" backup demo-vm --repo \S+$", c) for c in commands), commands
     assert any(" restore-vm --repo " in c for c in commands), commands
-    # Incrementals move kilobytes, the full moves the whole VM (84 MiB).
-    moved = re.findall(r"read from the host's NBD server: ([\d.]+ \w+)", out)
-    assert moved[0] == "84.0 MiB" and all(m.endswith("KiB") for m in moved[1:]), moved
+    # The full moves the whole VM (84 MiB); incrementals move kilobytes of changes, plus
+    # the CBT canary's sample of unchanged blocks (64 x 64 KiB per disk), said apart.
+    moved = re.findall(
+        r"read from the host's NBD server: ([\d.]+ \w+)(?: \(the changes ([\d.]+ \w+), "
+        r"the CBT canary's sample of unchanged blocks ([\d.]+ \w+)\))?$",
+        out,
+        re.M,
+    )
+    assert moved[0] == ("84.0 MiB", "", ""), moved
+    assert all(c.endswith("KiB") and s == "8.0 MiB" for _, c, s in moved[1:]), moved
     # It ends with a whole-VM restore shown next to the original: same VCPUs, memory,
     # vTPM and networks, its own disks and new MACs (the original is still there).
     rows = {
