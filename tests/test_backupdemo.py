@@ -44,7 +44,9 @@ def test_demo_backs_up_restores_and_cleans_up():
         re.M,
     )
     assert moved[0] == ("84.0 MiB", "", ""), moved
-    assert all(c.endswith("KiB") and s == "8.0 MiB" for _, c, s in moved[1:]), moved
+    # (at most 8 MiB: a sampled partial last block is read at its short length)
+    assert all(c.endswith(" KiB") for _, c, _ in moved[1:]), moved
+    assert all(s.endswith(" MiB") and 7 <= float(s.split()[0]) <= 8 for *_, s in moved[1:])
     # It ends with a whole-VM restore shown next to the original: same VCPUs, memory,
     # vTPM and networks, its own disks and new MACs (the original is still there).
     rows = {
