@@ -54,7 +54,7 @@ lint: deps
 
 # The suite waits far more than it computes, so it runs on more workers than cores
 # (pytest-xdist; tests/conftest.py keeps tests sharing a module fixture on one worker and
-# gives each worker its own slots, secret watch and temp dirs): about 25 min on 2 cores,
+# gives each worker its own slots, secret watch and temp dirs): about 17 min on 2 cores,
 # against over an hour in one process (JOBS=1).  Windows a test must hold open are held by events
 # (the product's test hook, xensim's read gate), not timers, so load does not move them.
 # The 20 slowest tests are printed at the end.
