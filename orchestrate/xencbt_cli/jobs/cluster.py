@@ -44,7 +44,7 @@ from .cluster_task import BackupOptions, VmTask, backup_vm, probe
 log = logging.getLogger(__name__)
 
 Say = Callable[[str], None]
-PROBE = ".cluster-probe.tmp"  # the token file (a temp name: repair removes a stray one)
+PROBE = ".cluster-probe.tmp"  # the token file; one a killed client left, the next run replaces
 TASK_PREFIX = "xencbt-backup-"
 LOST_AFTER = 10.0  # seconds without a scheduler before the run gives up
 CONNECT_TIMEOUT = "10s"
