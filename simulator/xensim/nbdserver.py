@@ -383,9 +383,16 @@ class NbdSession:
     def _send_data(self, data: bytes, limit: int | None) -> None:
         if limit is not None:
             data = data[: max(0, limit - self._sent)]
-        self._send(data)
-        self._sent += len(data)
+        # Counted before it goes out: a client that has its bytes must find them counted
+        # (a test reads the counters as soon as its pread returns). A send that fails
+        # takes them back.
         self._server.counters.served(len(data))
+        try:
+            self._send(data)
+        except BaseException:
+            self._server.counters.served(-len(data))
+            raise
+        self._sent += len(data)
         if limit is not None and self._sent >= limit:
             raise Disconnect(f"fault drop_after_bytes={limit}")
 
