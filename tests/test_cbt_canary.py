@@ -227,3 +227,23 @@ def test_the_sample_holds_only_old_unchanged_blocks(disk, n, seed, grows):
         assert offset % BLOCK == 0 and length == min(BLOCK, new - offset) and length > 0
         assert offset + length <= size  # each compared range had previous content
     assert canary.choose(bitmap, size, new, n, seed) == sample  # the seed replays it
+
+
+@pytest.mark.parametrize(
+    "copy, sample, ok",
+    [("true", "true", True), ("false", "true", False), ("true", "false", False)],
+)
+def test_the_sample_read_beside_the_copy_fails_if_either_fails(tmp_path, copy, sample, ok):
+    """The copy's nbdkit runs the disk's qemu-img and the sample's read side by side
+    (snapshot_copy.beside): the disk's step fails if either does, and waits for both."""
+    import subprocess
+
+    from xencbt_cli.jobs.snapshot_copy import beside
+
+    done, started = tmp_path / "copy-done", tmp_path / "sample-started"
+    # The copy ends only after the sample has started: the step must wait for it.
+    slow_copy = "until [ -e %s ]; do sleep 0.01; done; touch %s && %s" % (started, done, copy)
+    script = beside(slow_copy, "touch %s && %s" % (started, sample)) + " && echo next"
+    r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=30)
+    assert (r.returncode == 0) == ok and (r.stdout == "next\n") == ok
+    assert done.exists()  # the copy's end was waited for, whichever failed
