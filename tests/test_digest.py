@@ -9,6 +9,7 @@ import os
 import subprocess
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 from hypothesis import given, settings
@@ -271,3 +272,46 @@ def test_old_manifest_with_only_sha256_reads_and_becomes_a_base(tmp_path):
     wrong = digest.Reading(m, tmp_path / "none.sums")
     wrong.update(data)
     assert "recorded" in wrong.problem()
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.binary(min_size=0, max_size=5 * 4096),
+    st.integers(min_value=0, max_value=3 * 4096),
+    st.integers(min_value=1, max_value=3),
+)
+def test_file_sums_on_lanes_equal_the_streamed_chunk_digests(tmp_path_factory, data, hole, lanes):
+    """The restore's read-back hashes a raw file's chunks on threads (file_sums): the
+    same digests, in disk order, as one pass over the stream, holes read as zeros."""
+    path = tmp_path_factory.mktemp("sums") / "disk.raw"
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+        f.seek(hole, os.SEEK_CUR)  # a hole in the middle
+        f.write(data[len(data) // 2 :])
+    content = path.read_bytes()
+    chunk = 3 * 4096
+    hasher = digest.ChunkHasher(chunk)
+    hasher.update(content)
+    told: list[int] = []
+    with mock.patch.object(digest, "READ", 4096):  # several reads per chunk
+        got = digest.file_sums(path, chunk, told.append, lanes)
+    assert got == (hasher.finish(), len(content))
+    assert told == [len(content[i : i + chunk]) for i in range(0, len(content), chunk)]
+
+
+def test_beside_hashes_in_order_and_raises_the_hashers_error():
+    """digest.beside runs the hashing on its own thread, in the order fed; an error
+    there reaches the caller when the block ends, and nothing hangs."""
+    pieces = [os.urandom(n) for n in (1, 4096, 70000, 3, 1 << 20)]
+    whole = hashlib.sha256()
+    with digest.beside(whole.update, depth=2) as feed:
+        for piece in pieces:
+            feed(piece)
+    assert whole.digest() == hashlib.sha256(b"".join(pieces)).digest()
+
+    def broken(data: bytes) -> None:
+        raise OSError("the disk went away")
+
+    with pytest.raises(OSError, match="went away"), digest.beside(broken, depth=1) as feed:
+        for piece in pieces:
+            feed(piece)

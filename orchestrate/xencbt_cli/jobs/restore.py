@@ -121,7 +121,11 @@ def read_file(path: Path, fmt: str, reading: Reading, advance) -> None:
         advance(len(data))
 
     if fmt == "qcow2":
-        command.stream(image.reader(path), update)
+        with digest.beside(update) as hash_it:
+            command.stream(image.reader(path), hash_it)
+        return
+    if reading.chunked:
+        reading.hashed(*digest.file_sums(path, reading.m.chunk_size, advance))
         return
     with open(path, "rb") as f:
         while chunk := f.read(command.CHUNK):

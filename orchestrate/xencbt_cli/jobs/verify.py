@@ -99,8 +99,9 @@ def content_problem(chain: Chain, m: Manifest) -> str | None:
     reading = digest.Reading(m, chain.sums_path(m.point))
     label = "%s disk %s: verify %s" % (m.vm_name, m.userdevice, m.point)
     try:
-        with progress.task(label, m.virtual_size) as advance:
-            command.stream(image.reader(chain.image_path(m.point)), both(reading.update, advance))
+        task = progress.task(label, m.virtual_size)
+        with task as advance, digest.beside(reading.update) as hash_it:
+            command.stream(image.reader(chain.image_path(m.point)), both(hash_it, advance))
     except CliError as e:
         return "cannot read the image: %s" % e
     problem = reading.problem()
