@@ -16,7 +16,7 @@ from xencbt_core.errors import XencbtError
 
 from ..errors import CliError, Interrupted
 from ..proc import command, progress, testhook
-from ..repo.digest import Reading, beside
+from ..repo.digest import Reading
 from ..repo.image import random_access, reader
 from ..repo.repository import Repository
 from ..xapi.facade import PoolApi
@@ -71,10 +71,10 @@ def to_sr(
         reading = Reading(m, chain.sums_path(m.point))
         label = "%s disk %s: restore %s" % (m.vm_name, m.userdevice, m.point)
         with Upload(pool, ref, m.virtual_size, chunked=False) as upload:
-            with progress.task(label, m.virtual_size) as advance, beside(reading.update) as hash_it:
+            with progress.task(label, m.virtual_size) as advance:
 
                 def send(data: bytes) -> None:
-                    hash_it(data)  # on its own thread, while this one uploads
+                    reading.update(data)
                     upload.send(data)
                     advance(len(data))
 
