@@ -154,9 +154,11 @@ def image_sums(path: Path, chunk: int, advance=None) -> tuple[bytes, int]:
 @contextlib.contextmanager
 def beside(update: Callable[[bytes], None], depth: int = 8) -> Iterator[Callable[[bytes], None]]:
     """A feed for ``update`` that runs it on a thread of its own, in order: the caller
-    reads (and uploads) the next pieces while the previous ones are hashed, since hashlib
-    lets go of the GIL on large buffers.  At most ``depth`` pieces wait; the block ends
-    once all are hashed, and an error of ``update`` is raised there."""
+    reads the next pieces while the previous ones are hashed, since hashlib lets go of
+    the GIL on large buffers (verify, a qcow2 read-back).  Not where a Python server
+    shares the cores: restore --to-sr measured slower with it (bench figure 9).  At most
+    ``depth`` pieces wait; the block ends once all are hashed, and an error of
+    ``update`` is raised there."""
     pieces: queue.Queue = queue.Queue(depth)
     failed: list[BaseException] = []
 
