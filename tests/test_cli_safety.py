@@ -145,7 +145,7 @@ def test_missing_settings_are_usage_errors(xensim, tmp_path, missing, monkeypatc
 
 
 def test_password_from_stdin_serves_session_and_plugin(xensim, tmp_path):
-    """--password-file - is read once and handed to the plugin as a private 0600 file."""
+    """--password-file - is read once and handed to the plugin through a memfd (no file)."""
     from cli_support import XENCBT, cli_env
 
     env = {k: v for k, v in cli_env(xensim).items() if k != "XENCBT_PASSWORD_FILE"}

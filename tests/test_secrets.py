@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from cli_support import XENCBT, Vm, cli_env, rand
-from faultkit import argv, run, running, wait_until
+from faultkit import argv, running, wait_until
 from secretwatch import (
     EXEC_ENV,
     EXECWATCH,
@@ -143,24 +143,17 @@ def test_the_run_wide_watch_sees_the_real_processes_and_learns_the_sessions(
     tally("secret scans: self-tests", 1)
 
 
-def test_password_from_stdin_reaches_the_plugin_through_a_private_file(xensim, tmp_path):
-    """--password-file -: the plugin gets password=+FILE of a 0600 file in a 0700 dir that
-    is gone afterwards; never the password itself."""
+def test_password_from_stdin_reaches_the_plugin_through_a_memfd_and_no_file(xensim, tmp_path):
+    """--password-file -: the plugin gets password=+/proc/PID/fd/N, a memfd of the xencbt
+    process, never the password itself nor a file on disk; so a SIGKILL of xencbt alone
+    mid-copy leaves no copy of it in TMPDIR (a temp file would outlive it)."""
+    import psutil
+    from crash_support import kill
+
     tmp = Path(tempfile.mkdtemp())  # inside the run's watched TMPDIR (secretwatch.py)
     env = cli_env(xensim)
     env.pop("XENCBT_PASSWORD_FILE")
     env["TMPDIR"] = str(tmp)
-    seen: list[tuple[int, int]] = []
-
-    def private_files() -> bool:
-        try:
-            for d in tmp.iterdir():
-                for f in d.iterdir():
-                    seen.append((d.stat().st_mode & 0o777, f.stat().st_mode & 0o777))
-        except FileNotFoundError:
-            pass  # made or removed while we looked
-        return bool(seen)
-
     xensim.control.set_faults(read_latency=0.1)
     proc = subprocess.Popen(
         argv(xensim, "--password-file", "-", "backup", "demo-vm", "--repo", str(tmp_path / "r")),
@@ -169,25 +162,40 @@ def test_password_from_stdin_reaches_the_plugin_through_a_private_file(xensim, t
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # kill() waits for its session to empty
     )
+    given = "password=+/proc/%d/fd/" % proc.pid
+
+    def plugin_params() -> list[str]:
+        found = []
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            try:
+                found += [a for a in child.cmdline() if a.startswith("password=")]
+            except psutil.NoSuchProcess:
+                pass
+        return found
+
     try:
         proc.stdin.write(xensim.password + "\n")
-        proc.stdin.flush()  # one line is all it reads; communicate() closes stdin
-        wait_until(private_files, what="the private password file")
-        out, err = proc.communicate(timeout=180)
+        proc.stdin.flush()
+        wait_until(lambda: xensim.control.counters()["host0"]["reads"] > 0, what="the copy")
+        params = plugin_params()
+        assert params and all(p.startswith(given) for p in params), params
+        written = [p for p in tmp.rglob("*") if p.is_file()]
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    WATCH.output("xencbt --password-file - backup", out, err)
-    assert proc.returncode == 0, err
-    assert seen and all(d == 0o700 and f == 0o600 for d, f in seen), seen
-    assert not list(tmp.iterdir())  # removed when the run ended
-    tmp.rmdir()
-    assert run(xensim, "list", "--repo", str(tmp_path / "r")).returncode == 0
+        kill(proc) if proc.poll() is None else proc.communicate()
+    assert written == []
+    # Killed mid-copy: nothing of the password was left on disk.
+    assert not [p for p in tmp.rglob("*") if p.is_file()]
+    holding = [
+        p
+        for where in (tmp, tmp_path / "r")
+        for p in where.rglob("*")
+        if p.is_file() and xensim.password.encode() in p.read_bytes()
+    ]
+    assert holding == []
 
 
-# -- issue #18: the holes a sampler leaves, each closed -----------------------------------
 def test_every_exec_is_seen_even_a_5_ms_process(tmp_path):
     """40 processes living ~5 ms each with a secret in argv, run under execwatch.sh as
     the product is: the watch sees all 40 (sampling /proc every 75 ms saw none)."""

@@ -22,12 +22,11 @@ import contextlib
 import logging
 import os
 import stat
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from xencbt_core.secret import Secret, read_file, read_password, register, write_private
+from xencbt_core.secret import Secret, read_file, read_password, register
 from xencbt_core.xapi import ApiTrust, Session
 
 from .errors import UsageError
@@ -127,8 +126,10 @@ class Settings:
 
     @contextlib.contextmanager
     def plugin_password(self) -> Iterator[str]:
-        """The plugin's credential parameter: ``password=+FILE`` (a private temp copy if
-        read from stdin) or ``session=+FILE``."""
+        """The plugin's credential parameter: ``password=+FILE`` or ``session=+FILE``.
+        A password read from stdin goes to the plugin through a memfd of this process
+        (/proc/PID/fd/N, which only our own children may open, as repokey hands keys to
+        qemu): never a file on disk, so a SIGKILL leaves no copy behind."""
         if self.session_file:
             yield "session=+" + self.session_file
             return
@@ -136,10 +137,12 @@ class Settings:
             yield "password=+" + self.password_file
             return
         secret = self.password()
-        with tempfile.TemporaryDirectory(prefix="xencbt-") as tmp:
-            path = os.path.join(tmp, "password")
-            write_private(path, secret.reveal() + "\n")
-            yield "password=+" + path
+        fd = os.memfd_create("xencbt-password", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, (secret.reveal() + "\n").encode())
+            yield "password=+/proc/%d/fd/%d" % (os.getpid(), fd)
+        finally:
+            os.close(fd)
 
 
 def warn_if_exposed(path: str) -> None:

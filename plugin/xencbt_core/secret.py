@@ -8,7 +8,6 @@ behind code that never formats secrets in the first place.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import threading
 
@@ -94,10 +93,3 @@ def _ask(prompt: str) -> str:
         # Piped in (e.g. from a password manager): read one line, no echo to fight.
         return sys.stdin.readline().rstrip("\r\n")
     return getpass.getpass(prompt)
-
-
-def write_private(path: str, text: str) -> None:
-    """Create ``path`` with mode 0600 from the start (no window where it is readable)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
