@@ -315,3 +315,26 @@ def test_beside_hashes_in_order_and_raises_the_hashers_error():
     with pytest.raises(OSError, match="went away"), digest.beside(broken, depth=1) as feed:
         for piece in pieces:
             feed(piece)
+
+
+def test_file_sums_reads_no_chunk_that_is_all_hole(tmp_path):
+    """A restored thin disk is mostly holes: file_sums gives their chunks the digest of
+    zeros without reading them, and the same digests as a pass over the stream."""
+    chunk = 1 << 20
+    path = tmp_path / "thin.raw"
+    with open(path, "wb") as f:
+        f.truncate(6 * chunk + 4096)  # a short last chunk
+        for i in (1, 4):
+            f.seek(i * chunk + 8192)
+            f.write(os.urandom(4096))
+        f.seek(6 * chunk)
+        f.write(b"\1" * 10)
+    with open(path, "rb") as f:
+        if not digest.hole(f.fileno(), 0, chunk):
+            pytest.skip("this file system does not report holes (SEEK_DATA)")
+    hasher = digest.ChunkHasher(chunk)
+    hasher.update(path.read_bytes())
+    with mock.patch.object(digest.os, "pread", wraps=os.pread) as pread:
+        got = digest.file_sums(path, chunk)
+    assert got == (hasher.finish(), 6 * chunk + 4096)
+    assert sorted({call.args[2] // chunk for call in pread.call_args_list}) == [1, 4, 6]
