@@ -159,10 +159,7 @@ def tar_info(item: Item) -> tarfile.TarInfo:
 
 def write_tar(view: GuestView, items: list[Item], out) -> dict:
     done, skipped = 0, []
-    with (
-        tempfile.TemporaryDirectory(prefix="xencbt-tar-") as private,
-        tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar,
-    ):
+    with tarfile.open(fileobj=out, mode="w|", format=tarfile.PAX_FORMAT) as tar:
         for item in items:
             kind_ = item.row["type"]
             if kind_ not in ("file", "directory", "symlink"):
@@ -172,12 +169,14 @@ def write_tar(view: GuestView, items: list[Item], out) -> dict:
             if kind_ != "file":
                 tar.addfile(info)
                 continue
-            local = os.path.join(private, "f")
-            fetch(view, item, local)
-            info.size = os.path.getsize(local)
-            with open(local, "rb") as f:
+            # Without a name (O_TMPFILE, else unlinked at once): a SIGKILL leaves no
+            # copy of the guest's data behind.
+            with tempfile.TemporaryFile() as f:
+                # libguestfs writes the guest's file by name: /dev/fd/N opens ours.
+                fetch(view, item, "/dev/fd/%d" % f.fileno())
+                info.size = os.fstat(f.fileno()).st_size
+                f.seek(0)
                 tar.addfile(info, f)
-            os.unlink(local)
             done += 1
     return {"files": done, "skipped": skipped}
 
