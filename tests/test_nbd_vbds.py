@@ -163,3 +163,20 @@ def test_clean_up_lagging_past_the_timeout_warns_and_the_next_run_finishes_it(
     _, snaps, _, vbds = pool_state(vm.x)
     assert snaps == {second: "cbt_metadata"} and vbds == {}
     assert ledger(repo, vm) == {second}
+
+
+def test_upstream_connections_set_tcp_nodelay(xensim_factory):
+    """Each request and the export name go out in one send: Nagle only delayed the
+    export name behind the TLS Finished until the server's delayed ACK, 40 ms on every
+    connection (make bench figure 3: a 1 % incremental 0.48 -> 0.30 s)."""
+    import socket
+
+    sim = xensim_factory(disk_sizes="1M")
+    x = sim.session().xenapi
+    vm = x.VM.get_by_name_label("demo-vm")[0]
+    snap = x.VDI.snapshot(x.VBD.get_VDI(x.VM.get_VBDs(vm)[0]), {})
+    conn = connect(x, snap)
+    try:
+        assert conn.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+    finally:
+        conn.close()
