@@ -109,7 +109,7 @@ class Connection:
             sock = socket.create_connection((target.address, target.port), connect_timeout)
             # Each message goes out in one send, so Nagle only delays: the TLS Finished
             # and the export name right behind it waited for the server's delayed ACK,
-            # 40 ms per connection (qemu's and libnbd's clients set it too).
+            # 40 ms per connection (qemu's NBD client sets it too).
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             sock.settimeout(timeout)
         except OSError as e:
