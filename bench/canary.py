@@ -2,7 +2,8 @@
 to the 1 % random incremental, as a share of that incremental's time.
 
 Timed as the backup runs it: the copy's nbdkit runs the disk's qemu-img and the read of
-the sampled blocks of the snapshot side by side (``snapshot_copy.beside``), so the
+the sampled blocks of the snapshot side by side (``snapshot_copy.beside``; a thread of this
+process reads them, as one of xencbt does: proc/sampler.py), so the
 sample's part is the difference between that and the bare qemu-img, paired in each
 repetition (their order alternates, so neither always runs on a warmer cache).  The read
 of the same blocks of the new image through qemu-nbd (``canary.differing``) is added; its
@@ -13,6 +14,7 @@ REPS repetitions: the difference is a few hundredths of a second.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shlex
 import statistics
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 from xencbt_cli.jobs import canary, snapshot_copy
+from xencbt_cli.proc.sampler import Sampler
 from xencbt_cli.repo import image
 from xencbt_core.cbt import Bitmap, blocks_for, encode
 
@@ -27,7 +30,7 @@ from .context import Context
 from .figure import Figure
 from .procs import timed
 
-REPS = 11
+REPS = 21
 
 
 def cost(ctx: Context, info: Path, base: Path, blocks: list[int]) -> Figure:
@@ -41,15 +44,18 @@ def cost(ctx: Context, info: Path, base: Path, blocks: list[int]) -> Figure:
     out = ctx.work / "canary-incr.qcow2"
     options = snapshot_copy.convert_options(base, ctx.connections)
     plain = shlex.join(["qemu-img", "convert", "-f", "raw", *options]) + ' "$uri" ' + str(out)
-    # As the backup runs it: beside the copy, in the same nbdkit.
-    checked = snapshot_copy.beside(plain, snapshot_copy.sampled((ranges, sums), '"$uri"'))
     params = [*ctx.plugin_params(info), "changed=+%s" % bitmap]
     plains, checks, parts = [], [], []
     for rep in range(max(ctx.reps, REPS)):
-        pair = [(plain, plains), (checked, checks)]
-        for script, times in pair if rep % 2 else reversed(pair):
+        # As the backup runs it: beside the copy, in the same nbdkit, read by a thread
+        # of this process (the backup's: xencbt's).
+        sampler = Sampler()
+        checked = snapshot_copy.beside(plain, sampler.ask("", ranges, sums))
+        pair = [(plain, plains, None), (checked, checks, sampler)]
+        for script, times, serving in pair if rep % 2 else reversed(pair):
             out.unlink(missing_ok=True)
-            times.append(timed(ctx.captive(params, script), ctx.log("canary")))
+            with serving.serving() if serving else contextlib.nullcontext(()) as fds:
+                times.append(timed(ctx.captive(params, script), ctx.log("canary"), fds=fds))
         read = json.loads(sums.read_text())
         t0 = time.monotonic()
         with image.random_access(out) as h:

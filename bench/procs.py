@@ -63,12 +63,20 @@ def server(argv: Sequence[str], pidfile: Path, log: Path) -> Iterator[subprocess
             proc.wait()
 
 
-def timed(argv: Sequence[str], log: Path, env: dict | None = None) -> float:
-    """Wall seconds of one run of ``argv``; a failure raises with the tail of its output."""
+def timed(
+    argv: Sequence[str], log: Path, env: dict | None = None, fds: Sequence[int] = ()
+) -> float:
+    """Wall seconds of one run of ``argv``; a failure raises with the tail of its output.
+    ``fds``: descriptors it inherits."""
     t0 = time.monotonic()
     with open(log, "ab") as out:
         code = subprocess.call(
-            [str(a) for a in argv], stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env
+            [str(a) for a in argv],
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=out,
+            env=env,
+            pass_fds=tuple(fds),
         )
     seconds = time.monotonic() - t0
     if code != 0:

@@ -3,7 +3,7 @@
 An incremental copies only the blocks CBT reports changed; a block the tracker missed
 silently keeps the previous point's content.  So on every incremental a random sample of
 the 64 KiB blocks CBT reports *unchanged* is read from the new snapshot (through the
-copy's own nbdkit: proc/blocksums.py) and compared with the new image at the same
+copy's own nbdkit, by proc/sampler.py) and compared with the new image at the same
 offsets, which shows the previous point's content there through its backing chain.
 Any difference means CBT missed changes: backup_disks.py then takes a full of that disk
 in the same run, from the same snapshot.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap, blocks_for
 
-from ..proc import blocksums
+from ..proc import sampler
 
 DEFAULT_BLOCKS = 64
 OFF = {"result": "off"}  # --canary-blocks 0: the manifest says so
@@ -75,7 +75,7 @@ def differing(h, sample: Sample, snapshot_sums: list[str]) -> list[tuple[int, in
     them; ``h``: the image (its chain, with its key) opened by image.random_access."""
     if len(snapshot_sums) != len(sample.ranges):
         raise ValueError("the snapshot's sample has %d digests" % len(snapshot_sums))
-    got = blocksums.digests(h, sample.ranges, depth=16)
+    got = sampler.digests(h, sample.ranges, depth=16)
     return [r for r, a, b in zip(sample.ranges, got, snapshot_sums) if a != b]
 
 

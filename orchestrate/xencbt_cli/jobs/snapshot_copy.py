@@ -14,7 +14,6 @@ import contextlib
 import os
 import shlex
 import shutil
-import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -24,6 +23,7 @@ from typing import Protocol
 
 from ..errors import CliError
 from ..proc import command, qemu_img
+from ..proc.sampler import Sampler
 from ..repo import image
 from ..settings import Settings
 
@@ -152,7 +152,7 @@ class Copier:
         # Encrypted repository: the images are created first, then written into.
         targets = [image.target(disk.out, disk.size, disk.base) for disk in disks]
         with budget.take(self.connections, hosts) as n:
-            runs = []
+            runs, sampler = [], Sampler()
             for disk, into in zip(disks, targets):
                 counted = self.progress or disk.report is not None
                 convert = [
@@ -169,7 +169,7 @@ class Copier:
                 if disk.report is not None:
                     run += " >" + shlex.quote(str(disk.report))
                 if disk.canary is not None:
-                    run = beside(run, sampled(disk.canary, source))
+                    run = beside(run, sampler.ask(disk.export, *disk.canary))
                 runs.append(run)
             argv = [
                 "nbdkit",
@@ -181,30 +181,18 @@ class Copier:
                 # Nothing is left running if xencbt dies: the group's guard (proc/children.py).
                 " && ".join(runs),
             ]
-            command.run(argv, passthrough=self.progress)
+            with sampler.serving() as fds:
+                command.run(argv, passthrough=self.progress, pass_fds=fds)
 
 
 def beside(copy: str, sample: str) -> str:
-    """The disk's copy and the CBT canary's sample read at the same time: the sample's
-    Python start-up and its 64 round trips then hide behind the copy's (bench figure 3:
-    after the copy they added 9 % to a 1 % incremental).  Both go through the plugin's
-    pool of ``connections``, which opens no more for them (each would plug a VBD on the
-    host): the sample's reads wait their turn among the copy's.  Fails if either fails."""
+    """The disk's copy and the CBT canary's sample read at the same time (a thread of
+    xencbt reads it: proc/sampler.py): its 64 round trips then hide behind the copy's
+    (bench figure 3: after the copy they added 9 % to a 1 % incremental).  Both go
+    through the plugin's pool of ``connections``, which opens no more for them (each
+    would plug a VBD on the host): the sample's reads wait their turn among the copy's.
+    Fails if either fails."""
     return "{ { %s; } & } && { %s; s=$?; wait $! && [ $s -eq 0 ]; }" % (copy, sample)
-
-
-def sampled(canary: tuple[Path, Path], source: str) -> str:
-    """The CBT canary's read of the export (jobs/canary.py): the digests of the sampled
-    ranges, while this nbdkit still serves the snapshot (no second login).  The reader
-    needs only the standard library and libnbd: ``python -S`` spares it the site's
-    start-up, half of its time; libnbd's directory is all it is given."""
-    import nbd
-
-    ranges, out = canary
-    reader = Path(__file__).resolve().parents[1] / "proc" / "blocksums.py"
-    argv = [sys.executable, "-S", str(reader), str(ranges), str(out)]
-    where = "PYTHONPATH=%s " % shlex.quote(os.path.dirname(os.path.abspath(nbd.__file__)))
-    return "%s%s %s" % (where, shlex.join(argv), source)
 
 
 def readahead_params(compression: str) -> list[str]:

@@ -73,18 +73,20 @@ def shown(argv: Sequence[str]) -> str:
     return scrub(shlex.join(str(a) for a in argv))
 
 
-def run(argv: Sequence[str], *, passthrough: bool = False) -> str:
+def run(argv: Sequence[str], *, passthrough: bool = False, pass_fds: Sequence[int] = ()) -> str:
     """Run ``argv``; return its stdout (text).  Raise CommandFailed naming it on failure.
 
     ``passthrough``: the command talks to the user's terminal (progress): its output goes
     to our stderr, never to stdout, which belongs to --json.  Its stderr is kept either
     way: errors are summed up in one line, an interrupted run's never shown.
+    ``pass_fds``: descriptors it inherits (proc/sampler.py's pipes).
     """
     proc = start(
         argv,
         stdout=sys.stderr if passthrough else subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        pass_fds=tuple(pass_fds),
     )
     with proc:
         out, err = proc.communicate()

@@ -1,0 +1,128 @@
+"""The CBT canary's read of the snapshot (jobs/canary.py), on a thread of xencbt itself.
+
+The copy's nbdkit serves the snapshot only while its ``--run`` script runs, and only that
+script knows the socket (``$unixsocket``).  So the script asks: beside a disk's copy it
+writes ``N SOCKET`` to a pipe this process reads, then waits for the answer line on a
+second pipe.  A thread here reads disk N's sampled ranges through libnbd, writes their
+sha256 to the disk's OUT file and answers ``ok``, or the reason it failed.
+
+Until 2026-12 each disk's sample was read by a ``python -S`` process of its own: its
+start-up alone, 20 ms of CPU, was most of the canary's cost (bench figure 3).
+
+Neither side waits for a dead one: the request pipe's write end is passed to nbdkit only
+(inherited by its script and clients), so the thread reads EOF once they are gone; the
+answer pipe's write end stays here, so the script reads EOF if xencbt dies.  The script
+opens both as ``/dev/fd/N``: dash redirects only single-digit descriptors.
+Only digests leave the thread, never the guest's data.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from xencbt_core.secret import scrub
+
+Ranges = Sequence[Sequence[int]]
+
+
+def digests(h, ranges: Ranges, depth: int = 1) -> list[str]:
+    """The sha256 of each (offset, length) read through the libnbd handle ``h``, in the
+    order given, ``depth`` reads in flight (aio).  The snapshot is read one request at
+    a time: more would make the plugin open more upstream connections, each a VBD the
+    host plugs, and wait for them (budget.py); a local qemu-nbd takes 16 at once."""
+    import nbd
+
+    found: list[str] = [""] * len(ranges)
+    todo = list(enumerate(ranges))
+    flying: dict[int, tuple[int, nbd.Buffer]] = {}
+    while todo or flying:
+        while todo and len(flying) < depth:
+            i, (offset, length) = todo.pop()
+            buf = nbd.Buffer(length)
+            flying[h.aio_pread(buf, offset)] = (i, buf)
+        h.poll(-1)
+        for cookie in [c for c in flying if h.aio_command_completed(c)]:
+            i, buf = flying.pop(cookie)
+            found[i] = hashlib.sha256(buf.to_bytearray()).hexdigest()
+    return found
+
+
+class Sampler:
+    """Reads each disk's sample when the copy's script asks (``ask``), while ``serving``."""
+
+    def __init__(self) -> None:
+        self._jobs: list[tuple[str, Path, Path]] = []  # (export, ranges, out) by N
+        self._requests: tuple[int, int] | None = None  # (read, write) ends
+        self._answers: tuple[int, int] | None = None
+
+    def ask(self, export: str, ranges: Path, out: Path) -> str:
+        """The shell command, for the copy's ``--run`` script, that has ``export``'s
+        ``ranges`` (a JSON list of [offset, length]) read and their digests written to
+        ``out`` as {"sums": [hex, …], "seconds": t}; it fails if the read failed."""
+        if self._requests is None:
+            self._requests, self._answers = os.pipe(), os.pipe()
+        assert self._answers is not None
+        self._jobs.append((export, ranges, out))
+        return (
+            "printf '%%s %%s\\n' %d \"$unixsocket\" >/dev/fd/%d && "
+            '{ read -r r </dev/fd/%d; [ "$r" = ok ] || '
+            "{ echo \"xencbt: error: the CBT canary's read of the snapshot failed: "
+            '${r:-xencbt went away}" >&2; false; }; }'
+            % (len(self._jobs) - 1, self._requests[1], self._answers[0])
+        )
+
+    @contextlib.contextmanager
+    def serving(self) -> Iterator[tuple[int, ...]]:
+        """Answer the script while the body runs it; yields the descriptors its nbdkit
+        must be given (``pass_fds``), none if nothing was asked."""
+        if self._requests is None or self._answers is None:
+            yield ()
+            return
+        (r_req, w_req), (r_ans, w_ans) = self._requests, self._answers
+        thread = threading.Thread(target=self._serve, args=(r_req, w_ans), daemon=True)
+        thread.start()
+        try:
+            yield (w_req, r_ans)
+        finally:
+            # The child has them (or never started): the thread sees EOF once it is gone.
+            os.close(w_req)
+            os.close(r_ans)
+            thread.join()
+            os.close(r_req)
+            os.close(w_ans)
+            self._requests = self._answers = None
+
+    def _serve(self, requests: int, answers: int) -> None:
+        with open(requests, "rb", buffering=0, closefd=False) as asked:
+            for line in asked:
+                n, _, socket = line.decode().rstrip("\n").partition(" ")
+                answer = self._read(int(n), socket)
+                with contextlib.suppress(BrokenPipeError):  # the script was stopped
+                    os.write(answers, (answer + "\n").encode())
+
+    def _read(self, n: int, socket: str) -> str:
+        import nbd
+
+        export, ranges_path, out = self._jobs[n]
+        try:
+            ranges = json.loads(ranges_path.read_text())
+            t0 = time.monotonic()
+            h = nbd.NBD()
+            h.set_export_name(export)
+            h.connect_unix(socket)
+            try:
+                sums = digests(h, ranges)
+            finally:
+                h.shutdown()
+            seconds = round(time.monotonic() - t0, 4)
+            out.write_text(json.dumps({"sums": sums, "seconds": seconds}))
+        except Exception as e:  # told to the script: its nbdkit's stderr says why
+            return " ".join(scrub(str(e) or type(e).__name__).split())
+        return "ok"
