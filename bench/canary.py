@@ -15,14 +15,13 @@ REPS repetitions: the difference is a few hundredths of a second.
 from __future__ import annotations
 
 import contextlib
-import json
 import shlex
 import statistics
 import time
 from pathlib import Path
 
 from xencbt_cli.jobs import canary, snapshot_copy
-from xencbt_cli.proc.sampler import Sampler
+from xencbt_cli.proc.sampler import Sampler, SampleRead
 from xencbt_cli.repo import image
 from xencbt_core.cbt import Bitmap, blocks_for, encode
 
@@ -39,8 +38,6 @@ def cost(ctx: Context, info: Path, base: Path, blocks: list[int]) -> Figure:
     bitmap = ctx.work / "canary-changed.b64"
     bitmap.write_text(changed)
     sample = canary.choose(Bitmap.from_base64(changed, size), size, size, canary.DEFAULT_BLOCKS)
-    ranges, sums = (ctx.work / n for n in ("canary.ranges", "canary.sums"))
-    sample.write(ranges)
     out = ctx.work / "canary-incr.qcow2"
     options = snapshot_copy.convert_options(base, ctx.connections)
     plain = shlex.join(["qemu-img", "convert", "-f", "raw", *options]) + ' "$uri" ' + str(out)
@@ -49,19 +46,19 @@ def cost(ctx: Context, info: Path, base: Path, blocks: list[int]) -> Figure:
     for rep in range(max(ctx.reps, REPS)):
         # As the backup runs it: beside the copy, in the same nbdkit, read by a thread
         # of this process (the backup's: xencbt's).
-        sampler = Sampler()
-        checked = snapshot_copy.beside(plain, sampler.ask("", ranges, sums))
+        sampler, read = Sampler(), SampleRead(sample.ranges)
+        checked = snapshot_copy.beside(plain, sampler.ask("", read))
         pair = [(plain, plains, None), (checked, checks, sampler)]
         for script, times, serving in pair if rep % 2 else reversed(pair):
             out.unlink(missing_ok=True)
             with serving.serving() if serving else contextlib.nullcontext(()) as fds:
                 times.append(timed(ctx.captive(params, script), ctx.log("canary"), fds=fds))
-        read = json.loads(sums.read_text())
+        assert read.sums is not None  # the script checked it was read
         t0 = time.monotonic()
         with image.random_access(out) as h:
             opened = time.monotonic()
-            differed = canary.differing(h, sample, read["sums"])
-            parts.append((read["seconds"], time.monotonic() - opened, opened - t0))
+            differed = canary.differing(h, sample, read.sums)
+            parts.append((read.seconds, time.monotonic() - opened, opened - t0))
         if differed:
             raise RuntimeError("the canary found %d differing blocks on honest data" % differed)
     out.unlink(missing_ok=True)

@@ -249,17 +249,15 @@ def test_the_sample_read_beside_the_copy_fails_if_either_fails(tmp_path, copy, s
     assert done.exists()  # the copy's end was waited for, whichever failed
 
 
-def sampled_by_nbdkit(tmp_path, ranges, plugin=("pattern", "1M")):
+def sampled_by_nbdkit(ranges, plugin=("pattern", "1M")):
     """nbdkit serving ``plugin`` runs the canary's read of ``ranges`` as the copy's
-    script does, answered by a Sampler of this process; (exit code, stderr, out)."""
+    script does, answered by a Sampler of this process; (exit code, stderr, digests)."""
     import subprocess
 
-    from xencbt_cli.proc.sampler import Sampler
+    from xencbt_cli.proc.sampler import Sampler, SampleRead
 
-    ranges_path, out = tmp_path / "ranges", tmp_path / "sums"
-    ranges_path.write_text(json.dumps(ranges))
-    sampler = Sampler()
-    script = sampler.ask("", ranges_path, out)
+    sampler, reading = Sampler(), SampleRead(ranges)
+    script = sampler.ask("", reading)
     with sampler.serving() as fds:  # returns only once the thread has ended
         r = subprocess.run(
             ["nbdkit", "-U", "-", *plugin, "--run", script],
@@ -268,16 +266,16 @@ def sampled_by_nbdkit(tmp_path, ranges, plugin=("pattern", "1M")):
             pass_fds=fds,
             timeout=60,
         )
-    return r.returncode, r.stderr, out
+    return r.returncode, r.stderr, reading.sums
 
 
-def test_the_sampler_thread_reads_the_sample_through_the_copys_nbdkit(tmp_path):
+def test_the_sampler_thread_reads_the_sample_through_the_copys_nbdkit():
     """The digests come from the export the script names: nbdkit's pattern plugin holds
     each 8-byte offset big-endian, so every range's content is known."""
     import hashlib
 
-    ranges = [[0, BLOCK], [5 * BLOCK, BLOCK], [15 * BLOCK + 512, 1000]]
-    code, err, out = sampled_by_nbdkit(tmp_path, ranges)
+    ranges = [(0, BLOCK), (5 * BLOCK, BLOCK), (15 * BLOCK + 512, 1000)]
+    code, err, sums = sampled_by_nbdkit(ranges)
     assert code == 0, err
 
     def pattern(offset, length):
@@ -286,16 +284,16 @@ def test_the_sampler_thread_reads_the_sample_through_the_copys_nbdkit(tmp_path):
         return data[offset - first : offset - first + length]
 
     want = [hashlib.sha256(pattern(o, n)).hexdigest() for o, n in ranges]
-    assert json.loads(out.read_text())["sums"] == want
+    assert sums == want
 
 
-def test_a_failed_sample_read_fails_the_step_and_says_why(tmp_path):
-    code, err, out = sampled_by_nbdkit(tmp_path, [[0, BLOCK], [2 << 20, BLOCK]])
-    assert code != 0 and not out.exists()
+def test_a_failed_sample_read_fails_the_step_and_says_why():
+    code, err, sums = sampled_by_nbdkit([(0, BLOCK), (2 << 20, BLOCK)])
+    assert code != 0 and sums is None
     assert "the CBT canary's read of the snapshot failed:" in err, err
 
 
-def test_the_sampler_ends_when_nbdkit_never_runs_the_script(tmp_path):
+def test_the_sampler_ends_when_nbdkit_never_runs_the_script():
     """nbdkit refusing its parameters never asks: serving() still returns (EOF)."""
-    code, err, out = sampled_by_nbdkit(tmp_path, [[0, BLOCK]], ("pattern", "size=nonsense"))
-    assert code != 0 and not out.exists()
+    code, err, sums = sampled_by_nbdkit([(0, BLOCK)], ("pattern", "size=nonsense"))
+    assert code != 0 and sums is None

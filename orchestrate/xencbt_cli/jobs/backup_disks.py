@@ -13,8 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
-import json
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ from xencbt_core.errors import ConfigError
 
 from ..errors import CliError, RepositoryFull, out_of_space
 from ..proc import progress, qemu_img
+from ..proc.sampler import SampleRead
 from ..repo import digest, image, layout
 from ..repo.manifest import Manifest
 from ..repo.repository import Chain, Repository
@@ -62,23 +61,16 @@ class Work:
     copy_seconds: float = 0.0
     sums: tuple[bytes, int] | None = None  # its digests, when the canary computed them
     sums_seconds: float = 0.0  # ...and how long that took
+    reading: SampleRead | None = None  # the canary's read of the snapshot, once copied
 
-    def copy(self, point: str, private: Path | None = None) -> DiskCopy:
+    def copy(self, point: str) -> DiskCopy:
         # The export's name: its userdevice; the VDI uuid when that is not a plain number.
         export = self.snap.userdevice if self.snap.userdevice.isdigit() else self.snap.uuid
         base = self.chain.image_path(self.plan.base.point) if self.plan.base else None
         partial = self.chain.partial_path(point)
-        sample = None
-        if self.plan.sample is not None and private is not None:
-            sample = self.sample_files(private)
-            self.plan.sample.write(sample[0])
-        return DiskCopy(export, partial, base, size=self.snap.virtual_size, canary=sample)
-
-    def sample_files(self, private: Path) -> tuple[Path, Path]:
-        """Where the canary's ranges and the snapshot's digests of them go (a private
-        directory outside the repository: nothing of it is kept)."""
-        name = self.disk.uuid
-        return private / (name + ".ranges"), private / (name + ".sums")
+        sample = self.plan.sample
+        self.reading = SampleRead(sample.ranges) if sample is not None else None
+        return DiskCopy(export, partial, base, size=self.snap.virtual_size, canary=self.reading)
 
 
 def now_iso() -> str:
@@ -199,29 +191,29 @@ class DiskBackup:
         """All disks of the VM snapshot through one nbdkit (one XAPI login), each
         incremental one checked by its canary; the disks CBT failed are copied again,
         whole, from the same snapshot."""
-        with tempfile.TemporaryDirectory(prefix="xencbt-canary-") as private:
-            self.copy_disks(vm, snap_vm, work, point, Path(private))
-            caught = [w for w in work if self.canary_caught(vm, w, point, Path(private))]
+        self.copy_disks(vm, snap_vm, work, point)
+        caught = [w for w in work if self.canary_caught(vm, w, point)]
         for w in caught:
             w.chain.partial_path(point).unlink(missing_ok=True)
             w.plan = Plan(reason=canary.reason(w.plan.canary), canary=w.plan.canary)
         if caught:
-            self.copy_disks(vm, snap_vm, caught, point)
+            self.copy_disks(vm, snap_vm, caught, point)  # no sample in their plans
 
-    def canary_caught(self, vm: Vm, w: Work, point: str, private: Path) -> bool:
+    def canary_caught(self, vm: Vm, w: Work, point: str) -> bool:
         """Whether the canary found the snapshot's sampled blocks different from what the
         new image shows there (the previous point's content): CBT missed changes.  When
         they match, the new point's digests are computed now, through the same qemu-nbd
         (one open of the chain: with an encrypted one, each layer's key derivation)."""
         if w.plan.sample is None or w.plan.base is None:
             return False
-        read = json.loads(w.sample_files(private)[1].read_text())
+        read = w.reading
+        assert read is not None and read.sums is not None  # the copy succeeded: it was read
         partial = w.chain.partial_path(point)
         with image.random_access(partial) as h:
             t0 = time.monotonic()
-            differed = canary.differing(h, w.plan.sample, read["sums"])
+            differed = canary.differing(h, w.plan.sample, read.sums)
             t1 = time.monotonic()
-            seconds = read["seconds"] + t1 - t0  # the two reads of the sample
+            seconds = read.seconds + t1 - t0  # the two reads of the sample
             if not differed:
                 label = "%s disk %s" % (vm.name, w.disk.userdevice)
                 w.sums = self.content_sums(partial, w.plan, w.snap.virtual_size, label, h)
@@ -261,11 +253,10 @@ class DiskBackup:
         }
         return digest.describe(where), sum(o // self.chunk not in bad for o, _ in differed)
 
-    def copy_disks(
-        self, vm: Vm, snap_vm: str, work: list[Work], point: str, private: Path | None = None
-    ) -> None:
+    def copy_disks(self, vm: Vm, snap_vm: str, work: list[Work], point: str) -> None:
         """The disks through one nbdkit; the incremental ones since their base snapshot,
-        the others whole (no base for them in since=).  Each disk has its progress line."""
+        the others whole (no base for them in since=).  Each disk has its progress line;
+        an incremental's canary sample is read beside its copy."""
         started, t0 = now_iso(), time.monotonic()
         hosts = sorted({h for w in work for h in self.pool.nbd_hosts(w.snap.vdi_ref)})
         since = [w.plan.base.snapshot_uuid for w in work if w.plan.base]
@@ -275,7 +266,7 @@ class DiskBackup:
             for w in work:
                 label = "%s disk %s: copy" % (vm.name, w.disk.userdevice)
                 report = lines.enter_context(progress.percent(label, w.snap.virtual_size))
-                copies.append(dataclasses.replace(w.copy(point, private), report=report))
+                copies.append(dataclasses.replace(w.copy(point), report=report))
             self.copier.copy_vm(self.budget, hosts, uuid, copies, since)
         for w in work:
             # The disks share one nbdkit run: each records the VM's copy time (a disk

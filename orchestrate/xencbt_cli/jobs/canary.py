@@ -20,11 +20,9 @@ one with probability 1 - C(U-k, n) / C(U, n), about 1 - (1 - k/U)^n (README).
 
 from __future__ import annotations
 
-import json
 import random
 import secrets
 from dataclasses import dataclass
-from pathlib import Path
 
 from xencbt_core.cbt import BLOCK_SIZE, Bitmap, blocks_for
 
@@ -42,9 +40,6 @@ class Sample:
     seed: int
     unchanged: int
     ranges: tuple[tuple[int, int], ...]
-
-    def write(self, path: Path) -> None:
-        path.write_text(json.dumps([list(r) for r in self.ranges]))
 
 
 def candidates(old_size: int, new_size: int) -> int:

@@ -23,7 +23,7 @@ from typing import Protocol
 
 from ..errors import CliError
 from ..proc import command, qemu_img
-from ..proc.sampler import Sampler
+from ..proc.sampler import Sampler, SampleRead
 from ..repo import image
 from ..settings import Settings
 
@@ -95,7 +95,7 @@ class DiskCopy:
     base: Path | None = None
     report: Path | None = None  # where its qemu-img -p goes (progress.percent)
     size: int = 0  # the snapshot's virtual size
-    canary: tuple[Path, Path] | None = None  # (ranges, digests): the CBT canary's sample
+    canary: SampleRead | None = None  # the CBT canary's sample, read beside the copy
 
 
 class Copier:
@@ -169,7 +169,7 @@ class Copier:
                 if disk.report is not None:
                     run += " >" + shlex.quote(str(disk.report))
                 if disk.canary is not None:
-                    run = beside(run, sampler.ask(disk.export, *disk.canary))
+                    run = beside(run, sampler.ask(disk.export, disk.canary))
                 runs.append(run)
             argv = [
                 "nbdkit",

@@ -3,8 +3,9 @@
 The copy's nbdkit serves the snapshot only while its ``--run`` script runs, and only that
 script knows the socket (``$unixsocket``).  So the script asks: beside a disk's copy it
 writes ``N SOCKET`` to a pipe this process reads, then waits for the answer line on a
-second pipe.  A thread here reads disk N's sampled ranges through libnbd, writes their
-sha256 to the disk's OUT file and answers ``ok``, or the reason it failed.
+second pipe.  A thread here reads disk N's sampled ranges through libnbd, keeps their
+sha256 (``SampleRead``) and answers ``ok``, or the reason it failed.  Nothing of it is
+written to a file.
 
 Until 2026-12 each disk's sample was read by a ``python -S`` process of its own: its
 start-up alone, 20 ms of CPU, was most of the canary's cost (bench figure 3).
@@ -20,12 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from pathlib import Path
+from dataclasses import dataclass
 
 from xencbt_core.secret import scrub
 
@@ -54,22 +54,30 @@ def digests(h, ranges: Ranges, depth: int = 1) -> list[str]:
     return found
 
 
+@dataclass
+class SampleRead:
+    """An export's sampled ranges (offset, length) and, once read, the sha256 of each."""
+
+    ranges: Sequence[tuple[int, int]]
+    sums: list[str] | None = None
+    seconds: float = 0.0  # how long the read took
+
+
 class Sampler:
     """Reads each disk's sample when the copy's script asks (``ask``), while ``serving``."""
 
     def __init__(self) -> None:
-        self._jobs: list[tuple[str, Path, Path]] = []  # (export, ranges, out) by N
+        self._jobs: list[tuple[str, SampleRead]] = []  # (export, reading) by N
         self._requests: tuple[int, int] | None = None  # (read, write) ends
         self._answers: tuple[int, int] | None = None
 
-    def ask(self, export: str, ranges: Path, out: Path) -> str:
-        """The shell command, for the copy's ``--run`` script, that has ``export``'s
-        ``ranges`` (a JSON list of [offset, length]) read and their digests written to
-        ``out`` as {"sums": [hex, …], "seconds": t}; it fails if the read failed."""
+    def ask(self, export: str, reading: SampleRead) -> str:
+        """The shell command, for the copy's ``--run`` script, that has ``reading``'s
+        ranges of ``export`` read (``reading.sums`` set); it fails if the read failed."""
         if self._requests is None:
             self._requests, self._answers = os.pipe(), os.pipe()
         assert self._answers is not None
-        self._jobs.append((export, ranges, out))
+        self._jobs.append((export, reading))
         return (
             "printf '%%s %%s\\n' %d \"$unixsocket\" >/dev/fd/%d && "
             '{ read -r r </dev/fd/%d; [ "$r" = ok ] || '
@@ -110,19 +118,17 @@ class Sampler:
     def _read(self, n: int, socket: str) -> str:
         import nbd
 
-        export, ranges_path, out = self._jobs[n]
+        export, reading = self._jobs[n]
         try:
-            ranges = json.loads(ranges_path.read_text())
             t0 = time.monotonic()
             h = nbd.NBD()
             h.set_export_name(export)
             h.connect_unix(socket)
             try:
-                sums = digests(h, ranges)
+                reading.sums = digests(h, reading.ranges)
             finally:
                 h.shutdown()
-            seconds = round(time.monotonic() - t0, 4)
-            out.write_text(json.dumps({"sums": sums, "seconds": seconds}))
+            reading.seconds = time.monotonic() - t0
         except Exception as e:  # told to the script: its nbdkit's stderr says why
             return " ".join(scrub(str(e) or type(e).__name__).split())
         return "ok"
