@@ -225,10 +225,12 @@ def test_sighup_ends_a_serve_as_sigterm_does(chain):
 
 
 def test_server_dies_with_a_killed_xencbt(chain):
+    """No orphaned qemu-nbd, and the private directory a SIGKILL left behind (its socket)
+    is removed by the next run that makes one (proc/scratch.py)."""
     sim, vm, repo, points = chain
     proc = xencbt(sim, "--json", "serve", "--repo", str(repo), vm.uuids[0], popen=True)
     try:
-        ready_line(proc)
+        info = ready_line(proc)
         [(child, _)] = children(proc.pid)
         proc.kill()
         proc.wait()
@@ -237,6 +239,12 @@ def test_server_dies_with_a_killed_xencbt(chain):
         if proc.poll() is None:
             proc.kill()
         proc.communicate()
+    private = Path(parse_qs(urlparse(info["uri"]).query)["socket"][0]).parent
+    assert private.is_dir()  # nothing of ours ran after the SIGKILL
+    with serving(sim, "--repo", str(repo), vm.uuids[0]) as (again, _):
+        mine = Path(parse_qs(urlparse(again["uri"]).query)["socket"][0]).parent
+        assert mine.is_dir() and not private.exists()
+    assert not mine.exists()
 
 
 def test_live_snapshot_served_through_the_plugin_then_destroyed(xensim_factory, tmp_path):

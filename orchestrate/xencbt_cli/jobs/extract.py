@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import posixpath
-import shutil
 import stat
 import sys
 import tarfile
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CliError, UsageError
+from ..proc.scratch import private_dir
 from .guest_view import DIRECTORY, GuestPath, GuestView, entry, listing, parse_path
 from .guestfs import GuestError
 
@@ -105,9 +105,9 @@ def to_dir(view: GuestView, items: list[Item], dest: Path, force: bool) -> dict:
     dest.mkdir(parents=True, exist_ok=True)
     root = Path(os.path.realpath(dest))
     replaced = check_dest(root, items, force)
-    staging = tempfile.mkdtemp(prefix=".xencbt-get-", dir=root)
     done, skipped, dirs = 0, [], []
-    try:
+    # On the destination's file system, so that each file arrives by rename.
+    with private_dir(".xencbt-get-", str(root)) as staging:
         for n, item in enumerate(items):
             row, final = item.row, root / item.rel if item.rel else root
             if row["type"] == "directory":
@@ -131,8 +131,6 @@ def to_dir(view: GuestView, items: list[Item], dest: Path, force: bool) -> dict:
             # after their contents, which change mtime; --to itself keeps its own
             os.chmod(final, int(row["mode"], 8) & KEEP_MODE)
             os.utime(final, ns=(row["atime_ns"], row["mtime_ns"]))
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return {
         "to": str(root),
         "files": done,

@@ -21,13 +21,13 @@ import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from ..errors import CliError
+from ..proc.scratch import private_dir
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ class Guest:
 
     @contextlib.contextmanager
     def opened(self) -> Iterator[Guest]:
-        with tempfile.TemporaryDirectory(prefix="xencbt-guestfs-") as private:
+        with private_dir("xencbt-guestfs-") as private:
             self.cachedir = cache_dir(private)
             self.tmpdir = os.environ.get("TMPDIR") or "/tmp"
             if not writable_dir(self.tmpdir):

@@ -25,7 +25,6 @@ import signal
 import socket
 import struct
 import subprocess
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -36,6 +35,7 @@ from xencbt_core.params import UUID
 
 from ..errors import OK, CliError, CommandFailed, UsageError
 from ..proc import command
+from ..proc.scratch import private_dir
 from ..proc.signals import STOP_SIGNALS
 from ..repo import image as images
 from ..repo.repository import Repository
@@ -332,7 +332,7 @@ class Server:
             m = chain.get(at)
             image = chain.image_path(m.point)
             what = {"vdi": chain.vdi_uuid, "point": m.point, "type": m.type}
-            with tempfile.TemporaryDirectory(prefix="xencbt-serve-") as private:
+            with private_dir("xencbt-serve-") as private:
                 # An encrypted chain: qemu-nbd reads the key file (image.opening).
                 options, name = images.opening(image)
                 argv = ["qemu-nbd", "--read-only", *options, "--persistent"]
@@ -351,7 +351,7 @@ class Server:
                 label = "%s %s" % (SNAPSHOT_NAME, rec["name_label"])
                 pool.set_vdi_name(ref, label)
             what = {"vdi": rec["uuid"], "snapshot": uuid, "snapshot_taken": taken}
-            with tempfile.TemporaryDirectory(prefix="xencbt-serve-") as private:
+            with private_dir("xencbt-serve-") as private:
                 argv = ["nbdkit", "-f", "--exit-with-parent", "--readonly"]
                 argv += [*self.tls.nbdkit_args(), *plugin_args(copier, uuid)]
                 self._serve(argv, private, what)
@@ -376,7 +376,7 @@ class Server:
                 "snapshot_taken": taken,
                 "exports": exports,
             }
-            with tempfile.TemporaryDirectory(prefix="xencbt-serve-") as private:
+            with private_dir("xencbt-serve-") as private:
                 argv = ["nbdkit", "-f", "--exit-with-parent", "--readonly"]
                 argv += [*self.tls.nbdkit_args(), *plugin_args(copier, what["snapshot"], "vm")]
                 self._serve(argv, private, what)

@@ -15,7 +15,6 @@ import contextlib
 import os
 import re
 import sys
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,6 +28,8 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+from .scratch import private_dir
 
 Advance = Callable[[int], None]
 POLL = 0.25  # seconds between looks at what a tool reported
@@ -90,7 +91,7 @@ def percent(label: str, total: int) -> Iterator[Path | None]:
         yield None
         return
     done = threading.Event()
-    with tempfile.TemporaryDirectory(prefix="xencbt-progress-") as tmp:
+    with private_dir("xencbt-progress-") as tmp:
         report = Path(tmp) / "qemu-img.out"
         with task(label, total) as advance:
             seen = [0]

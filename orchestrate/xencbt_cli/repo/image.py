@@ -18,13 +18,13 @@ import json
 import logging
 import os
 import socket
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import CliError, CommandFailed
 from ..proc import command
 from ..proc.qemu_img import compress_options, dedupe, info, info_chain, stopped, virtual_size
+from ..proc.scratch import private_dir
 from . import repokey
 
 log = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def exported(paths: list[Path]) -> Iterator[list[str]]:
     itself (libguestfs); yields the sockets' paths.  Socket activation: each socket
     listens before its qemu-nbd starts, so a client may connect at once."""
     with (
-        tempfile.TemporaryDirectory(prefix="xencbt-nbd-") as private,
+        private_dir("xencbt-nbd-") as private,
         contextlib.ExitStack() as stack,
     ):
         found = []
