@@ -14,7 +14,6 @@ REPS repetitions: the difference is a few hundredths of a second.
 
 from __future__ import annotations
 
-import contextlib
 import shlex
 import statistics
 import time
@@ -43,16 +42,18 @@ def cost(ctx: Context, info: Path, base: Path, blocks: list[int]) -> Figure:
     plain = shlex.join(["qemu-img", "convert", "-f", "raw", *options]) + ' "$uri" ' + str(out)
     params = [*ctx.plugin_params(info), "changed=+%s" % bitmap]
     plains, checks, parts = [], [], []
+    pair = [False, True]  # without, then with the canary's sample
     for rep in range(max(ctx.reps, REPS)):
         # As the backup runs it: beside the copy, in the same nbdkit, read by a thread
         # of this process (the backup's: xencbt's).
-        sampler, read = Sampler(), SampleRead(sample.ranges)
-        checked = snapshot_copy.beside(plain, sampler.ask("", read))
-        pair = [(plain, plains, None), (checked, checks, sampler)]
-        for script, times, serving in pair if rep % 2 else reversed(pair):
+        read = SampleRead(sample.ranges)
+        for checked in pair if rep % 2 else reversed(pair):
             out.unlink(missing_ok=True)
-            with serving.serving() if serving else contextlib.nullcontext(()) as fds:
-                times.append(timed(ctx.captive(params, script), ctx.log("canary"), fds=fds))
+            with Sampler() as sampler:
+                script = snapshot_copy.beside(plain, sampler.ask("", read)) if checked else plain
+                with sampler.serving() as fds:
+                    seconds = timed(ctx.captive(params, script), ctx.log("canary"), fds=fds)
+            (checks if checked else plains).append(seconds)
         assert read.sums is not None  # the script checked it was read
         t0 = time.monotonic()
         with image.random_access(out) as h:

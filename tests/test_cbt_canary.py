@@ -256,16 +256,17 @@ def sampled_by_nbdkit(ranges, plugin=("pattern", "1M")):
 
     from xencbt_cli.proc.sampler import Sampler, SampleRead
 
-    sampler, reading = Sampler(), SampleRead(ranges)
-    script = sampler.ask("", reading)
-    with sampler.serving() as fds:  # returns only once the thread has ended
-        r = subprocess.run(
-            ["nbdkit", "-U", "-", *plugin, "--run", script],
-            capture_output=True,
-            text=True,
-            pass_fds=fds,
-            timeout=60,
-        )
+    reading = SampleRead(ranges)
+    with Sampler() as sampler:
+        script = sampler.ask("", reading)
+        with sampler.serving() as fds:  # returns only once the thread has ended
+            r = subprocess.run(
+                ["nbdkit", "-U", "-", *plugin, "--run", script],
+                capture_output=True,
+                text=True,
+                pass_fds=fds,
+                timeout=60,
+            )
     return r.returncode, r.stderr, reading.sums
 
 

@@ -151,8 +151,8 @@ class Copier:
         the image an encrypted repository creates first (image.target)."""
         # Encrypted repository: the images are created first, then written into.
         targets = [image.target(disk.out, disk.size, disk.base) for disk in disks]
-        with budget.take(self.connections, hosts) as n:
-            runs, sampler = [], Sampler()
+        with budget.take(self.connections, hosts) as n, Sampler() as sampler:
+            runs = []
             for disk, into in zip(disks, targets):
                 counted = self.progress or disk.report is not None
                 convert = [

@@ -64,48 +64,57 @@ class SampleRead:
 
 
 class Sampler:
-    """Reads each disk's sample when the copy's script asks (``ask``), while ``serving``."""
+    """Reads each disk's sample when the copy's script asks (``ask``), while ``serving``;
+    a context manager: its pipes are closed at the end, whatever happened."""
 
     def __init__(self) -> None:
         self._jobs: list[tuple[str, SampleRead]] = []  # (export, reading) by N
-        self._requests: tuple[int, int] | None = None  # (read, write) ends
-        self._answers: tuple[int, int] | None = None
+        self._fds: dict[str, int] = {}  # the pipes' ends still open here
+
+    def __enter__(self) -> Sampler:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._close(*list(self._fds))
+
+    def _close(self, *ends: str) -> None:
+        for end in ends:
+            fd = self._fds.pop(end, None)
+            if fd is not None:
+                os.close(fd)
 
     def ask(self, export: str, reading: SampleRead) -> str:
         """The shell command, for the copy's ``--run`` script, that has ``reading``'s
         ranges of ``export`` read (``reading.sums`` set); it fails if the read failed."""
-        if self._requests is None:
-            self._requests, self._answers = os.pipe(), os.pipe()
-        assert self._answers is not None
+        if not self._fds:
+            self._fds["asked"], self._fds["ask"] = os.pipe()
+            self._fds["answers"], self._fds["answer"] = os.pipe()
         self._jobs.append((export, reading))
         return (
             "printf '%%s %%s\\n' %d \"$unixsocket\" >/dev/fd/%d && "
             '{ read -r r </dev/fd/%d; [ "$r" = ok ] || '
             "{ echo \"xencbt: error: the CBT canary's read of the snapshot failed: "
             '${r:-xencbt went away}" >&2; false; }; }'
-            % (len(self._jobs) - 1, self._requests[1], self._answers[0])
+            % (len(self._jobs) - 1, self._fds["ask"], self._fds["answers"])
         )
 
     @contextlib.contextmanager
     def serving(self) -> Iterator[tuple[int, ...]]:
         """Answer the script while the body runs it; yields the descriptors its nbdkit
         must be given (``pass_fds``), none if nothing was asked."""
-        if self._requests is None or self._answers is None:
+        if not self._fds:
             yield ()
             return
-        (r_req, w_req), (r_ans, w_ans) = self._requests, self._answers
-        thread = threading.Thread(target=self._serve, args=(r_req, w_ans), daemon=True)
+        fds = self._fds
+        thread = threading.Thread(target=self._serve, args=(fds["asked"], fds["answer"]))
         thread.start()
         try:
-            yield (w_req, r_ans)
+            yield (fds["ask"], fds["answers"])
         finally:
             # The child has them (or never started): the thread sees EOF once it is gone.
-            os.close(w_req)
-            os.close(r_ans)
+            self._close("ask", "answers")
             thread.join()
-            os.close(r_req)
-            os.close(w_ans)
-            self._requests = self._answers = None
+            self._close("asked", "answer")
 
     def _serve(self, requests: int, answers: int) -> None:
         with open(requests, "rb", buffering=0, closefd=False) as asked:
