@@ -70,7 +70,7 @@ def differing(h, sample: Sample, snapshot_sums: list[str]) -> list[tuple[int, in
     them; ``h``: the image (its chain, with its key) opened by image.random_access."""
     if len(snapshot_sums) != len(sample.ranges):
         raise ValueError("the snapshot's sample has %d digests" % len(snapshot_sums))
-    got = sampler.digests(h, sample.ranges, depth=16)
+    got = sampler.digests(h, sample.ranges)
     return [r for r, a, b in zip(sample.ranges, got, snapshot_sums) if a != b]
 
 

@@ -32,26 +32,14 @@ from xencbt_core.secret import scrub
 Ranges = Sequence[Sequence[int]]
 
 
-def digests(h, ranges: Ranges, depth: int = 1) -> list[str]:
+def digests(h, ranges: Ranges) -> list[str]:
     """The sha256 of each (offset, length) read through the libnbd handle ``h``, in the
-    order given, ``depth`` reads in flight (aio).  The snapshot is read one request at
-    a time: more would make the plugin open more upstream connections, each a VBD the
-    host plugs, and wait for them (budget.py); a local qemu-nbd takes 16 at once."""
-    import nbd
-
-    found: list[str] = [""] * len(ranges)
-    todo = list(enumerate(ranges))
-    flying: dict[int, tuple[int, nbd.Buffer]] = {}
-    while todo or flying:
-        while todo and len(flying) < depth:
-            i, (offset, length) = todo.pop()
-            buf = nbd.Buffer(length)
-            flying[h.aio_pread(buf, offset)] = (i, buf)
-        h.poll(-1)
-        for cookie in [c for c in flying if h.aio_command_completed(c)]:
-            i, buf = flying.pop(cookie)
-            found[i] = hashlib.sha256(buf.to_bytearray()).hexdigest()
-    return found
+    order given, one request at a time.  More in flight would make the plugin open more
+    upstream connections, each a VBD the host plugs (budget.py); and a local qemu-nbd
+    answers one at a time anyway.  Measured on 64 blocks of a qcow2 through qemu-nbd:
+    6.7 ms so, 7.7 ms with 16 aio requests in flight, 9.8 ms with aio one at a time (the
+    Python side of libnbd's aio loop costs more than it saves)."""
+    return [hashlib.sha256(h.pread(length, offset)).hexdigest() for offset, length in ranges]
 
 
 @dataclass
