@@ -10,7 +10,7 @@ prefix: any of ours whose lock can be taken is a dead run's, and is removed.
 
 Only directories of this user are swept (``lstat``: no symlink is followed), and one
 whose ``.owner`` is missing is left alone: its maker may be between ``mkdtemp`` and the
-lock.
+lock (``.owner`` appears already locked).
 """
 
 from __future__ import annotations
@@ -36,9 +36,12 @@ def private_dir(prefix: str, parent: str | None = None) -> Iterator[str]:
     parent = parent or tempfile.gettempdir()
     sweep(parent, prefix)
     path = tempfile.mkdtemp(prefix=prefix, dir=parent)
-    fd = os.open(os.path.join(path, OWNER), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    # Locked before it is named .owner: a sweep must never find it unlocked.
+    locking = os.path.join(path, OWNER + ".new")
+    fd = os.open(locking, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)  # ours, new: never held by another
+        fcntl.flock(fd, fcntl.LOCK_EX)  # new: nobody else has it open
+        os.rename(locking, os.path.join(path, OWNER))
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
